@@ -1,0 +1,232 @@
+# Copyright 2026 the diep_hub authors. Apache-2.0.
+"""Models of DiEP-pruned MoE checkpoints (travels with every pruned checkpoint as remote code).
+
+Each ``DiepXForCausalLM`` is the family's own causal LM whose MoE blocks are rebuilt, layer by layer, with
+that layer's expert count, so layers may keep different numbers of experts. The blocks, routers and fused
+experts are the family's own transformers classes (decorated with ``@use_experts_implementation``), so the
+fast experts backends (grouped_mm by default) serve them. Imports only torch and transformers.
+
+Why the causal-LM forward is redefined here: the stock heads compute the router auxiliary loss with one
+global expert count, which fails when layers differ; ``per_layer_load_balancing_loss`` computes it per layer.
+"""
+
+import copy
+
+import torch
+from torch import nn
+from transformers import (
+    DeepseekV2ForCausalLM,
+    DeepseekV3ForCausalLM,
+    GptOssForCausalLM,
+    GraniteMoeForCausalLM,
+    MixtralForCausalLM,
+    OlmoeForCausalLM,
+    PhimoeForCausalLM,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeForCausalLM,
+)
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .configuration_diep import (
+    DiepDeepseekV2Config,
+    DiepDeepseekV3Config,
+    DiepGptOssConfig,
+    DiepGraniteMoeConfig,
+    DiepMixtralConfig,
+    DiepOlmoeConfig,
+    DiepPhimoeConfig,
+    DiepQwen2MoeConfig,
+    DiepQwen3MoeConfig,
+)
+
+# transformers lets a model switch experts backend (eager / batched_mm / grouped_mm) only when the model's
+# module source contains the text "@use_experts_implementation" (it greps for it). Our experts are the
+# family's own classes, which carry that decorator, so the fast backends are correct here.
+
+
+def per_layer_load_balancing_loss(router_logits, attention_mask=None, top_k: int = 2) -> torch.Tensor:
+    """Switch-Transformer balancing loss computed per MoE layer, then averaged over layers.
+
+    Each layer uses its own expert count (the width of its router logits) and top-k = min(top_k, width). With a
+    single MoE layer this equals transformers' ``load_balancing_loss_func``.
+    """
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        num_experts = probs.shape[-1]
+        _, chosen = torch.topk(probs, min(top_k, num_experts), dim=-1)
+        assigned = torch.nn.functional.one_hot(chosen, num_experts).sum(dim=1).float()
+        if attention_mask is not None and attention_mask.numel() == probs.shape[0]:
+            weight = attention_mask.reshape(-1, 1).to(probs.device, torch.float32)
+            fraction_routed = (assigned * weight).sum(0) / weight.sum()
+            mean_prob = (probs * weight).sum(0) / weight.sum()
+        else:
+            fraction_routed = assigned.mean(0)
+            mean_prob = probs.mean(0)
+        losses.append(num_experts * torch.sum(fraction_routed * mean_prob))
+    return torch.stack(losses).mean()
+
+
+class DiepForCausalLMMixin:
+    """Rebuilds every MoE block with its layer's expert count before weights are initialised or loaded."""
+
+    _diep_block_attr = "mlp"
+    _diep_logits_scaling = False
+
+    def post_init(self):
+        # The family __init__ ends with post_init(): rebuild here so weight init and loading see the real shapes.
+        self._diep_rebuild_moe_blocks()
+        super().post_init()
+
+    def _diep_rebuild_moe_blocks(self):
+        config = self.config
+        if getattr(config, "num_experts_per_layer", None) is None:
+            return
+        for layer_idx, layer in enumerate(self.model.layers):
+            block = getattr(layer, self._diep_block_attr, None)
+            if block is None or not hasattr(block, "experts"):
+                continue
+            count = config.num_experts_per_layer[layer_idx]
+            if count is None:
+                raise ValueError(f"layer {layer_idx} is a MoE layer but num_experts_per_layer[{layer_idx}] is None")
+            layer_config = copy.copy(config)
+            setattr(layer_config, config.diep_num_experts_field, count)
+            layer_config.num_experts_per_tok = config.layer_top_k(layer_idx)
+            for field in ("n_group", "topk_group"):
+                per_layer = getattr(config, f"{field}_per_layer", None)
+                if per_layer is not None and per_layer[layer_idx] is not None:
+                    setattr(layer_config, field, per_layer[layer_idx])
+            new_block = type(block)(layer_config)
+            # Per-layer copies would go stale: experts read config._experts_implementation on every call.
+            for module in new_block.modules():
+                if getattr(module, "config", None) is layer_config:
+                    module.config = config
+            setattr(layer, self._diep_block_attr, new_block)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_router_logits=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        if output_router_logits is None:
+            output_router_logits = getattr(self.config, "output_router_logits", False)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        if self._diep_logits_scaling:
+            logits = logits / self.config.logits_scaling
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        aux_loss = None
+        if output_router_logits and outputs.router_logits:
+            aux_loss = per_layer_load_balancing_loss(
+                outputs.router_logits, attention_mask, top_k=self.config.num_experts_per_tok
+            )
+            coef = getattr(self.config, "router_aux_loss_coef", None)
+            if loss is not None and coef:
+                loss = loss + coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+class DiepMixtralForCausalLM(DiepForCausalLMMixin, MixtralForCausalLM):
+    config_class = DiepMixtralConfig
+
+
+class DiepQwen2MoeForCausalLM(DiepForCausalLMMixin, Qwen2MoeForCausalLM):
+    config_class = DiepQwen2MoeConfig
+
+
+class DiepQwen3MoeForCausalLM(DiepForCausalLMMixin, Qwen3MoeForCausalLM):
+    config_class = DiepQwen3MoeConfig
+
+
+class DiepOlmoeForCausalLM(DiepForCausalLMMixin, OlmoeForCausalLM):
+    config_class = DiepOlmoeConfig
+
+
+class DiepDeepseekV2ForCausalLM(DiepForCausalLMMixin, DeepseekV2ForCausalLM):
+    config_class = DiepDeepseekV2Config
+
+
+class DiepDeepseekV3ForCausalLM(DiepForCausalLMMixin, DeepseekV3ForCausalLM):
+    config_class = DiepDeepseekV3Config
+
+
+class DiepGptOssForCausalLM(DiepForCausalLMMixin, GptOssForCausalLM):
+    config_class = DiepGptOssConfig
+
+
+class DiepPhimoeForCausalLM(DiepForCausalLMMixin, PhimoeForCausalLM):
+    config_class = DiepPhimoeConfig
+
+
+class DiepGraniteMoeForCausalLM(DiepForCausalLMMixin, GraniteMoeForCausalLM):
+    config_class = DiepGraniteMoeConfig
+    _diep_block_attr = "block_sparse_moe"
+    _diep_logits_scaling = True
+
+
+DIEP_MODEL_CLASSES = {
+    cls.config_class.model_type: cls
+    for cls in (
+        DiepMixtralForCausalLM,
+        DiepQwen2MoeForCausalLM,
+        DiepQwen3MoeForCausalLM,
+        DiepOlmoeForCausalLM,
+        DiepDeepseekV2ForCausalLM,
+        DiepDeepseekV3ForCausalLM,
+        DiepGptOssForCausalLM,
+        DiepPhimoeForCausalLM,
+        DiepGraniteMoeForCausalLM,
+    )
+}
+
+
+def _register_checkpoint_conversions():
+    """Let per-expert checkpoints (``experts.3.w1.weight``) load into fused experts for diep_* model types.
+
+    transformers applies its conversion rules by model_type; a custom type gets none unless registered, and
+    unmatched keys would be randomly initialised with only a warning.
+    """
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    for diep_type in DIEP_MODEL_CLASSES:
+        mapping = get_checkpoint_conversion_mapping(diep_type[len("diep_") :])
+        if mapping is not None:
+            register_checkpoint_conversion_mapping(diep_type, mapping, overwrite=True)
+
+
+_register_checkpoint_conversions()
+for _model_class in DIEP_MODEL_CLASSES.values():
+    _model_class.register_for_auto_class("AutoModelForCausalLM")

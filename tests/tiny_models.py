@@ -1,0 +1,75 @@
+"""Tiny models of every supported family, built from configs (random weights, seeded), for mechanics tests.
+
+One row a family: adding a family to diep_hub means adding its row here, and every table-driven test covers it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+# Per-family settings: 8 routed experts, top-2, plus each family's own quirks (shared experts, dense first
+# layer, grouped routing, router bias...).
+FAMILY_CONFIGS: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40
+    ),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True, head_dim=8),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2),
+    "deepseek_v2": dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, first_k_dense_replace=1,
+        n_shared_experts=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, num_key_value_heads=4,
+        v_head_dim=8, routed_scaling_factor=1.0,
+    ),
+    "deepseek_v3": dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, first_k_dense_replace=1,
+        n_shared_experts=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, num_key_value_heads=4,
+        qk_nope_head_dim=8, v_head_dim=8, head_dim=8,
+    ),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=16),
+    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2),
+    "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
+}
+
+FAMILIES = sorted(FAMILY_CONFIGS)
+
+
+def tiny_config(model_type: str, **overrides):
+    kwargs = {**COMMON, **FAMILY_CONFIGS[model_type], **overrides}
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A tiny model with non-trivial routing: router rows drawn larger than the init so experts differ."""
+    config = tiny_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # Routers start at zero in some families (every expert tied): give them real preferences.
+            if name.endswith(("gate.weight", "router.weight")) and param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+            elif name.endswith(("router.bias", "e_score_correction_bias")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model
+
+
+def sample_input_ids(batch: int = 2, length: int = 9, seed: int = 0, vocab_size: int = COMMON["vocab_size"]):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, length), generator=generator)
