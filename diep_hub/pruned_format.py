@@ -64,6 +64,7 @@ def adopt_diep_format(model: nn.Module, family: MoEFamily, plans: dict[int, PerL
     old_config = model.config
     config = copy.copy(old_config)
     config.__class__ = DIEP_CONFIG_CLASSES[diep_type]
+    config.__dict__.pop("model_type", None)  # a loaded config may carry the base type as an instance attribute
     num_layers = config.num_hidden_layers
     config.num_experts_per_layer = [plans[i].num_experts if i in plans else None for i in range(num_layers)]
     config.original_num_experts = [plans[i].original_num_experts if i in plans else None for i in range(num_layers)]
@@ -113,6 +114,7 @@ def to_stock_model(model: nn.Module) -> nn.Module:
     )
     config = copy.copy(model.config)
     config.__class__ = stock_config_class
+    config.__dict__.pop("model_type", None)
     for field in PER_LAYER_FIELDS + GROUP_FIELDS + ("diep_pruning", "diep_skipping", "auto_map"):
         config.__dict__.pop(field, None)
     setattr(config, family.num_experts_field, count)

@@ -65,6 +65,7 @@ def save_pruned(
     extra_files: Mapping[str, str | bytes | dict] | None = None,
     before_commit: Callable[[Path], None] | None = None,
     max_shard_size: str | int = "5GB",
+    fused_weights: bool = False,
 ) -> Path:
     """Save a pruned model (plus tokenizer and extra files) atomically.
 
@@ -77,6 +78,9 @@ def save_pruned(
         overwrite: replace an existing non-empty folder (atomically).
         extra_files: name -> text, bytes, or a dict written as JSON (reports, recipes, cards).
         before_commit: called with the staging folder after everything is written (used for checks).
+        fused_weights: write experts as fused tensors (``experts.gate_up_proj``) instead of the family's original
+            per-expert keys (``experts.3.w1.weight``); both load, the per-expert form is what the Hub's base
+            checkpoints and most serving engines use.
     """
     if stock_format and uniform_expert_count(model) is None:
         to_stock_model(model)  # raises the explanatory error
@@ -87,7 +91,7 @@ def save_pruned(
         )
     with atomic_directory(save_directory, overwrite=overwrite) as staging:
         to_save = to_stock_model(model) if stock_format else model
-        to_save.save_pretrained(staging, max_shard_size=max_shard_size)
+        to_save.save_pretrained(staging, max_shard_size=max_shard_size, save_original_format=not fused_weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         for name, content in (extra_files or {}).items():

@@ -1,0 +1,184 @@
+"""prune_experts: the definition of removing an expert, and every refused input.
+
+Removing expert j means routing as if j's router logit were -inf (for DeepSeek-V3's sigmoid router: as if j could
+never be selected). The property test checks that definition on random keep maps against the stock model with
+the removed experts masked inside its own router.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import FAMILIES, sample_input_ids, tiny_model
+from torch.overrides import TorchFunctionMode
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import diep_hub
+from diep_hub import KeepMapError, UnsupportedModelError
+from diep_hub.families import get_family
+
+
+class MaskRemovedExperts(TorchFunctionMode):
+    """Inside the stock model's routers, push removed experts' logits (and selection scores) to -inf."""
+
+    def __init__(self, masks: dict[int, torch.Tensor]):
+        super().__init__()
+        self.masks = masks  # id(router weight or selection bias) -> bool mask of removed experts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.nn.functional.linear and len(args) > 1 and id(args[1]) in self.masks:
+            out = out.masked_fill(self.masks[id(args[1])], float("-inf"))
+        elif func in (torch.Tensor.__add__, torch.add) and len(args) > 1 and id(args[1]) in self.masks:
+            out = out.masked_fill(self.masks[id(args[1])], float("-inf"))
+        return out
+
+
+def masked_reference_logits(model, keep, ids):
+    masks = {}
+    for layer in get_family(model).moe_layers(model):
+        if layer.index not in keep:
+            continue
+        removed = torch.ones(layer.num_experts, dtype=torch.bool)
+        removed[list(keep[layer.index])] = False
+        masks[id(layer.router.weight)] = removed
+        bias = getattr(layer.router, "e_score_correction_bias", None)
+        if bias is not None:
+            masks[id(bias)] = removed
+    with torch.no_grad(), MaskRemovedExperts(masks):
+        return model(ids).logits
+
+
+# DeepSeek-V3 with one group: grouped selection then reduces to plain top-k, so masking defines removal.
+PROPERTY_OVERRIDES = {"deepseek_v3": {"n_group": 1, "topk_group": 1}}
+
+
+@st.composite
+def keep_maps(draw, moe_layers: list[int], num_experts: int, floor: int):
+    chosen_layers = draw(st.lists(st.sampled_from(moe_layers), unique=True, min_size=1))
+    keep = {}
+    for index in chosen_layers:
+        size = draw(st.integers(min_value=floor, max_value=num_experts))
+        keep[index] = draw(st.permutations(range(num_experts)))[:size]
+    return keep
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_equals_masking_removed_experts(family):
+    base = tiny_model(family, **PROPERTY_OVERRIDES.get(family, {}))
+    adapter = get_family(base)
+    moe_layers = [layer.index for layer in adapter.moe_layers(base)]
+    floor = adapter.layer_floor(base.config)
+    ids = sample_input_ids()
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(keep=keep_maps(moe_layers, 8, floor))
+    def check(keep):
+        reference = masked_reference_logits(base, keep, ids)
+        pruned = diep_hub.prune_experts(copy.deepcopy(base), keep)
+        with torch.no_grad():
+            logits = pruned(ids).logits
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+    check()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Refused inputs: each names the layer and value, and leaves the model untouched.
+
+BAD_KEEP_MAPS = [
+    ({0: [0, 1, 8]}, r"layer 0: expert ids \[8\] are out of range; this layer has ids 0\.\.7"),
+    ({0: [0, -1, 2]}, r"layer 0: expert ids \[-1\] are out of range"),
+    ({0: [0, 1, 1, 2]}, r"layer 0: expert ids \[1\] are listed more than once"),
+    ({0: []}, r"layer 0 keeps no experts"),
+    ({0: [3]}, r"layer 0 would keep 1 expert\(s\) but needs at least 2 \(top-k is 2\); keep between 2 and 8"),
+    ({7: [0, 1]}, r"layer 7 is not a MoE layer of this mixtral model; MoE layers are \[0, 1, 2, 3\]"),
+    ({0: [0, 1.5]}, r"layer 0: expert id 1.5 must be an integer"),
+]
+
+
+@pytest.mark.parametrize("keep, message", BAD_KEEP_MAPS)
+def test_bad_keep_maps_raise_before_any_change(keep, message):
+    model = tiny_model("mixtral")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    good_and_bad = {1: [0, 1, 2], **keep}  # a valid entry first: it must not be applied either
+    with pytest.raises(KeepMapError, match=message):
+        diep_hub.prune_experts(model, good_and_bad)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert model.config.model_type == "mixtral"
+    after = model.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+
+
+def test_phimoe_floor_is_two_even_below_top_k():
+    model = tiny_model("phimoe", num_experts_per_tok=1)
+    with pytest.raises(KeepMapError, match=r"needs at least 2 .*phimoe needs at least 2"):
+        diep_hub.prune_experts(model, {0: [4]})
+    diep_hub.prune_experts(model, {0: [4, 5]})
+    assert model.config.num_experts_per_layer[0] == 2
+
+
+def test_dense_layer_of_deepseek_is_refused():
+    model = tiny_model("deepseek_v2")
+    with pytest.raises(KeepMapError, match=r"layer 0 is not a MoE layer .* MoE layers are \[1, 2, 3\]"):
+        diep_hub.prune_experts(model, {0: [0, 1]})
+
+
+def test_below_top_k_only_when_asked_and_top_k_is_clamped():
+    model = tiny_model("mixtral", num_experts_per_tok=3)
+    with pytest.raises(KeepMapError, match=r"pass allow_below_top_k=True"):
+        diep_hub.prune_experts(model, {0: [1, 2]})
+    diep_hub.prune_experts(model, {0: [1, 2]}, allow_below_top_k=True)
+    assert model.model.layers[0].mlp.gate.top_k == 2
+    assert model.config.layer_top_k(0) == 2 and model.config.layer_top_k(1) == 3
+    assert model(sample_input_ids()).logits.isfinite().all()
+
+
+def test_grouped_routing_capacity_is_checked():
+    model = tiny_model("deepseek_v3", num_experts_per_tok=4, topk_group=1)
+    with pytest.raises(KeepMapError, match=r"1 selected group\(s\) of 2 experts cannot supply top-k=4"):
+        diep_hub.prune_experts(model, {1: [0, 1, 4, 5]})
+
+
+@pytest.mark.parametrize(
+    "model_type, kwargs",
+    [("llama", dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4)),
+     ("gpt2", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4))],
+)
+def test_dense_or_unknown_models_name_the_supported_families(model_type, kwargs):
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
+    with pytest.raises(UnsupportedModelError, match=rf"model_type '{model_type}' is not a supported.*deepseek_v2, "):
+        diep_hub.prune_experts(model, {0: [0]})
+
+
+def test_empty_keep_map_converts_without_removing_anything():
+    model = tiny_model("olmoe")
+    ids = sample_input_ids()
+    with torch.no_grad():
+        before = model(ids).logits
+    diep_hub.prune_experts(model, {})
+    assert model.config.model_type == "diep_olmoe"
+    assert model.config.num_experts_per_layer == [8, 8, 8, 8]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_supported_families_listing():
+    assert diep_hub.supported_families() == sorted(FAMILIES)
+
+
+def test_masking_reference_is_not_vacuous():
+    model = tiny_model("mixtral")
+    ids = sample_input_ids()
+    with torch.no_grad():
+        stock = model(ids).logits
+    reference = masked_reference_logits(model, {0: [0, 1]}, ids)
+    assert not torch.allclose(reference, stock)
+    pruned = diep_hub.prune_experts(copy.deepcopy(model), {0: [0, 1]})
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, reference, rtol=1e-5, atol=1e-5)
