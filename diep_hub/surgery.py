@@ -96,6 +96,17 @@ def plan_surgery(
                 f"keep between {floor} and {num_experts} experts"
                 + ("" if allow_below_top_k else ", or pass allow_below_top_k=True to lower top-k")
             )
+        offloaded = [
+            name
+            for owner, names in ((layer.router, family.router_expert_tensors), (layer.experts, family.expert_tensors))
+            for name in names
+            if getattr(owner, name, None) is not None and getattr(owner, name).device.type == "meta"
+        ]
+        if offloaded:
+            raise KeepMapError(
+                f"layer {index}: tensors {offloaded} are offloaded to disk (meta device), so they cannot be sliced; "
+                "load the model with a device_map that keeps expert weights on CPU or GPU for pruning"
+            )
         n_group, topk_group = _router_groups(layer)
         do_regroup = index in regroup_layers and _grouping_active(layer, model.config)
         if _grouping_active(layer, model.config) and not do_regroup:

@@ -152,7 +152,9 @@ def test_saved_state_dict_has_only_kept_experts(pruned_checkpoints, family):
     files = list((root / family).glob("*.safetensors"))
     keys = {k: v.shape for f in files for k, v in load_file(f).items()}
     for index, ids in keep.items():
-        per_expert = {k for k in keys if f"layers.{index}." in k and ".experts." in k and k.split(".experts.")[1][0].isdigit()}
+        per_expert = {
+            k for k in keys if f"layers.{index}." in k and ".experts." in k and k.split(".experts.")[1][0].isdigit()
+        }
         if per_expert:  # original per-expert layout on disk
             expert_ids = {int(k.split(".experts.")[1].split(".")[0]) for k in per_expert}
             assert expert_ids == set(range(len(ids)))
@@ -204,7 +206,9 @@ def test_per_expert_base_checkpoint_prunes_and_reloads(tmp_path):
     keys = set(load_file(tmp_path / "base" / "model.safetensors"))
     assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in keys
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
-    assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, tiny_model("mixtral").model.layers[0].mlp.experts.gate_up_proj)
+    assert torch.equal(
+        model.model.layers[0].mlp.experts.gate_up_proj, tiny_model("mixtral").model.layers[0].mlp.experts.gate_up_proj
+    )
     diep_hub.prune_experts(model, {0: [3, 1, 2], 2: [0, 7]})
     diep_hub.save_pruned(model, tmp_path / "pruned")
     saved = set(load_file(tmp_path / "pruned" / "model.safetensors"))
@@ -214,9 +218,7 @@ def test_per_expert_base_checkpoint_prunes_and_reloads(tmp_path):
     ids = sample_input_ids()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
-    assert torch.equal(
-        reloaded.model.layers[0].mlp.experts.down_proj, model.model.layers[0].mlp.experts.down_proj
-    )
+    assert torch.equal(reloaded.model.layers[0].mlp.experts.down_proj, model.model.layers[0].mlp.experts.down_proj)
 
 
 def test_per_layer_aux_loss_with_uneven_expert_counts():

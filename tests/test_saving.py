@@ -33,7 +33,9 @@ def test_failure_while_overwriting_keeps_the_previous_checkpoint(tmp_path, prune
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     other = diep_hub.prune_experts(tiny_model("mixtral", seed=3), {0: [1, 2]})
     with pytest.raises(RuntimeError, match="interrupted"):
-        diep_hub.save_pruned(other, target, overwrite=True, before_commit=lambda _: (_ for _ in ()).throw(RuntimeError("interrupted")))
+        diep_hub.save_pruned(
+            other, target, overwrite=True, before_commit=lambda _: (_ for _ in ()).throw(RuntimeError("interrupted"))
+        )
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

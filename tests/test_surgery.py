@@ -147,8 +147,13 @@ def test_grouped_routing_capacity_is_checked():
 
 @pytest.mark.parametrize(
     "model_type, kwargs",
-    [("llama", dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4)),
-     ("gpt2", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4))],
+    [
+        (
+            "llama",
+            dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4),
+        ),
+        ("gpt2", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4)),
+    ],
 )
 def test_dense_or_unknown_models_name_the_supported_families(model_type, kwargs):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
@@ -182,3 +187,13 @@ def test_masking_reference_is_not_vacuous():
     pruned = diep_hub.prune_experts(copy.deepcopy(model), {0: [0, 1]})
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_disk_offloaded_experts_are_refused_before_any_change():
+    model = tiny_model("mixtral")
+    experts = model.model.layers[2].mlp.experts
+    experts.down_proj = torch.nn.Parameter(torch.empty(experts.down_proj.shape, device="meta"))
+    router_before = model.model.layers[0].mlp.gate.weight.clone()
+    with pytest.raises(KeepMapError, match=r"layer 2: tensors \['down_proj'\] are offloaded to disk"):
+        diep_hub.prune_experts(model, {0: [0, 1], 2: [0, 1]})
+    assert torch.equal(model.model.layers[0].mlp.gate.weight, router_before)
