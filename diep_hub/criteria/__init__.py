@@ -1,0 +1,32 @@
+"""Expert-scoring criteria behind one interface; importing this package registers every one of them.
+
+Each criterion is one module whose docstring gives its formula and paper: diep (the DiEP search), reap,
+frequency, soft_frequency, naee, random. Shared capture machinery (hooks over calibration passes) is in
+``capture``; selection of experts from scores is in ``diep_hub.selection``.
+"""
+
+from . import (  # noqa: F401  (importing registers each criterion)
+    diep,
+    frequency,
+    naee,
+    random_scores,
+    reap,
+    soft_frequency,
+)
+from .base import (
+    Criterion,
+    ScoreResult,
+    ScoringContext,
+    available_criteria,
+    get_criterion,
+    register_criterion,
+)
+
+__all__ = [
+    "Criterion",
+    "ScoreResult",
+    "ScoringContext",
+    "available_criteria",
+    "get_criterion",
+    "register_criterion",
+]

@@ -1,0 +1,61 @@
+"""Soft frequency ("Expert Trimming", He et al. 2024): the router's average probability for each expert.
+
+Formula: s_j^(l) = (1 / |X|) * sum_{x in X} p_j^(l)(x), with p^(l)(x) = softmax(router_logits^(l)(x)) over ALL of
+the layer's experts (not only the chosen top-k), averaged over every calibration token x. Reference: He et al.,
+"Demystifying the Compression of Mixture-of-Experts Through a Unified Framework", https://arxiv.org/abs/2406.02500.
+
+Sigmoid routers (DeepSeek-V3) score each expert independently, so there is no softmax distribution; we use the
+normalised sigmoid scores p_j = sigmoid(z_j) / sum_i sigmoid(z_i) (the selection-only
+``e_score_correction_bias`` is not included: it balances load, it is not a routing probability).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Criterion, ScoreResult, ScoringContext, register_criterion
+from .capture import RoutingRecord, criterion_options, routing_pass
+
+#: families whose router scores experts with a sigmoid instead of a softmax
+SIGMOID_ROUTER_FAMILIES = frozenset({"deepseek_v3"})
+
+
+def router_probabilities(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+    """Per-token probability over all experts: softmax of the logits, or normalised sigmoid scores."""
+    logits = logits.float()
+    if sigmoid:
+        scores = torch.sigmoid(logits)
+        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.softmax(logits, dim=-1)
+
+
+@register_criterion
+class SoftFrequencyCriterion(Criterion):
+    """Mean full-distribution router probability per expert."""
+
+    name = "soft_frequency"
+    reference = "https://arxiv.org/abs/2406.02500"
+
+    def score(self, context: ScoringContext) -> ScoreResult:
+        opts = criterion_options(self.name, context.options, {"progress": True})
+        sigmoid = context.family.model_type in SIGMOID_ROUTER_FAMILIES
+        sums = {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in context.layers}
+
+        def accumulate(record: RoutingRecord) -> None:
+            probs = router_probabilities(record.router_logits, sigmoid)
+            sums[record.layer.index] += probs.sum(dim=0).to("cpu", torch.float64)
+
+        tokens = routing_pass(
+            context.model,
+            context.layers,
+            context.input_ids,
+            context.batch_size,
+            accumulate,
+            desc="soft frequency",
+            progress=opts["progress"],
+        )
+        scores = {index: (s / tokens).to(torch.float32) for index, s in sums.items()}
+        ranking = "mean normalised sigmoid router score" if sigmoid else "mean softmax router probability"
+        return ScoreResult(
+            scores=scores, ranking=ranking, details={"tokens": tokens, "router": "sigmoid" if sigmoid else "softmax"}
+        )

@@ -1,0 +1,416 @@
+"""From scores to a keep map: which experts each MoE layer keeps for a requested sparsity.
+
+Two modes:
+
+- ``"global"`` (DiEP's way, non-uniform): all (layer, expert) scores are ranked together and exactly
+  K = round_half_up(sparsity * total routed experts) experts are removed, the lowest-scoring ones that the
+  per-layer constraints allow. Scores must be comparable across layers (DiEP's softmax(alpha) * beta is).
+  Formally: choose per-layer removal counts m_l from each layer's allowed set with sum m_l = K, removing in each
+  layer its m_l lowest scores, minimising the sum of removed scores (ties: the removal set made of the lowest
+  global ranks, ranks ordered by score, then layer, then expert id). Without group constraints this is exactly
+  "sort everything and drop the K lowest, skipping experts whose layer has reached its limit"; with DeepSeek-V3
+  group constraints (allowed kept counts jump by n_group) it is solved exactly by dynamic programming.
+- ``"uniform"``: every layer removes round_half_up(sparsity * N_l) of its N_l experts (the same count in every
+  layer when layers have equal expert counts, as in every stock model), its lowest-scoring ones.
+
+Per-layer constraints (checked here so that surgery never refuses a selection):
+    kept >= floor = max(top-k, family minimum, n_group * experts-per-group for grouped routing,
+                        min_experts_per_layer);
+    removed <= floor(max_layer_sparsity * N_l) when a cap is given;
+    DeepSeek-V3 grouped routing: kept is a multiple of n_group with >= 2 per group (unless ``regroup``);
+    keeping everything is always allowed.
+When no distribution satisfies them with exactly K removed, a ConfigError names the requested sparsity and the
+largest feasible one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .families import MoELayer, get_family
+
+logger = logging.getLogger(__name__)
+
+MODES = ("global", "uniform")
+
+
+@dataclass
+class Selection:
+    """A keep map and how it was reached; plain data for reports, cards and ``prune_experts``.
+
+    Attributes:
+        keep: layer index -> sorted ids of the experts it keeps.
+        num_removed: experts removed in total.
+        num_total: routed experts in total before selection.
+        per_layer_kept: layer index -> number of experts kept.
+        rounding: how the removal count was rounded and distributed, in words.
+        mode: "global" or "uniform".
+        sparsity: the requested sparsity.
+        regroup: whether grouped-routing layers must be regrouped (pass to ``prune_experts(regroup=...)``).
+        floors: layer index -> fewest experts the layer may keep.
+    """
+
+    keep: dict[int, list[int]]
+    num_removed: int
+    num_total: int
+    per_layer_kept: dict[int, int]
+    rounding: str
+    mode: str
+    sparsity: float = 0.0
+    regroup: bool = False
+    floors: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        return self.num_removed / self.num_total if self.num_total else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-able form (layer keys as strings, as JSON requires)."""
+        data = asdict(self)
+        for key in ("keep", "per_layer_kept", "floors"):
+            data[key] = {str(i): v for i, v in data[key].items()}
+        data["achieved_sparsity"] = self.achieved_sparsity
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Selection:
+        data = dict(data)
+        data.pop("achieved_sparsity", None)
+        for key in ("keep", "per_layer_kept", "floors"):
+            data[key] = {int(i): v for i, v in data.get(key, {}).items()}
+        data["keep"] = {i: [int(e) for e in ids] for i, ids in data["keep"].items()}
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LayerLimits:
+    """What one layer allows: its expert count, floor, and the removal counts it accepts."""
+
+    index: int
+    num_experts: int
+    floor: int
+    allowed_removals: tuple[int, ...]
+    why: str
+
+    @property
+    def max_removal(self) -> int:
+        return max(self.allowed_removals)
+
+
+def round_half_up(value: float) -> int:
+    """Round to the nearest integer, halves up (Python's round() sends 2.5 to 2); 1e-9 absorbs float noise."""
+    return int(math.floor(value + 0.5 + 1e-9))
+
+
+def layer_limits(
+    layer: MoELayer,
+    config,
+    *,
+    max_layer_sparsity: float | None = None,
+    min_experts_per_layer: int | None = None,
+    regroup: bool = False,
+) -> LayerLimits:
+    """The constraints of one layer, read from the live router (a pruned layer may have its own top-k/groups)."""
+    family, n = layer.family, layer.num_experts
+    top_k = layer.top_k
+    reasons = [f"top-k {top_k}"]
+    floor = top_k
+    if family.min_experts > floor:
+        floor = family.min_experts
+        reasons.append(f"{family.model_type} minimum {family.min_experts}")
+    grouping = family.grouped_routing
+    n_group = topk_group = 1
+    grouped = False
+    if grouping is not None and not regroup:
+        n_group = int(getattr(layer.router, grouping.router_group_attr, None) or getattr(config, "n_group", 1) or 1)
+        topk_group = int(getattr(layer.router, grouping.router_topk_group_attr, None) or 1)
+        grouped = n_group > 1 and (grouping.active_when is None or bool(grouping.active_when(config)))
+        if grouped:
+            group_floor = n_group * grouping.min_per_group
+            group_floor = max(group_floor, n_group * -(-top_k // topk_group))
+            if group_floor > floor:
+                floor = group_floor
+            reasons.append(f"grouped routing: a multiple of n_group={n_group}, >= {grouping.min_per_group} a group")
+    if min_experts_per_layer is not None and min_experts_per_layer > floor:
+        floor = min_experts_per_layer
+        reasons.append(f"min_experts_per_layer {min_experts_per_layer}")
+    floor = min(floor, n)
+    max_removal = n - floor
+    if max_layer_sparsity is not None:
+        cap = int(math.floor(max_layer_sparsity * n + 1e-9))
+        if cap < max_removal:
+            max_removal = cap
+            reasons.append(f"max_layer_sparsity {max_layer_sparsity} (at most {cap} removed)")
+    allowed = [0]
+    for removed in range(1, max_removal + 1):
+        kept = n - removed
+        if grouped and (
+            kept % n_group != 0 or kept // n_group < grouping.min_per_group or topk_group * (kept // n_group) < top_k
+        ):
+            continue
+        allowed.append(removed)
+    return LayerLimits(
+        index=layer.index, num_experts=n, floor=floor, allowed_removals=tuple(allowed), why=", ".join(reasons)
+    )
+
+
+def _check_number(name: str, value, low: float, high: float, high_inclusive: bool) -> float:
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if not bad:
+        bad = value < low or (value > high if high_inclusive else value >= high)
+    if bad:
+        bracket = "]" if high_inclusive else ")"
+        raise ConfigError(f"{name}={value!r} must be a number in [{low:g}, {high:g}{bracket}")
+    return float(value)
+
+
+def _check_scores(scores, layers: list[MoELayer]) -> dict[int, np.ndarray]:
+    if not isinstance(scores, Mapping):
+        raise ConfigError(
+            f"scores must be a mapping {{layer index: tensor [num_experts]}}, got {type(scores).__name__}"
+        )
+    by_index = {layer.index: layer for layer in layers}
+    keys = {int(k) for k in scores}
+    missing, extra = sorted(set(by_index) - keys), sorted(keys - set(by_index))
+    if missing or extra:
+        raise ConfigError(
+            f"scores must have one entry per MoE layer {sorted(by_index)}; missing {missing}, not MoE layers {extra}"
+        )
+    checked = {}
+    for key, value in scores.items():
+        index = int(key)
+        array = torch.as_tensor(value).detach().to("cpu", torch.float64).numpy()
+        expected = by_index[index].num_experts
+        if array.shape != (expected,):
+            raise ConfigError(f"scores[{index}] has shape {array.shape}, expected ({expected},): one score per expert")
+        if not np.isfinite(array).all():
+            bad = np.nonzero(~np.isfinite(array))[0].tolist()
+            raise ConfigError(f"scores[{index}] has non-finite values at experts {bad}")
+        checked[index] = array
+    return checked
+
+
+def _reachable(limits: list[LayerLimits]) -> int:
+    """Bitset (Python int) of every total removal count the layers allow together."""
+    reach = 1
+    for lim in limits:
+        step = 0
+        for removed in lim.allowed_removals:
+            step |= reach << removed
+        reach = step
+    return reach
+
+
+def _infeasible(sparsity: float, target: int, total: int, limits: list[LayerLimits], mode: str, extra: str = ""):
+    reach = _reachable(limits)
+    counts = [t for t in range(reach.bit_length()) if reach >> t & 1]
+    below = max((t for t in counts if t < target), default=0)
+    above = min((t for t in counts if t > target), default=None)
+    largest = max(counts)
+    nearest = f"nearest feasible counts: {below} ({below / total:.4f})" + (
+        f" and {above} ({above / total:.4f})" if above is not None else ""
+    )
+    per_layer = "; ".join(
+        f"layer {lim.index}: removes one of {list(lim.allowed_removals)} ({lim.why})" for lim in limits
+    )
+    return ConfigError(
+        f"sparsity={sparsity} asks to remove {target} of {total} routed experts ({mode} selection), which the "
+        f"per-layer constraints do not allow{extra}; the largest feasible sparsity is {largest / total:.4f} "
+        f"({largest} experts); {nearest}. Constraints: {per_layer}. Lower the sparsity, relax "
+        "max_layer_sparsity / min_experts_per_layer, or pass regroup=True for grouped-routing layers."
+    )
+
+
+def _global_removals(arrays: dict[int, np.ndarray], limits: list[LayerLimits], target: int) -> dict[int, int]:
+    """Exact-K removal counts per layer minimising the removed score (DP; ties by global rank sum)."""
+    # Global ranks: by score, then layer, then expert id.
+    entries = sorted((float(arrays[lim.index][e]), lim.index, e) for lim in limits for e in range(lim.num_experts))
+    rank = {(layer, expert): r for r, (_, layer, expert) in enumerate(entries)}
+    scale = 1.0 + sum(abs(v) for v, _, _ in entries)
+    tol = 1e-12 * scale
+    inf = float("inf")
+    cost = np.full(target + 1, inf)
+    ranks = np.full(target + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    cost[0], ranks[0] = 0.0, 0
+    choices = []
+    for lim in limits:
+        order = _layer_order(arrays[lim.index])
+        prefix = np.concatenate([[0.0], np.cumsum(arrays[lim.index][order])])
+        rank_prefix = np.concatenate([[0], np.cumsum([rank[(lim.index, int(e))] for e in order])]).astype(np.int64)
+        new_cost = np.full(target + 1, inf)
+        new_ranks = np.full(target + 1, np.iinfo(np.int64).max, dtype=np.int64)
+        choice = np.full(target + 1, -1, dtype=np.int64)
+        for removed in lim.allowed_removals:
+            if removed > target:
+                continue
+            cand_cost = np.full(target + 1, inf)
+            cand_ranks = np.full(target + 1, np.iinfo(np.int64).max, dtype=np.int64)
+            cand_cost[removed:] = cost[: target + 1 - removed] + prefix[removed]
+            valid = np.isfinite(cand_cost)
+            cand_ranks[valid] = ranks[: target + 1 - removed][valid[removed:]] + rank_prefix[removed]
+            open_slot = ~np.isfinite(new_cost)
+            with np.errstate(invalid="ignore"):
+                gap = np.where(open_slot | ~valid, 0.0, cand_cost - new_cost)
+            better = valid & (open_slot | (gap < -tol) | ((np.abs(gap) <= tol) & (cand_ranks < new_ranks)))
+            new_cost[better], new_ranks[better], choice[better] = cand_cost[better], cand_ranks[better], removed
+        cost, ranks = new_cost, new_ranks
+        choices.append(choice)
+    removals, remaining = {}, target
+    for lim, choice in zip(reversed(limits), reversed(choices)):
+        removed = int(choice[remaining])
+        removals[lim.index] = removed
+        remaining -= removed
+    return removals
+
+
+def _layer_order(array: np.ndarray) -> np.ndarray:
+    """Expert ids from least to most important: by score, ties by expert id (stable sort)."""
+    return np.argsort(array, kind="stable")
+
+
+def select_experts(
+    scores: Mapping[int, torch.Tensor],
+    model: nn.Module,
+    *,
+    sparsity: float,
+    mode: str = "global",
+    max_layer_sparsity: float | None = None,
+    min_experts_per_layer: int | None = None,
+    regroup: bool = False,
+) -> Selection:
+    """Turn per-(layer, expert) scores (higher = more important) into a keep map for ``prune_experts``.
+
+    Args:
+        scores: ``{MoE layer index: tensor [num_experts]}`` for every MoE layer of ``model``.
+        model: the model the scores belong to (stock or already pruned); gives expert counts, top-k, groups.
+        sparsity: fraction of routed experts to remove, in [0, 1).
+        mode: "global" (rank across layers, exact total) or "uniform" (same count a layer).
+        max_layer_sparsity: optional cap on the fraction any one layer loses, in [0, 1].
+        min_experts_per_layer: optional extra floor on the experts a layer keeps (>= 1).
+        regroup: drop DeepSeek-V3's group constraint; layers are then routed without groups after surgery.
+
+    Raises:
+        ConfigError: a bad argument, scores that do not match the model, or a sparsity the constraints cannot
+            reach exactly (the message gives the largest feasible sparsity).
+    """
+    sparsity = _check_number("sparsity", sparsity, 0.0, 1.0, high_inclusive=False)
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r} is not a selection mode; choose one of {list(MODES)}")
+    if max_layer_sparsity is not None:
+        max_layer_sparsity = _check_number("max_layer_sparsity", max_layer_sparsity, 0.0, 1.0, high_inclusive=True)
+    if min_experts_per_layer is not None and (
+        isinstance(min_experts_per_layer, bool)
+        or not isinstance(min_experts_per_layer, int)
+        or min_experts_per_layer < 1
+    ):
+        raise ConfigError(f"min_experts_per_layer={min_experts_per_layer!r} must be an integer >= 1")
+    if not isinstance(regroup, bool):
+        raise ConfigError(f"regroup={regroup!r} must be True or False")
+    family = get_family(model)
+    layers = family.moe_layers(model)
+    arrays = _check_scores(scores, layers)
+    limits = [
+        layer_limits(
+            layer,
+            model.config,
+            max_layer_sparsity=max_layer_sparsity,
+            min_experts_per_layer=min_experts_per_layer,
+            regroup=regroup,
+        )
+        for layer in layers
+    ]
+    total = sum(lim.num_experts for lim in limits)
+
+    if mode == "global":
+        exact = sparsity * total
+        target = round_half_up(exact)
+        if not _reachable(limits) >> target & 1:
+            raise _infeasible(sparsity, target, total, limits, mode)
+        removals = _global_removals(arrays, limits, target)
+        rounding = (
+            f"K = round_half_up({sparsity} x {total} routed experts = {exact:.4f}) = {target} removed in total, "
+            "distributed by ranking all (layer, expert) scores together (lowest removed first, ties by layer then "
+            "expert id) under the per-layer floors/caps/group rules"
+        )
+    else:
+        removals = {lim.index: round_half_up(sparsity * lim.num_experts) for lim in limits}
+        bad = [lim for lim in limits if removals[lim.index] not in lim.allowed_removals]
+        if bad:
+            lim = bad[0]
+            raise ConfigError(
+                f"sparsity={sparsity} in uniform mode removes {removals[lim.index]} of layer {lim.index}'s "
+                f"{lim.num_experts} experts, which it does not allow (it removes one of {list(lim.allowed_removals)}: "
+                f"{lim.why}); the largest feasible uniform sparsity is {_largest_uniform(limits):.4f}"
+            )
+        target = sum(removals.values())
+        counts = sorted(set(removals.values()))
+        per_layer = counts if len(counts) > 1 else counts[0]
+        rounding = (
+            f"uniform: each layer removes round_half_up({sparsity} x N_l) experts ({per_layer} "
+            f"a layer), {target} of {total} in total (global rounding would remove {round_half_up(sparsity * total)})"
+        )
+
+    keep = {}
+    for lim in limits:
+        order = _layer_order(arrays[lim.index])
+        removed = set(order[: removals[lim.index]].tolist())
+        keep[lim.index] = [e for e in range(lim.num_experts) if e not in removed]
+    selection = Selection(
+        keep=keep,
+        num_removed=target,
+        num_total=total,
+        per_layer_kept={i: len(ids) for i, ids in keep.items()},
+        rounding=rounding,
+        mode=mode,
+        sparsity=sparsity,
+        regroup=regroup,
+        floors={lim.index: lim.floor for lim in limits},
+    )
+    logger.info(
+        "selection (%s): removing %d of %d experts; kept per layer %s", mode, target, total, selection.per_layer_kept
+    )
+    return selection
+
+
+def _largest_uniform(limits: list[LayerLimits]) -> float:
+    """Largest sparsity s whose uniform removals round_half_up(s * N_l) every layer accepts."""
+    candidates = sorted({m / lim.num_experts for lim in limits for m in lim.allowed_removals}, reverse=True)
+    for s in candidates:
+        if all(round_half_up(s * lim.num_experts) in lim.allowed_removals for lim in limits):
+            return s
+    return 0.0
+
+
+def uniform_keep_counts(
+    model: nn.Module,
+    *,
+    sparsity: float,
+    max_layer_sparsity: float | None = None,
+    min_experts_per_layer: int | None = None,
+    regroup: bool = False,
+) -> dict[int, int]:
+    """Experts each MoE layer keeps under uniform selection, known before any scoring.
+
+    Criteria that search subsets of a given size (NAEE, ``needs_target_counts``) need these counts up front;
+    the same validation and errors as ``select_experts(..., mode="uniform")`` apply.
+    """
+    layers = get_family(model).moe_layers(model)
+    placeholder = {layer.index: torch.zeros(layer.num_experts) for layer in layers}
+    selection = select_experts(
+        placeholder,
+        model,
+        sparsity=sparsity,
+        mode="uniform",
+        max_layer_sparsity=max_layer_sparsity,
+        min_experts_per_layer=min_experts_per_layer,
+        regroup=regroup,
+    )
+    return selection.per_layer_kept
