@@ -10,7 +10,11 @@ Fields added to the family config (all lists are indexed by decoder layer; dense
     kept_expert_ids: for each layer, the original ids of the experts kept, in their new order.
     n_group_per_layer / topk_group_per_layer: grouped routing per layer (DeepSeek), when a layer was regrouped.
     diep_pruning: free-form record of how the checkpoint was made (method, sparsity, seed...).
-    diep_skipping: adaptive expert skipping thresholds, when calibrated.
+    diep_skipping: adaptive expert skipping, when calibrated: ``{"enabled": bool, "kernel": "linear"|"rbf",
+        "layers": {"<layer index>": {"gamma1": float, "cka_ratio": [[float] * N] * N}}}`` (see modeling_diep.py).
+
+Load-time switch: ``from_pretrained(path, trust_remote_code=True, diep_skipping_enabled=False)`` (or True)
+overrides ``diep_skipping["enabled"]``; the model folds the override into ``diep_skipping`` when it is built.
 """
 
 from transformers import (
@@ -31,6 +35,9 @@ class DiepConfigMixin:
 
     # name of the family config field holding the expert count; set by each subclass
     diep_num_experts_field: str = ""
+    # load-time override of diep_skipping["enabled"]; a plain class attribute (not a saved field) so that
+    # from_pretrained(..., diep_skipping_enabled=False) finds it and sets it on the instance
+    diep_skipping_enabled = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -1,0 +1,629 @@
+"""Quality benchmark: prune every zoo model with every criterion and compare what survives.
+
+For each zoo model (:mod:`diep_hub.zoo`), each criterion (DiEP in both search modes, REAP, frequency, soft
+frequency, NAEE where its subset search is feasible, random), each selection (global, uniform) and each
+sparsity (25%, 50%), the model is pruned and evaluated on the zoo tasks (per-domain multiple choice, exact
+match and loss); retention = pruned / unpruned. Scores are computed once per (model, criterion) and reused
+for every selection and sparsity (except NAEE, which needs the per-layer counts); one configuration per
+model is also run end to end through ``DiEPPruner`` to check that it makes the same keep map.
+
+Usage (2-core CPU, ~10-20 minutes for everything):
+    nice -n 10 python benchmarks/quality.py                      # main table, RESULTS.md and plots
+    nice -n 10 python benchmarks/quality.py --ablation           # DiEP variants (ranking, lambda, steps...)
+    nice -n 10 python benchmarks/quality.py --models mixtral-8e --methods diep-gated random --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diep_hub import get_family, prune_experts
+from diep_hub.criteria.base import ScoringContext, get_criterion
+from diep_hub.errors import DiEPError
+from diep_hub.zoo import domains
+from diep_hub.zoo.tasks import evaluate_zoo, retention
+from diep_hub.zoo.train import ZOO, build_zoo_model
+
+logger = logging.getLogger("benchmarks.quality")
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row label, the registered criterion, and its options."""
+
+    label: str
+    criterion: str
+    options: dict = field(default_factory=dict)
+
+
+METHODS = {
+    m.label: m
+    for m in (
+        Method("diep-gated", "diep", {"mode": "gated"}),
+        Method("diep-dense", "diep", {"mode": "dense"}),
+        Method("reap", "reap"),
+        Method("frequency", "frequency"),
+        Method("soft_frequency", "soft_frequency"),
+        Method("naee", "naee"),
+        Method("random", "random"),
+    )
+}
+SELECTIONS = ("global", "uniform")
+SPARSITIES = (0.25, 0.5)
+
+# DiEP variants for the ablation (--ablation): each changes one thing from the gated default.
+ABLATION = {
+    "gated (defaults)": {"mode": "gated"},
+    "dense (defaults)": {"mode": "dense"},
+    "gated, raw alpha*beta": {"mode": "gated", "ranking": "raw"},
+    "dense, raw alpha*beta": {"mode": "dense", "ranking": "raw"},
+    "gated, lambda=1": {"mode": "gated", "recon_weight": 1.0},
+    "dense, lambda=0": {"mode": "dense", "recon_weight": 0.0},
+    "dense, lambda=1": {"mode": "dense", "recon_weight": 1.0},
+    "gated, 30 epochs": {"mode": "gated", "epochs": 30},
+    "dense, 30 epochs": {"mode": "dense", "epochs": 30},
+    "gated, lr=5e-2": {"mode": "gated", "lr": 5e-2},
+    "dense, lr=5e-2": {"mode": "dense", "lr": 5e-2},
+    "dense, alpha only (1:0)": {"mode": "dense", "beta_steps": 0},
+}
+
+
+def calibration_texts(num_samples: int, seed: int) -> list[str]:
+    """Calibration documents from the zoo generator (its calibration split, not the training stream)."""
+    return domains.corpus_texts(num_samples, seed=seed, split="calibration", lines_per_text=12)
+
+
+def calibration_ids(tokenizer, num_samples: int, seq_len: int, seed: int) -> torch.LongTensor:
+    """[num_samples, seq_len] tokens packed by the project's calibration loader, exactly as DiEPPruner does."""
+    from diep_hub.calibration import load_calibration_data
+
+    texts = calibration_texts(num_samples, seed)
+    return load_calibration_data(texts, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed)
+
+
+def select(scores: dict[int, torch.Tensor], model, *, sparsity: float, mode: str) -> dict[int, list[int]]:
+    """The keep map, through the project's selection (``diep_hub.selection.select_experts``).
+
+    While that module has not landed, a minimal stand-in with the same rules is used (and logged): global =
+    remove the lowest scores across layers, uniform = the same count in every layer, never below a layer's
+    floor (max(top-k, family minimum)).
+    """
+    try:
+        from diep_hub.selection import select_experts
+    except ImportError:
+        logger.warning("diep_hub.selection is not available yet: using the benchmark's stand-in selection")
+        return _standin_select(scores, model, sparsity=sparsity, mode=mode)
+    return select_experts(scores, model, sparsity=sparsity, mode=mode).keep
+
+
+def _standin_select(scores, model, *, sparsity: float, mode: str) -> dict[int, list[int]]:
+    family = get_family(model)
+    floor = family.layer_floor(model.config)
+    keep = {i: list(range(len(s))) for i, s in scores.items()}
+    total = sum(len(s) for s in scores.values())
+    if mode == "uniform":
+        for i, s in scores.items():
+            drop = min(round(sparsity * len(s)), len(s) - floor)
+            order = sorted(range(len(s)), key=lambda e: (float(s[e]), e))
+            keep[i] = sorted(order[drop:])
+        return keep
+    to_remove = round(sparsity * total)
+    ranked = sorted(((float(s[e]), i, e) for i, s in scores.items() for e in range(len(s))))
+    for _, i, e in ranked:
+        if to_remove == 0:
+            break
+        if len(keep[i]) > floor:
+            keep[i].remove(e)
+            to_remove -= 1
+    return keep
+
+
+def uniform_counts(model, sparsity: float) -> dict[int, int]:
+    """Experts each layer keeps under uniform selection (what NAEE's subset search needs up front)."""
+    keep = select(
+        {
+            layer.index: torch.arange(layer.num_experts, dtype=torch.float32)
+            for layer in get_family(model).moe_layers(model)
+        },
+        model,
+        sparsity=sparsity,
+        mode="uniform",
+    )
+    return {index: len(ids) for index, ids in keep.items()}
+
+
+def load_criterion(name: str):
+    """``get_criterion(name)``, importing ``diep_hub.criteria.<name>`` first in case the package does not yet."""
+    try:
+        importlib.import_module(f"diep_hub.criteria.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"diep_hub.criteria.{name}":
+            raise
+    return get_criterion(name)
+
+
+def score(model, method: Method, input_ids, *, seed: int, batch_size: int, num_to_keep=None, extra=None):
+    """Run one criterion on a model (weights untouched); returns (ScoreResult, seconds)."""
+    family = get_family(model)
+    criterion = load_criterion(method.criterion)()
+    options = {**method.options, **(extra or {})}
+    if method.criterion == "diep":
+        options.setdefault("progress", False)
+    context = ScoringContext(
+        model=model,
+        family=family,
+        layers=family.moe_layers(model),
+        input_ids=input_ids,
+        batch_size=batch_size,
+        seed=seed,
+        num_to_keep=num_to_keep,
+        options=options,
+    )
+    start = time.perf_counter()
+    result = criterion.score(context)
+    return result, time.perf_counter() - start
+
+
+def evaluate_pruned(model, tokenizer, keep: dict[int, list[int]], eval_kwargs: dict) -> dict:
+    pruned = prune_experts(copy.deepcopy(model), keep)
+    return evaluate_zoo(pruned, tokenizer, **eval_kwargs)
+
+
+def check_against_pruner(
+    model,
+    tokenizer,
+    method: Method,
+    texts,
+    *,
+    sparsity,
+    selection,
+    num_samples,
+    seq_len,
+    batch_size,
+    seed,
+    expected: dict[int, list[int]],
+) -> bool | None:
+    """Prune a copy end to end with ``DiEPPruner``; True if its keep map equals the staged one (None: no pruner)."""
+    try:
+        from diep_hub.pruner import DiEPPruner
+    except ImportError:
+        return None
+    pruner = DiEPPruner(
+        sparsity=sparsity,
+        method=method.criterion,
+        selection=selection,
+        dataset=texts,
+        dataset_config=None,
+        progress=False,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        **_pruner_options(method),
+    )
+    pruned = pruner.prune_model(copy.deepcopy(model), tokenizer)
+    kept = {i: list(ids) for i, ids in enumerate(pruned.config.kept_expert_ids) if ids is not None}
+    same = kept == {i: sorted(ids) for i, ids in expected.items()}
+    if not same:
+        logger.warning("DiEPPruner keep map %s differs from the staged one %s", kept, expected)
+    return same
+
+
+def _pruner_options(method: Method) -> dict:
+    """How a method's criterion options are spelled for DiEPPruner (its search hyper-parameters)."""
+    names = {"mode": "search_mode", "recon_weight": "lambda_"}
+    return {names.get(k, k): v for k, v in method.options.items()}
+
+
+def run_model(name: str, methods: list[Method], args) -> dict:
+    """Every (method, selection, sparsity) of one zoo model; returns its results block."""
+    model, tokenizer = build_zoo_model(name, seed=args.seed)
+    eval_kwargs = dict(num_mc=args.num_mc, num_em=args.num_em, num_loss=args.num_loss, seed=1000)
+    start = time.perf_counter()
+    base = evaluate_zoo(model, tokenizer, **eval_kwargs)
+    logger.info("%s unpruned: %s (%.1fs)", name, base["macro"], time.perf_counter() - start)
+    input_ids = calibration_ids(tokenizer, args.num_samples, args.seq_len, args.seed)
+    block = {"model": name, "base": base, "runs": [], "layer_counts": {}}
+    for method in methods:
+        try:
+            load_criterion(method.criterion)
+        except DiEPError as exc:
+            logger.warning("skipping %s: %s", method.label, exc)
+            block["runs"].append({"method": method.label, "skipped": str(exc)})
+            continue
+        cached = None
+        for sparsity in args.sparsities:
+            for selection in args.selections:
+                row = {"method": method.label, "selection": selection, "sparsity": sparsity}
+                try:
+                    if method.criterion == "naee":
+                        if selection != "uniform":
+                            row["skipped"] = "NAEE searches subsets of a fixed size per layer: uniform only"
+                            block["runs"].append(row)
+                            continue
+                        result, secs = score(
+                            model,
+                            method,
+                            input_ids,
+                            seed=args.seed,
+                            batch_size=args.batch_size,
+                            num_to_keep=uniform_counts(model, sparsity),
+                        )
+                    else:
+                        if cached is None:
+                            cached = score(model, method, input_ids, seed=args.seed, batch_size=args.batch_size)
+                        result, secs = cached
+                    keep = select(result.scores, model, sparsity=sparsity, mode=selection)
+                except DiEPError as exc:
+                    row["skipped"] = str(exc)
+                    block["runs"].append(row)
+                    logger.warning("%s %s %.2f: %s", method.label, selection, sparsity, exc)
+                    continue
+                res = evaluate_pruned(model, tokenizer, keep, eval_kwargs)
+                row.update(
+                    score_seconds=round(secs, 1),
+                    kept={str(k): len(v) for k, v in keep.items()},
+                    macro=res["macro"],
+                    retention=retention(res, base),
+                    domains={d: m["mc_acc"] for d, m in res["domains"].items()},
+                )
+                block["runs"].append(row)
+                logger.info(
+                    "%s %-14s %-7s %.2f  mc %.3f  em %.3f  loss %.3f  kept %s",
+                    name,
+                    method.label,
+                    selection,
+                    sparsity,
+                    res["macro"]["mc_acc"],
+                    res["macro"]["em_acc"],
+                    res["macro"]["loss"],
+                    row["kept"],
+                )
+                if method.label.startswith("diep") and selection == "global":
+                    block["layer_counts"][f"{method.label}@{sparsity}"] = row["kept"]
+        if args.check_pruner and method.label == "diep-gated" and cached is not None:
+            keep = select(cached[0].scores, model, sparsity=0.5, mode="global")
+            block["pruner_agrees"] = check_against_pruner(
+                model,
+                tokenizer,
+                method,
+                calibration_texts(args.num_samples, args.seed),
+                sparsity=0.5,
+                selection="global",
+                num_samples=args.num_samples,
+                seq_len=args.seq_len,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                expected=keep,
+            )
+    return block
+
+
+def run_ablation(name: str, args) -> dict:
+    """DiEP variants on one model at each sparsity, global selection (plus calibration size)."""
+    model, tokenizer = build_zoo_model(name, seed=args.seed)
+    eval_kwargs = dict(num_mc=args.num_mc, num_em=args.num_em, num_loss=args.num_loss, seed=1000)
+    base = evaluate_zoo(model, tokenizer, **eval_kwargs)
+    variants = [(label, opts, args.num_samples) for label, opts in ABLATION.items()]
+    variants += [
+        ("gated, 32 samples", {"mode": "gated"}, 32),
+        ("gated, 30 epochs, 32 samples", {"mode": "gated", "epochs": 30}, 32),
+    ]
+    if args.variants:
+        unknown = sorted(set(args.variants) - {v[0] for v in variants})
+        if unknown:
+            raise SystemExit(f"unknown ablation variant(s) {unknown}; choose from {[v[0] for v in variants]}")
+        variants = [v for v in variants if v[0] in args.variants]
+    rows = []
+    for label, opts, num_samples in variants:
+        input_ids = calibration_ids(tokenizer, num_samples, args.seq_len, args.seed)
+        result, secs = score(model, Method(label, "diep", opts), input_ids, seed=args.seed, batch_size=args.batch_size)
+        for sparsity, selection in [(s, m) for s in args.sparsities for m in args.selections]:
+            keep = select(result.scores, model, sparsity=sparsity, mode=selection)
+            res = evaluate_pruned(model, tokenizer, keep, eval_kwargs)
+            rows.append(
+                {
+                    "variant": label,
+                    "selection": selection,
+                    "sparsity": sparsity,
+                    "score_seconds": round(secs, 1),
+                    "kept": {str(k): len(v) for k, v in keep.items()},
+                    "macro": res["macro"],
+                    "retention": retention(res, base),
+                }
+            )
+            logger.info(
+                "%s %-26s %.2f mc %.3f em %.3f kept %s",
+                name,
+                label,
+                sparsity,
+                res["macro"]["mc_acc"],
+                res["macro"]["em_acc"],
+                rows[-1]["kept"],
+            )
+    return {"model": name, "base": base, "rows": rows}
+
+
+def _merge_write(path: Path, meta: dict, blocks: list[dict]) -> None:
+    """Write results, replacing the blocks of the models just run and keeping the others (runs per model)."""
+    old = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "blocks": []}
+    by_model = {b["model"]: b for b in old["blocks"]} | {b["model"]: b for b in blocks}
+    ordered = [by_model[name] for name in ZOO if name in by_model]
+    meta = {**meta, "commands": list(dict.fromkeys([*old["meta"].get("commands", []), meta["command"]]))}
+    path.write_text(json.dumps({"meta": meta, "blocks": ordered}, indent=1), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=SELECTIONS)
+    parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-mc", type=int, default=100)
+    parser.add_argument("--num-em", type=int, default=50)
+    parser.add_argument("--num-loss", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="fewer evaluation items (smoke runs)")
+    parser.add_argument("--ablation", action="store_true", help="run the DiEP ablation instead of the main table")
+    parser.add_argument("--variants", nargs="+", default=None, help="ablation variants to run (default: all)")
+    parser.add_argument("--check-pruner", action="store_true", help="also prune once through DiEPPruner")
+    parser.add_argument("--out", default=str(HERE / "results"), help="folder for the raw JSON results")
+    parser.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md and the plots")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_mc, args.num_em, args.num_loss = 40, 20, 20
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        write_report(out)
+        return 0
+    meta = {
+        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.machine()} CPU, 2 cores shared, no GPU; torch {torch.__version__}",
+        "num_samples": args.num_samples,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+    }
+    if args.ablation:
+        blocks = [run_ablation(name, args) for name in args.models]
+        _merge_write(out / "ablation.json", meta, blocks)
+        write_report(out)
+        return 0
+    else:
+        blocks = [run_model(name, [METHODS[m] for m in args.methods], args) for name in args.models]
+        _merge_write(out / "quality.json", meta, blocks)
+    write_report(out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report: RESULTS.md tables and plots from the JSON written above.
+
+FINDINGS_MARKER = "<!-- findings: hand-written below this line, kept when the tables are regenerated -->"
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def _run(block: dict, method: str, selection: str, sparsity: float) -> dict | None:
+    for row in block["runs"]:
+        if (row.get("method"), row.get("selection"), row.get("sparsity")) == (
+            method,
+            selection,
+            sparsity,
+        ) and "macro" in row:
+            return row
+    return None
+
+
+def main_tables(data: dict) -> list[str]:
+    meta = data["meta"]
+    blocks = data["blocks"]
+    methods = list(dict.fromkeys(r["method"] for b in blocks for r in b["runs"]))
+    sparsities = sorted({r["sparsity"] for b in blocks for r in b["runs"] if "sparsity" in r})
+    lines = [
+        "## Main table",
+        "",
+        "Commands (one model a run; `nice -n 10 python benchmarks/quality.py --check-pruner` runs all three): "
+        + ", ".join(f"`{c}`" for c in meta.get("commands", [meta["command"]]))
+        + "  ",
+        f"Machine: {meta['machine']}.  ",
+        f"Calibration: {meta['num_samples']} zoo documents (calibration split) x {meta['seq_len']} tokens, batch "
+        f"{meta['batch_size']}. Evaluation: held-out items of every domain; MC = 4-way multiple choice by "
+        "log-likelihood (chance 0.25), EM = greedy exact match; macro = mean over the 7 domains.",
+        "",
+        "### Mean retention over the zoo models (macro MC accuracy pruned / unpruned; EM in brackets)",
+        "",
+        "| method | selection | " + " | ".join(f"{int(s * 100)}%" for s in sparsities) + " |",
+        "|---|---|" + "---|" * len(sparsities),
+    ]
+    for method in methods:
+        for selection in SELECTIONS:
+            cells = []
+            for s in sparsities:
+                rows = [_run(b, method, selection, s) for b in blocks]
+                rows = [r for r in rows if r is not None]
+                if not rows:
+                    cells.append("—")
+                    continue
+                mc = sum(r["retention"]["mc_acc"] for r in rows) / len(rows)
+                em = sum(r["retention"]["em_acc"] for r in rows) / len(rows)
+                cells.append(f"{mc:.3f} ({em:.3f})" + ("" if len(rows) == len(blocks) else f" [{len(rows)} models]"))
+            if any(c != "—" for c in cells):
+                lines.append(f"| {method} | {selection} | " + " | ".join(cells) + " |")
+    for block in blocks:
+        base = block["base"]["macro"]
+        lines += [
+            "",
+            f"### {block['model']}",
+            "",
+            f"Unpruned: MC {base['mc_acc']:.3f}, EM {base['em_acc']:.3f}, loss {base['loss']:.3f}."
+            + (
+                f" DiEPPruner end-to-end keep map equals the staged one: {block['pruner_agrees']}."
+                if "pruner_agrees" in block
+                else ""
+            ),
+            "",
+            "| method | selection | "
+            + " | ".join(f"MC {int(s * 100)}% | EM {int(s * 100)}% | loss {int(s * 100)}%" for s in sparsities)
+            + " |",
+            "|---|---|" + "---|---|---|" * len(sparsities),
+        ]
+        for method in methods:
+            for selection in SELECTIONS:
+                rows = [_run(block, method, selection, s) for s in sparsities]
+                if all(r is None for r in rows):
+                    continue
+                cells = []
+                for r in rows:
+                    cells += [
+                        _fmt(r and r["macro"]["mc_acc"]),
+                        _fmt(r and r["macro"]["em_acc"]),
+                        _fmt(r and r["macro"]["loss"]),
+                    ]
+                lines.append(f"| {method} | {selection} | " + " | ".join(cells) + " |")
+        s = max(sparsities)
+        doms = list(block["base"]["domains"])
+        lines += [
+            "",
+            f"Per-domain MC accuracy at {int(s * 100)}%, global selection (domain weight in brackets):",
+            "",
+            "| method | " + " | ".join(f"{d} ({domains.DOMAINS[d].weight:.2f})" for d in doms) + " |",
+            "|---|" + "---|" * len(doms),
+            "| unpruned | " + " | ".join(f"{block['base']['domains'][d]['mc_acc']:.2f}" for d in doms) + " |",
+        ]
+        for method in methods:
+            r = _run(block, method, "global", s) or _run(block, method, "uniform", s)
+            if r is not None:
+                tag = "" if r["selection"] == "global" else " (uniform)"
+                lines.append(f"| {method}{tag} | " + " | ".join(f"{r['domains'][d]:.2f}" for d in doms) + " |")
+        skipped = {r["method"]: r["skipped"] for r in block["runs"] if "skipped" in r}
+        for method, why in skipped.items():
+            lines.append(f"\n{method} not run on {block['model']}: {why}")
+    return lines
+
+
+def ablation_tables(data: dict) -> list[str]:
+    lines = [
+        "",
+        "## DiEP ablation",
+        "",
+        "Commands: "
+        + ", ".join(f"`{c}`" for c in data["meta"].get("commands", [data["meta"]["command"]]))
+        + ". Cells: retention of macro MC accuracy (EM in brackets); "
+        "kept = experts kept per layer under global selection.",
+        "",
+    ]
+    for block in data["blocks"]:
+        keys = sorted({(r["sparsity"], r.get("selection", "global")) for r in block["rows"]})
+        lines += [
+            f"### {block['model']}",
+            "",
+            "| variant | " + " | ".join(f"{int(s * 100)}% {m}" for s, m in keys) + " | kept (global) | search s |",
+            "|---|" + "---|" * len(keys) + "---|---|",
+        ]
+        for variant in dict.fromkeys(r["variant"] for r in block["rows"]):
+            rows = {(r["sparsity"], r.get("selection", "global")): r for r in block["rows"] if r["variant"] == variant}
+            cells = [
+                f"{rows[k]['retention']['mc_acc']:.3f} ({rows[k]['retention']['em_acc']:.3f})" if k in rows else "—"
+                for k in keys
+            ]
+            kept = "; ".join(
+                "/".join(str(v) for v in rows[k]["kept"].values()) for k in keys if k in rows and k[1] == "global"
+            )
+            first = next(iter(rows.values()))
+            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {kept} | {first['score_seconds']} |")
+        lines.append("")
+    return lines
+
+
+def plots(data: dict, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = data["blocks"]
+    methods = list(dict.fromkeys(r["method"] for b in blocks for r in b["runs"] if "macro" in r))
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5 * len(blocks), 4), squeeze=False)
+    for ax, block in zip(axes[0], blocks, strict=True):
+        for k, method in enumerate(methods):
+            color = plt.get_cmap("tab10")(k % 10)
+            for selection, style in (("global", "-"), ("uniform", ":")):
+                pts = [(0.0, 1.0)] + [
+                    (r["sparsity"], r["retention"]["mc_acc"])
+                    for r in block["runs"]
+                    if r.get("method") == method and r.get("selection") == selection and "macro" in r
+                ]
+                if len(pts) > 1:
+                    xs, ys = zip(*sorted(pts), strict=True)
+                    ax.plot(xs, ys, style, marker="o", color=color, label=f"{method} ({selection})")
+        ax.set_title(block["model"])
+        ax.set_xlabel("sparsity (fraction of routed experts removed)")
+        ax.set_ylabel("retention (macro MC accuracy)")
+        ax.axhline(0.25 / block["base"]["macro"]["mc_acc"], color="grey", lw=0.8, ls="--")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(folder / "retention.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5 * len(blocks), 3.5), squeeze=False)
+    for ax, block in zip(axes[0], blocks, strict=True):
+        counts = block["layer_counts"]
+        width = 0.8 / max(1, len(counts))
+        for j, (label, kept) in enumerate(counts.items()):
+            layers = [int(k) for k in kept]
+            ax.bar([x + j * width for x in layers], list(kept.values()), width=width, label=label)
+        if counts:
+            layers = [int(k) for k in next(iter(counts.values()))]
+            ax.set_xticks([x + 0.4 - width / 2 for x in layers], [str(x) for x in layers])
+        ax.set_title(f"{block['model']}: DiEP kept experts per layer")
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("experts kept")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "diep_layer_counts.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(results_dir: Path = HERE / "results", target: Path = HERE / "RESULTS.md") -> None:
+    """Regenerate RESULTS.md (tables) and the plots; keep the hand-written findings below the marker."""
+    lines = ["# Quality benchmark: which pruning criterion keeps the most of a trained MoE", ""]
+    if (results_dir / "quality.json").is_file():
+        data = json.loads((results_dir / "quality.json").read_text())
+        lines += main_tables(data)
+        plots(data, HERE)
+        lines += [
+            "",
+            "Plots: `benchmarks/retention.png` (retention vs sparsity per method; dashed grey = chance), "
+            "`benchmarks/diep_layer_counts.png` (DiEP's kept experts per layer, global selection).",
+        ]
+    if (results_dir / "ablation.json").is_file():
+        lines += ablation_tables(json.loads((results_dir / "ablation.json").read_text()))
+    findings = ""
+    if target.is_file() and FINDINGS_MARKER in target.read_text():
+        findings = target.read_text().split(FINDINGS_MARKER, 1)[1]
+    target.write_text("\n".join(lines) + "\n\n" + FINDINGS_MARKER + findings, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

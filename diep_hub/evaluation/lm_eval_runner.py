@@ -1,0 +1,185 @@
+"""lm-eval integration: any lm-eval task, on a model already in memory, tasks from local files for offline use.
+
+The default task set is the paper's zero-shot suite (MMLU, BoolQ, OpenBookQA, RTE); these download their data
+from the Hub. For offline runs point ``include_path`` at a folder of task YAML files whose ``dataset_kwargs``
+name local json/jsonl files by absolute path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from .results import to_jsonable
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TASKS: tuple[str, ...] = ("mmlu", "boolq", "openbookqa", "rte")
+# lm-eval metrics the card shows first, in order of preference, when a task reports several.
+PRIMARY_METRICS: tuple[str, ...] = ("acc", "acc_norm", "exact_match", "f1", "mcc", "word_perplexity")
+
+
+def validate_tasks(tasks: Sequence[str]) -> list[str]:
+    """A list of non-empty task names, without duplicates; anything else is refused with the bad value."""
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+        raise ConfigError(f"tasks={tasks!r} must be a list of lm-eval task names, e.g. {list(DEFAULT_TASKS)}")
+    bad = [t for t in tasks if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise ConfigError(f"tasks contains invalid names {bad!r}; every task must be a non-empty string")
+    return list(dict.fromkeys(t.strip() for t in tasks))
+
+
+def _check_common(limit, batch_size, num_fewshot, seed) -> None:
+    if limit is not None and (
+        isinstance(limit, bool)
+        or not isinstance(limit, (int, float))
+        or limit <= 0
+        or (isinstance(limit, float) and limit > 1)
+    ):
+        raise ConfigError(f"limit={limit!r}; give a count >= 1 or a fraction in (0, 1], or None for all examples")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
+    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
+        raise ConfigError(f"num_fewshot={num_fewshot!r} must be an integer >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r} must be an integer >= 0")
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ConfigError(
+            f"lm-eval is not installed ({exc}); install the extra: pip install 'diep_hub[eval]'"
+        ) from None
+    return lm_eval, HFLM, TaskManager
+
+
+def _task_manager(TaskManager, tasks: list[str], include_path: str | None):
+    """Index only the local folder when it holds every task (indexing lm-eval's 10k built-in tasks is slow)."""
+    if include_path is not None:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" or in include_path={include_path!r}" if include_path else ""
+        raise ConfigError(
+            f"unknown lm-eval task(s) {unknown}: not found among lm-eval's tasks{where}; list them with "
+            "`lm-eval ls tasks`, or give a folder of task YAML files as include_path"
+        )
+    return manager
+
+
+def split_metric(key: str) -> tuple[str, str]:
+    """lm-eval's "acc,none" -> ("acc", "none")."""
+    name, _, filt = key.partition(",")
+    return name, filt or "none"
+
+
+def primary_metric(metrics: dict[str, Any]) -> str | None:
+    """The metric a card shows for a task: the first of PRIMARY_METRICS present, else the first numeric one."""
+    for name in PRIMARY_METRICS:
+        if isinstance(metrics.get(name), (int, float)):
+            return name
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not name.endswith("_stderr"):
+            return name
+    return None
+
+
+def run_lm_eval(
+    model: nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    include_path: str | os.PathLike | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run lm-eval tasks on an in-memory model; return per-task metrics, task versions and the settings used.
+
+    Returns:
+        ``{"tasks": {name: {"metrics": {"acc": .., "acc_stderr": ..}, "primary_metric": "acc", "version": ..,
+        "num_fewshot": .., "num_samples": .., "higher_is_better": {..}, "dataset_path": .., "dataset_name": ..,
+        "group": bool}}, "lm_eval_version": .., "limit": .., "batch_size": .., "num_fewshot": .., "seed": ..}``
+        Metric values are exactly lm-eval's (no rounding), so a card can show them unchanged.
+    """
+    tasks = validate_tasks(tasks)
+    _check_common(limit, batch_size, num_fewshot, seed)
+    if include_path is not None:
+        include_path = os.fspath(include_path)
+        if not os.path.isdir(include_path):
+            raise ConfigError(f"include_path={include_path!r} is not a folder of lm-eval task YAML files")
+    if not tasks:
+        raise ConfigError("tasks is empty; name at least one lm-eval task, e.g. " + ", ".join(DEFAULT_TASKS))
+    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    manager = _task_manager(TaskManager, tasks, include_path)
+    device = str(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    logger.info("lm-eval: %s on %s (limit=%s, %d-shot, batch %d)", tasks, device, limit, num_fewshot, batch_size)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        raw = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    finally:
+        model.train(was_training)
+    return _summarise(raw, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed)
+
+
+def _summarise(raw: dict[str, Any], requested: list[str], **settings) -> dict[str, Any]:
+    results = raw.get("results", {})
+    groups = set(raw.get("groups", {})) | set(raw.get("group_subtasks", {}) or {})
+    configs = raw.get("configs", {})
+    out: dict[str, Any] = {}
+    for name, row in results.items():
+        metrics: dict[str, Any] = {}
+        for key, value in row.items():
+            if key in ("name", "alias", "sample_len", " ") or "," not in key:
+                continue
+            metric, filt = split_metric(key)
+            label = metric if filt == "none" else f"{metric},{filt}"
+            if metric.endswith("_stderr"):
+                label = f"{metric}" if filt == "none" else f"{metric},{filt}"
+            metrics[label] = value
+        config = configs.get(name, {})
+        samples = raw.get("n-samples", {}).get(name, {})
+        out[name] = {
+            "metrics": to_jsonable(metrics),
+            "primary_metric": primary_metric(metrics),
+            "version": raw.get("versions", {}).get(name),
+            "num_fewshot": raw.get("n-shot", {}).get(name),
+            "num_samples": samples.get("effective") if isinstance(samples, dict) else None,
+            "higher_is_better": to_jsonable(raw.get("higher_is_better", {}).get(name, {})),
+            "dataset_path": config.get("dataset_path"),
+            "dataset_name": config.get("dataset_name"),
+            "group": name in groups and name not in configs,
+            "requested": name in requested,
+        }
+    return {
+        "tasks": out,
+        "requested_tasks": list(requested),
+        "lm_eval_version": raw.get("lm_eval_version"),
+        **settings,
+    }

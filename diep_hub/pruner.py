@@ -1,0 +1,537 @@
+"""``DiEPPruner``: the whole pruning configuration in one object, shaped like optimum's ``GPTQQuantizer``.
+
+The constructor holds and validates every setting (so a bad value fails before a model is loaded or a token is
+read); ``prune_model`` runs calibration -> scoring -> selection -> surgery on a live model; ``save`` writes the
+checkpoint with ``pruning_report.json`` and the recipe that made it; ``to_dict`` / ``from_dict`` round-trip the
+configuration, so a report is enough to reproduce a pruned model.
+
+Example::
+
+    pruner = DiEPPruner(sparsity=0.5, method="diep", dataset="allenai/c4", num_samples=128, seq_len=2048)
+    model = pruner.prune_model(model, tokenizer)
+    pruner.save(model, "out/", tokenizer=tokenizer)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import platform
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .criteria import base as criteria_base  # importing the package registers every criterion
+from .criteria import diep as diep_criterion
+from .criteria import naee as naee_criterion
+from .errors import ConfigError, DiEPError, UnsupportedModelError
+from .families import get_family
+from .saving import save_pruned
+from .surgery import prune_experts
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "pruning_report.json"
+RECIPE_FILE = "diep_recipe.json"
+SELECTIONS = ("global", "uniform")
+_DIEP = diep_criterion.DEFAULT_OPTIONS
+
+
+@dataclass
+class DiEPPruner:
+    """Expert-pruning configuration and runner.
+
+    Attributes:
+        sparsity: fraction of routed experts to remove, 0 <= s < 1 (shared experts and dense layers not counted).
+        method: a registered criterion: "diep" (default), "reap", "frequency", "soft_frequency", "naee", "random".
+        selection: "global" (rank all experts of all layers together, non-uniform: DiEP's way) or "uniform".
+        dataset: calibration source: Hub dataset name, local file (json/jsonl/parquet/txt), ``datasets.Dataset``
+            or a list of strings.
+        dataset_config: Hub dataset config name ("en" for C4).
+        split, text_field: which split and column hold the text.
+        num_samples, seq_len: calibration sequences and their length in tokens (paper: 128 x 2048).
+        batch_size: sequences per forward/backward pass.
+        seed: seeds data sampling and the search; same seed, same keep map.
+        search_mode: DiEP's search-time MoE output, "gated" (router kept) or "dense" (paper Eq. 5).
+        lr, epochs, lambda_, alternation, ranking: DiEP search hyper-parameters (see ``criteria/diep.py``);
+            ``alternation`` = (optimiser steps on alpha, steps on beta) per cycle.
+        max_layer_sparsity: optional cap on the fraction removed from any one layer, 0 < c < 1.
+        min_experts_per_layer: optional floor on experts kept per layer (on top of top-k and family minimums).
+        regroup: reset grouped routing (DeepSeek) to n_group = topk_group = 1 instead of requiring kept counts
+            divisible by n_group.
+        naee_max_combinations: NAEE refuses a layer with more subsets than this.
+        skipping: calibrate and enable adaptive expert skipping after pruning (``diep_hub.skipping``).
+        progress: show tqdm progress bars.
+    """
+
+    sparsity: float = 0.5
+    method: str = "diep"
+    selection: str = "global"
+    dataset: Any = "allenai/c4"
+    dataset_config: str | None = "en"
+    split: str = "train"
+    text_field: str = "text"
+    num_samples: int = 128
+    seq_len: int = 2048
+    batch_size: int = 16
+    seed: int = 0
+    search_mode: str = _DIEP["mode"]
+    lr: float = _DIEP["lr"]
+    epochs: int = _DIEP["epochs"]
+    lambda_: float = _DIEP["recon_weight"]
+    alternation: tuple[int, int] = (_DIEP["alpha_steps"], _DIEP["beta_steps"])
+    ranking: str = _DIEP["ranking"]
+    max_layer_sparsity: float | None = None
+    min_experts_per_layer: int | None = None
+    regroup: bool = False
+    naee_max_combinations: int = naee_criterion.DEFAULT_MAX_COMBINATIONS
+    skipping: bool = False
+    progress: bool = True
+    report: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    # --------------------------------------------------------------------------------------------------------
+    # Validation
+    def __post_init__(self) -> None:
+        if isinstance(self.alternation, list):
+            self.alternation = tuple(self.alternation)
+        problems = self._problems()
+        if problems:
+            raise ConfigError("invalid DiEPPruner configuration: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        p: list[str] = []
+
+        def number(name, value, lo, hi, lo_open=False, hi_open=False, integer=False):
+            ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+                kind = "an integer" if integer else "a number"
+                p.append(f"{name}={value!r} must be {kind} in {_interval(lo, hi, lo_open, hi_open)}")
+                return
+            too_low = value < lo or (lo_open and value == lo)
+            too_high = hi is not None and (value > hi or (hi_open and value == hi))
+            if too_low or too_high:
+                p.append(f"{name}={value!r} is out of range; allowed: {_interval(lo, hi, lo_open, hi_open)}")
+
+        number("sparsity", self.sparsity, 0, 1, hi_open=True)
+        known = criteria_base.available_criteria()
+        if self.method not in known:
+            p.append(f"method={self.method!r} is not a registered criterion; choose one of {known}")
+        if self.selection not in SELECTIONS:
+            p.append(f"selection={self.selection!r}; choose one of {list(SELECTIONS)}")
+        if self.dataset is None or (isinstance(self.dataset, (str, list)) and len(self.dataset) == 0):
+            p.append(f"dataset={self.dataset!r}; give a Hub dataset name, a local file, a Dataset or a list of strings")
+        number("num_samples", self.num_samples, 1, None, integer=True)
+        number("seq_len", self.seq_len, 2, None, integer=True)
+        number("batch_size", self.batch_size, 1, None, integer=True)
+        number("seed", self.seed, 0, None, integer=True)
+        if self.search_mode not in diep_criterion.MODES:
+            p.append(f"search_mode={self.search_mode!r}; choose one of {list(diep_criterion.MODES)}")
+        number("lr", self.lr, 0, None, lo_open=True)
+        number("epochs", self.epochs, 1, None, integer=True)
+        number("lambda_", self.lambda_, 0, None)
+        alt = self.alternation
+        if (
+            not isinstance(alt, tuple)
+            or len(alt) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in alt)
+            or sum(alt) == 0
+        ):
+            p.append(f"alternation={alt!r} must be (alpha steps >= 0, beta steps >= 0), not both 0, e.g. (3, 1)")
+        if self.ranking not in diep_criterion.RANKINGS:
+            p.append(f"ranking={self.ranking!r}; choose one of {list(diep_criterion.RANKINGS)}")
+        if self.max_layer_sparsity is not None:
+            number("max_layer_sparsity", self.max_layer_sparsity, 0, 1, lo_open=True, hi_open=True)
+        if self.min_experts_per_layer is not None:
+            number("min_experts_per_layer", self.min_experts_per_layer, 1, None, integer=True)
+        for name in ("regroup", "skipping", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                p.append(f"{name}={getattr(self, name)!r} must be True or False")
+        number("naee_max_combinations", self.naee_max_combinations, 1, None, integer=True)
+        return p
+
+    # --------------------------------------------------------------------------------------------------------
+    # Serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as JSON-able data (``from_dict`` restores it). A non-string dataset is described."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        data["alternation"] = list(self.alternation)
+        if not isinstance(self.dataset, (str, os.PathLike)):
+            data["dataset"] = _describe_dataset(self.dataset)
+        elif isinstance(self.dataset, os.PathLike):
+            data["dataset"] = os.fspath(self.dataset)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DiEPPruner:
+        """Rebuild a pruner from ``to_dict`` output; unknown keys are an error that names them."""
+        allowed = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown DiEPPruner key(s) {unknown}; allowed keys: {sorted(allowed)}")
+        return cls(**dict(data))
+
+    # --------------------------------------------------------------------------------------------------------
+    # Running
+    def criterion_options(self) -> dict[str, Any]:
+        """Options handed to the criterion (only DiEP and NAEE take any)."""
+        if self.method == "diep":
+            return {
+                "mode": self.search_mode,
+                "lr": self.lr,
+                "epochs": self.epochs,
+                "recon_weight": self.lambda_,
+                "alpha_steps": self.alternation[0],
+                "beta_steps": self.alternation[1],
+                "ranking": self.ranking,
+                "progress": self.progress,
+            }
+        if self.method == "naee":
+            return {"max_combinations": self.naee_max_combinations, "regroup": self.regroup, "progress": self.progress}
+        return {"progress": self.progress}
+
+    def _select(self, scores: dict[int, torch.Tensor], model: nn.Module):
+        from .selection import select_experts
+
+        return select_experts(
+            scores,
+            model,
+            sparsity=self.sparsity,
+            mode=self.selection,
+            max_layer_sparsity=self.max_layer_sparsity,
+            min_experts_per_layer=self.min_experts_per_layer,
+            regroup=self.regroup,
+        )
+
+    def check_feasible(self, model: nn.Module):
+        """Refuse, before any calibration, a model or sparsity that cannot be pruned as configured.
+
+        Runs the selection on placeholder scores: it applies exactly the floors, caps and group rules the real
+        selection will, so an impossible request fails now rather than after an hour of search.
+        Returns that dry-run selection (its per-layer counts tell NAEE the subset sizes).
+        """
+        family = get_family(model)
+        layers = family.moe_layers(model)
+        if not layers:
+            raise UnsupportedModelError(f"{type(model).__name__} ({family.model_type}) has no MoE layers to prune")
+        offloaded = [layer.index for layer in layers if layer.experts.down_proj.device.type == "meta"]
+        if offloaded:
+            raise ConfigError(
+                f"MoE layers {offloaded} have expert weights offloaded to disk (meta device): surgery cannot slice "
+                "them; load with a device_map that keeps experts on CPU or GPU (device_map={'': 'cpu'})"
+            )
+        placeholder = {layer.index: torch.linspace(1.0, 2.0, layer.num_experts) for layer in layers}
+        try:
+            return self._select(placeholder, model)
+        except DiEPError as exc:
+            total = sum(layer.num_experts for layer in layers)
+            raise ConfigError(
+                f"sparsity={self.sparsity} cannot be reached on this {family.model_type} model "
+                f"({len(layers)} MoE layers, {total} routed experts): {exc}"
+            ) from exc
+
+    def _target_counts(self, model: nn.Module, dry_run) -> dict[int, int]:
+        """Per-layer kept counts for criteria that search subsets of a given size (NAEE).
+
+        Placeholder scores carry no information about which layers matter, so the counts are the uniform ones
+        (NAEE is a per-layer method); when uniform is infeasible, the configured selection's dry run decides.
+        """
+        try:
+            counts = dict(self._select_counts_uniform(model).per_layer_kept)
+        except DiEPError:
+            counts = dict(dry_run.per_layer_kept)
+        logger.info("%s searches subsets of these sizes per layer: %s", self.method, counts)
+        return counts
+
+    def _select_counts_uniform(self, model: nn.Module):
+        from .selection import select_experts
+
+        layers = get_family(model).moe_layers(model)
+        return select_experts(
+            {layer.index: torch.linspace(1.0, 2.0, layer.num_experts) for layer in layers},
+            model,
+            sparsity=self.sparsity,
+            mode="uniform",
+            max_layer_sparsity=self.max_layer_sparsity,
+            min_experts_per_layer=self.min_experts_per_layer,
+            regroup=self.regroup,
+        )
+
+    def prune_model(self, model: nn.Module, tokenizer) -> nn.Module:
+        """Score, select and remove experts in place; return the ``diep_<family>`` model.
+
+        The configuration used is recorded in ``model.config.diep_pruning``; ``self.report`` holds what
+        ``pruning_report.json`` will contain.
+        """
+        from .calibration import load_calibration_data
+
+        started = time.perf_counter()
+        family = get_family(model)
+        dry_run = self.check_feasible(model)
+        criterion = criteria_base.get_criterion(self.method)()
+        layers = family.moe_layers(model)
+        experts_before = {layer.index: layer.num_experts for layer in layers}
+        previous = getattr(model.config, "diep_pruning", None)
+
+        with _PeakMemory() as memory:
+            input_ids = load_calibration_data(
+                self.dataset,
+                tokenizer,
+                num_samples=self.num_samples,
+                seq_len=self.seq_len,
+                seed=self.seed,
+                config_name=self.dataset_config,
+                split=self.split,
+                text_field=self.text_field,
+            )
+            context = criteria_base.ScoringContext(
+                model=model,
+                family=family,
+                layers=layers,
+                input_ids=input_ids,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                num_to_keep=self._target_counts(model, dry_run) if criterion.needs_target_counts else None,
+                options=self.criterion_options(),
+            )
+            logger.info(
+                "scoring %d MoE layers with %r on %s calibration tokens",
+                len(layers),
+                self.method,
+                tuple(input_ids.shape),
+            )
+            score_started = time.perf_counter()
+            result = criterion.score(context)
+            score_seconds = time.perf_counter() - score_started
+            selection = self._select(result.scores, model)
+            model = prune_experts(model, selection.keep, regroup=bool(selection.regroup))
+            skipping_summary = self._skip(model, input_ids) if self.skipping else None
+
+        record = {
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "selection": self.selection,
+            "ranking": result.ranking,
+            "seed": self.seed,
+            "num_removed": int(selection.num_removed),
+            "num_total": int(selection.num_total),
+            "calibration": {
+                "dataset": self.to_dict()["dataset"],
+                "num_samples": self.num_samples,
+                "seq_len": self.seq_len,
+            },
+            "criterion_options": self.criterion_options(),
+            "diep_hub_version": _version("diep_hub"),
+        }
+        if previous:
+            record["previous"] = previous
+        model.config.diep_pruning = record
+        self.report = {
+            "config": self.to_dict(),
+            "model_type": family.model_type,
+            "method": self.method,
+            "reference": getattr(criterion, "reference", ""),
+            "ranking": result.ranking,
+            "seed": self.seed,
+            "sparsity": self.sparsity,
+            "selection": self.selection,
+            "num_removed": int(selection.num_removed),
+            "num_total": int(selection.num_total),
+            "rounding": selection.rounding,
+            "selection_plan": selection.to_dict(),
+            "experts_before": {str(k): v for k, v in experts_before.items()},
+            "kept_ids": {str(k): [int(i) for i in v] for k, v in sorted(selection.keep.items())},
+            "kept_original_ids": _kept_original_ids(model),
+            "per_layer_kept": {str(k): int(v) for k, v in sorted(selection.per_layer_kept.items())},
+            "scores": {str(k): [float(x) for x in v.tolist()] for k, v in sorted(result.scores.items())},
+            "details": {k: v for k, v in result.details.items() if k not in ("alpha", "beta", "loss_curve")},
+            "calibration_shape": list(input_ids.shape),
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "scoring_seconds": round(score_seconds, 3),
+            "peak_memory": memory.summary(),
+            "versions": _versions(),
+            "previous_pruning": previous,
+        }
+        for key in ("alpha", "beta", "loss_curve"):
+            if key in result.details:
+                self.report[key] = result.details[key]
+        if skipping_summary is not None:
+            self.report["skipping"] = skipping_summary
+        logger.info(
+            "removed %d of %d routed experts (%s selection); kept per layer: %s",
+            selection.num_removed,
+            selection.num_total,
+            self.selection,
+            self.report["per_layer_kept"],
+        )
+        return model
+
+    def _skip(self, model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any] | str:
+        if importlib.util.find_spec(f"{__package__}.skipping") is None:
+            logger.warning("skipping=True but diep_hub.skipping is not available; expert skipping not enabled")
+            return "unavailable: diep_hub.skipping is not installed"
+        from .skipping import calibrate_skipping, enable_skipping
+
+        calibration = calibrate_skipping(model, input_ids, batch_size=self.batch_size, seed=self.seed)
+        enable_skipping(model, calibration)
+        return _jsonable(calibration.summary())
+
+    def save(
+        self,
+        model: nn.Module,
+        save_directory: str | os.PathLike,
+        tokenizer=None,
+        overwrite: bool = False,
+        extra_files: Mapping[str, str | bytes | dict] | None = None,
+    ) -> Path:
+        """Write the pruned checkpoint plus ``pruning_report.json`` and ``diep_recipe.json`` (atomically)."""
+        if not self.report:
+            raise ConfigError("nothing to save yet: call prune_model(model, tokenizer) first")
+        files: dict[str, Any] = {REPORT_FILE: _jsonable(self.report), RECIPE_FILE: self.to_dict()}
+        files.update(extra_files or {})
+        return save_pruned(model, save_directory, tokenizer=tokenizer, overwrite=overwrite, extra_files=files)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Helpers
+def _interval(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    return f"{left}{lo}, {'inf)' if hi is None else f'{hi}{right}'}"
+
+
+def _describe_dataset(dataset) -> str:
+    if isinstance(dataset, list):
+        return f"<list of {len(dataset)} strings>"
+    return f"<{type(dataset).__name__}>"
+
+
+def _kept_original_ids(model: nn.Module) -> dict[str, list[int]]:
+    kept = getattr(model.config, "kept_expert_ids", None) or []
+    return {str(i): list(ids) for i, ids in enumerate(kept) if ids is not None}
+
+
+def _version(package: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # noqa: BLE001 - a missing distribution is reported as None
+        return None
+
+
+def _versions() -> dict[str, str | None]:
+    return {
+        "python": platform.python_version(),
+        **{name: _version(name) for name in ("diep_hub", "torch", "transformers", "accelerate", "datasets")},
+    }
+
+
+def _jsonable(value):
+    """Tensors to lists, int dict keys to strings: what json.dumps accepts."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _heap_probe():
+    """A function returning live malloc bytes (glibc ``mallinfo2``), or None where that is not available."""
+    try:
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [
+                (name, ctypes.c_size_t)
+                for name in (
+                    "arena",
+                    "ordblks",
+                    "smblks",
+                    "hblks",
+                    "hblkhd",
+                    "usmblks",
+                    "fsmblks",
+                    "uordblks",
+                    "fordblks",
+                    "keepcost",
+                )
+            ]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def live() -> int:
+        info = libc.mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
+    return live
+
+
+class _PeakMemory:
+    """Peak memory during a block: CUDA's allocator peak on GPU; on CPU the process RSS and the live malloc bytes
+    (which, unlike RSS, exclude memory the allocator keeps after frees), both sampled every 5 ms."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self._stop = threading.Event()
+        self.start_rss = self.peak_rss = 0
+        self.start_heap = self.peak_heap = 0
+        self._heap = _heap_probe()
+        self.cuda = torch.cuda.is_available()
+
+    def __enter__(self) -> _PeakMemory:
+        import psutil
+
+        self._process = psutil.Process()
+        self.start_rss = self.peak_rss = self._process.memory_info().rss
+        if self._heap is not None:
+            self.start_heap = self.peak_heap = self._heap()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _measure(self) -> None:
+        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+        if self._heap is not None:
+            self.peak_heap = max(self.peak_heap, self._heap())
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._measure()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._measure()
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "cpu_rss_start_bytes": int(self.start_rss),
+            "cpu_rss_peak_bytes": int(self.peak_rss),
+            "cpu_rss_increase_bytes": int(self.peak_rss - self.start_rss),
+            "method": f"process RSS and live malloc bytes sampled every {self.interval * 1000:.0f} ms",
+        }
+        if self._heap is not None:
+            out["cpu_heap_peak_increase_bytes"] = int(self.peak_heap - self.start_heap)
+        if self.cuda:
+            out["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+        return out
+
+
+__all__ = ["DiEPPruner", "REPORT_FILE", "RECIPE_FILE"]

@@ -1,0 +1,280 @@
+"""Small MoEs trained on CPU on the zoo domains: reference models whose experts have specialised.
+
+Random-weight MoEs make every pruning criterion look the same (their experts are interchangeable). The zoo
+trains a few small MoEs of different families on :mod:`diep_hub.zoo.domains`, deterministically for a seed,
+and caches them on disk: the cache key holds the entry name, seed, steps and a hash of the configuration and
+of this package's source, so that changing the recipe rebuilds the model instead of reusing a stale one.
+
+Bit-reproducibility: training runs with ``torch.use_deterministic_algorithms(True)`` and a fixed thread count
+(1 by default; CPU reductions can round differently with other thread counts), so the same seed gives the same
+weights on the same torch build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from . import domains
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A zoo model: its family (transformers ``model_type``), architecture overrides and training recipe."""
+
+    name: str
+    model_type: str
+    config: dict = field(default_factory=dict)
+    steps: int = 1200
+    batch_size: int = 24
+    seq_len: int = 96
+    lr: float = 3e-3
+    warmup: int = 50
+    description: str = ""
+
+
+_COMMON = dict(
+    hidden_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    router_aux_loss_coef=0.01,
+    output_router_logits=False,
+)
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        ZooEntry(
+            "mixtral-8e",
+            "mixtral",
+            dict(intermediate_size=128, num_local_experts=8, num_experts_per_tok=2),
+            description="Mixtral type, 8 experts top-2, 4 layers",
+        ),
+        ZooEntry(
+            "olmoe-16e",
+            "olmoe",
+            dict(intermediate_size=64, num_experts=16, num_experts_per_tok=2, norm_topk_prob=False),
+            description="OLMoE type, 16 experts top-2, 4 layers",
+        ),
+        ZooEntry(
+            "qwen2moe-8e-shared",
+            "qwen2_moe",
+            dict(
+                intermediate_size=128,
+                moe_intermediate_size=96,
+                shared_expert_intermediate_size=64,
+                num_experts=8,
+                num_experts_per_tok=2,
+                norm_topk_prob=False,
+            ),
+            description="Qwen2-MoE type, 8 routed experts top-2 plus a gated shared expert, 4 layers",
+        ),
+    )
+}
+
+# A seconds-long entry for tests and CI (tiny dims, few steps): checks the build, not the quality.
+SMOKE = ZooEntry(
+    "smoke",
+    "mixtral",
+    dict(hidden_size=32, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2),
+    steps=8,
+    batch_size=4,
+    seq_len=48,
+    description="tiny smoke-test entry",
+)
+
+
+def get_entry(name: str) -> ZooEntry:
+    """The zoo entry ``name`` (``"smoke"`` included), or a ConfigError listing the entries."""
+    if name == SMOKE.name:
+        return SMOKE
+    if name not in ZOO:
+        raise ConfigError(f"unknown zoo model {name!r}; available: {sorted(ZOO)} (and {SMOKE.name!r} for tests)")
+    return ZOO[name]
+
+
+def default_cache_dir() -> Path:
+    """``$DIEP_HUB_ZOO_CACHE``, else ``benchmarks/zoo_cache`` of a source checkout, else ``~/.cache``."""
+    if env := os.environ.get("DIEP_HUB_ZOO_CACHE"):
+        return Path(env)
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "benchmarks").is_dir():
+        return repo / "benchmarks" / "zoo_cache"
+    return Path.home() / ".cache" / "diep_hub" / "zoo"
+
+
+def model_config(entry: ZooEntry, tokenizer):
+    """The transformers config of a zoo entry (vocabulary and special ids from the zoo tokenizer)."""
+    from transformers import AutoConfig
+
+    kwargs = {**_COMMON, **entry.config}
+    return AutoConfig.for_model(
+        entry.model_type,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **kwargs,
+    )
+
+
+def cache_key(entry: ZooEntry, seed: int, threads: int) -> str:
+    """Directory name for a build: name, seed, steps and a hash of the recipe and of the zoo source."""
+    h = hashlib.sha256(json.dumps({**asdict(entry), "common": _COMMON, "threads": threads}, sort_keys=True).encode())
+    h.update(_code_fingerprint().encode())
+    h.update(torch.__version__.encode())
+    return f"{entry.name}-seed{seed}-steps{entry.steps}-{h.hexdigest()[:12]}"
+
+
+def _code_fingerprint() -> str:
+    """What decides the weights: the training loop's source, and samples of the data and of the tokenizer.
+
+    The data is fingerprinted by what it generates (not by the generators' source), so reformatting the zoo
+    code keeps the cache while any change to a domain's output invalidates it.
+    """
+    parts = [inspect.getsource(f) for f in (train_model, training_batch, model_config)]
+    parts += domains.sample_lines(256, seed=0, split="train")
+    parts += [repr(ex) for name in domains.DOMAINS for ex in domains.sample_examples(name, 8, seed=0, split="train")]
+    parts.append(json.dumps(domains.build_tokenizer().get_vocab(), sort_keys=True))
+    return "\n".join(parts)
+
+
+def weights_hash(model) -> str:
+    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes): the determinism fingerprint."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def training_batch(tokenizer, step: int, *, seed: int, batch_size: int, seq_len: int) -> torch.LongTensor:
+    """Batch ``step`` of the training stream: packed lines, each row starting at a line start."""
+    newline = tokenizer.convert_tokens_to_ids("\n")
+    rows = []
+    for row in range(batch_size):
+        ids: list[int] = []
+        start = (step * batch_size + row) * 16
+        while len(ids) < seq_len:
+            for line in domains.sample_lines(16, seed=seed, split="train", start=start):
+                ids += tokenizer(line, add_special_tokens=False)["input_ids"] + [newline]
+            start += 10**9  # a fresh, disjoint index range if 16 lines were not enough
+        rows.append(ids[:seq_len])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def train_model(entry: ZooEntry, *, seed: int = 0, steps: int | None = None, threads: int = 1):
+    """Train ``entry`` from scratch (no cache) and return ``(model, tokenizer, log)``; deterministic for a seed."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    if steps is not None:
+        entry = replace(entry, steps=steps)
+    if entry.steps < 1:
+        raise ConfigError(f"steps={entry.steps} must be >= 1")
+    tokenizer = domains.build_tokenizer()
+    previous_threads = torch.get_num_threads()
+    previous_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(model_config(entry, tokenizer))
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=entry.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+        def lr_at(step: int) -> float:
+            if step < entry.warmup:
+                return (step + 1) / entry.warmup
+            progress = (step - entry.warmup) / max(1, entry.steps - entry.warmup)
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+        log = []
+        bar = tqdm(range(entry.steps), desc=f"training zoo/{entry.name}", leave=False)
+        for step in bar:
+            batch = training_batch(tokenizer, step, seed=seed, batch_size=entry.batch_size, seq_len=entry.seq_len)
+            out = model(input_ids=batch, labels=batch, output_router_logits=True)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            if step % 50 == 0 or step == entry.steps - 1:
+                log.append({"step": step, "loss": round(out.loss.item(), 4)})
+                bar.set_postfix(loss=f"{out.loss.item():.3f}")
+        model.eval()
+        model.config.output_router_logits = False
+    finally:
+        torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_det)
+    return model, tokenizer, log
+
+
+def build_zoo_model(
+    name: str,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    threads: int = 1,
+    rebuild: bool = False,
+):
+    """The trained zoo model ``name`` and its tokenizer, loaded from the cache or trained (then cached).
+
+    Args:
+        name: a key of :data:`ZOO` (or ``"smoke"``).
+        seed: seeds initialisation and the data stream.
+        steps: training steps (default: the entry's).
+        cache_dir: where builds are kept (default :func:`default_cache_dir`); ``None`` env-free default.
+        threads: torch threads during training; part of the cache key (reductions depend on it).
+        rebuild: train again even when a cached build exists.
+    """
+    from transformers import AutoModelForCausalLM
+
+    entry = get_entry(name)
+    if steps is not None:
+        entry = replace(entry, steps=steps)
+    if threads < 1:
+        raise ConfigError(f"threads={threads} must be >= 1")
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = folder / cache_key(entry, seed, threads)
+    if target.is_dir() and (target / "zoo_build.json").is_file() and not rebuild:
+        logger.info("loading zoo/%s from %s", name, target)
+        model = AutoModelForCausalLM.from_pretrained(target).eval()
+        tokenizer = domains.build_tokenizer()
+        return model, tokenizer
+    logger.info("training zoo/%s (seed %d, %d steps); cached at %s", name, seed, entry.steps, target)
+    model, tokenizer, log = train_model(entry, seed=seed, threads=threads)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    build = {
+        "entry": asdict(entry),
+        "seed": seed,
+        "threads": threads,
+        "torch": torch.__version__,
+        "weights_sha256": weights_hash(model),
+        "training_log": log,
+    }
+    (tmp / "zoo_build.json").write_text(json.dumps(build, indent=2), encoding="utf-8")
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return model, tokenizer

@@ -1,0 +1,403 @@
+"""The diep-hub command line: help, errors, dry runs, inspect, and the whole tiny recipe (run/reload/reproduce)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import hub_server as local_hub
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from diep_hub import prune_experts, save_pruned
+from diep_hub.cli import build_parser, main
+from diep_hub.tiny import build_tiny_model, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes" / "tiny.yaml"
+hub_server = local_hub.hub_server  # the local Hub fixture (tests/hub_server.py)
+KEEP = {0: [0, 1, 2, 3, 4, 5, 6], 1: [1, 3, 5, 7], 2: [2, 6], 3: [0, 1, 2, 3, 4]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _private_cache(tmp_path_factory):
+    """Offline corpora are written under DIEP_HUB_CACHE: keep them out of the home folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIEP_HUB_CACHE", str(tmp_path_factory.mktemp("diep-hub-cache")))
+        yield
+
+
+def _cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed console script in a fresh process (offline env comes from conftest)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    exe = shutil.which("diep-hub")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "diep_hub.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------------------ help
+@pytest.mark.parametrize("command", ["run", "prune", "eval", "card", "push", "inspect", "reproduce"])
+def test_every_command_has_examples_in_its_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"diep-hub {command}" in out
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for command in ("run", "prune", "eval", "card", "push", "inspect", "reproduce"):
+        assert command in out
+    assert "diep-hub run recipes/tiny.yaml" in out
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def test_missing_recipe_file_is_a_message_not_a_traceback(tmp_path):
+    proc = _cli("run", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"diep-hub run: error: cannot read recipe {tmp_path / 'nope.yaml'}")
+    assert "does not exist -> an existing YAML file, or a shipped recipe: " in proc.stderr
+    assert "tiny" in proc.stderr
+
+
+def test_invalid_recipe_lists_every_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"id": "a/b", "dtype": "int3"}, "pruning": {"sparsity": 7}}))
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid recipe {bad} (2 problem(s))" in err
+    assert "model.dtype: 'int3' -> Input should be" in err
+    assert "pruning.sparsity: 7 -> Input should be less than 1" in err
+
+
+def test_inspect_missing_folder_and_non_checkpoint(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing" / "dir")]) == 2
+    assert "is neither a folder nor a Hub repo id" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "no config.json -> not a model checkpoint" in capsys.readouterr().err
+
+
+def test_output_folder_checked_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["run", str(TINY), "--output", str(out)]) == 2
+    assert "exists and is not empty -> choose another --output or pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_push_without_repo_id_is_refused_before_work(tmp_path, capsys):
+    assert main(["run", str(TINY), "--output", str(tmp_path / "o"), "--push"]) == 2
+    assert "no repo id -> set publish.repo_id in the recipe or pass --repo-id" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------------- dry run
+def test_dry_run_counts_match_the_real_model(capsys):
+    assert main(["run", str(TINY), "--dry-run", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    est = result["estimate"]
+    model, _ = build_tiny_model(train_steps=0)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert est["params_total"] == total
+    assert est["params_experts"] == experts
+    assert (est["experts_total"], est["experts_removed"], est["experts_kept"]) == (32, 16, 16)
+    # 16 experts removed: their gate_up/down slices and router rows.
+    cfg = tiny_config()
+    per_expert = 3 * cfg.hidden_size * cfg.intermediate_size + cfg.hidden_size
+    assert est["params_after_pruning"] == total - 16 * per_expert
+    assert est["weight_bytes"] == total * 4
+    assert result["recipe"]["model"]["id"] == "diep-hub/tiny-mixtral"
+
+
+def test_dry_run_loads_no_weights_and_matches_mixtral_8x7b(tmp_path, capsys):
+    """Mixtral-8x7B's real config in a folder holding only config.json: a run would fail, a dry run needs no weights.
+
+    46.7B parameters, 12.9B active per token: the figures Mistral publishes.
+    """
+    from transformers import MixtralConfig
+
+    model_dir = tmp_path / "mixtral-8x7b-config-only"
+    MixtralConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+    ).save_pretrained(model_dir)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"id": str(model_dir), "dtype": "bfloat16", "device_map": "auto"},
+        "pruning": {"sparsity": 0.25, "selection": "uniform"},
+    }))
+    assert main(["run", str(recipe), "--dry-run", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)["estimate"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json"]
+    assert est["params_total"] == 46_702_792_704
+    assert est["params_active_per_token"] == 12_879_925_248
+    assert est["weight_bytes"] == 2 * 46_702_792_704
+    per_expert = 3 * 4096 * 14336 + 4096  # gate, up, down projections and the router row
+    assert est["experts_removed"] == 2 * 32
+    assert est["params_after_pruning"] == 46_702_792_704 - 64 * per_expert
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
+@pytest.fixture(scope="module")
+def hand_pruned(tmp_path_factory):
+    """A pruned checkpoint made without the pruner: explicit keep map, a report and a card with results."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    model, tokenizer = build_tiny_model(train_steps=0)
+    prune_experts(model, KEEP)
+    data = ModelCardData(
+        base_model="diep-hub/tiny-mixtral", model_name="tiny-pruned",
+        eval_results=[EvalResult(task_type="multiple-choice", dataset_type="diep_tiny_arith",
+                                 dataset_name="diep_tiny_arith", metric_type="acc", metric_value=0.375)],
+    )
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n# tiny pruned\n")
+    report = {"method": "reap", "selection": "uniform", "sparsity": 0.4375}
+    folder = tmp_path_factory.mktemp("hand") / "ckpt"
+    save_pruned(model, folder, tokenizer=tokenizer, extra_files={"pruning_report.json": report, "README.md": str(card)})
+    return folder
+
+
+def test_inspect_reports_experts_method_and_results(hand_pruned, capsys):
+    assert main(["inspect", str(hand_pruned), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [(r["layer"], r["kept"], r["original"], r["kept_ids"]) for r in info["layers"]] == [
+        (i, len(ids), 8, ids) for i, ids in KEEP.items()
+    ]
+    assert (info["experts_kept"], info["experts_original"]) == (18, 32)
+    assert info["sparsity"] == pytest.approx(1 - 18 / 32)
+    assert (info["method"], info["selection"], info["target_sparsity"]) == ("reap", "uniform", 0.4375)
+    assert info["model_type"] == "diep_mixtral" and info["base_model"] == "diep-hub/tiny-mixtral"
+    assert info["results"] == [
+        {"task": "multiple-choice", "dataset": "diep_tiny_arith", "metric": "acc", "value": 0.375}
+    ]
+    assert main(["inspect", str(hand_pruned)]) == 0
+    text = capsys.readouterr().out
+    assert "18 of 32 kept" in text and "    2     2/8     [2, 6]" in text and "diep_tiny_arith acc: 0.375" in text
+
+
+def test_card_rebuilds_the_readme_from_the_folder(hand_pruned, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(hand_pruned, folder)
+    (folder / "README.md").unlink()
+    assert main(["card", str(folder), "--stdout"]) == 0
+    printed = capsys.readouterr().out
+    assert not (folder / "README.md").exists()
+    assert main(["card", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"card": f"{folder}/README.md"}
+    card = ModelCard.load(folder / "README.md")
+    assert str(card).strip() == printed.strip()
+    assert {int(k): v for k, v in card.data.experts_per_layer.items()} == {i: len(ids) for i, ids in KEEP.items()}
+
+
+def test_push_then_inspect_the_hub_repo(hand_pruned, hub_server, tmp_path, monkeypatch, capsys):
+    """`push DIR REPO_ID` through the real client to the local Hub; `inspect REPO_ID` reads it back from there."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    repo = f"{hub_server.user}/tiny-cli"
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    assert main(["push", str(hand_pruned), repo, "--json"]) == 0
+    pushed = json.loads(capsys.readouterr().out)
+    assert pushed["repo_id"] == repo and pushed["commit_url"]
+    assert hub_server.token not in pushed["commit_url"]
+    assert main(["inspect", str(hand_pruned), "--json"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main(["inspect", repo, "--json"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert remote["source"] == repo
+    assert {k: v for k, v in remote.items() if k != "source"} == {k: v for k, v in local.items() if k != "source"}
+
+
+def test_push_without_token_is_a_message(hand_pruned, hub_server, capsys):
+    assert main(["push", str(hand_pruned), f"{hub_server.user}/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diep-hub push: error: ") and "Traceback" not in err and "token" in err.lower()
+
+
+def test_reproduce_needs_a_recorded_recipe(hand_pruned, capsys):
+    assert main(["reproduce", str(hand_pruned)]) == 2
+    assert "no recipe.yaml -> only checkpoints made by `diep-hub run` can be reproduced" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- the whole tiny recipe (slow)
+RELOAD_SCRIPT = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+torch.save(logits, sys.argv[3])
+print(json.dumps({"diep_hub_imported": any(m.startswith("diep_hub") for m in sys.modules),
+                  "class": type(model).__name__}))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`diep-hub run recipes/tiny.yaml --output DIR --json` in a fresh process, once for the module."""
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    proc = _cli("run", str(TINY), "--output", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_run_tiny_writes_a_checkpoint_that_reloads_with_remote_code(tiny_run, tmp_path):
+    out, summary = tiny_run
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "configuration_diep.py", "modeling_diep.py", "pruning_report.json", "recipe.yaml",
+            "README.md", "evaluation.json", "tokenizer.json"} <= names
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "diep_mixtral"
+    assert [r["kept"] for r in summary["experts"]] == config["num_experts_per_layer"]
+    assert sum(config["num_experts_per_layer"]) == 16  # 50% of 4 x 8 experts
+    assert [r["kept_ids"] for r in summary["experts"]] == config["kept_expert_ids"]
+
+    # A process that never imports diep_hub loads the folder through its remote code ...
+    ids = [[1, 14, 7, 8, 17, 11, 19, 5, 6]]
+    logits_file = tmp_path / "logits.pt"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(out), json.dumps(ids), str(logits_file)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["diep_hub_imported"] is False
+    remote = torch.load(logits_file)
+    # ... and gives the logits of the same checkpoint loaded through diep_hub's registered classes.
+    local = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = local(input_ids=torch.tensor(ids)).logits
+    assert torch.equal(remote, expected)
+
+
+@pytest.mark.slow
+def test_run_tiny_card_parses_and_carries_the_evaluation(tiny_run):
+    from huggingface_hub import ModelCard
+
+    out, summary = tiny_run
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers"
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation == json.loads(json.dumps(summary["evaluation"]))
+    assert {"base", "pruned"} <= set(evaluation)
+    # Every result in the card's model-index is a number the run measured on the pruned model.
+    measured = set(_numbers(evaluation["pruned"]))
+    assert card.data.eval_results, "the tiny recipe evaluates, so the card must carry results"
+    for result in card.data.eval_results:
+        assert any(abs(result.metric_value - v) < 1e-9 for v in measured), result
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["model"]["id"] == "diep-hub/tiny-mixtral" and recipe["pruning"]["sparsity"] == 0.5
+
+
+def _numbers(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield float(value)
+
+
+@pytest.mark.slow
+def test_inspect_the_run(tiny_run):
+    out, summary = tiny_run
+    proc = _cli("inspect", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["layers"] == summary["experts"]
+    assert (info["experts_kept"], info["experts_original"], info["sparsity"]) == (16, 32, 0.5)
+    assert info["method"] == "diep" and info["has_recipe"] is True
+
+
+@pytest.mark.slow
+def test_reproduce_matches_the_run(tiny_run):
+    out, _ = tiny_run
+    proc = _cli("reproduce", str(out), "--json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["match"] is True
+    assert {"kept_experts", "weights", "expert_scores", "evaluation"} <= set(result["checks"])
+    assert result["checks"]["weights"]["tensors"] > 0 and result["checks"]["evaluation"]["compared"] > 0
+
+
+@pytest.mark.slow
+def test_reproduce_reports_edited_kept_ids(tiny_run, tmp_path):
+    out, _ = tiny_run
+    altered = tmp_path / "altered"
+    shutil.copytree(out, altered)
+    config = json.loads((altered / "config.json").read_text())
+    layer = next(i for i, ids in enumerate(config["kept_expert_ids"]) if ids and len(ids) < 8)
+    removed = next(e for e in range(8) if e not in config["kept_expert_ids"][layer])
+    config["kept_expert_ids"][layer][0] = removed
+    (altered / "config.json").write_text(json.dumps(config))
+    proc = _cli("reproduce", str(altered), "--no-eval", "--json")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["match"] is False and result["checks"]["kept_experts"]["match"] is False
+    assert result["checks"]["kept_experts"]["differences"][0]["layer"] == layer
+    assert result["checks"]["weights"]["match"] is True
+
+
+@pytest.mark.slow
+def test_reproduce_reports_an_edited_weight(tiny_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out, _ = tiny_run
+    altered = tmp_path / "altered"
+    shutil.copytree(out, altered)
+    weights = next(altered.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    name = next(n for n in sorted(tensors) if "experts" in n)
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    proc = _cli("reproduce", str(altered), "--no-eval")
+    assert proc.returncode == 1
+    assert "MISMATCH" in proc.stdout and "weights: differs" in proc.stdout and "kept_experts: ok" in proc.stdout
+    assert name in proc.stdout
+
+
+@pytest.mark.slow
+def test_run_with_push_publishes_the_checkpoint(hub_server, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    repo = f"{hub_server.user}/tiny-mixtral-diep-50"
+    out = tmp_path / "out"
+    assert main(["run", str(TINY), "--output", str(out), "--push", "--repo-id", repo, "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["pushed"]["repo_id"] == repo and summary["pushed"]["commit_url"]
+    assert hub_server.token not in captured.out + captured.err
+    remote = set(HfApi(endpoint=hub_server.endpoint).list_repo_files(repo, token=hub_server.token))
+    local = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert local <= remote
+    assert {"README.md", "recipe.yaml", "pruning_report.json", "evaluation.json", "modeling_diep.py"} <= remote
+
+
+@pytest.mark.slow
+def test_eval_of_the_saved_checkpoint_reproduces_the_run_scores(tiny_run):
+    """Reloaded from disk (skipping tables included), the pruned model scores what the run recorded."""
+    out, summary = tiny_run
+    proc = _cli("eval", str(out), "--tasks", "diep_tiny_arith")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reloaded = json.loads(proc.stdout)["lm_eval"]["tasks"]["diep_tiny_arith"]["metrics"]
+    recorded = summary["evaluation"]["pruned"]["lm_eval"]["tasks"]["diep_tiny_arith"]["metrics"]
+    assert reloaded["acc"] == recorded["acc"]

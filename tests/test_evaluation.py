@@ -1,0 +1,258 @@
+"""Evaluation: lm-eval on local task files, perplexity, speed/memory probes, comparison, and numbers on the card."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard, parse_eval_result_entries
+from tiny_models import tiny_model
+from tiny_tokenizer import tiny_texts, tiny_tokenizer
+
+import diep_hub
+from diep_hub.card import build_model_card, write_card
+from diep_hub.errors import ConfigError
+from diep_hub.evaluation import (
+    compare,
+    evaluate_model,
+    load_results,
+    measure_memory,
+    measure_speed,
+    parameter_bytes,
+    perplexity_of_ids,
+    run_lm_eval,
+    save_results,
+)
+
+TASK = "diep_test_mc"
+KEEP = {0: [0, 2, 4, 6], 1: [1, 3], 2: [0, 1, 2, 3, 4, 5], 3: [5, 7]}
+DOCS = [
+    {"q": "the cat sees", "choices": ["the dog", "a fish", "it"], "gold": 0},
+    {"q": "add 2 3 =", "choices": ["5", "6", "7"], "gold": 0},
+    {"q": "the tree is", "choices": ["green", "red", "blue"], "gold": 0},
+    {"q": "a bird likes", "choices": ["the house", "a tree", "fish"], "gold": 1},
+    {"q": "add 1 1 =", "choices": ["3", "2", "1"], "gold": 1},
+    {"q": "question : is it red ? answer :", "choices": ["yes", "no"], "gold": 1},
+    {"q": "the dog finds", "choices": ["a cat", "the bird", "it"], "gold": 2},
+    {"q": "add 4 4 =", "choices": ["9", "7", "8"], "gold": 2},
+    {"q": "small fish are", "choices": ["blue", "big", "red"], "gold": 0},
+    {"q": "question : true or false ? answer :", "choices": ["true", "false"], "gold": 0},
+]
+
+
+def write_task(folder) -> str:
+    """A multiple-choice task over a local jsonl file, referenced by ABSOLUTE path (lm-eval resolves relative
+    paths against the working directory)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{TASK}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS), encoding="utf-8")
+    (folder / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{q}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{gold}}"\n'
+        'target_delimiter: " "\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 3.0\n",
+        encoding="utf-8",
+    )
+    return str(folder)
+
+
+@torch.no_grad()
+def expected_accuracy(model, tokenizer) -> float:
+    """Accuracy computed by hand: argmax over choices of sum log p(choice tokens | question tokens)."""
+    correct = 0
+    for doc in DOCS:
+        context = tokenizer(doc["q"])["input_ids"]
+        scores = []
+        for choice in doc["choices"]:
+            continuation = tokenizer(choice)["input_ids"]
+            ids = torch.tensor([context + continuation])
+            logprobs = model(ids).logits.float().log_softmax(-1)[0]
+            scores.append(sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(continuation)))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == doc["gold"])
+    return correct / len(DOCS)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Base and pruned tiny OLMoE evaluated once on the local task (plus small probes)."""
+    tasks_dir = write_task(tmp_path_factory.mktemp("tasks"))
+    tokenizer = tiny_tokenizer()
+    base = tiny_model("olmoe", seed=1)
+    probes = dict(speed={"prompt_len": 8, "new_tokens": 2, "repeats": 1}, memory={"seq_len": 8})
+    base_results = evaluate_model(base, tokenizer, tasks=[TASK], include_path=tasks_dir, batch_size=4, seed=0,
+                                  **probes)
+    base_acc = expected_accuracy(base, tokenizer)
+    base_bytes = parameter_bytes(base)
+    pruned = diep_hub.prune_experts(base, KEEP)
+    pruned_results = evaluate_model(pruned, tokenizer, tasks=[TASK], include_path=tasks_dir, batch_size=4, seed=0,
+                                    **probes)
+    return dict(tasks_dir=tasks_dir, tokenizer=tokenizer, model=pruned, base=base_results, pruned=pruned_results,
+                base_acc=base_acc, pruned_acc=expected_accuracy(pruned, tokenizer), base_bytes=base_bytes)
+
+
+def test_lm_eval_accuracy_equals_hand_computed_accuracy(evaluated):
+    for side, acc in (("base", evaluated["base_acc"]), ("pruned", evaluated["pruned_acc"])):
+        row = evaluated[side]["lm_eval"]["tasks"][TASK]
+        assert row["metrics"]["acc"] == pytest.approx(acc, abs=1e-12)
+        assert row["primary_metric"] == "acc"
+        assert row["version"] == 3.0
+        assert row["num_fewshot"] == 0
+        assert row["num_samples"] == len(DOCS)
+        assert row["metrics"]["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (len(DOCS) - 1)))
+
+
+def test_results_record_versions_dtype_device_and_seed(evaluated, tmp_path):
+    results = evaluated["pruned"]
+    env = results["environment"]
+    assert env["dtype"] == "float32" and env["device"] == "cpu" and env["seed"] == 0
+    assert env["model_type"] == "diep_olmoe"
+    assert env["versions"]["torch"] == torch.__version__
+    assert env["versions"]["lm_eval"] == results["lm_eval"]["lm_eval_version"] == "0.4.13"
+    path = save_results(results, tmp_path)
+    assert path.name == "evaluation.json"
+    assert load_results(tmp_path) == json.loads(json.dumps(results))
+
+
+def test_memory_probe_counts_exact_bytes(evaluated):
+    base, pruned = evaluated["base"]["memory"], evaluated["pruned"]["memory"]
+    model = evaluated["model"]
+    assert pruned["parameter_bytes"] == sum(p.numel() * 4 for p in model.parameters())
+    assert base["parameter_bytes"] == evaluated["base_bytes"]["parameter_bytes"]
+    # OLMoE experts: gate_up [E, 2I, H] + down [E, H, I] float32, I=48, H=32.
+    per_expert = (2 * 48 * 32 + 32 * 48) * 4
+    assert base["routed_expert_bytes"] == 4 * 8 * per_expert
+    assert pruned["routed_expert_bytes"] == sum(len(v) for v in KEEP.values()) * per_expert
+    assert base["parameter_bytes"] - pruned["parameter_bytes"] == (32 - 14) * per_expert + (32 - 14) * 32 * 4
+    assert pruned["peak_bytes"] > 0 and pruned["peak_method"] == "process RSS, sampled"
+
+
+def test_speed_probe_reports_consistent_throughput():
+    model = tiny_model("mixtral")
+    speed = measure_speed(model, batch_size=2, prompt_len=8, new_tokens=3, repeats=2)
+    assert speed["prefill_tokens_per_s"] == pytest.approx(16 / speed["prefill_seconds"])
+    assert speed["decode_tokens_per_s"] == pytest.approx(6 / speed["decode_seconds"])
+    assert speed["prefill_seconds"] > 0 and speed["decode_seconds"] > 0
+    with pytest.raises(ConfigError, match="new_tokens=0"):
+        measure_speed(model, new_tokens=0)
+    with pytest.raises(ConfigError, match="seq_len"):
+        measure_memory(model, seq_len=-1)
+
+
+def test_perplexity_matches_hand_computation():
+    model = tiny_model("qwen3_moe")
+    ids = torch.randint(3, 96, (3, 10), generator=torch.Generator().manual_seed(0))
+    result = perplexity_of_ids(model, ids, batch_size=2)
+    with torch.no_grad():
+        logits = model(ids).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), ids[:, 1:].reshape(-1))
+    assert result["tokens"] == 27
+    assert result["perplexity"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+
+
+def test_evaluate_model_perplexity_from_text_source():
+    model = tiny_model("mixtral")
+    tokenizer = tiny_tokenizer()
+    spec = {"source": tiny_texts(8, 20), "num_samples": 4, "seq_len": 12}
+    out = evaluate_model(model, tokenizer, tasks=[], perplexity_data=spec, speed=False, memory=False, seed=5)
+    assert out["lm_eval"] is None and out["speed"] is None and out["memory"] is None
+    from diep_hub.calibration import load_calibration_data
+
+    ids = load_calibration_data(spec["source"], tokenizer, num_samples=4, seq_len=12, seed=5)
+    assert out["perplexity"]["perplexity"] == pytest.approx(perplexity_of_ids(model, ids)["perplexity"], rel=1e-6)
+    assert out["perplexity"]["num_samples"] == 4 and out["perplexity"]["seq_len"] == 12
+
+
+def test_compare_gives_retention_pruned_over_base(evaluated):
+    comparison = compare(evaluated["base"], evaluated["pruned"])
+    acc = comparison["tasks"][TASK]["metrics"]["acc"]
+    assert acc["base"] == evaluated["base_acc"] and acc["pruned"] == evaluated["pruned_acc"]
+    if evaluated["base_acc"]:
+        assert acc["retention"] == pytest.approx(evaluated["pruned_acc"] / evaluated["base_acc"])
+        assert comparison["average_retention"] == acc["retention"]
+    mem = comparison["memory"]["parameter_bytes"]
+    assert mem["ratio"] == pytest.approx(mem["pruned"] / mem["base"]) and mem["ratio"] < 1
+    synthetic = compare(
+        {"lm_eval": {"tasks": {"t": {"metrics": {"acc": 0.8, "acc_stderr": 0.1}, "primary_metric": "acc"}}},
+         "perplexity": {"perplexity": 10.0}},
+        {"lm_eval": {"tasks": {"t": {"metrics": {"acc": 0.6, "acc_stderr": 0.1}, "primary_metric": "acc"}}},
+         "perplexity": {"perplexity": 12.5}},
+    )
+    assert synthetic["tasks"]["t"]["metrics"] == {"acc": {"base": 0.8, "pruned": 0.6, "retention": 0.6 / 0.8}}
+    assert synthetic["average_retention"] == 0.6 / 0.8
+    assert synthetic["perplexity"]["ratio"] == 1.25
+
+
+def test_lm_eval_numbers_reach_the_card_unchanged(evaluated, tmp_path):
+    results = {"base": evaluated["base"], "pruned": evaluated["pruned"]}
+    results["comparison"] = compare(results["base"], results["pruned"])
+    folder = tmp_path / "ckpt"
+    diep_hub.save_pruned(evaluated["model"], folder, extra_files={"evaluation.json": results})
+    card = build_model_card(folder, base_model="allenai/OLMoE-1B-7B-0924", license="apache-2.0",
+                            repo_id="tester/olmoe-diep", benchmarks={TASK: ("tester/tiny-bench", "mc")})
+    write_card(folder, card)
+    loaded = ModelCard.load(folder / "README.md")
+    pruned_acc = evaluated["pruned"]["lm_eval"]["tasks"][TASK]["metrics"]["acc"]
+    [entry] = loaded.data.eval_results
+    assert entry.metric_value == pruned_acc  # exact, not rounded
+    assert (entry.dataset_name, entry.metric_type, entry.dataset_type) == (TASK, "acc", TASK)
+    [bench] = parse_eval_result_entries(yaml.safe_load((folder / ".eval_results" / f"{TASK}.yaml").read_text()))
+    assert (bench.dataset_id, bench.task_id, bench.value) == ("tester/tiny-bench", "mc", pruned_acc)
+    base_acc = evaluated["base"]["lm_eval"]["tasks"][TASK]["metrics"]["acc"]
+    assert f"| {TASK} | acc (0-shot) | {base_acc:.4f} | {pruned_acc:.4f}" in loaded.text
+
+
+def test_bad_arguments_are_refused_before_work(tmp_path):
+    model, tokenizer = tiny_model("mixtral"), tiny_tokenizer()
+    with pytest.raises(ConfigError, match="must be a list of lm-eval task names"):
+        run_lm_eval(model, tokenizer, "boolq")
+    with pytest.raises(ConfigError, match="limit=0"):
+        run_lm_eval(model, tokenizer, ["boolq"], limit=0)
+    with pytest.raises(ConfigError, match="limit=1.5"):
+        run_lm_eval(model, tokenizer, ["boolq"], limit=1.5)
+    with pytest.raises(ConfigError, match="num_fewshot=-1"):
+        run_lm_eval(model, tokenizer, ["boolq"], num_fewshot=-1)
+    with pytest.raises(ConfigError, match="include_path="):
+        run_lm_eval(model, tokenizer, ["boolq"], include_path=tmp_path / "nope")
+    with pytest.raises(ConfigError, match="tasks is empty"):
+        run_lm_eval(model, tokenizer, [])
+    with pytest.raises(ConfigError, match="not both"):
+        evaluate_model(model, tokenizer, tasks=[], perplexity_data=["a"], perplexity=["a"])
+    with pytest.raises(ConfigError, match="speed="):
+        evaluate_model(model, tokenizer, tasks=[], speed="fast")
+    with pytest.raises(ConfigError, match="allowed keys"):
+        evaluate_model(model, tokenizer, tasks=[], perplexity={"source": ["x"], "bogus": 1}, speed=False,
+                       memory=False)
+
+
+def test_unknown_task_names_the_task(tmp_path):
+    tasks_dir = write_task(tmp_path / "tasks")
+    with pytest.raises(ConfigError, match=r"unknown lm-eval task\(s\) \['no_such_task_xyz'\]"):
+        run_lm_eval(tiny_model("mixtral"), tiny_tokenizer(), [TASK, "no_such_task_xyz"], include_path=tasks_dir)
+
+
+def test_retention_metric_loads_offline_by_path_and_matches_compare():
+    import evaluate
+
+    from diep_hub.evaluation import RETENTION_METRIC
+
+    metric = evaluate.load(RETENTION_METRIC)
+    out = metric.compute(predictions=[0.38, 0.80], references=[0.40, 0.85])
+    assert out["retention"] == pytest.approx([0.95, 0.80 / 0.85])
+    row = {"lm_eval": {"tasks": {}}}
+    base, pruned = json.loads(json.dumps(row)), json.loads(json.dumps(row))
+    for name, b, p in (("t1", 0.40, 0.38), ("t2", 0.85, 0.80)):
+        base["lm_eval"]["tasks"][name] = {"metrics": {"acc": b}, "primary_metric": "acc"}
+        pruned["lm_eval"]["tasks"][name] = {"metrics": {"acc": p}, "primary_metric": "acc"}
+    assert compare(base, pruned)["average_retention"] == pytest.approx(out["mean_retention"], abs=1e-15)
+    with pytest.raises(ValueError, match="base scores at positions \\[1\\] are 0"):
+        metric.compute(predictions=[0.1, 0.2], references=[0.5, 0.0])

@@ -1,0 +1,333 @@
+"""DiEPPruner: validation before work, to_dict/from_dict, prune_model end to end, save/reload, re-pruning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pruner_tokenizer import pruner_texts, pruner_tokenizer
+from tiny_models import sample_input_ids, tiny_model
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import diep_hub.calibration
+from diep_hub import ConfigError, UnsupportedModelError, prune_experts
+from diep_hub.pruner import RECIPE_FILE, REPORT_FILE, DiEPPruner
+
+FAST = dict(num_samples=8, seq_len=16, batch_size=4, epochs=2, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run far faster on one thread than on two contended cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def calibration_calls(monkeypatch):
+    """Records every call of the calibration loader (so a test can assert no work started)."""
+    calls = []
+    original = diep_hub.calibration.load_calibration_data
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(diep_hub.calibration, "load_calibration_data", recording)
+    return calls
+
+
+def _pruner(**overrides) -> DiEPPruner:
+    return DiEPPruner(**{"dataset": pruner_texts(), **FAST, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Validation
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("sparsity", 1.0, r"sparsity=1.0 is out of range; allowed: \[0, 1\)"),
+        ("sparsity", -0.1, r"sparsity=-0.1 is out of range; allowed: \[0, 1\)"),
+        ("sparsity", "half", r"sparsity='half' must be a number in \[0, 1\)"),
+        ("method", "magic", r"method='magic' is not a registered criterion; choose one of \[.*'diep'.*'reap'.*\]"),
+        ("selection", "local", r"selection='local'; choose one of \['global', 'uniform'\]"),
+        ("num_samples", 0, r"num_samples=0 is out of range; allowed: \[1, inf\)"),
+        ("seq_len", 1, r"seq_len=1 is out of range; allowed: \[2, inf\)"),
+        ("batch_size", 2.5, r"batch_size=2.5 must be an integer in \[1, inf\)"),
+        ("seed", -1, r"seed=-1 is out of range"),
+        ("search_mode", "sparse", r"search_mode='sparse'; choose one of \['dense', 'gated'\]"),
+        ("lr", 0.0, r"lr=0.0 is out of range; allowed: \(0, inf\)"),
+        ("epochs", 0, r"epochs=0 is out of range; allowed: \[1, inf\)"),
+        ("lambda_", -0.5, r"lambda_=-0.5 is out of range; allowed: \[0, inf\)"),
+        ("alternation", (0, 0), r"alternation=\(0, 0\) must be \(alpha steps >= 0, beta steps >= 0\), not both 0"),
+        ("alternation", (3,), r"alternation=\(3,\)"),
+        ("ranking", "logit", r"ranking='logit'; choose one of \['softmax', 'raw'\]"),
+        ("max_layer_sparsity", 1.0, r"max_layer_sparsity=1.0 is out of range; allowed: \(0, 1\)"),
+        ("min_experts_per_layer", 0, r"min_experts_per_layer=0 is out of range; allowed: \[1, inf\)"),
+        ("regroup", "yes", r"regroup='yes' must be True or False"),
+        ("skipping", 1, r"skipping=1 must be True or False"),
+        ("naee_max_combinations", 0, r"naee_max_combinations=0 is out of range"),
+        ("dataset", [], r"dataset=\[\]; give a Hub dataset name"),
+    ],
+)
+def test_bad_values_name_field_and_range(field, value, expected):
+    with pytest.raises(ConfigError, match=expected):
+        DiEPPruner(**{field: value})
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        DiEPPruner(sparsity=2, epochs=0, selection="x")
+    message = str(info.value)
+    assert "sparsity=2" in message and "epochs=0" in message and "selection='x'" in message
+
+
+def test_infeasible_sparsity_is_refused_before_calibration(calibration_calls):
+    model = tiny_model("mixtral")  # 4 layers x 8 experts, top-2: at most 24 of 32 can go (75%)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"sparsity=0.9 cannot be reached on this mixtral model .*32 routed experts"):
+        _pruner(sparsity=0.9).prune_model(model, pruner_tokenizer())
+    assert calibration_calls == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not hasattr(model.config, "diep_pruning")
+
+
+def test_cap_makes_sparsity_infeasible_before_calibration(calibration_calls):
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        _pruner(sparsity=0.5, max_layer_sparsity=0.25).prune_model(tiny_model("mixtral"), pruner_tokenizer())
+    assert calibration_calls == []
+
+
+def test_dense_model_is_refused_before_calibration(calibration_calls):
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    with pytest.raises(UnsupportedModelError):
+        _pruner().prune_model(LlamaForCausalLM(config), pruner_tokenizer())
+    assert calibration_calls == []
+
+
+def test_save_before_prune_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="call prune_model"):
+        _pruner().save(tiny_model("mixtral"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# to_dict / from_dict
+def test_to_dict_from_dict_round_trip():
+    pruner = DiEPPruner(
+        sparsity=0.25,
+        method="reap",
+        selection="uniform",
+        dataset="data/calib.jsonl",
+        dataset_config=None,
+        num_samples=32,
+        seq_len=512,
+        batch_size=8,
+        seed=3,
+        search_mode="dense",
+        lr=1e-2,
+        epochs=4,
+        lambda_=0.1,
+        alternation=(1, 1),
+        ranking="raw",
+        max_layer_sparsity=0.75,
+        min_experts_per_layer=3,
+        regroup=True,
+        naee_max_combinations=50,
+        skipping=True,
+        progress=False,
+    )
+    data = pruner.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["alternation"] == [1, 1] and data["lambda_"] == 0.1 and "report" not in data
+    again = DiEPPruner.from_dict(json.loads(json.dumps(data)))
+    assert again == pruner
+    assert again.to_dict() == data
+    assert DiEPPruner.from_dict(DiEPPruner().to_dict()) == DiEPPruner()
+
+
+def test_from_dict_rejects_unknown_keys_naming_them():
+    data = DiEPPruner().to_dict() | {"sparsty": 0.5, "temperature": 1}
+    with pytest.raises(ConfigError, match=r"unknown DiEPPruner key\(s\) \['sparsty', 'temperature'\]"):
+        DiEPPruner.from_dict(data)
+    with pytest.raises(ConfigError, match="epochs=-1"):
+        DiEPPruner.from_dict(DiEPPruner().to_dict() | {"epochs": -1})
+
+
+def test_defaults_follow_the_paper():
+    pruner = DiEPPruner()
+    assert (pruner.sparsity, pruner.method, pruner.selection) == (0.5, "diep", "global")
+    calibration = (pruner.dataset, pruner.dataset_config, pruner.num_samples, pruner.seq_len)
+    assert calibration == ("allenai/c4", "en", 128, 2048)
+    search = (pruner.batch_size, pruner.lr, pruner.epochs, pruner.lambda_, pruner.alternation)
+    assert search == (16, 5e-3, 10, 0.01, (3, 1))
+    assert pruner.criterion_options()["mode"] == pruner.search_mode
+
+
+# ------------------------------------------------------------------------------------------------------------
+# End to end
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A tiny Mixtral pruned at 50% by DiEP on a list of strings, and its saved folder."""
+    torch.set_num_threads(1)
+    tokenizer = pruner_tokenizer()
+    pruner = _pruner(sparsity=0.5)
+    model = pruner.prune_model(tiny_model("mixtral"), tokenizer)
+    folder = tmp_path_factory.mktemp("pruned") / "tiny-mixtral-diep-50"
+    pruner.save(model, folder, tokenizer=tokenizer)
+    return pruner, model, folder
+
+
+def test_prune_model_removes_exactly_the_requested_count(pruned):
+    pruner, model, _ = pruned
+    counts = model.config.num_experts_per_layer
+    assert type(model).__name__ == "DiepMixtralForCausalLM"
+    assert sum(counts) == 16 and all(2 <= c <= 8 for c in counts)
+    report = pruner.report
+    assert report["num_removed"] == 16 and report["num_total"] == 32
+    assert {int(k): len(v) for k, v in report["kept_ids"].items()} == dict(enumerate(counts))
+    assert report["kept_original_ids"] == report["kept_ids"]  # first pruning: current ids are original ids
+    assert [layer.mlp.experts.gate_up_proj.shape[0] for layer in model.model.layers] == counts
+    assert [layer.mlp.gate.top_k for layer in model.model.layers] == [2, 2, 2, 2]
+    # within a layer the kept experts are the highest-scored ones
+    scores = {int(k): torch.tensor(v) for k, v in report["scores"].items()}
+    for index, kept in report["kept_ids"].items():
+        dropped = [i for i in range(8) if i not in kept]
+        if dropped:
+            assert scores[int(index)][dropped].max() <= scores[int(index)][kept].min()
+
+
+def test_pruned_model_equals_surgery_with_the_reported_keep_map(pruned):
+    pruner, model, _ = pruned
+    keep = {int(k): v for k, v in pruner.report["kept_ids"].items()}
+    reference = prune_experts(tiny_model("mixtral"), keep)
+    ids = sample_input_ids(2, 9)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_pruning_configuration_recorded_in_config(pruned):
+    pruner, model, folder = pruned
+    record = model.config.diep_pruning
+    assert record["method"] == "diep" and record["sparsity"] == 0.5 and record["selection"] == "global"
+    assert record["ranking"] == "softmax(alpha)*beta" and record["seed"] == 0
+    assert record["criterion_options"]["mode"] == pruner.search_mode
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["diep_pruning"]["method"] == "diep" and saved["diep_pruning"]["num_removed"] == 16
+
+
+def test_saved_folder_reloads_with_remote_code_and_equal_logits(pruned):
+    _, model, folder = pruned
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert reloaded.config.num_experts_per_layer == model.config.num_experts_per_layer
+    ids = sample_input_ids(2, 11, seed=4)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+def test_pruning_report_fields(pruned):
+    pruner, model, folder = pruned
+    report = json.loads((folder / REPORT_FILE).read_text())
+    assert report["method"] == "diep" and report["seed"] == 0 and report["sparsity"] == 0.5
+    assert report["reference"] == "https://arxiv.org/abs/2509.16105"
+    assert report["ranking"] == "softmax(alpha)*beta"
+    assert "round_half_up" in report["rounding"]
+    assert report["kept_ids"] == {str(i): ids for i, ids in enumerate(model.config.kept_expert_ids)}
+    assert set(report["scores"]) == {"0", "1", "2", "3"} and all(len(v) == 8 for v in report["scores"].values())
+    assert set(report["alpha"]) == set(report["beta"]) == {"0", "1", "2", "3"}
+    assert all(len(a) == 8 for a in report["alpha"].values()) and all(b > 0 for b in report["beta"].values())
+    # 8 sequences / batch 4 = 2 steps an epoch, 2 epochs
+    assert len(report["loss_curve"]) == 4 and set(report["loss_curve"][0]) == {"total", "ce", "recon"}
+    assert report["details"]["alpha_optimizer_steps"] == 3 and report["details"]["beta_optimizer_steps"] == 1
+    for index, alpha in report["alpha"].items():
+        expected = torch.softmax(torch.tensor(alpha), 0) * report["beta"][index]
+        torch.testing.assert_close(torch.tensor(report["scores"][index]), expected)
+    assert report["wall_seconds"] > 0 and report["scoring_seconds"] > 0
+    memory = report["peak_memory"]
+    assert memory["cpu_rss_peak_bytes"] >= memory["cpu_rss_start_bytes"] > 0
+    assert memory["cpu_heap_peak_increase_bytes"] > 8 * 16 * 8  # at least the calibration tokens: 8 x 16 int64
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["calibration_shape"] == [8, 16]
+    assert report["config"] == json.loads((folder / RECIPE_FILE).read_text())
+    assert DiEPPruner.from_dict(report["config"]).epochs == 2
+
+
+def test_pruned_checkpoint_can_be_pruned_again(pruned, tmp_path):
+    _, first_model, folder = pruned
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    first_counts = list(model.config.num_experts_per_layer)
+    first_kept = [list(ids) for ids in model.config.kept_expert_ids]
+    pruner = _pruner(sparsity=0.25, selection="global", method="frequency")
+    model = pruner.prune_model(model, pruner_tokenizer())
+    counts = model.config.num_experts_per_layer
+    assert sum(counts) == 16 - 4
+    assert pruner.report["num_total"] == 16 and pruner.report["num_removed"] == 4
+    for layer, (before, after) in enumerate(zip(first_kept, model.config.kept_expert_ids, strict=True)):
+        assert set(after) <= set(before)
+        local = pruner.report["kept_ids"][str(layer)]
+        assert after == [before[i] for i in local]  # ids compose: original ids of the kept local ids
+    assert model.config.original_num_experts == first_model.config.original_num_experts
+    assert model.config.diep_pruning["previous"]["method"] == "diep"
+    assert model.config.diep_pruning["method"] == "frequency"
+    assert counts != first_counts
+    pruner.save(model, tmp_path / "twice")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "twice", trust_remote_code=True)
+    ids = sample_input_ids(2, 9)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_same_seed_same_keep_map():
+    first = _pruner(sparsity=0.5)
+    second = _pruner(sparsity=0.5)
+    first.prune_model(tiny_model("qwen2_moe"), pruner_tokenizer())
+    second.prune_model(tiny_model("qwen2_moe"), pruner_tokenizer())
+    assert first.report["kept_ids"] == second.report["kept_ids"]
+    assert first.report["scores"] == second.report["scores"]
+
+
+def test_uniform_selection_on_deepseek_v3_with_regroup():
+    pruner = _pruner(sparsity=0.5, selection="uniform", method="diep", search_mode="dense", regroup=True)
+    model = pruner.prune_model(tiny_model("deepseek_v3"), pruner_tokenizer())
+    assert model.config.num_experts_per_layer == [None, 4, 4, 4]
+    assert pruner.report["details"]["mode"] == "dense"
+
+
+def test_skipping_is_calibrated_after_pruning():
+    pytest.importorskip("diep_hub.skipping")
+    pruner = _pruner(sparsity=0.25, skipping=True)
+    model = pruner.prune_model(tiny_model("mixtral"), pruner_tokenizer())
+    skipping = model.config.diep_skipping
+    assert skipping["enabled"] is True
+    for index, layer in skipping["layers"].items():
+        size = model.config.num_experts_per_layer[int(index)]
+        assert len(layer["cka_ratio"]) == size  # tables are per kept expert: calibrated after pruning
+    assert set(pruner.report["skipping"]["layers"]) == set(skipping["layers"])
+
+
+def test_naee_gets_uniform_subset_sizes_and_its_subsets_are_kept():
+    pruner = _pruner(sparsity=0.5, method="naee", selection="global")
+    model = pruner.prune_model(tiny_model("mixtral"), pruner_tokenizer())
+    assert model.config.num_experts_per_layer == [4, 4, 4, 4]
+    for index, kept in pruner.report["kept_ids"].items():
+        scores = torch.tensor(pruner.report["scores"][index])
+        assert (scores[kept] >= 1).all() and (scores[[i for i in range(8) if i not in kept]] < 1).all()
+
+
+def test_naee_refusal_names_the_limit():
+    with pytest.raises(ConfigError, match="max_combinations=10"):
+        _pruner(sparsity=0.5, method="naee", naee_max_combinations=10).prune_model(
+            tiny_model("mixtral"), pruner_tokenizer()
+        )

@@ -1,0 +1,198 @@
+"""The reference zoo: generated domains, deterministic builds, and an evaluation that measures what it claims."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+from diep_hub.errors import ConfigError
+from diep_hub.zoo import domains, tasks, train
+
+
+def test_domains_are_deterministic_disjoint_and_unequal():
+    a = domains.sample_lines(50, seed=3, split="train")
+    assert a == domains.sample_lines(50, seed=3, split="train")
+    assert domains.sample_lines(10, seed=3, split="train", start=40) == a[40:]
+    assert a != domains.sample_lines(50, seed=3, split="test")
+    assert all(line.endswith(".") and " ." not in line for line in a if line.split()[0] in ("the", "one", "any", "her"))
+    assert a != domains.sample_lines(50, seed=4, split="train")
+    weights = sorted(d.weight for d in domains.DOMAINS.values())
+    assert len(domains.DOMAINS) >= 6 and weights[-1] >= 4 * weights[0]
+    assert math.isclose(sum(weights), 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(domains.DOMAINS))
+def test_every_item_has_one_right_choice(name):
+    for ex in domains.sample_examples(name, 60, seed=1):
+        assert ex.choices[ex.gold] == ex.answer and len(set(ex.choices)) == 4
+        assert len({len(c) for c in ex.choices}) == 1  # equal lengths: a flat model cannot prefer one
+        rule = domains.DOMAINS[name].check
+        assert [rule(ex, c) for c in ex.choices] == [i == ex.gold for i in range(4)]
+        assert ex.text.startswith(ex.prompt + ex.answer) and "\n" not in ex.text
+        assert set(ex.text) <= set(domains.CHARACTERS)  # no unknown tokens
+
+
+def test_rules_compute_the_answers():
+    ex = domains.sample_examples("arith", 1)[0]
+    a, b = ex.prompt[4:-1].split("+")
+    assert int(ex.answer) == int(a) + int(b)
+    ex = domains.sample_examples("sort", 1)[0]
+    assert ex.answer == "".join(sorted(ex.prompt[5:-1]))
+    ex = domains.sample_examples("reverse", 1)[0]
+    assert ex.answer == ex.prompt[4:-1][::-1]
+    for ex in domains.sample_examples("code", 30):
+        fn, args = ex.prompt[len("print(") : -len("))=")].split("(")
+        values = [int(a) for a in args.split(",")]
+        assert int(ex.answer) == {"max": max, "min": min, "len": len}[fn](values)
+    for ex in domains.sample_examples("kv", 30):
+        pairs = dict(p.split("=") for p in ex.prompt[3:].split(";")[0].split(","))
+        assert ex.answer == pairs[ex.prompt.split(";")[1][0]]
+
+
+def test_tokenizer_is_char_level_and_round_trips():
+    tok = domains.build_tokenizer()
+    text = domains.corpus_texts(2, seed=0)[1]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    assert tok.unk_token_id not in ids
+    assert len(tok) == len(domains.SPECIAL_TOKENS) + len(domains.CHARACTERS)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ConfigError, match="available"):
+        domains.sample_examples("poetry", 3)
+    with pytest.raises(ConfigError, match="split"):
+        domains.sample_lines(3, split="dev")
+    with pytest.raises(ConfigError, match="available"):
+        train.get_entry("gpt-5")
+    with pytest.raises(ConfigError, match="num"):
+        tasks.eval_items(0)
+
+
+def test_smoke_build_is_deterministic_and_cached(tmp_path):
+    model_a, _ = train.build_zoo_model("smoke", seed=0, cache_dir=tmp_path / "a")
+    model_b, _ = train.build_zoo_model("smoke", seed=0, cache_dir=tmp_path / "b")
+    model_c, _ = train.build_zoo_model("smoke", seed=1, cache_dir=tmp_path / "a")
+    digest = train.weights_hash(model_a)
+    assert digest == train.weights_hash(model_b)
+    assert digest != train.weights_hash(model_c)
+    (cached,) = [p for p in (tmp_path / "a").iterdir() if "seed0" in p.name]
+    assert cached.name.startswith("smoke-seed0-steps8-")
+    reloaded, _ = train.build_zoo_model("smoke", seed=0, cache_dir=tmp_path / "a")
+    assert train.weights_hash(reloaded) == digest
+    # Training moved the weights away from the seeded initialisation.
+    fresh, _, _ = train.train_model(train.SMOKE, seed=0, steps=1)
+    assert train.weights_hash(fresh) != digest
+
+
+def _all_items(num_mc=100, num_em=50, num_loss=100, seed=0):
+    return [
+        tasks.eval_items(num_mc, seed=seed),
+        tasks.eval_items(num_em, seed=seed + 1),
+        tasks.eval_items(num_loss, seed=seed + 2),
+    ]
+
+
+def test_oracle_scores_perfectly_on_every_domain():
+    oracle = tasks.OracleScorer()
+    for items in _all_items():
+        oracle.add(items)
+    result = tasks.evaluate_zoo(oracle)
+    for domain, metrics in result["domains"].items():
+        assert metrics["mc_acc"] == 1.0 and metrics["em_acc"] == 1.0, domain
+        assert metrics["loss"] == 0.0
+    assert result["macro"]["mc_acc"] == 1.0
+
+
+def test_uniform_model_scores_chance_on_every_domain():
+    result = tasks.evaluate_zoo(tasks.UniformScorer(57), num_mc=200)
+    for domain, metrics in result["domains"].items():
+        assert abs(metrics["mc_acc"] - 0.25) < 0.1, (domain, metrics)
+        assert metrics["em_acc"] == 0.0
+        assert math.isclose(metrics["loss"], math.log(57), rel_tol=1e-9)
+
+
+class _FlatLM(torch.nn.Module):
+    """A transformers-shaped LM whose logits are all equal: the model path must also score chance."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, **kwargs):
+        return types.SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+
+
+def test_model_scorer_on_a_flat_model_matches_the_uniform_scorer():
+    tok = domains.build_tokenizer()
+    via_model = tasks.evaluate_zoo(_FlatLM(len(tok)), tok, num_mc=60, num_em=10, num_loss=20, batch_size=37)
+    direct = tasks.evaluate_zoo(tasks.UniformScorer(len(tok)), num_mc=60, num_em=10, num_loss=20)
+    for domain in domains.DOMAINS:
+        for metric in ("mc_acc", "em_acc"):
+            assert via_model["domains"][domain][metric] == direct["domains"][domain][metric]
+        assert math.isclose(via_model["domains"][domain]["loss"], direct["domains"][domain]["loss"], rel_tol=1e-5)
+
+
+def test_model_scorer_loglikelihood_matches_a_manual_forward():
+    tok = domains.build_tokenizer()
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(train.model_config(train.SMOKE, tok)).eval()
+    scorer = tasks.ModelScorer(model, tok, batch_size=2)
+    pairs = [("add 1+2=", "03"), ("kv a=1;a?", "1"), ("rev abcd>", "dcba")]
+    got = scorer.loglikelihood(pairs)
+    for (ctx, cont), value in zip(pairs, got, strict=True):
+        ids = torch.tensor([tok(ctx + cont, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+        n = len(ctx)
+        expected = sum(logp[n - 1 + j, ids[0, n + j]].item() for j in range(len(cont)))
+        assert math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-4)
+    # Greedy generation equals step-by-step argmax.
+    (out,) = scorer.generate(["add 1+2="], 3)
+    ids = tok("add 1+2=", add_special_tokens=False)["input_ids"]
+    manual = []
+    for _ in range(3):
+        with torch.no_grad():
+            nxt = model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item()
+        ids.append(nxt)
+        manual.append(nxt)
+        if nxt == tok.convert_tokens_to_ids("\n"):
+            break
+    assert out == tok.decode(manual, skip_special_tokens=True)
+
+
+def test_retention():
+    base = {"macro": {"mc_acc": 0.8, "em_acc": 0.5, "loss": 1.0}}
+    pruned = {"macro": {"mc_acc": 0.4, "em_acc": 0.5, "loss": 2.0}}
+    assert tasks.retention(pruned, base) == {"mc_acc": 0.5, "em_acc": 1.0, "loss": 0.5}
+
+
+def test_lm_eval_task_files(tmp_path):
+    names = tasks.write_lm_eval_tasks(tmp_path, num=5)
+    assert "zoo_sort_mc" in names and "zoo_sort_em" in names and "zoo_prose_em" not in names
+    yaml_text = (tmp_path / "zoo_arith_mc.yaml").read_text()
+    assert "dataset_path: json" in yaml_text and str(tmp_path.resolve()) in yaml_text
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "zoo_arith_mc.jsonl").read_text().splitlines()]
+    items = tasks.eval_items(5, seed=0, domains=["arith"])["arith"]
+    assert [r["gold"] for r in rows] == [ex.gold for ex in items]
+
+
+@pytest.mark.slow
+def test_lm_eval_path_agrees_with_the_direct_scorer(tmp_path):
+    """lm-eval (HFLM over the in-memory model) and ModelScorer give the same accuracies on the same items."""
+    tok = domains.build_tokenizer()
+    model, _, _ = train.train_model(train.SMOKE, seed=0, steps=30)
+    names = tasks.write_lm_eval_tasks(tmp_path, num=12, domains=["arith", "kv", "prose"])
+    got = tasks.run_lm_eval_tasks(model, tok, tmp_path, names, batch_size=16)
+    direct = tasks.evaluate_zoo(model, tok, num_mc=12, num_em=12, num_loss=0, domains=["arith", "kv", "prose"])
+    for domain in ("arith", "kv", "prose"):
+        assert math.isclose(got[f"zoo_{domain}_mc"]["acc"], direct["domains"][domain]["mc_acc"])
+    for domain in ("arith", "kv"):
+        assert math.isclose(got[f"zoo_{domain}_em"]["exact_match"], direct["domains"][domain]["em_acc"])
