@@ -20,16 +20,16 @@ benchmarks/SEARCH_COST.md with the figures.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from diep_hub.memory import PeakMemory
 
 HERE = Path(__file__).resolve().parent
 CRITERIA = ["diep", "reap", "frequency", "soft_frequency", "naee", "random"]
@@ -61,62 +61,15 @@ def _model(num_experts: int, intermediate: int, layers: int, seed: int = 0):
     return model
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _heap_bytes() -> int:
-    """Bytes currently allocated through malloc (glibc mallinfo2: in-use heap + mmapped blocks).
-
-    Unlike RSS this does not include memory the allocator keeps after a free, so a peak measured this way is
-    the same from run to run; torch's CPU tensors are allocated through malloc.
-    """
-    info = _LIBC.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
-
-
-_LIBC = ctypes.CDLL("libc.so.6")
-_LIBC.mallinfo2.restype = _MallInfo2
-
-
-class _Peak:
-    """Peak of live malloc bytes during a block, sampled every millisecond by a thread."""
+class _Peak(PeakMemory):
+    """Peak live malloc bytes during a block, sampled every millisecond (``diep_hub.memory.PeakMemory``)."""
 
     def __init__(self):
-        self.stop = threading.Event()
-
-    def __enter__(self):
-        self.start = self.peak = _heap_bytes()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self):
-        while not self.stop.wait(0.001):
-            self.peak = max(self.peak, _heap_bytes())
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, _heap_bytes())
+        super().__init__(interval=0.001)
 
     @property
     def extra(self) -> int:
-        return self.peak - self.start
+        return self.heap_increase
 
 
 def worker(spec: dict) -> dict:

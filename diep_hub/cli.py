@@ -309,9 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--search-mode", default=None, help="dense (the paper's Eq. 5) or gated (keeps the router)")
+    p.add_argument("--search-mode", default=None,
+                   help="gated (default: keeps the router) or dense (the paper's Eq. 5: all experts mixed)")
     p.add_argument("--lr", type=float, default=None, help="search learning rate (default 5e-3)")
-    p.add_argument("--epochs", type=int, default=None, help="search epochs (default 10)")
+    p.add_argument("--epochs", type=int, default=None, help="search epochs (default 30; the paper used 10)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stock-format", action="store_true", help="save as the stock architecture (uniform counts)")

@@ -14,12 +14,10 @@ Example::
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
 import platform
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -34,6 +32,7 @@ from .criteria import diep as diep_criterion
 from .criteria import naee as naee_criterion
 from .errors import ConfigError, DiEPError, UnsupportedModelError
 from .families import get_family
+from .memory import PeakMemory
 from .saving import save_pruned
 from .surgery import prune_experts
 
@@ -280,7 +279,7 @@ class DiEPPruner:
         experts_before = {layer.index: layer.num_experts for layer in layers}
         previous = getattr(model.config, "diep_pruning", None)
 
-        with _PeakMemory() as memory:
+        with PeakMemory() as memory:
             input_ids = load_calibration_data(
                 self.dataset,
                 tokenizer,
@@ -291,6 +290,7 @@ class DiEPPruner:
                 split=self.split,
                 text_field=self.text_field,
             )
+            memory.measure()
             context = criteria_base.ScoringContext(
                 model=model,
                 family=family,
@@ -310,6 +310,7 @@ class DiEPPruner:
             score_started = time.perf_counter()
             result = criterion.score(context)
             score_seconds = time.perf_counter() - score_started
+            memory.measure()
             selection = self._select(result.scores, model)
             model = prune_experts(model, selection.keep, regroup=bool(selection.regroup))
             skipping_summary = self._skip(model, input_ids) if self.skipping else None
@@ -373,10 +374,7 @@ class DiEPPruner:
         )
         return model
 
-    def _skip(self, model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any] | str:
-        if importlib.util.find_spec(f"{__package__}.skipping") is None:
-            logger.warning("skipping=True but diep_hub.skipping is not available; expert skipping not enabled")
-            return "unavailable: diep_hub.skipping is not installed"
+    def _skip(self, model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
         from .skipping import calibrate_skipping, enable_skipping
 
         calibration = calibrate_skipping(model, input_ids, batch_size=self.batch_size, seed=self.seed)
@@ -445,93 +443,6 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-
-
-def _heap_probe():
-    """A function returning live malloc bytes (glibc ``mallinfo2``), or None where that is not available."""
-    try:
-        import ctypes
-
-        class MallInfo2(ctypes.Structure):
-            _fields_ = [
-                (name, ctypes.c_size_t)
-                for name in (
-                    "arena",
-                    "ordblks",
-                    "smblks",
-                    "hblks",
-                    "hblkhd",
-                    "usmblks",
-                    "fsmblks",
-                    "uordblks",
-                    "fordblks",
-                    "keepcost",
-                )
-            ]
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = MallInfo2
-    except (OSError, AttributeError):
-        return None
-
-    def live() -> int:
-        info = libc.mallinfo2()
-        return int(info.uordblks + info.hblkhd)
-
-    return live
-
-
-class _PeakMemory:
-    """Peak memory during a block: CUDA's allocator peak on GPU; on CPU the process RSS and the live malloc bytes
-    (which, unlike RSS, exclude memory the allocator keeps after frees), both sampled every 5 ms."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self._stop = threading.Event()
-        self.start_rss = self.peak_rss = 0
-        self.start_heap = self.peak_heap = 0
-        self._heap = _heap_probe()
-        self.cuda = torch.cuda.is_available()
-
-    def __enter__(self) -> _PeakMemory:
-        import psutil
-
-        self._process = psutil.Process()
-        self.start_rss = self.peak_rss = self._process.memory_info().rss
-        if self._heap is not None:
-            self.start_heap = self.peak_heap = self._heap()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _measure(self) -> None:
-        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
-        if self._heap is not None:
-            self.peak_heap = max(self.peak_heap, self._heap())
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._measure()
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._measure()
-
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "cpu_rss_start_bytes": int(self.start_rss),
-            "cpu_rss_peak_bytes": int(self.peak_rss),
-            "cpu_rss_increase_bytes": int(self.peak_rss - self.start_rss),
-            "method": f"process RSS and live malloc bytes sampled every {self.interval * 1000:.0f} ms",
-        }
-        if self._heap is not None:
-            out["cpu_heap_peak_increase_bytes"] = int(self.peak_heap - self.start_heap)
-        if self.cuda:
-            out["cuda_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
-        return out
 
 
 __all__ = ["DiEPPruner", "REPORT_FILE", "RECIPE_FILE"]

@@ -11,7 +11,7 @@ The schema, with defaults (``diep-hub run --help`` shows an example)::
     pruning:     {method: diep, sparsity: 0.5, selection: global, seed: 0,
                   calibration: {dataset: allenai/c4, config: en, split: train, text_field: text,
                                 path: null, num_samples: 128, seq_len: 2048},
-                  search: {mode: dense, lr: 0.005, epochs: 10, batch_size: 16, lambda: 0.01, alternation: "3:1",
+                  search: {mode: gated, lr: 0.005, epochs: 30, batch_size: 16, lambda: 0.01, alternation: "3:1",
                            ranking: softmax},
                   floors: {min_experts_per_layer: null, max_layer_sparsity: null, regroup: false}}
     skipping:    {enabled: false, kernel: linear, num_samples: 32}
@@ -103,7 +103,7 @@ class CalibrationSection(_Section):
 
 
 class SearchSection(_Section):
-    """DiEP's alpha/beta search hyper-parameters (paper: lr 5e-3, 10 epochs, batch 16, lambda 0.01, 3:1).
+    """DiEP's alpha/beta search hyper-parameters (paper: dense, lr 5e-3, 10 epochs, batch 16, lambda 0.01, 3:1).
 
     Defaults are the search's own (``diep_hub.criteria.diep.DEFAULT_OPTIONS``), so a recipe that leaves a field out
     gets what the Python API would give.

@@ -9,6 +9,7 @@ from tiny_models import sample_input_ids, tiny_model
 from diep_hub import ConfigError, get_family
 from diep_hub.criteria import diep as diep_module
 from diep_hub.criteria.base import ScoringContext, get_criterion
+from diep_hub.selection import select_experts
 
 SEARCH_FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3"]
 
@@ -348,10 +349,6 @@ def test_planted_unimportant_layer_loses_more_experts_globally():
     removed = all_scores.argsort()[:8] // 8
     removed_per_layer = [int((removed == i).sum()) for i in range(3)]
     assert removed_per_layer[1] > max(removed_per_layer[0], removed_per_layer[2]), removed_per_layer
-    try:
-        from diep_hub.selection import select_experts
-    except ImportError:
-        return
     selection = select_experts(result.scores, model, sparsity=8 / 24, mode="global")
     kept = {index: len(ids) for index, ids in selection.keep.items()}
     assert kept[1] < min(kept[0], kept[2]), kept

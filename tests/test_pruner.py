@@ -164,13 +164,15 @@ def test_from_dict_rejects_unknown_keys_naming_them():
         DiEPPruner.from_dict(DiEPPruner().to_dict() | {"epochs": -1})
 
 
-def test_defaults_follow_the_paper():
+def test_defaults_follow_the_paper_except_where_the_benchmark_chose():
     pruner = DiEPPruner()
     assert (pruner.sparsity, pruner.method, pruner.selection) == (0.5, "diep", "global")
     calibration = (pruner.dataset, pruner.dataset_config, pruner.num_samples, pruner.seq_len)
     assert calibration == ("allenai/c4", "en", 128, 2048)
-    search = (pruner.batch_size, pruner.lr, pruner.epochs, pruner.lambda_, pruner.alternation)
-    assert search == (16, 5e-3, 10, 0.01, (3, 1))
+    search = (pruner.batch_size, pruner.lr, pruner.lambda_, pruner.alternation, pruner.ranking)
+    assert search == (16, 5e-3, 0.01, (3, 1), "softmax")
+    # benchmarks/RESULTS.md: gated search with 30 epochs is the best DiEP setting on the zoo (paper: 10 epochs)
+    assert (pruner.search_mode, pruner.epochs) == ("gated", 30)
     assert pruner.criterion_options()["mode"] == pruner.search_mode
 
 
@@ -306,7 +308,6 @@ def test_uniform_selection_on_deepseek_v3_with_regroup():
 
 
 def test_skipping_is_calibrated_after_pruning():
-    pytest.importorskip("diep_hub.skipping")
     pruner = _pruner(sparsity=0.25, skipping=True)
     model = pruner.prune_model(tiny_model("mixtral"), pruner_tokenizer())
     skipping = model.config.diep_skipping

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from diep_hub import DiEPPruner
 from diep_hub.errors import ConfigError
 from diep_hub.recipe import Recipe, RecipeError, load_recipe, shipped_recipes
 
@@ -107,7 +108,10 @@ def test_defaults_and_pruner_kwargs():
     kwargs = r.to_pruner_kwargs()
     assert kwargs["sparsity"] == 0.5 and kwargs["method"] == "diep" and kwargs["selection"] == "global"
     assert kwargs["dataset"] == "allenai/c4" and kwargs["num_samples"] == 128 and kwargs["seq_len"] == 2048
-    assert kwargs["lr"] == 5e-3 and kwargs["epochs"] == 10 and kwargs["batch_size"] == 16
+    assert kwargs["lr"] == 5e-3 and kwargs["batch_size"] == 16
+    # a recipe that leaves the search out gets the Python API's defaults (gated, 30 epochs: benchmarks/RESULTS.md)
+    assert kwargs["search_mode"] == DiEPPruner().search_mode == "gated"
+    assert kwargs["epochs"] == DiEPPruner().epochs == 30
 
 
 def test_relative_data_paths_resolve_against_the_recipe_folder(tmp_path):

@@ -14,10 +14,11 @@ Search-time MoE output (``options["mode"]``):
                            the rest of the block are unchanged.
     "gated"                y = sum_{i in topk(x)} w_i(x) * N_l * softmax(alpha^(l))_i * beta^(l) * FFN_i(x): the
                            router's top-k and weights are kept; at alpha = 0, beta = 1 this IS the unmodified model.
-Default "gated" (provisional, until the quality benchmark decides): it starts from the served model instead of a
-different function, costs top-k instead of N expert evaluations a token (32x less on 256-expert layers), and on
-the planted-signal tests (tests/test_diep_search.py) it recovers the useless experts on every seed tried while
-"dense" recovered them on 1 of 6. "dense" stays available as the paper's formulation.
+Default "gated", with 30 epochs instead of the paper's 10: the quality benchmark (benchmarks/RESULTS.md) found
+it the best DiEP setting on the trained zoo models averaged over families and sparsities; at alpha = 0, beta = 1
+the gated search sits at the trained model's stationary point and needs the extra steps to separate the experts.
+It also costs top-k instead of N expert evaluations a token (32x less on 256-expert layers). "dense" stays
+available as the paper's formulation; ``epochs=10`` is the paper's setting (the paper recipes in recipes/ use it).
 Both are applied by a forward pre-hook on the block's fused ``experts`` module that rewrites its
 (hidden, top_k_index, top_k_weights) arguments, so they work for every family and experts backend, under
 accelerate's dispatch hooks and under gradient checkpointing (the hook runs again in the recompute).
@@ -62,11 +63,12 @@ logger = logging.getLogger(__name__)
 MODES = ("dense", "gated")
 RANKINGS = {"softmax": "softmax(alpha)*beta", "raw": "alpha*beta"}
 
-#: default search hyper-parameters (paper section 4 / diep-method.md section 1)
+#: default search hyper-parameters: the paper's (diep-method.md section 1) except mode and epochs, which the
+#: quality benchmark chose (benchmarks/RESULTS.md, "Defaults the benchmark supports")
 DEFAULT_OPTIONS: dict[str, Any] = {
     "mode": "gated",
     "lr": 5e-3,
-    "epochs": 10,
+    "epochs": 30,
     "recon_weight": 0.01,
     "alpha_steps": 3,
     "beta_steps": 1,

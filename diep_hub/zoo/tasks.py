@@ -305,34 +305,13 @@ def run_lm_eval_tasks(
 ) -> dict[str, dict]:
     """Run zoo tasks written by :func:`write_lm_eval_tasks` through lm-eval; ``{task: {metric: value}}``.
 
-    Goes through ``diep_hub.evaluation.run_lm_eval`` when that is available (the project's one lm-eval path),
-    else calls ``lm_eval.simple_evaluate`` directly.
+    Goes through ``diep_hub.evaluation.run_lm_eval``, the project's one lm-eval path (the same one that serves
+    real benchmarks such as MMLU).
     """
-    try:
-        from ..evaluation import run_lm_eval
-    except ImportError:
-        run_lm_eval = None
-    if run_lm_eval is not None:
-        results = run_lm_eval(
-            model, tokenizer, list(tasks), include_path=str(folder), limit=limit, batch_size=batch_size
-        )
-    else:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
+    from ..evaluation import run_lm_eval
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=TaskManager(include_path=str(folder)),
-            limit=limit,
-            log_samples=False,
-        )
-    if "tasks" in results:  # diep_hub.evaluation.run_lm_eval: {"tasks": {name: {"metrics": {...}}}}
-        raw = {name: entry["metrics"] for name, entry in results["tasks"].items()}
-    else:  # lm_eval.simple_evaluate: {"results": {name: {"acc,none": ...}}}
-        raw = results["results"]
+    results = run_lm_eval(model, tokenizer, list(tasks), include_path=str(folder), limit=limit, batch_size=batch_size)
+    raw = {name: entry["metrics"] for name, entry in results["tasks"].items()}
     return {
         task: {k.split(",")[0]: v for k, v in metrics.items() if k.split(",")[0] in ("acc", "exact_match")}
         for task, metrics in raw.items()
