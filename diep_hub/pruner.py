@@ -279,6 +279,20 @@ class DiEPPruner:
         experts_before = {layer.index: layer.num_experts for layer in layers}
         previous = getattr(model.config, "diep_pruning", None)
 
+        num_to_keep = self._target_counts(model, dry_run) if criterion.needs_target_counts else None
+        criterion.check_feasible(
+            criteria_base.ScoringContext(
+                model=model,
+                family=family,
+                layers=layers,
+                input_ids=None,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                num_to_keep=num_to_keep,
+                options=self.criterion_options(),
+            )
+        )
+
         with PeakMemory() as memory:
             input_ids = load_calibration_data(
                 self.dataset,
@@ -298,7 +312,7 @@ class DiEPPruner:
                 input_ids=input_ids,
                 batch_size=self.batch_size,
                 seed=self.seed,
-                num_to_keep=self._target_counts(model, dry_run) if criterion.needs_target_counts else None,
+                num_to_keep=num_to_keep,
                 options=self.criterion_options(),
             )
             logger.info(

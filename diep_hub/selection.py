@@ -17,7 +17,8 @@ Per-layer constraints (checked here so that surgery never refuses a selection):
     kept >= floor = max(top-k, family minimum, n_group * experts-per-group for grouped routing,
                         min_experts_per_layer);
     removed <= floor(max_layer_sparsity * N_l) when a cap is given;
-    DeepSeek-V3 grouped routing: kept is a multiple of n_group with >= 2 per group (unless ``regroup``);
+    DeepSeek-V3 grouped routing: every group keeps the same number of experts, >= 2 (unless ``regroup``), so the
+    kept count is a multiple of n_group and each group gives up its own least important experts;
     keeping everything is always allowed.
 When no distribution satisfies them with exactly K removed, a ConfigError names the requested sparsity and the
 largest feasible one.
@@ -99,6 +100,7 @@ class LayerLimits:
     floor: int
     allowed_removals: tuple[int, ...]
     why: str
+    n_group: int = 1  # > 1: grouped routing, which removes the same number of experts from every group
 
     @property
     def max_removal(self) -> int:
@@ -158,7 +160,12 @@ def layer_limits(
             continue
         allowed.append(removed)
     return LayerLimits(
-        index=layer.index, num_experts=n, floor=floor, allowed_removals=tuple(allowed), why=", ".join(reasons)
+        index=layer.index,
+        num_experts=n,
+        floor=floor,
+        allowed_removals=tuple(allowed),
+        why=", ".join(reasons),
+        n_group=n_group if grouped else 1,
     )
 
 
@@ -242,7 +249,7 @@ def _global_removals(arrays: dict[int, np.ndarray], limits: list[LayerLimits], t
     cost[0], ranks[0] = 0.0, 0
     choices = []
     for lim in limits:
-        order = _layer_order(arrays[lim.index])
+        order = _removal_order(arrays[lim.index], lim.n_group)
         prefix = np.concatenate([[0.0], np.cumsum(arrays[lim.index][order])])
         rank_prefix = np.concatenate([[0], np.cumsum([rank[(lim.index, int(e))] for e in order])]).astype(np.int64)
         new_cost = np.full(target + 1, inf)
@@ -274,6 +281,21 @@ def _global_removals(arrays: dict[int, np.ndarray], limits: list[LayerLimits], t
 def _layer_order(array: np.ndarray) -> np.ndarray:
     """Expert ids from least to most important: by score, ties by expert id (stable sort)."""
     return np.argsort(array, kind="stable")
+
+
+def _removal_order(array: np.ndarray, n_group: int = 1) -> np.ndarray:
+    """The order in which a layer gives up experts; its first m entries are the m experts removed.
+
+    With grouped routing (n_group > 1, contiguous groups of N / n_group experts) experts must leave every group
+    at the same pace, or surgery would re-cut the kept experts into groups they did not belong to and change the
+    routing: round j removes the j-th least important expert of each group, so removing m * n_group experts
+    removes the m least important of every group. Allowed removal counts are multiples of n_group.
+    """
+    if n_group <= 1:
+        return _layer_order(array)
+    size = len(array) // n_group
+    per_group = [g * size + _layer_order(array[g * size : (g + 1) * size]) for g in range(n_group)]
+    return np.stack(per_group, axis=1).reshape(-1)
 
 
 def select_experts(
@@ -360,7 +382,7 @@ def select_experts(
 
     keep = {}
     for lim in limits:
-        order = _layer_order(arrays[lim.index])
+        order = _removal_order(arrays[lim.index], lim.n_group)
         removed = set(order[: removals[lim.index]].tolist())
         keep[lim.index] = [e for e in range(lim.num_experts) if e not in removed]
     selection = Selection(

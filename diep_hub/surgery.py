@@ -11,7 +11,9 @@ router picks among the same candidates and (for families that renormalise) with 
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -55,6 +57,30 @@ def _grouping_active(layer: MoELayer, config) -> bool:
     if grouping.active_when is not None and not grouping.active_when(config):
         return False
     return (n_group or 1) > 1
+
+
+def active_groups(layer: MoELayer, config, regroup: bool = False) -> int:
+    """How many routing groups constrain what a layer may keep: n_group under active grouped routing, else 1."""
+    if regroup or not _grouping_active(layer, config):
+        return 1
+    return int(_router_groups(layer)[0])
+
+
+def group_subsets(num_experts: int, kept: int, n_group: int) -> list[tuple[int, ...]]:
+    """Every keep set of ``kept`` experts that grouped routing accepts (the same count from each of the n_group
+    contiguous groups), as sorted tuples; with n_group = 1 every ``kept``-subset."""
+    if n_group <= 1:
+        return list(itertools.combinations(range(num_experts), kept))
+    size, per_group = num_experts // n_group, kept // n_group
+    per_group_choices = [itertools.combinations(range(g * size, (g + 1) * size), per_group) for g in range(n_group)]
+    return [tuple(itertools.chain.from_iterable(parts)) for parts in itertools.product(*per_group_choices)]
+
+
+def count_group_subsets(num_experts: int, kept: int, n_group: int) -> int:
+    """len(group_subsets(...)) without building them."""
+    if n_group <= 1:
+        return math.comb(num_experts, kept)
+    return math.comb(num_experts // n_group, kept // n_group) ** n_group
 
 
 def plan_surgery(
@@ -111,6 +137,7 @@ def plan_surgery(
         do_regroup = index in regroup_layers and _grouping_active(layer, model.config)
         if _grouping_active(layer, model.config) and not do_regroup:
             _check_groups(family, index, len(ids), n_group, topk_group, top_k)
+            _check_group_membership(index, ids, num_experts, n_group)
         if do_regroup:
             n_group, topk_group = 1, 1
         plan.append(
@@ -161,6 +188,24 @@ def _check_groups(family: MoEFamily, index: int, kept: int, n_group: int, topk_g
             f"layer {index}: {topk_group} selected group(s) of {kept // n_group} experts cannot supply top-k={top_k}; "
             f"keep at least {n_group * -(-top_k // topk_group)} experts or pass regroup=[{index}]"
         )
+
+
+def _check_group_membership(index: int, ids: list[int], num_experts: int, n_group: int) -> None:
+    """Kept experts must stay in their own group: surgery cuts the kept list into n_group contiguous groups again,
+    so position block g must hold experts of original group g only (then routing equals masking the removed)."""
+    size, per_group = num_experts // n_group, len(ids) // n_group
+    for g in range(n_group):
+        block = ids[g * per_group : (g + 1) * per_group]
+        strays = [i for i in block if i // size != g]
+        if strays:
+            groups = ", ".join(f"{h}: {h * size}-{(h + 1) * size - 1}" for h in range(n_group))
+            raise KeepMapError(
+                f"layer {index}: grouped routing (n_group={n_group}; groups {groups}) needs the same number of kept "
+                f"experts from every group, listed group by group; positions {g * per_group}-"
+                f"{(g + 1) * per_group - 1} should hold {per_group} experts of group {g}, but hold {strays} from "
+                f"other groups; keep {per_group} of each group in group order, or pass regroup=[{index}] to route "
+                "that layer without groups"
+            )
 
 
 def _slice_expert_dim(module: nn.Module, name: str, index: torch.Tensor) -> None:

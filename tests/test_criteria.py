@@ -19,6 +19,7 @@ from diep_hub.criteria.capture import block_output, capture_block_inputs, weight
 from diep_hub.criteria.naee import NAEECriterion
 from diep_hub.errors import ConfigError, KeepMapError
 from diep_hub.selection import select_experts
+from diep_hub.surgery import active_groups, group_subsets
 
 BASELINES = ["random", "frequency", "soft_frequency", "reap", "naee"]
 MAIN_FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3"]
@@ -172,24 +173,26 @@ def test_naee_errors_equal_those_of_really_pruned_blocks(family_name, keep):
     inputs = capture_block_inputs(model, layer, ids, 2, progress=False)
     with torch.no_grad():
         reference = [block_output(layer.block, h) for h in inputs]
-    subsets = list(itertools.combinations(range(layer.num_experts), keep))
-    assert len(errors) == math.comb(layer.num_experts, keep) == len(subsets)
-    brute = []
-    for subset in subsets:
+    # NAEE searches exactly the subsets surgery accepts: all C(N, k) of them, or for DeepSeek-V3's grouped
+    # routing (n_group=2) those with the same count from each group.
+    accepted, brute = [], []
+    for subset in itertools.combinations(range(layer.num_experts), keep):
         try:
             pruned = diep_hub.prune_experts(copy.deepcopy(model), {layer.index: list(subset)})
         except KeepMapError:
-            brute.append(None)
             continue
+        accepted.append(subset)
         pruned_block = diep_hub.get_family(pruned).moe_layers(pruned)[0].block
         with torch.no_grad():
             squared = sum(float(((block_output(pruned_block, h) - r) ** 2).sum()) for h, r in zip(inputs, reference))
         brute.append(math.sqrt(squared))
+    subsets = group_subsets(layer.num_experts, keep, active_groups(layer, model.config))
+    assert subsets == accepted and len(errors) == len(subsets)
+    expected_count = math.comb(4, keep // 2) ** 2 if family_name == "deepseek_v3" else math.comb(8, keep)
+    assert len(subsets) == expected_count
     for ours, theirs in zip(errors.tolist(), brute):
-        if theirs is not None:
-            assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6)
-    feasible = [e for e in brute if e is not None]
-    assert errors[subsets.index(best)].item() == pytest.approx(min(feasible), rel=1e-4, abs=1e-6)
+        assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6)
+    assert errors[subsets.index(best)].item() == pytest.approx(min(brute), rel=1e-4, abs=1e-6)
 
 
 def test_naee_scores_put_the_best_subset_first_and_select_it():

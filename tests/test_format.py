@@ -28,8 +28,8 @@ def nonuniform_keep(model) -> dict[int, list[int]]:
     """Layers keep 5, 3, 8... experts, in scrambled order, so ids and order both matter."""
     layers = [layer.index for layer in get_family(model).moe_layers(model)]
     choices = [[6, 0, 3, 5, 1, 2], [7, 2, 4, 1], list(range(8)), [1, 3, 4, 6]]
-    if model.config.model_type == "deepseek_v3":  # n_group=2: multiples of 2 with >= 2 per group
-        choices = [[6, 0, 3, 5, 1, 2], [7, 2, 4, 1], list(range(8))]
+    if model.config.model_type == "deepseek_v3":  # n_group=2 (experts 0-3, 4-7): equal counts, group by group
+        choices = [[3, 0, 2, 6, 4, 5], [1, 3, 7, 4], list(range(8))]
     return {index: choices[i % len(choices)] for i, index in enumerate(layers)}
 
 

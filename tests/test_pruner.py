@@ -327,8 +327,10 @@ def test_naee_gets_uniform_subset_sizes_and_its_subsets_are_kept():
         assert (scores[kept] >= 1).all() and (scores[[i for i in range(8) if i not in kept]] < 1).all()
 
 
-def test_naee_refusal_names_the_limit():
-    with pytest.raises(ConfigError, match="max_combinations=10"):
-        _pruner(sparsity=0.5, method="naee", naee_max_combinations=10).prune_model(
-            tiny_model("mixtral"), pruner_tokenizer()
-        )
+def test_naee_refusal_names_the_limit_before_calibration(calibration_calls):
+    model = tiny_model("mixtral")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"C\(8, 4\) = 70 subsets, above max_combinations=10"):
+        _pruner(sparsity=0.5, method="naee", naee_max_combinations=10).prune_model(model, pruner_tokenizer())
+    assert calibration_calls == []
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -45,6 +45,14 @@ def score_tables(model):
     )
 
 
+def _groups(model, layer, regroup: bool) -> list[list[int]]:
+    """The expert ids of each routing group of a layer (one group unless DeepSeek-V3 grouped routing is on)."""
+    grouping = layer.family.grouped_routing
+    n_group = 1 if regroup or grouping is None else int(getattr(layer.router, grouping.router_group_attr, 1) or 1)
+    size = layer.num_experts // n_group
+    return [list(range(g * size, (g + 1) * size)) for g in range(n_group)]
+
+
 def _check_structure(selection: Selection, model, scores):
     layers = _layers(model)
     assert set(selection.keep) == {ly.index for ly in layers}
@@ -52,10 +60,15 @@ def _check_structure(selection: Selection, model, scores):
         kept = selection.keep[layer.index]
         assert kept == sorted(set(kept)) and all(0 <= e < layer.num_experts for e in kept)
         assert selection.per_layer_kept[layer.index] == len(kept)
-        # Within a layer the removed experts are never better than the kept ones.
-        removed = [e for e in range(layer.num_experts) if e not in kept]
-        if removed and kept:
-            assert max(scores[layer.index][removed]) <= min(scores[layer.index][kept])
+        groups = _groups(model, layer, selection.regroup)
+        # Every routing group keeps the same number of experts ...
+        assert len({len(set(group) & set(kept)) for group in groups}) == 1
+        # ... and within a group the removed experts are never better than the kept ones.
+        for group in groups:
+            removed = [e for e in group if e not in kept]
+            kept_here = [e for e in group if e in kept]
+            if removed and kept_here:
+                assert max(scores[layer.index][removed]) <= min(scores[layer.index][kept_here])
     assert selection.num_total == sum(ly.num_experts for ly in layers)
     assert selection.num_removed == selection.num_total - sum(selection.per_layer_kept.values())
     # Surgery accepts the keep map as it is (floors and group rules already satisfied).
@@ -112,13 +125,19 @@ def test_global_deepseek_v3_groups_and_optimality(data, sparsity, floor):
     layers = _layers(model)
     total = sum(ly.num_experts for ly in layers)
     target = round_half_up(sparsity * total)
-    # Brute force over every allowed per-layer kept count: multiples of n_group=2 with >= 2 a group, >= floor.
+    # Brute force over every allowed per-layer kept count: multiples of n_group=2 with >= 2 a group, >= floor;
+    # each of the two groups (experts 0-3 and 4-7) gives up its own lowest (8 - c) / 2 scores.
     allowed = [c for c in (4, 6, 8) if floor is None or c >= floor or c == 8]
+
+    def group_cost(values, kept):
+        drop = (8 - kept) // 2
+        return sum(float(torch.sort(values[g : g + 4]).values[:drop].double().sum()) for g in (0, 4))
+
     best = None
     for counts in itertools.product(allowed, repeat=len(layers)):
         if sum(8 - c for c in counts) != target:
             continue
-        cost = sum(float(torch.sort(scores[ly.index]).values[: 8 - c].double().sum()) for ly, c in zip(layers, counts))
+        cost = sum(group_cost(scores[ly.index], c) for ly, c in zip(layers, counts))
         best = cost if best is None else min(best, cost)
     if best is None:
         with pytest.raises(ConfigError, match="largest feasible sparsity"):

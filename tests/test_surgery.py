@@ -21,6 +21,9 @@ import diep_hub
 from diep_hub import KeepMapError, UnsupportedModelError
 from diep_hub.families import get_family
 
+# `a + b` reaches a TorchFunctionMode as TensorBase.add, not as Tensor.__add__.
+ADDITIONS = (torch.Tensor.__add__, torch.Tensor.add, torch._C.TensorBase.add, torch.add)
+
 
 class MaskRemovedExperts(TorchFunctionMode):
     """Inside the stock model's routers, push removed experts' logits (and selection scores) to -inf."""
@@ -34,7 +37,7 @@ class MaskRemovedExperts(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func is torch.nn.functional.linear and len(args) > 1 and id(args[1]) in self.masks:
             out = out.masked_fill(self.masks[id(args[1])], float("-inf"))
-        elif func in (torch.Tensor.__add__, torch.add) and len(args) > 1 and id(args[1]) in self.masks:
+        elif func in ADDITIONS and len(args) > 1 and id(args[1]) in self.masks:
             out = out.masked_fill(self.masks[id(args[1])], float("-inf"))
         return out
 
@@ -86,6 +89,64 @@ def test_pruning_equals_masking_removed_experts(family):
         torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
 
     check()
+
+
+@st.composite
+def grouped_keep_maps(draw, moe_layers: list[int], num_experts: int, n_group: int):
+    """Keep maps that grouped routing accepts: the same count (>= 2) from every group, listed group by group,
+    in scrambled order within each group."""
+    size = num_experts // n_group
+    chosen_layers = draw(st.lists(st.sampled_from(moe_layers), unique=True, min_size=1))
+    keep = {}
+    for index in chosen_layers:
+        per_group = draw(st.integers(min_value=2, max_value=size))
+        keep[index] = [g * size + e for g in range(n_group) for e in draw(st.permutations(range(size)))[:per_group]]
+    return keep
+
+
+GROUPED_ROUTING = {
+    "deepseek_v3": {"n_group": 2, "topk_group": 1},  # sigmoid + e_score_correction_bias, groups by top-2 sum
+    "deepseek_v2": {"n_group": 2, "topk_group": 1, "topk_method": "group_limited_greedy"},  # groups by max
+}
+
+
+@pytest.mark.parametrize("family", sorted(GROUPED_ROUTING))
+def test_grouped_routing_pruning_equals_masking_removed_experts(family):
+    """With n_group=2 (and DeepSeek-V3's random e_score_correction_bias), pruning group by group equals masking."""
+    base = tiny_model(family, **GROUPED_ROUTING[family])
+    layers = get_family(base).moe_layers(base)
+    assert all(layer.router.num_group == 2 for layer in layers)
+    if family == "deepseek_v3":
+        assert all(layer.router.e_score_correction_bias.abs().sum() > 0 for layer in layers)
+    ids = sample_input_ids()
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(keep=grouped_keep_maps([layer.index for layer in layers], 8, 2))
+    def check(keep):
+        reference = masked_reference_logits(base, keep, ids)
+        pruned = diep_hub.prune_experts(copy.deepcopy(base), keep)
+        with torch.no_grad():
+            logits = pruned(ids).logits
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+    check()
+
+
+def test_keep_maps_that_mix_groups_are_refused():
+    model = tiny_model("deepseek_v3", n_group=2, topk_group=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # 4 experts, but 0, 1, 2 come from group 0 (experts 0-3) and only 5 from group 1 (4-7): surgery would route
+    # expert 2 as a member of group 1.
+    with pytest.raises(KeepMapError, match=r"layer 1: grouped routing \(n_group=2; groups 0: 0-3, 1: 4-7\)"):
+        diep_hub.prune_experts(model, {1: [0, 1, 2, 5]})
+    with pytest.raises(KeepMapError, match=r"positions 0-1 should hold 2 experts of group 0, but hold \[4\]"):
+        diep_hub.prune_experts(model, {1: [0, 4, 1, 5]})
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # regrouping is the explicit way out, and a regrouped layer still keeps two experts (group scoring is top-2)
+    with pytest.raises(KeepMapError, match=r"layer 1 would keep 1 expert\(s\) but needs at least 2"):
+        diep_hub.prune_experts(model, {1: [3]}, regroup=[1], allow_below_top_k=True)
+    diep_hub.prune_experts(model, {1: [0, 1, 2, 5]}, regroup=[1])
+    assert model.config.num_experts_per_layer[1] == 4
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -185,6 +246,23 @@ def test_masking_reference_is_not_vacuous():
     reference = masked_reference_logits(model, {0: [0, 1]}, ids)
     assert not torch.allclose(reference, stock)
     pruned = diep_hub.prune_experts(copy.deepcopy(model), {0: [0, 1]})
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_selection_bias_masking_is_not_vacuous():
+    """Masking only DeepSeek-V3's router logits is not enough: a removed expert with a large
+    e_score_correction_bias would still be selected. The reference masks the bias addition as well."""
+    model = tiny_model("deepseek_v3", n_group=1, topk_group=1)
+    layer = get_family(model).moe_layers(model)[0]
+    ids = sample_input_ids()
+    removed = torch.ones(8, dtype=torch.bool)
+    removed[[0, 1]] = False
+    with torch.no_grad(), MaskRemovedExperts({id(layer.router.weight): removed}):
+        logits_only = model(ids).logits
+    reference = masked_reference_logits(model, {layer.index: [0, 1]}, ids)
+    assert not torch.allclose(logits_only, reference)
+    pruned = diep_hub.prune_experts(copy.deepcopy(model), {layer.index: [0, 1]})
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, reference, rtol=1e-5, atol=1e-5)
 

@@ -5,6 +5,8 @@ One row a family: adding a family to diep_hub means adding its row here, and eve
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -81,7 +83,8 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(config).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        # e_score_correction_bias is a buffer: randomise it too, or a wrongly sliced bias would go unnoticed.
+        for name, param in itertools.chain(model.named_parameters(), model.named_buffers()):
             # Routers start at zero in some families (every expert tied): give them real preferences.
             if name.endswith(("gate.weight", "router.weight")) and param.dim() == 2:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)

@@ -37,7 +37,7 @@ class ScoringContext:
     model: nn.Module
     family: MoEFamily
     layers: list[MoELayer]
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor | None
     batch_size: int = 8
     seed: int = 0
     num_to_keep: dict[int, int] | None = None
@@ -67,6 +67,13 @@ class Criterion(ABC):
 
     @abstractmethod
     def score(self, context: ScoringContext) -> ScoreResult: ...
+
+    def check_feasible(self, context: ScoringContext) -> None:
+        """Refuse a request this criterion cannot serve, before calibration data is loaded.
+
+        ``context.input_ids`` is None here. The default accepts everything; NAEE checks its subset counts.
+        """
+        return None
 
 
 _CRITERIA: dict[str, type[Criterion]] = {}

@@ -9,6 +9,8 @@ were -inf (exactly what ``diep_hub.prune_experts`` builds: a router restricted t
 the family's renormalisation over S). Reference: Lu et al., "Not All Experts are Equal: Efficient Expert Pruning
 and Skipping for Mixture-of-Experts Large Language Models", ACL 2024, https://arxiv.org/abs/2402.14800.
 
+Grouped routing (DeepSeek) only accepts subsets with the same count from every group, so only those are searched.
+
 Cost: C(N, k) subsets per layer (70 for Mixtral's 8 choose 4; about 1.8e18 for 64 choose 32). Layers where
 C(N, k) exceeds ``max_combinations`` (default 10,000) are refused before any work, naming the layer, N, k and
 the count.
@@ -25,9 +27,7 @@ experts therefore always outrank dropped ones, and selection with the same per-l
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
-import math
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..families import MoELayer
-from ..surgery import plan_surgery
+from ..surgery import active_groups, count_group_subsets, group_subsets, plan_surgery
 from .base import Criterion, ScoreResult, ScoringContext, register_criterion
 from .capture import capture_block_inputs, criterion_options, input_device
 
@@ -125,17 +125,32 @@ def check_feasible(context: ScoringContext, max_combinations: int, regroup: bool
             raise ConfigError(
                 f"naee: num_to_keep[{layer.index}]={k!r} must be an integer between 1 and {layer.num_experts}"
             )
-        count = math.comb(layer.num_experts, k)
+        n_group = active_groups(layer, context.model.config, regroup)
+        count = count_group_subsets(layer.num_experts, k, n_group)
         if count > max_combinations:
+            what = (
+                f"C({layer.num_experts}, {k})"
+                if n_group == 1
+                else f"C({layer.num_experts // n_group}, {k // n_group})^{n_group} (the same count from each group)"
+            )
             raise ConfigError(
                 f"naee: layer {layer.index} has N={layer.num_experts} experts and keeps k={k}, so the exhaustive "
-                f"search would try C({layer.num_experts}, {k}) = {count:,} subsets, above "
+                f"search would try {what} = {count:,} subsets, above "
                 f"max_combinations={max_combinations:,}; raise options['max_combinations'] or use a criterion that "
                 "scales with the expert count (diep, reap, frequency, soft_frequency)"
             )
         targets[layer.index] = k
-    # The same floors and group rules surgery enforces (raises KeepMapError naming the layer).
-    plan_surgery(context.model, {i: list(range(k)) for i, k in targets.items()}, regroup=regroup)
+    # The same floors and group rules surgery enforces (raises KeepMapError naming the layer), on a keep set of
+    # each size that grouped routing could accept.
+    layers = {layer.index: layer for layer in context.layers}
+    placeholder = {}
+    for index, k in targets.items():
+        layer = layers[index]
+        n_group = active_groups(layer, context.model.config, regroup)
+        size, per_group = layer.num_experts // n_group, k // n_group
+        ids = [g * size + e for g in range(n_group) for e in range(per_group)] if k % n_group == 0 else list(range(k))
+        placeholder[index] = ids
+    plan_surgery(context.model, placeholder, regroup=regroup)
     return targets
 
 
@@ -146,6 +161,10 @@ class NAEECriterion(Criterion):
     name = "naee"
     reference = "https://arxiv.org/abs/2402.14800"
     needs_target_counts = True
+
+    def check_feasible(self, context: ScoringContext) -> None:
+        opts = criterion_options(self.name, context.options, DEFAULT_OPTIONS)
+        check_feasible(context, opts["max_combinations"], bool(opts["regroup"]))
 
     def score(self, context: ScoringContext) -> ScoreResult:
         opts = criterion_options(self.name, context.options, DEFAULT_OPTIONS)
@@ -181,7 +200,7 @@ class NAEECriterion(Criterion):
     @staticmethod
     def _search_layer(context: ScoringContext, layer: MoELayer, k: int, regroup: bool, chunk: int, opts: dict):
         """Errors of every k-subset of one layer; returns (best subset, per-expert min error, all errors)."""
-        subsets = list(itertools.combinations(range(layer.num_experts), k))
+        subsets = group_subsets(layer.num_experts, k, active_groups(layer, context.model.config, regroup))
         router_type = type(layer.router)
         views = [restricted_router(layer, list(s), regroup) for s in subsets]
         keep_maps = [torch.tensor(s, dtype=torch.long) for s in subsets]

@@ -8,11 +8,15 @@ DEEPSEEK_V3 = register_family(
         model_type="deepseek_v3",
         num_experts_field="n_routed_experts",
         router_expert_tensors=("weight", "e_score_correction_bias"),
+        # The router scores groups by their top-2 experts even with n_group = 1 (a regrouped layer), so a layer
+        # with one expert fails at run time: every layer keeps at least two.
+        min_experts=2,
         renormalizes_top_k="norm_topk_prob",
         # Each group is scored by the sum of its top-2 experts, so a group needs two experts.
         grouped_routing=GroupedRouting(min_per_group=2),
         shared_expert_attrs=("shared_experts",),
-        notes="Grouped routing splits the kept experts into n_group contiguous groups: a layer keeps a multiple "
-        "of n_group (at least 2 a group) or is explicitly regrouped to n_group = topk_group = 1.",
+        notes="Grouped routing splits the experts into n_group contiguous groups: a layer keeps the same number "
+        "of experts (at least 2) from every group, listed group by group, or is explicitly regrouped to "
+        "n_group = topk_group = 1.",
     )
 )
