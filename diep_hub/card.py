@@ -27,6 +27,7 @@ from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, ModelCardDat
 from huggingface_hub import eval_result_entries_to_yaml as _entries_to_yaml
 
 from .errors import ConfigError
+from .evaluation.comparison import higher_is_better, metric_retention
 from .evaluation.lm_eval_runner import primary_metric
 from .plots import EXPERTS_FIGURE, SCORES_FIGURE, experts_per_layer_png, scores_heatmap_png
 
@@ -198,7 +199,7 @@ def _task_rows(base: Mapping | None, pruned: Mapping | None) -> list[ResultRow]:
         if metric is None:
             continue
         pv, bv = metrics_p.get(metric), metrics_b.get(metric)
-        retention = pv / bv if isinstance(pv, (int, float)) and isinstance(bv, (int, float)) and bv else None
+        retention = metric_retention(pv, bv, higher_is_better(info, metric))
         stderr = metrics_p.get(f"{metric}_stderr")
         rows.append(ResultRow(
             task=task, metric=metric, base=bv, pruned=pv, retention=retention,
@@ -341,15 +342,29 @@ def _calibration(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: config.get(k) for k in ("dataset", "num_samples", "seq_len") if k in config}
 
 
+SKIP_LAYER_FIELDS = ("gamma1", "mean_pairwise_cka", "calibration_skip_rate", "measured_skip_rate")
+
+
 def _skipping(report: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the card says about skipping: scalar settings, and one row a layer (``SkippingCalibration.summary()``
+    plus the rates measured during evaluation, when there was one)."""
     skipping = report.get("skipping")
-    if isinstance(skipping, Mapping):
-        return dict(skipping)
-    if isinstance(skipping, str):
-        return {"status": skipping}
-    if config.get("diep_skipping"):
-        return {"status": "enabled", "config": config["diep_skipping"]}
-    return None
+    configured = config.get("diep_skipping") or {}
+    if not isinstance(skipping, Mapping):
+        if not configured:
+            return None
+        configured_layers = configured.get("layers") or {}
+        skipping = {
+            "kernel": configured.get("kernel"),
+            "layers": {i: {"gamma1": v.get("gamma1")} for i, v in configured_layers.items()},
+        }
+    settings = {k: v for k, v in skipping.items() if k != "layers" and not isinstance(v, (Mapping, list, tuple))}
+    if configured:
+        settings["enabled at load"] = bool(configured.get("enabled", True))
+    rows = []
+    for index, layer in sorted((skipping.get("layers") or {}).items(), key=lambda item: int(item[0])):
+        rows.append({"layer": int(index), **{name: (layer or {}).get(name) for name in SKIP_LAYER_FIELDS}})
+    return {"settings": settings, "layers": rows}
 
 
 def _default_command(recipe_text: str | None, recipe_format: str) -> str | None:

@@ -68,6 +68,7 @@ Pruning only (no evaluation, no card results): for the whole flow write a recipe
 EVAL_EPILOG = """\
 examples:
   diep-hub eval out/tiny --tasks diep_tiny_arith
+  diep-hub eval out/tiny --tasks diep_tiny_arith --base diep-hub/tiny-mixtral --save && diep-hub card out/tiny
   diep-hub eval mistralai/Mixtral-8x7B-v0.1 --tasks mmlu,boolq,openbookqa,rte --dtype bfloat16 --device-map auto
   diep-hub eval out/my-model --tasks my_task --include-path tasks/ --limit 100 --json
 """
@@ -199,20 +200,41 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .recipe import Recipe
-    from .runner import evaluate, evaluation_tasks, load_model
+    from .runner import EVAL_FILE, evaluate, evaluation_tasks, load_model, write_json_atomic
 
+    if args.save and not (Path(args.model) / "config.json").is_file():
+        raise DiEPError(f"--save writes {EVAL_FILE} into a checkpoint folder, and {args.model!r} is not one "
+                        "(no config.json); evaluate the folder written by `diep-hub run` or `prune`")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else []
-    data = {"model": {"id": args.model, "dtype": args.dtype, "device_map": args.device_map,
-                      "trust_remote_code": args.trust_remote_code},
-            "evaluation": {"tasks": tasks, "include_path": args.include_path, "limit": args.limit,
-                           "batch_size": args.batch_size, "num_fewshot": args.num_fewshot, "speed": args.speed,
-                           "memory": args.memory}}
-    recipe = Recipe.from_dict(data, source="command line", base_dir=".")
-    model, tokenizer = load_model(recipe)
-    with tempfile.TemporaryDirectory(prefix="diep-hub-eval-") as tmp:
-        names, include = evaluation_tasks(recipe, Path(tmp))  # as `run` does: tiny task files written on the fly
-        results = evaluate(model, tokenizer, recipe, tasks=names, include_path=include)
-    _emit(results, True)
+
+    def recipe_for(model_id: str) -> Recipe:
+        data = {"model": {"id": model_id, "dtype": args.dtype, "device_map": args.device_map,
+                          "trust_remote_code": args.trust_remote_code},
+                "evaluation": {"tasks": tasks, "include_path": args.include_path, "limit": args.limit,
+                               "batch_size": args.batch_size, "num_fewshot": args.num_fewshot, "speed": args.speed,
+                               "memory": args.memory}}
+        return Recipe.from_dict(data, source="command line", base_dir=".")
+
+    def run_one(model_id: str) -> dict[str, Any]:
+        recipe = recipe_for(model_id)
+        model, tokenizer = load_model(recipe)
+        with tempfile.TemporaryDirectory(prefix="diep-hub-eval-") as tmp:
+            names, include = evaluation_tasks(recipe, Path(tmp))  # as `run` does: tiny task files written on the fly
+            return evaluate(model, tokenizer, recipe, tasks=names, include_path=include)
+
+    recipes = [recipe_for(args.model)] + ([recipe_for(args.base)] if args.base else [])  # validate both first
+    del recipes
+    results: dict[str, Any] = {"pruned": run_one(args.model)}
+    if args.base:
+        from .evaluation import compare
+
+        results["base"] = run_one(args.base)
+        results["comparison"] = compare(results["base"], results["pruned"])
+    if args.save:
+        target = Path(args.model) / EVAL_FILE
+        write_json_atomic(target, results)
+        logger.info("wrote %s; `diep-hub card %s` puts the results in the model card", target, args.model)
+    _emit(results if args.base else results["pruned"], True)
     return EXIT_OK
 
 
@@ -227,11 +249,25 @@ def cmd_card(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _recorded_publish_settings(folder: str) -> dict[str, Any]:
+    """The ``publish`` section of the recipe saved in a checkpoint folder by `diep-hub run` ({} without one)."""
+    import yaml
+
+    recipe_file = Path(folder) / "recipe.yaml"
+    if not recipe_file.is_file():
+        return {}
+    publish = (yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}).get("publish") or {}
+    return publish if isinstance(publish, dict) else {}
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import push
 
-    info = push(args.folder, args.repo_id, private=args.private, create_pr=args.create_pr,
-                commit_message=args.message)
+    recorded = _recorded_publish_settings(args.folder)
+    private = args.private if args.private is not None else bool(recorded.get("private", False))
+    create_pr = args.create_pr if args.create_pr is not None else bool(recorded.get("create_pr", False))
+    message = args.message if args.message is not None else recorded.get("commit_message")
+    info = push(args.folder, args.repo_id, private=private, create_pr=create_pr, commit_message=message)
     data = {"repo_id": args.repo_id, "commit_url": getattr(info, "commit_url", str(info)),
             "pr_url": getattr(info, "pr_url", None)}
     _emit(data, args.json, lambda d: f"pushed {d['repo_id']}: {d['pr_url'] or d['commit_url']}")
@@ -332,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--speed", action="store_true", help="measure prefill and decode tokens/s")
     p.add_argument("--memory", action="store_true", help="measure parameter bytes and peak memory")
+    p.add_argument("--base", default=None,
+                   help="also evaluate this base model (Hub id or folder) and report retention = pruned / base")
+    p.add_argument("--save", action="store_true",
+                   help="write the results into MODEL/evaluation.json, where `diep-hub card` reads them")
     _model_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -348,9 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(p, argparse.SUPPRESS)
     p.add_argument("folder", help="checkpoint folder")
     p.add_argument("repo_id", help="namespace/name")
-    p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
-    p.add_argument("--message", default=None, help="commit message")
+    p.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
+                   help="create the repository as private (default: the folder recipe's publish.private, else no)")
+    p.add_argument("--create-pr", action=argparse.BooleanOptionalAction, default=None,
+                   help="open a pull request instead of committing to main (default: publish.create_pr, else no)")
+    p.add_argument("--message", default=None, help="commit message (default: publish.commit_message, else generated)")
     _common(p)
     p.set_defaults(func=cmd_push)
 

@@ -159,8 +159,10 @@ def push(
         folder_or_model: a folder written by ``save_pruned`` / ``DiEPPruner.save``, or a pruned model.
         repo_id: ``namespace/name`` of the model repo (created if missing).
         token: a write token; default: ``HF_TOKEN`` or the token saved by ``hf auth login``.
-        private: create the repo as private (an existing repo keeps its visibility).
-        create_pr: open a pull request instead of committing to main.
+        private: create the repo as private (an existing repo keeps its visibility; a warning says so when it
+            is public).
+        create_pr: open a pull request instead of committing to main. Each push with create_pr opens a new pull
+            request (the "nothing changed" check compares with main, which the pull request has not changed).
         commit_message: default names the architecture, method and experts kept.
         tokenizer: saved with a model (ignored for a folder).
 
@@ -187,6 +189,14 @@ def push(
         return _push_folder(folder, repo_id, token, private, create_pr, commit_message)
 
 
+def check_write_token(token: str | None = None) -> str:
+    """The account behind the token (argument, ``HF_TOKEN`` or ``hf auth login``) after the Hub accepted it as a
+    write token; a PushError otherwise. Runs before hours of pruning, so a bad token fails in seconds."""
+    if constants.is_offline_mode():
+        raise PushError("HF_HUB_OFFLINE is set: pushing needs the Hub; unset HF_HUB_OFFLINE and run again")
+    return _check_token(HfApi(), _resolve_token(token))
+
+
 def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool, create_pr: bool, message: str | None):
     files = check_folder(folder)
     if constants.is_offline_mode():
@@ -200,6 +210,11 @@ def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool, c
                 " (pull request)" if create_pr else "")
     try:
         url = api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+        if private and not api.model_info(repo_id, token=token).private:
+            logger.warning(
+                "%s already exists and is public: private=True only applies to a new repository, so this push is "
+                "public; change the visibility in the repository settings first if it must not be", repo_id
+            )
         remote = set(api.list_repo_files(repo_id, token=token, repo_type="model"))
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -223,4 +238,4 @@ def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool, c
     return info
 
 
-__all__ = ["PushError", "check_folder", "default_commit_message", "push"]
+__all__ = ["PushError", "check_folder", "check_write_token", "default_commit_message", "push"]

@@ -229,6 +229,10 @@ def _check_before_work(recipe: Recipe, out: Path, push: bool, repo_id: str | Non
                 "push requested but no Hugging Face token found -> set HF_TOKEN or run `hf auth login` "
                 "(a token with write access)"
             )
+        from .hub import check_write_token
+
+        user = check_write_token()  # an invalid or read-only token fails now, not after the search
+        logger.info("pushing as %s once the checkpoint is ready", user)
     cal = recipe.pruning.calibration
     if cal.path is not None and not Path(recipe.calibration_source()).exists():
         raise ConfigError(f"pruning.calibration.path: {cal.path!r} -> no such file (relative to the recipe folder)")
@@ -343,10 +347,16 @@ def run_recipe(
             logger.info("evaluating the pruned model")
             results["pruned"] = evaluate(model, tokenizer, recipe, tasks=tasks, include_path=include)
         if skipping is not None:
-            from .skipping import skip_rates
+            from .skipping import skip_counts
 
-            # Measured while the pruned model was evaluated (zero when no evaluation ran).
-            skipping["skip_rates"] = {str(k): v for k, v in skip_rates(model).items()}
+            # Measured while the pruned model was evaluated; left out where no token went through a layer
+            # (no evaluation ran), rather than reported as a rate of 0.
+            for index, (skipped, seen) in skip_counts(model).items():
+                if seen:
+                    skipping["layers"][index]["measured_skip_rate"] = skipped / seen
+                    skipping["layers"][index]["measured_slots"] = seen
+            if ev.enabled:
+                skipping["measured_on"] = "the pruned model's evaluation"
             pruner.report["skipping"] = skipping
         if "base" in results and "pruned" in results:
             from .evaluation import compare
@@ -555,6 +565,17 @@ def _experts_from_report(report: dict | None) -> list[dict[str, Any]]:
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON beside ``path`` and rename it into place: a failure never leaves a half-written file."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        staging.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def format_inspection(info: dict[str, Any]) -> str:

@@ -310,12 +310,15 @@ def _skippers(model: nn.Module) -> dict[int, object]:
     return found
 
 
+def skip_counts(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """(skipped, seen) non-primary routing slots per layer since the last reset (layers with skipping on)."""
+    return {index: (int(skipper.skipped), int(skipper.slots)) for index, skipper in _skippers(model).items()}
+
+
 def skip_rates(model: nn.Module) -> dict[int, float]:
-    """Fraction of non-primary routing slots skipped per layer since the last reset (layers with skipping on)."""
-    rates = {}
-    for index, skipper in _skippers(model).items():
-        rates[index] = float(skipper.skipped) / skipper.slots if skipper.slots else 0.0
-    return rates
+    """Fraction of non-primary routing slots skipped per layer since the last reset (0.0 where none were seen;
+    :func:`skip_counts` tells the two apart)."""
+    return {index: skipped / seen if seen else 0.0 for index, (skipped, seen) in skip_counts(model).items()}
 
 
 def reset_skip_counters(model: nn.Module) -> None:

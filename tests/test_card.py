@@ -33,7 +33,18 @@ REPORT = {
     "scores": {str(i): [float((i * 3 + e) % 8) for e in range(8)] for i in range(4)},
     "versions": {"python": "3.11.7", "diep_hub": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0"},
     "alpha": {"0": [0.1] * 8},
-    "skipping": {"enabled": True, "kernel": "linear", "mean_skip_rate": 0.12},
+    # the shape of SkippingCalibration.summary() plus the rates the runner measures during evaluation
+    "skipping": {
+        "kernel": "linear",
+        "calibration_tokens": 4096,
+        "cka_tokens": 512,
+        "measured_on": "the pruned model's evaluation",
+        "layers": {
+            "0": {"gamma1": 0.4375, "mean_pairwise_cka": 0.3125, "calibration_skip_rate": 0.5,
+                  "measured_skip_rate": 0.125, "measured_slots": 800},
+            "1": {"gamma1": 0.25, "mean_pairwise_cka": 0.5, "calibration_skip_rate": 0.375},
+        },
+    },
 }
 
 
@@ -167,7 +178,9 @@ def test_report_fields_reach_the_card_and_figures(tmp_path):
     assert "| Seed | 7 |" in text and "| Pruning time | 12.5 s |" in text
     assert "allenai/c4, 128 x 2048 tokens" in text
     assert "arXiv:2509.16105" in text
-    assert "- mean_skip_rate: 0.12" in text  # skipping section
+    assert "- kernel: linear" in text and "- calibration_tokens: 4096" in text  # skipping section
+    assert "| 0 | 0.4375 | 0.3125 | 50.0% | 12.5% |" in text
+    assert "| 1 | 0.2500 | 0.5000 | 37.5% | not measured |" in text
     assert "```yaml\n" + RECIPE.strip() + "\n```" in text and "diep-hub run recipe.yaml" in text
     assert "- transformers: 5.23.0" in text
     files = card_files(card)

@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from diep_hub import prune_experts, save_pruned
-from diep_hub.cli import build_parser, main
+from diep_hub.cli import EXIT_ERROR, build_parser, main
 from diep_hub.tiny import build_tiny_model, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +101,22 @@ def test_push_without_repo_id_is_refused_before_work(tmp_path, capsys):
     assert main(["run", str(TINY), "--output", str(tmp_path / "o"), "--push"]) == 2
     assert "no repo id -> set publish.repo_id in the recipe or pass --repo-id" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_run_with_a_rejected_token_fails_before_the_model_loads(hub_server, tmp_path, monkeypatch, capsys):
+    import diep_hub.runner
+
+    def no_loading(recipe):
+        raise AssertionError("the model must not be loaded when the push would fail")
+
+    monkeypatch.setattr(diep_hub.runner, "load_model", no_loading)
+    secret = "hf_not_a_real_token_0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    out = tmp_path / "o"
+    assert main(["run", str(TINY), "--output", str(out), "--push", "--repo-id", f"{hub_server.user}/x"]) == 2
+    err = capsys.readouterr().err
+    assert "rejected the token (401 Unauthorized)" in err and secret not in err
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------------- dry run
@@ -296,24 +312,26 @@ def test_run_tiny_card_parses_and_carries_the_evaluation(tiny_run):
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation == json.loads(json.dumps(summary["evaluation"]))
     assert {"base", "pruned"} <= set(evaluation)
-    # Every result in the card's model-index is a number the run measured on the pruned model.
-    measured = set(_numbers(evaluation["pruned"]))
+    # Every result in the card's model-index is the number the run measured on the pruned model, for that task
+    # and metric.
     assert card.data.eval_results, "the tiny recipe evaluates, so the card must carry results"
+    tasks = evaluation["pruned"]["lm_eval"]["tasks"]
     for result in card.data.eval_results:
-        assert any(abs(result.metric_value - v) < 1e-9 for v in measured), result
+        assert result.metric_value == tasks[result.dataset_name]["metrics"][result.metric_type], result
+    assert {r.dataset_name for r in card.data.eval_results} == {"diep_tiny_arith"}
+    # Skipping: calibrated per layer, rates measured while the pruned model was evaluated, shown in the card.
+    report = json.loads((out / "pruning_report.json").read_text())
+    layers = report["skipping"]["layers"]
+    assert set(layers) == {"0", "1", "2", "3"}
+    for index, layer in layers.items():
+        assert 0.0 < layer["gamma1"] <= 1.0 and layer["measured_slots"] > 0
+        assert 0.0 <= layer["measured_skip_rate"] <= 1.0
+        row = f"| {index} | {layer['gamma1']:.4f} | {layer['mean_pairwise_cka']:.4f} | "
+        assert row + f"{100 * layer['calibration_skip_rate']:.1f}% | {100 * layer['measured_skip_rate']:.1f}% |" in (
+            card.text
+        )
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["model"]["id"] == "diep-hub/tiny-mixtral" and recipe["pruning"]["sparsity"] == 0.5
-
-
-def _numbers(value):
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from _numbers(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _numbers(v)
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        yield float(value)
 
 
 @pytest.mark.slow
@@ -401,3 +419,31 @@ def test_eval_of_the_saved_checkpoint_reproduces_the_run_scores(tiny_run):
     reloaded = json.loads(proc.stdout)["lm_eval"]["tasks"]["diep_tiny_arith"]["metrics"]
     recorded = summary["evaluation"]["pruned"]["lm_eval"]["tasks"]["diep_tiny_arith"]["metrics"]
     assert reloaded["acc"] == recorded["acc"]
+
+
+@pytest.mark.slow
+def test_eval_with_base_and_save_then_card_shows_retention(tiny_run, tmp_path):
+    """`eval --base --save` writes evaluation.json into the folder and `card` turns it into the results table."""
+    out, summary = tiny_run
+    folder = tmp_path / "ckpt"
+    shutil.copytree(out, folder)
+    (folder / "evaluation.json").unlink()
+    proc = _cli("eval", str(folder), "--tasks", "diep_tiny_arith", "--base", "diep-hub/tiny-mixtral", "--save")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((folder / "evaluation.json").read_text())
+    assert saved == json.loads(proc.stdout)
+    metric = lambda side: side["lm_eval"]["tasks"]["diep_tiny_arith"]["metrics"]["acc"]  # noqa: E731
+    # the same numbers the run measured, for both models, and retention = pruned / base
+    assert metric(saved["pruned"]) == metric(summary["evaluation"]["pruned"])
+    assert metric(saved["base"]) == metric(summary["evaluation"]["base"])
+    retention = saved["comparison"]["tasks"]["diep_tiny_arith"]["metrics"]["acc"]["retention"]
+    assert retention == pytest.approx(metric(saved["pruned"]) / metric(saved["base"]))
+    assert _cli("card", str(folder)).returncode == 0
+    card = (folder / "README.md").read_text()
+    assert f"{100 * retention:.2f}%" in card
+
+
+def test_eval_save_needs_a_checkpoint_folder(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nowhere"), "--tasks", "x", "--save"]) == EXIT_ERROR
+    message = capsys.readouterr().err
+    assert "--save writes evaluation.json into a checkpoint folder" in message and "nowhere" in message

@@ -176,9 +176,9 @@ def test_compare_gives_retention_pruned_over_base(evaluated):
     comparison = compare(evaluated["base"], evaluated["pruned"])
     acc = comparison["tasks"][TASK]["metrics"]["acc"]
     assert acc["base"] == evaluated["base_acc"] and acc["pruned"] == evaluated["pruned_acc"]
-    if evaluated["base_acc"]:
-        assert acc["retention"] == pytest.approx(evaluated["pruned_acc"] / evaluated["base_acc"])
-        assert comparison["average_retention"] == acc["retention"]
+    assert evaluated["base_acc"] > 0  # the fixture's task is learnable, so retention is defined
+    assert acc["retention"] == pytest.approx(evaluated["pruned_acc"] / evaluated["base_acc"])
+    assert comparison["average_retention"] == acc["retention"]
     mem = comparison["memory"]["parameter_bytes"]
     assert mem["ratio"] == pytest.approx(mem["pruned"] / mem["base"]) and mem["ratio"] < 1
     synthetic = compare(
@@ -190,6 +190,16 @@ def test_compare_gives_retention_pruned_over_base(evaluated):
     assert synthetic["tasks"]["t"]["metrics"] == {"acc": {"base": 0.8, "pruned": 0.6, "retention": 0.6 / 0.8}}
     assert synthetic["average_retention"] == 0.6 / 0.8
     assert synthetic["perplexity"]["ratio"] == 1.25
+    # lower is better (lm-eval's higher_is_better: false): retention = base / pruned, so < 1 still means worse
+    lower = {"word_perplexity": False}
+    wikitext = compare(
+        {"lm_eval": {"tasks": {"w": {"metrics": {"word_perplexity": 20.0}, "primary_metric": "word_perplexity",
+                                     "higher_is_better": lower}}}},
+        {"lm_eval": {"tasks": {"w": {"metrics": {"word_perplexity": 25.0}, "primary_metric": "word_perplexity",
+                                     "higher_is_better": lower}}}},
+    )
+    assert wikitext["tasks"]["w"]["metrics"]["word_perplexity"]["retention"] == 0.8
+    assert wikitext["average_retention"] == 0.8
 
 
 def test_lm_eval_numbers_reach_the_card_unchanged(evaluated, tmp_path):

@@ -13,6 +13,7 @@ import textwrap
 import hub_server as fake_hub
 import pytest
 import torch
+import yaml
 from huggingface_hub import HfApi, ModelCard
 from tiny_models import sample_input_ids, tiny_model
 from tiny_tokenizer import tiny_tokenizer
@@ -151,6 +152,17 @@ def test_pull_request_and_private_repo(hub, pruned):
     assert "401" in str(anonymous.value) or "Repository Not Found" in str(anonymous.value)
 
 
+def test_private_push_to_an_existing_public_repo_warns(hub, pruned, caplog):
+    _, folder = pruned
+    push(folder, REPO, token=hub.token)
+    assert hub.repos[REPO].private is False
+    with caplog.at_level(logging.WARNING, logger="diep_hub.hub"):
+        push(folder, REPO, token=hub.token, private=True, commit_message="again")
+    assert hub.repos[REPO].private is False  # visibility of an existing repo is never changed behind your back
+    assert f"{REPO} already exists and is public: private=True only applies to a new repository" in caplog.text
+    assert hub.token not in caplog.text
+
+
 def test_push_a_model_object_saves_and_uploads_everything(hub):
     model = diep_hub.prune_experts(tiny_model("qwen3_moe"), {0: [0, 1, 2, 3], 1: [4, 5], 2: [0, 7], 3: [1, 2, 3]})
     info = push(model, "tester/qwen3-direct", token=hub.token, tokenizer=tiny_tokenizer())
@@ -251,6 +263,26 @@ def test_cli_push_uses_the_environment_token_and_maps_errors(hub, pruned, monkey
     assert hub.token not in out.out + out.err
     head = _history(hub)[0]
     assert head.title == "CLI upload" and "model.safetensors" in head.files
+
+
+def test_cli_push_follows_the_folder_recipe_unless_told_otherwise(hub, pruned, monkeypatch, tmp_path):
+    """A folder written by `diep-hub run` carries its recipe: its publish settings are the push defaults."""
+    from diep_hub.cli import main
+
+    _, folder = pruned
+    copy = tmp_path / "with-recipe"
+    shutil.copytree(folder, copy)
+    publish = {"private": True, "create_pr": True, "commit_message": "From the recipe"}
+    (copy / "recipe.yaml").write_text(yaml.safe_dump({"model": {"id": "org/m"}, "publish": publish}))
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    assert main(["push", str(copy), "tester/from-recipe"]) == 0
+    repo = hub.repos["tester/from-recipe"]
+    assert repo.private is True and "refs/pr/1" in repo.refs
+    assert repo.commits[repo.refs["refs/pr/1"]].title == "From the recipe"
+    # flags win over the recipe
+    assert main(["push", str(copy), "tester/flags-win", "--no-private", "--no-create-pr", "--message", "x"]) == 0
+    repo = hub.repos["tester/flags-win"]
+    assert repo.private is False and "refs/pr/1" not in repo.refs and repo.history("main")[0].title == "x"
 
 
 def test_offline_mode_is_a_clear_error(pruned, monkeypatch):

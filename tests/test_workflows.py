@@ -42,6 +42,17 @@ def test_prune_and_publish_contract():
     assert "huggingface" in cache["with"]["path"]
     text = (WORKFLOWS[0].parent / "prune-and-publish.yml").read_text()
     assert "secrets.HF_TOKEN" in text and "GITHUB_STEP_SUMMARY" in text
-    # The token only reaches the push step, and is never echoed.
-    token_steps = [s for s in steps if "secrets.HF_TOKEN" in str(s)]
-    assert len(token_steps) == 1 and "echo \"$HF_TOKEN\"" not in text and "echo $HF_TOKEN" not in text
+    # The write token reaches only the token check and the push; the pruning step (which downloads and runs the
+    # model) gets the optional read-only token; neither is ever echoed.
+    by_name = {s.get("name"): s for s in steps}
+    write_steps = {s["name"] for s in steps if "secrets.HF_TOKEN }}" in str(s.get("env", {}))}
+    assert write_steps == {"Check the Hub token", "Push to the Hub"}
+    assert by_name["Prune, evaluate and save"]["env"]["HF_TOKEN"] == "${{ secrets.HF_READ_TOKEN }}"
+    assert "echo \"$HF_TOKEN\"" not in text and "echo $HF_TOKEN" not in text
+    # the check runs before the pruning, so a bad token fails before hours of search
+    names = [s.get("name") for s in steps]
+    assert names.index("Check the Hub token") < names.index("Prune, evaluate and save") < names.index("Push to the Hub")
+    # artifacts carry the card, its figures and the Hub's eval-results files (a hidden folder)
+    upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@"))
+    assert upload["with"]["include-hidden-files"] is True
+    assert {"out/pruned/evaluation.json", "out/pruned/.eval_results/"} <= set(upload["with"]["path"].split())

@@ -1,4 +1,9 @@
-"""Base vs pruned: retention (pruned / base) for every shared metric, and the ratios that pruning is for."""
+"""Base vs pruned: retention for every shared metric, and the ratios that pruning is for.
+
+Retention is pruned / base for metrics where higher is better (accuracy) and base / pruned where lower is better
+(lm-eval's ``higher_is_better: false``, e.g. word_perplexity), so that 1.0 always means "unchanged" and less
+than 1.0 always means "worse".
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,18 @@ def _ratio(pruned: Any, base: Any) -> float | None:
     if base == 0:
         return None
     return float(pruned) / float(base)
+
+
+def metric_retention(pruned: Any, base: Any, higher_is_better: bool = True) -> float | None:
+    """pruned / base, or base / pruned for a lower-is-better metric; None when either is missing or zero."""
+    if higher_is_better:
+        return _ratio(pruned, base)
+    return _ratio(base, pruned) if isinstance(pruned, (int, float)) and pruned != 0 else None
+
+
+def higher_is_better(task_row: Mapping[str, Any], metric: str) -> bool:
+    """lm-eval's direction of a task metric (recorded by run_lm_eval); higher is better unless it says otherwise."""
+    return (task_row.get("higher_is_better") or {}).get(metric) is not False
 
 
 def compare(base_results: Mapping[str, Any], pruned_results: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,12 +52,13 @@ def compare(base_results: Mapping[str, Any], pruned_results: Mapping[str, Any]) 
             if "_stderr" in metric or metric not in pruned_row.get("metrics", {}):
                 continue
             pruned_value = pruned_row["metrics"][metric]
-            retention = _ratio(pruned_value, base_value)
+            retention = metric_retention(pruned_value, base_value, higher_is_better(base_row, metric))
             metrics[metric] = {"base": base_value, "pruned": pruned_value, "retention": retention}
         primary = base_row.get("primary_metric")
         tasks[name] = {"primary_metric": primary, "metrics": metrics}
         if primary in metrics and metrics[primary]["retention"] is not None and base_row.get("requested", True):
-            primaries.append((metrics[primary]["pruned"], metrics[primary]["base"]))
+            pair = (metrics[primary]["pruned"], metrics[primary]["base"])
+            primaries.append(pair if higher_is_better(base_row, primary) else pair[::-1])
     out: dict[str, Any] = {"tasks": tasks, "average_retention": None}
     if primaries:
         # Same definition as the packaged evaluate metric (diep_hub/evaluation/retention.py).
