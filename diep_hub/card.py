@@ -251,6 +251,7 @@ def card_inputs(
     model_name: str | None = None,
     command: str | None = None,
     extra_markdown: str | None = None,
+    stock_format: bool = False,
 ) -> CardInputs:
     """Gather what the card says. A folder supplies missing report, evaluation and recipe from its files."""
     from .families import get_family
@@ -267,6 +268,8 @@ def card_inputs(
     pruning = config.get("diep_pruning") or {}
     model_type = str(config.get("model_type", "unknown"))
     family = get_family(model_type)
+    if stock_format:  # the live model is diep_<family>, but it is saved as the stock architecture
+        model_type = family.model_type
     if license is None and base_model:
         license = _base_model_license(base_model)
     base, pruned, comparison = _split_evaluation(eval_results)
@@ -472,6 +475,7 @@ def build_model_card(
     benchmarks: Mapping[str, tuple[str, str]] | None = None,
     evaluation: Mapping[str, Any] | None = None,
     recipe_yaml: str | None = None,
+    stock_format: bool = False,
 ) -> ModelCard:
     """The model card of a pruned model or checkpoint folder.
 
@@ -484,6 +488,8 @@ def build_model_card(
         recipe_text: the recipe that produced the model (YAML or JSON text), shown under "How to reproduce".
         benchmarks: extra ``task -> (Hub dataset id, task id)`` pairs for ``.eval_results`` entries.
         evaluation, recipe_yaml: the recipe runner's names for ``eval_results`` and ``recipe_text``.
+        stock_format: the model is saved as the stock architecture (``save_pruned(stock_format=True)``), so the
+            card tells readers to load it without remote code.
 
     The returned card carries ``card.figures`` (path -> PNG bytes) and ``card.eval_entries``
     (file name -> EvalResultEntry list); :func:`write_card` / :func:`card_files` write them beside README.md.
@@ -496,6 +502,7 @@ def build_model_card(
         model_or_folder, base_model=base_model, eval_results=eval_results if eval_results is not None else evaluation,
         report=report, recipe_text=recipe_text if recipe_text is not None else recipe_yaml, license=license,
         tags=tags, repo_id=repo_id, model_name=model_name, command=command, extra_markdown=extra_markdown,
+        stock_format=stock_format,
     )
     card = render_card(inputs)
     card.inputs = inputs

@@ -444,6 +444,7 @@ def _build_card(model, pruner, recipe: Recipe, results: dict[str, Any]):
         extra_markdown=c.extra_markdown,
         repo_id=recipe.publish.repo_id,
         command=f"diep-hub run {RECIPE_FILE}",
+        stock_format=recipe.output.stock_format,
     )
 
 
@@ -627,7 +628,7 @@ def reproduce(
         new_config = json.loads((rerun_dir / "config.json").read_text(encoding="utf-8"))
         new_report = _read_json(rerun_dir / REPORT_FILE) or {}
         checks = {
-            "kept_experts": _compare_kept(recorded_config, new_config),
+            "kept_experts": _compare_kept(recorded_config, new_config, recorded_report, new_report),
             "weights": _compare_weights(folder, rerun_dir, atol=atol),
             "expert_scores": _compare_numbers(recorded_report.get("scores"), new_report.get("scores"), atol=1e-4),
         }
@@ -642,8 +643,20 @@ def reproduce(
     return {"source": str(repo_or_dir), "match": all(c["match"] for c in checks.values()), "checks": checks}
 
 
-def _compare_kept(old: dict, new: dict) -> dict[str, Any]:
-    a, b = old.get("kept_expert_ids"), new.get("kept_expert_ids")
+def _kept_ids(config: dict, report: dict) -> list | None:
+    """Kept original ids per decoder layer: from config.json, or (stock-format checkpoints, whose config has no
+    per-layer fields) from pruning_report.json's ``kept_original_ids``."""
+    if config.get("kept_expert_ids") is not None:
+        return config["kept_expert_ids"]
+    by_layer = report.get("kept_original_ids")
+    if not by_layer:
+        return None
+    layers = int(config.get("num_hidden_layers") or 1 + max(int(i) for i in by_layer))
+    return [by_layer.get(str(i)) for i in range(layers)]
+
+
+def _compare_kept(old: dict, new: dict, old_report: dict | None = None, new_report: dict | None = None):
+    a, b = _kept_ids(old, old_report or {}), _kept_ids(new, new_report or {})
     diffs = [
         {"layer": i, "recorded": x, "reproduced": y}
         for i, (x, y) in enumerate(zip(a or [], b or []))

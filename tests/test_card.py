@@ -234,3 +234,10 @@ def test_only_requested_tasks_reach_the_card():
     card = build_model_card(tiny_model("mixtral"), eval_results=evaluation, license="mit")
     assert [r.task for r in card.inputs.results] == ["openbookqa", "boolq"]
     assert "mmlu_anatomy" not in str(card)
+
+
+def test_unknown_license_is_stated_not_invented():
+    model, _ = _pruned("mixtral")
+    card = build_model_card(model, report=REPORT)
+    assert card.data.license is None
+    assert "| License | not recorded: the base model's license applies; check it before use |" in str(card)

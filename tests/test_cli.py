@@ -447,3 +447,29 @@ def test_eval_save_needs_a_checkpoint_folder(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nowhere"), "--tasks", "x", "--save"]) == EXIT_ERROR
     message = capsys.readouterr().err
     assert "--save writes evaluation.json into a checkpoint folder" in message and "nowhere" in message
+
+
+@pytest.mark.slow
+def test_stock_format_run_reproduces_and_its_card_says_stock(tmp_path):
+    """Uniform selection saved in the stock architecture: no remote code, and `reproduce` still checks the kept
+    experts (from pruning_report.json, since a stock config has no per-layer fields)."""
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["pruning"]["selection"] = "uniform"
+    recipe["skipping"]["enabled"] = False
+    recipe["evaluation"]["enabled"] = False
+    recipe["output"]["stock_format"] = True
+    recipe_file = tmp_path / "stock.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "stock"
+    proc = _cli("run", str(recipe_file), "--output", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4 and "auto_map" not in config
+    assert not (out / "modeling_diep.py").exists()
+    card = (out / "README.md").read_text()
+    assert "saved in the stock `mixtral` architecture (no remote" in card
+    assert "trust_remote_code=True" not in card and "Engines that assume one expert count" not in card
+    proc = _cli("reproduce", str(out), "--json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kept = json.loads(proc.stdout)["checks"]["kept_experts"]
+    assert kept == {"match": True, "differences": []}
