@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch
 from diep_hub import DiEPPruner, get_family, prune_experts
 from diep_hub.criteria.base import ScoringContext, get_criterion
 from diep_hub.errors import DiEPError
+from diep_hub.machine import machine_description
 from diep_hub.selection import select_experts
 from diep_hub.zoo import domains
 from diep_hub.zoo.tasks import evaluate_zoo, retention
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     meta = {
         "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.machine()} CPU, 2 cores shared, no GPU; torch {torch.__version__}",
+        "machine": machine_description(),
         "num_samples": args.num_samples,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from diep_hub.machine import machine_description
 from diep_hub.memory import PeakMemory
 
 HERE = Path(__file__).resolve().parent
@@ -199,8 +200,8 @@ def render(part1, activations, part2, epochs, total) -> str:
         "",
         "Command: `python benchmarks/search_cost.py --write` "
         f"(whole run {total:.0f} s; each measurement in a fresh single-threaded subprocess).",
-        f"Machine: {os.cpu_count()}-core CPU, no GPU, shared with other jobs (timings are indicative, not tight); "
-        f"Python {platform.python_version()}, torch {_version('torch')}, transformers {_version('transformers')}.",
+        f"Machine: {machine_description()}, Python {platform.python_version()}; shared with other jobs (timings are "
+        "indicative, not tight).",
         "",
         "Peak memory = live malloc bytes (glibc mallinfo2; torch allocates CPU tensors through malloc) sampled every "
         "1 ms during scoring, minus the same just before it (model built, tokens made, one warm-up forward); unlike "

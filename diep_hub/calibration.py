@@ -75,6 +75,7 @@ def load_calibration_data(
     split: str = "train",
     text_field: str = "text",
     streaming: bool | None = None,
+    progress: bool = True,
 ) -> torch.Tensor:
     """Calibration token windows, ``LongTensor [num_samples, seq_len]``.
 
@@ -88,6 +89,7 @@ def load_calibration_data(
         split: split of a Hub dataset or DatasetDict (a local file is a single "train" split).
         text_field: column holding the text (a .txt file always uses "text").
         streaming: stream instead of downloading; default True for Hub names, False otherwise.
+        progress: show a tqdm bar while tokenising.
 
     Raises:
         ConfigError: bad arguments, an unknown file type, a missing text column, too little text, or a Hub name
@@ -102,7 +104,7 @@ def load_calibration_data(
     needed = num_samples * seq_len
     rng = random.Random(seed)
     documents, description = _documents(source, seed, config_name, split, text_field, streaming, rng)
-    tokens = _pack(documents, tokenizer, needed, description)
+    tokens = _pack(documents, tokenizer, needed, description, progress=progress)
     if len(tokens) < needed:
         raise ConfigError(
             f"calibration source {description} has {len(tokens):,} tokens, but num_samples={num_samples} x "
@@ -238,13 +240,13 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _pack(documents: Iterable[str], tokenizer, needed: int, description: str) -> list[int]:
+def _pack(documents: Iterable[str], tokenizer, needed: int, description: str, progress: bool = True) -> list[int]:
     """Tokenise documents until ``needed`` tokens are collected, EOS between documents."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         logger.warning("tokenizer has no EOS token: calibration documents are concatenated without a separator")
     tokens: list[int] = []
-    bar = tqdm(total=needed, desc="tokenising calibration data", unit="tok")
+    bar = tqdm(total=needed, desc="tokenising calibration data", unit="tok", disable=not progress)
     try:
         for batch in _batched(documents, TOKENIZE_BATCH):
             encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]

@@ -303,6 +303,7 @@ class DiEPPruner:
                 config_name=self.dataset_config,
                 split=self.split,
                 text_field=self.text_field,
+                progress=self.progress,
             )
             memory.measure()
             context = criteria_base.ScoringContext(

@@ -171,6 +171,14 @@ class PerplexitySection(_Section):
     num_samples: Annotated[int, Field(ge=1)] = 64
     seq_len: Annotated[int, Field(ge=2)] = 2048
 
+    @model_validator(mode="after")
+    def _one_source(self) -> PerplexitySection:
+        if self.path is not None and "dataset" in self.model_fields_set and self.dataset is not None:
+            raise ValueError("give either 'dataset' (a Hub dataset) or 'path' (a local file), not both")
+        if self.path is None and self.dataset is None:
+            raise ValueError("give 'dataset' (a Hub dataset name) or 'path' (a local json/jsonl/parquet/txt file)")
+        return self
+
     @property
     def source(self) -> str:
         return self.path if self.path is not None else str(self.dataset)
@@ -279,13 +287,30 @@ class Recipe(_Section):
 
         return is_offline_model(self.model.id)
 
-    def to_yaml(self) -> str:
+    def to_yaml(self, *, resolve_paths: bool = False) -> str:
         """The recipe as YAML (defaults filled in), the text saved beside every checkpoint."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(resolve_paths=resolve_paths), sort_keys=False)
 
-    def to_dict(self) -> dict:
-        """Plain data with the YAML key names (``lambda``, not ``lambda_``)."""
-        return self.model_dump(mode="json", by_alias=True)
+    def to_dict(self, *, resolve_paths: bool = False) -> dict:
+        """Plain data with the YAML key names (``lambda``, not ``lambda_``).
+
+        ``resolve_paths`` makes local data paths absolute: a recipe saved into a checkpoint folder must still find
+        its calibration file and task folder when ``diep-hub reproduce`` reads it from there.
+        """
+        data = self.model_dump(mode="json", by_alias=True)
+        # A local file replaces the Hub dataset: dump the default dataset name as null, or the file would not load
+        # back ("give either 'dataset' or 'path'").
+        sources = [data["pruning"]["calibration"], data["evaluation"].get("perplexity") or {}]
+        for source in sources:
+            if source.get("path") is not None:
+                source["dataset"] = source["config"] = None
+        if resolve_paths:
+            cal, ev = data["pruning"]["calibration"], data["evaluation"]
+            cal["path"] = self.resolve_path(cal["path"])
+            ev["include_path"] = self.resolve_path(ev["include_path"])
+            if ev.get("perplexity"):
+                ev["perplexity"]["path"] = self.resolve_path(ev["perplexity"]["path"])
+        return data
 
     def calibration_source(self) -> str:
         """The calibration source handed to the loader: an absolute local path or a Hub dataset name."""

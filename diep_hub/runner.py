@@ -365,7 +365,7 @@ def run_recipe(
         from .card import card_files
 
         card = _build_card(model, pruner, recipe, results)
-        extra = {RECIPE_FILE: recipe.to_yaml(), **card_files(card)}
+        extra = {RECIPE_FILE: recipe.to_yaml(resolve_paths=True), **card_files(card)}
         if results:
             extra[EVAL_FILE] = results
         saved = _save(model, pruner, out, tokenizer=tokenizer, stock_format=recipe.output.stock_format,
@@ -438,7 +438,7 @@ def _build_card(model, pruner, recipe: Recipe, results: dict[str, Any]):
         report=pruner.report,
         evaluation=results or None,
         base_model=None if recipe.is_offline else recipe.model.id,
-        recipe_yaml=recipe.to_yaml(),
+        recipe_yaml=recipe.to_yaml(resolve_paths=True),
         license=c.license,
         tags=c.tags,
         extra_markdown=c.extra_markdown,

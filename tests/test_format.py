@@ -200,6 +200,22 @@ def test_fused_layout_on_disk_also_loads(tmp_path, family):
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_plain_save_pretrained_of_a_pruned_model_writes_the_remote_code(tmp_path, family):
+    """`model.save_pretrained` (transformers' own writer) also produces a loadable diep_<family> checkpoint."""
+    model = tiny_model(family)
+    diep_hub.prune_experts(model, nonuniform_keep(model))
+    model.save_pretrained(tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["model_type"] == f"diep_{family}" and "AutoModelForCausalLM" in config["auto_map"]
+    assert {"configuration_diep.py", "modeling_diep.py"} <= {p.name for p in (tmp_path / "plain").iterdir()}
+    assert config["num_experts_per_layer"] == model.config.num_experts_per_layer
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    ids = sample_input_ids()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
 def test_per_expert_base_checkpoint_prunes_and_reloads(tmp_path):
     """A base model stored with per-expert keys (as Mixtral is on the Hub) -> prune -> save -> reload."""
     tiny_model("mixtral").save_pretrained(tmp_path / "base")

@@ -120,6 +120,19 @@ def test_relative_data_paths_resolve_against_the_recipe_folder(tmp_path):
     r = load_recipe(path)
     assert r.calibration_source() == str((tmp_path / "data.jsonl").resolve())
     assert r.to_pruner_kwargs()["dataset"] == str((tmp_path / "data.jsonl").resolve())
+    # the copy saved into a checkpoint folder keeps finding the file from there (diep-hub reproduce)
+    saved = yaml.safe_load(r.to_yaml(resolve_paths=True))
+    assert saved["pruning"]["calibration"]["path"] == str((tmp_path / "data.jsonl").resolve())
+    elsewhere = tmp_path / "ckpt"
+    elsewhere.mkdir()
+    (elsewhere / "recipe.yaml").write_text(r.to_yaml(resolve_paths=True))
+    assert load_recipe(elsewhere / "recipe.yaml").calibration_source() == str((tmp_path / "data.jsonl").resolve())
+    assert yaml.safe_load(r.to_yaml())["pruning"]["calibration"]["path"] == "data.jsonl"  # as written
+
+
+def test_perplexity_takes_one_source():
+    problems = _problems({"model": {"id": "a/b"}, "evaluation": {"perplexity": {"dataset": "wikitext", "path": "x"}}})
+    assert any("give either 'dataset' (a Hub dataset) or 'path' (a local file), not both" in p for p in problems)
 
 
 # ------------------------------------------------------------------------------------------ malformed recipes

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 
-from .train import ZOO, build_zoo_model
+from .train import EXTRA, ZOO, build_record, build_zoo_model
 
 logger = logging.getLogger(__name__)
 NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the tables are regenerated -->"
@@ -19,7 +20,9 @@ NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the tables a
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diep_hub.zoo.build", description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", default=list(ZOO), help=f"zoo entries (default: all of {list(ZOO)})")
+    parser.add_argument(
+        "names", nargs="*", default=list(ZOO), help=f"zoo entries (default: {list(ZOO)}; also {list(EXTRA)})"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=1)
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.perf_counter()
         result = evaluate_zoo(model, tokenizer)
+        record = build_record(name, seed=args.seed, cache_dir=args.cache_dir, threads=args.threads) or {}
+        result["train_seconds"] = record.get("train_seconds")  # None for builds cached before it was recorded
+        result["train_machine"] = record.get("machine")
         result["build_seconds"] = round(built, 1)
         result["eval_seconds"] = round(time.perf_counter() - start, 1)
         rows.append((name, result))
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         notes = ""
         if target.is_file() and NOTES_MARKER in target.read_text(encoding="utf-8"):
             notes = target.read_text(encoding="utf-8").split(NOTES_MARKER, 1)[1]
-        table = zoo_markdown(rows, command="nice -n 10 python -m diep_hub.zoo.build --markdown " + args.markdown)
+        command = " ".join(["python -m diep_hub.zoo.build", *(argv if argv is not None else sys.argv[1:])])
+        table = zoo_markdown(rows, command=command)
         target.write_text(table + "\n" + NOTES_MARKER + notes, encoding="utf-8")
     return 0
 

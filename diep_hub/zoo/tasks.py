@@ -33,6 +33,7 @@ from typing import Protocol
 import torch
 
 from ..errors import ConfigError
+from ..machine import machine_description
 from . import domains as zoo_domains
 from .domains import DOMAINS, Example
 
@@ -325,9 +326,11 @@ def zoo_markdown(rows: list[tuple[str, dict]], *, command: str) -> str:
     lines = [
         "# Reference model zoo: per-domain quality of the trained models",
         "",
-        f"Command: `{command}` (2-core shared CPU, no GPU). Held-out items (test split, seed 0): 100 multiple-choice",
-        "items (4 options: chance 25%), 50 exact-match items (chance ~0) and 100 lines (loss, nats per character;",
-        f"a uniform model scores ln({vocab}) = {math.log(vocab):.2f}) per domain.",
+        f"Command: `{command}`.  ",
+        f"Machine: {machine_description()}.  ",
+        "Held-out items (test split, seed 0): 100 multiple-choice items (4 options: chance 25%), 50 exact-match items",
+        "(chance ~0) and 100 lines (loss, nats per character; a uniform model scores "
+        f"ln({vocab}) = {math.log(vocab):.2f}) per domain.",
         "",
     ]
     for name, result in rows:

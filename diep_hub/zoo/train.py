@@ -18,12 +18,14 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
+from ..machine import machine_description
 from . import domains
 
 logger = logging.getLogger(__name__)
@@ -86,6 +88,21 @@ ZOO: dict[str, ZooEntry] = {
     )
 }
 
+# Built on request, not part of the quality benchmark's default set: experts 4x wider than mixtral-8e, so that
+# expert GEMMs dominate a forward pass on CPU and expert skipping's saved compute shows up as speed
+# (benchmarks/skipping_speed.py --model zoo:mixtral-8e-wide), on a model whose accuracy means something.
+EXTRA: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        ZooEntry(
+            "mixtral-8e-wide",
+            "mixtral",
+            dict(intermediate_size=512, num_local_experts=8, num_experts_per_tok=2),
+            description="Mixtral type, 8 wide experts (FFN 512) top-2, 4 layers",
+        ),
+    )
+}
+
 # A seconds-long entry for tests and CI (tiny dims, few steps): checks the build, not the quality.
 SMOKE = ZooEntry(
     "smoke",
@@ -102,8 +119,12 @@ def get_entry(name: str) -> ZooEntry:
     """The zoo entry ``name`` (``"smoke"`` included), or a ConfigError listing the entries."""
     if name == SMOKE.name:
         return SMOKE
+    if name in EXTRA:
+        return EXTRA[name]
     if name not in ZOO:
-        raise ConfigError(f"unknown zoo model {name!r}; available: {sorted(ZOO)} (and {SMOKE.name!r} for tests)")
+        raise ConfigError(
+            f"unknown zoo model {name!r}; available: {sorted(ZOO) + sorted(EXTRA)} (and {SMOKE.name!r} for tests)"
+        )
     return ZOO[name]
 
 
@@ -226,6 +247,18 @@ def train_model(entry: ZooEntry, *, seed: int = 0, steps: int | None = None, thr
     return model, tokenizer, log
 
 
+def build_record(
+    name: str, *, seed: int = 0, steps: int | None = None, cache_dir: str | os.PathLike | None = None, threads: int = 1
+) -> dict | None:
+    """The cached build's ``zoo_build.json`` (weights hash, training time and machine, loss log), or None."""
+    entry = get_entry(name)
+    if steps is not None:
+        entry = replace(entry, steps=steps)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    record = folder / cache_key(entry, seed, threads) / "zoo_build.json"
+    return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+
+
 def build_zoo_model(
     name: str,
     *,
@@ -260,7 +293,9 @@ def build_zoo_model(
         tokenizer = domains.build_tokenizer()
         return model, tokenizer
     logger.info("training zoo/%s (seed %d, %d steps); cached at %s", name, seed, entry.steps, target)
+    started = time.perf_counter()
     model, tokenizer, log = train_model(entry, seed=seed, threads=threads)
+    train_seconds = time.perf_counter() - started
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     build = {
@@ -269,6 +304,8 @@ def build_zoo_model(
         "threads": threads,
         "torch": torch.__version__,
         "weights_sha256": weights_hash(model),
+        "train_seconds": round(train_seconds, 1),
+        "machine": machine_description(),
         "training_log": log,
     }
     (tmp / "zoo_build.json").write_text(json.dumps(build, indent=2), encoding="utf-8")
