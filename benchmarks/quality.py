@@ -51,7 +51,8 @@ class Method:
 METHODS = {
     m.label: m
     for m in (
-        Method("diep-gated", "diep", {"mode": "gated"}),  # the shipped defaults (30 epochs)
+        Method("diep", "diep"),  # the shipped defaults: mode "auto" (gated or dense by family), 30 epochs
+        Method("diep-gated", "diep", {"mode": "gated"}),  # 30 epochs
         Method("diep-dense", "diep", {"mode": "dense", "epochs": 10}),  # the paper's Eq. 5 and hyper-parameters
         Method("reap", "reap"),
         Method("frequency", "frequency"),
@@ -244,7 +245,7 @@ def run_model(name: str, methods: list[Method], args) -> dict:
                 )
                 if method.label.startswith("diep") and selection == "global":
                     block["layer_counts"][f"{method.label}@{sparsity}"] = row["kept"]
-        if args.check_pruner and method.label == "diep-gated" and cached is not None:
+        if args.check_pruner and method.label == "diep" and cached is not None:
             keep = select(cached[0].scores, model, sparsity=0.5, mode="global")
             block["pruner_agrees"] = check_against_pruner(
                 model,
@@ -307,10 +308,25 @@ def run_ablation(name: str, args) -> dict:
     return {"model": name, "base": base, "rows": rows}
 
 
+def _merge_block(old: dict, new: dict, rows_key: str, label_key: str) -> dict:
+    """``new`` with the rows of ``old`` whose method (or variant) was not run again, so that one method can be
+    re-run (``--methods diep``) without re-running the others."""
+    rerun = {row[label_key] for row in new[rows_key]}
+    kept = [row for row in old.get(rows_key, []) if row.get(label_key) not in rerun]
+    merged = {**old, **new, rows_key: kept + new[rows_key]}
+    if "layer_counts" in old:
+        merged["layer_counts"] = {**old["layer_counts"], **new.get("layer_counts", {})}
+    return merged
+
+
 def _merge_write(path: Path, meta: dict, blocks: list[dict]) -> None:
-    """Write results, replacing the blocks of the models just run and keeping the others (runs per model)."""
+    """Write results, merging the rows just run into those of earlier runs (per model and method)."""
     old = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "blocks": []}
-    by_model = {b["model"]: b for b in old["blocks"]} | {b["model"]: b for b in blocks}
+    by_model = {b["model"]: b for b in old["blocks"]}
+    for block in blocks:
+        rows_key, label_key = ("runs", "method") if "runs" in block else ("rows", "variant")
+        previous = by_model.get(block["model"])
+        by_model[block["model"]] = _merge_block(previous, block, rows_key, label_key) if previous else block
     ordered = [by_model[name] for name in ZOO if name in by_model]
     meta = {**meta, "commands": list(dict.fromkeys([*old["meta"].get("commands", []), meta["command"]]))}
     path.write_text(json.dumps({"meta": meta, "blocks": ordered}, indent=1), encoding="utf-8")
@@ -388,7 +404,11 @@ def _run(block: dict, method: str, selection: str, sparsity: float) -> dict | No
 def main_tables(data: dict) -> list[str]:
     meta = data["meta"]
     blocks = data["blocks"]
-    methods = list(dict.fromkeys(r["method"] for b in blocks for r in b["runs"]))
+    order = list(METHODS)
+    methods = sorted(
+        dict.fromkeys(r["method"] for b in blocks for r in b["runs"]),
+        key=lambda m: order.index(m) if m in order else len(order),
+    )
     sparsities = sorted({r["sparsity"] for b in blocks for r in b["runs"] if "sparsity" in r})
     lines = [
         "## Main table",

@@ -47,7 +47,7 @@ recipe sections (unknown keys are errors):
   model:      id, revision, dtype (auto|float32|float16|bfloat16), device_map, trust_remote_code
   pruning:    method (diep|reap|frequency|soft_frequency|naee|random), sparsity (0-1), selection
               (global|uniform), seed, calibration {dataset, config, split, text_field, path, num_samples, seq_len},
-              search {mode (dense|gated), lr, epochs, batch_size, lambda, alternation "3:1", ranking},
+              search {mode (auto|gated|dense), lr, epochs, batch_size, lambda, alternation "3:1", ranking},
               floors {min_experts_per_layer, max_layer_sparsity, regroup}
   skipping:   enabled, kernel (linear|rbf), num_samples
   evaluation: enabled, base, tasks, include_path, limit, batch_size, num_fewshot, perplexity, speed, memory
@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--search-mode", default=None,
-                   help="gated (default: keeps the router) or dense (the paper's Eq. 5: all experts mixed)")
+                   help="auto (default: gated where top-k weights are renormalised, else dense), gated (keeps the "
+                        "router) or dense (the paper's Eq. 5: all experts mixed)")
     p.add_argument("--lr", type=float, default=None, help="search learning rate (default 5e-3)")
     p.add_argument("--epochs", type=int, default=None, help="search epochs (default 30; the paper used 10)")
     p.add_argument("--batch-size", type=int, default=16)

@@ -59,7 +59,8 @@ class DiEPPruner:
         num_samples, seq_len: calibration sequences and their length in tokens (paper: 128 x 2048).
         batch_size: sequences per forward/backward pass.
         seed: seeds data sampling and the search; same seed, same keep map.
-        search_mode: DiEP's search-time MoE output, "gated" (router kept) or "dense" (paper Eq. 5).
+        search_mode: DiEP's search-time MoE output: "gated" (router kept), "dense" (paper Eq. 5), or "auto" (default:
+            gated for families that renormalise the top-k weights, dense for the others; benchmarks/RESULTS.md).
         lr, epochs, lambda_, alternation, ranking: DiEP search hyper-parameters (see ``criteria/diep.py``);
             ``alternation`` = (optimiser steps on alpha, steps on beta) per cycle.
         max_layer_sparsity: optional cap on the fraction removed from any one layer, 0 < c < 1.

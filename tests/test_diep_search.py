@@ -44,6 +44,26 @@ def _search(model, input_ids, **kwargs):
     return get_criterion("diep")().score(_context(model, input_ids, **kwargs))
 
 
+@pytest.mark.parametrize(
+    ("family_name", "overrides", "expected"),
+    [
+        ("mixtral", {}, "gated"),  # always renormalises the top-k weights
+        ("gpt_oss", {}, "gated"),
+        ("olmoe", {"norm_topk_prob": False}, "dense"),
+        ("qwen2_moe", {"norm_topk_prob": False}, "dense"),
+        ("qwen3_moe", {"norm_topk_prob": True}, "gated"),
+        ("deepseek_v2", {}, "dense"),  # never renormalises
+    ],
+)
+def test_auto_mode_follows_top_k_renormalisation(family_name, overrides, expected):
+    model = tiny_model(family_name, **overrides)
+    result = _search(model, sample_input_ids(4, 7), batch_size=4, epochs=1, lr=0.05)
+    assert (result.details["requested_mode"], result.details["mode"]) == ("auto", expected)
+    layer = get_family(model).moe_layers(model)[0]
+    assert diep_module.resolve_mode("auto", layer, model.config) == expected
+    assert diep_module.resolve_mode("dense", layer, model.config) == "dense"
+
+
 def _snapshot(model):
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
@@ -173,8 +193,8 @@ def test_beta_frozen_during_alpha_steps_and_alpha_during_beta_steps():
 def test_scores_ranking_and_details():
     model = tiny_model("qwen2_moe")
     ids = sample_input_ids(8, 9)
-    soft = _search(model, ids, epochs=1, lr=0.05)
-    raw = _search(model, ids, epochs=1, lr=0.05, ranking="raw")
+    soft = _search(model, ids, epochs=1, lr=0.05, mode="gated")
+    raw = _search(model, ids, epochs=1, lr=0.05, ranking="raw", mode="gated")
     assert soft.ranking == "softmax(alpha)*beta" and raw.ranking == "alpha*beta"
     for index in soft.scores:
         alpha = torch.tensor(soft.details["alpha"][str(index)])
@@ -184,7 +204,7 @@ def test_scores_ranking_and_details():
         torch.testing.assert_close(raw.scores[index], alpha * beta)
         assert beta > 0
     details = soft.details
-    assert details["mode"] == "gated"  # the default
+    assert details["mode"] == details["requested_mode"] == "gated"
     assert details["hyperparameters"]["lr"] == 0.05 and details["hyperparameters"]["epochs"] == 1
     assert details["hyperparameters"]["batch_size"] == 4
     curve = details["loss_curve"]

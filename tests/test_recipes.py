@@ -109,8 +109,8 @@ def test_defaults_and_pruner_kwargs():
     assert kwargs["sparsity"] == 0.5 and kwargs["method"] == "diep" and kwargs["selection"] == "global"
     assert kwargs["dataset"] == "allenai/c4" and kwargs["num_samples"] == 128 and kwargs["seq_len"] == 2048
     assert kwargs["lr"] == 5e-3 and kwargs["batch_size"] == 16
-    # a recipe that leaves the search out gets the Python API's defaults (gated, 30 epochs: benchmarks/RESULTS.md)
-    assert kwargs["search_mode"] == DiEPPruner().search_mode == "gated"
+    # a recipe that leaves the search out gets the Python API's defaults (auto, 30 epochs: benchmarks/RESULTS.md)
+    assert kwargs["search_mode"] == DiEPPruner().search_mode == "auto"
     assert kwargs["epochs"] == DiEPPruner().epochs == 30
 
 

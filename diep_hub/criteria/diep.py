@@ -14,11 +14,15 @@ Search-time MoE output (``options["mode"]``):
                            the rest of the block are unchanged.
     "gated"                y = sum_{i in topk(x)} w_i(x) * N_l * softmax(alpha^(l))_i * beta^(l) * FFN_i(x): the
                            router's top-k and weights are kept; at alpha = 0, beta = 1 this IS the unmodified model.
-Default "gated", with 30 epochs instead of the paper's 10: the quality benchmark (benchmarks/RESULTS.md) found
-it the best DiEP setting on the trained zoo models averaged over families and sparsities; at alpha = 0, beta = 1
-the gated search sits at the trained model's stationary point and needs the extra steps to separate the experts.
-It also costs top-k instead of N expert evaluations a token (32x less on 256-expert layers). "dense" stays
-available as the paper's formulation; ``epochs=10`` is the paper's setting (the paper recipes in recipes/ use it).
+    "auto" (default)       "gated" for families that renormalise the top-k routing weights (Mixtral, GPT-OSS,
+                           GraniteMoE, PhiMoE, and Qwen/OLMoE/DeepSeek-V3 with ``norm_topk_prob``), "dense" for those
+                           that do not; the report records the mode used.
+Why "auto", and 30 epochs instead of the paper's 10: the quality benchmark (benchmarks/RESULTS.md) found gated
+search with 30 epochs far ahead on the Mixtral-type model (which renormalises) and dense search ahead on the OLMoE-
+and Qwen2-MoE-type models (which do not). At alpha = 0, beta = 1 the gated search sits at the trained model's
+stationary point and needs the extra steps to separate the experts. Gated also costs top-k instead of N expert
+evaluations a token (32x less on 256-expert layers). ``epochs=10`` is the paper's setting (the paper recipes in
+recipes/ use it).
 Both are applied by a forward pre-hook on the block's fused ``experts`` module that rewrites its
 (hidden, top_k_index, top_k_weights) arguments, so they work for every family and experts backend, under
 accelerate's dispatch hooks and under gradient checkpointing (the hook runs again in the recompute).
@@ -60,13 +64,13 @@ from .base import Criterion, ScoreResult, ScoringContext, register_criterion
 
 logger = logging.getLogger(__name__)
 
-MODES = ("dense", "gated")
+MODES = ("auto", "dense", "gated")
 RANKINGS = {"softmax": "softmax(alpha)*beta", "raw": "alpha*beta"}
 
 #: default search hyper-parameters: the paper's (diep-method.md section 1) except mode and epochs, which the
 #: quality benchmark chose (benchmarks/RESULTS.md, "Defaults the benchmark supports")
 DEFAULT_OPTIONS: dict[str, Any] = {
-    "mode": "gated",
+    "mode": "auto",
     "lr": 5e-3,
     "epochs": 30,
     "recon_weight": 0.01,
@@ -75,6 +79,14 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "ranking": "softmax",
     "progress": True,
 }
+
+
+def resolve_mode(mode: str, layer: MoELayer, config) -> str:
+    """The search mode actually run: "auto" becomes "gated" where the family renormalises the top-k routing
+    weights and "dense" where it does not (the benchmark's finding, see the module docstring)."""
+    if mode != "auto":
+        return mode
+    return "gated" if layer.family.renormalizes(config) else "dense"
 
 
 def validate_search_options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -270,6 +282,7 @@ class DiEPCriterion(Criterion):
         total_steps = steps_per_epoch * opts["epochs"]
         device = _input_device(model)
         batches = list(torch.split(torch.arange(num_samples), batch_size))
+        mode = resolve_mode(opts["mode"], layers[0], model.config)
 
         with frozen_weights(model), eval_mode(model):
             targets = self._reference_outputs(model, input_ids, batches, device, opts["progress"])
@@ -280,8 +293,8 @@ class DiEPCriterion(Criterion):
             curve: list[dict[str, float]] = []
             schedule: list[str] = []
             step = 0
-            bar = tqdm(total=total_steps, desc=f"DiEP search ({opts['mode']})", disable=not opts["progress"])
-            with search_hooks(params, layers, opts["mode"]), checkpointing_mode(model):
+            bar = tqdm(total=total_steps, desc=f"DiEP search ({mode})", disable=not opts["progress"])
+            with search_hooks(params, layers, mode), checkpointing_mode(model):
                 for _epoch in range(opts["epochs"]):
                     order = torch.randperm(num_samples, generator=generator)
                     for rows in torch.split(order, batch_size):
@@ -312,7 +325,8 @@ class DiEPCriterion(Criterion):
                 alphas[str(index)] = alpha.tolist()
                 betas[str(index)] = float(beta)
         details = {
-            "mode": opts["mode"],
+            "mode": mode,
+            "requested_mode": opts["mode"],
             "alpha": alphas,
             "beta": betas,
             "loss_curve": curve,
@@ -336,7 +350,7 @@ class DiEPCriterion(Criterion):
         }
         logger.info(
             "DiEP search (%s): %d steps (%d alpha, %d beta), loss %.4f -> %.4f",
-            opts["mode"],
+            mode,
             total_steps,
             details["alpha_optimizer_steps"],
             details["beta_optimizer_steps"],
