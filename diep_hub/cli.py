@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default: gated where top-k weights are renormalised, else dense), gated (keeps the "
                         "router) or dense (the paper's Eq. 5: all experts mixed)")
     p.add_argument("--lr", type=float, default=None, help="search learning rate (default 5e-3)")
-    p.add_argument("--epochs", type=int, default=None, help="search epochs (default 30; the paper used 10)")
+    p.add_argument("--epochs", type=int, default=None, help="search epochs (default 10, as in the paper)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stock-format", action="store_true", help="save as the stock architecture (uniform counts)")

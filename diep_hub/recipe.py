@@ -11,7 +11,7 @@ The schema, with defaults (``diep-hub run --help`` shows an example)::
     pruning:     {method: diep, sparsity: 0.5, selection: global, seed: 0,
                   calibration: {dataset: allenai/c4, config: en, split: train, text_field: text,
                                 path: null, num_samples: 128, seq_len: 2048},
-                  search: {mode: auto, lr: 0.005, epochs: 30, batch_size: 16, lambda: 0.01, alternation: "3:1",
+                  search: {mode: auto, lr: 0.005, epochs: 10, batch_size: 16, lambda: 0.01, alternation: "3:1",
                            ranking: softmax},
                   floors: {min_experts_per_layer: null, max_layer_sparsity: null, regroup: false}}
     skipping:    {enabled: false, kernel: linear, num_samples: 32}

@@ -109,9 +109,9 @@ def test_defaults_and_pruner_kwargs():
     assert kwargs["sparsity"] == 0.5 and kwargs["method"] == "diep" and kwargs["selection"] == "global"
     assert kwargs["dataset"] == "allenai/c4" and kwargs["num_samples"] == 128 and kwargs["seq_len"] == 2048
     assert kwargs["lr"] == 5e-3 and kwargs["batch_size"] == 16
-    # a recipe that leaves the search out gets the Python API's defaults (auto, 30 epochs: benchmarks/RESULTS.md)
+    # a recipe that leaves the search out gets the Python API's defaults (auto: benchmarks/RESULTS.md)
     assert kwargs["search_mode"] == DiEPPruner().search_mode == "auto"
-    assert kwargs["epochs"] == DiEPPruner().epochs == 30
+    assert kwargs["epochs"] == DiEPPruner().epochs == 10
 
 
 def test_relative_data_paths_resolve_against_the_recipe_folder(tmp_path):

@@ -335,7 +335,9 @@ def zoo_markdown(rows: list[tuple[str, dict]], *, command: str) -> str:
     ]
     for name, result in rows:
         lines += [f"## {name}", ""]
-        extra = ", ".join(f"{k}: {v}" for k, v in result.items() if k not in ("domains", "macro"))
+        extra = ", ".join(
+            f"{k}: {v}" for k, v in result.items() if k not in ("domains", "macro") and v is not None
+        )
         if extra:
             lines += [extra, ""]
         lines += ["| domain | weight | loss | MC acc | EM acc |", "|---|---|---|---|---|"]
