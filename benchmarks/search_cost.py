@@ -200,8 +200,8 @@ def render(part1, activations, part2, epochs, total) -> str:
         "",
         "Command: `python benchmarks/search_cost.py --write` "
         f"(whole run {total:.0f} s; each measurement in a fresh single-threaded subprocess).",
-        f"Machine: {machine_description()}, Python {platform.python_version()}; shared with other jobs (timings are "
-        "indicative, not tight).",
+        f"Machine: {machine_description()}, Python {platform.python_version()}; a shared VM (timings are indicative, "
+        "not tight).",
         "",
         "Peak memory = live malloc bytes (glibc mallinfo2; torch allocates CPU tensors through malloc) sampled every "
         "1 ms during scoring, minus the same just before it (model built, tokens made, one warm-up forward); unlike "
