@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -281,18 +282,18 @@ class DiEPPruner:
         previous = getattr(model.config, "diep_pruning", None)
 
         num_to_keep = self._target_counts(model, dry_run) if criterion.needs_target_counts else None
-        criterion.check_feasible(
-            criteria_base.ScoringContext(
-                model=model,
-                family=family,
-                layers=layers,
-                input_ids=None,
-                batch_size=self.batch_size,
-                seed=self.seed,
-                num_to_keep=num_to_keep,
-                options=self.criterion_options(),
-            )
+        # Everything but the calibration tokens, so that the criterion can refuse before they are loaded.
+        context = criteria_base.ScoringContext(
+            model=model,
+            family=family,
+            layers=layers,
+            input_ids=None,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            num_to_keep=num_to_keep,
+            options=self.criterion_options(),
         )
+        criterion.check_feasible(context)
 
         with PeakMemory() as memory:
             input_ids = load_calibration_data(
@@ -307,16 +308,7 @@ class DiEPPruner:
                 progress=self.progress,
             )
             memory.measure()
-            context = criteria_base.ScoringContext(
-                model=model,
-                family=family,
-                layers=layers,
-                input_ids=input_ids,
-                batch_size=self.batch_size,
-                seed=self.seed,
-                num_to_keep=num_to_keep,
-                options=self.criterion_options(),
-            )
+            context = dataclasses.replace(context, input_ids=input_ids)
             logger.info(
                 "scoring %d MoE layers with %r on %s calibration tokens",
                 len(layers),

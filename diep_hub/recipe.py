@@ -77,6 +77,16 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
 
 
+def _one_text_source(section):
+    """A text section reads a Hub dataset or a local file: refuse both (an explicit dataset next to a path) and
+    neither."""
+    if section.path is not None and "dataset" in section.model_fields_set and section.dataset is not None:
+        raise ValueError("give either 'dataset' (a Hub dataset) or 'path' (a local file), not both")
+    if section.path is None and section.dataset is None:
+        raise ValueError("give 'dataset' (a Hub dataset name) or 'path' (a local json/jsonl/parquet/txt file)")
+    return section
+
+
 class CalibrationSection(_Section):
     """Calibration text: a Hub dataset (``dataset``/``config``/``split``) or a local file (``path``)."""
 
@@ -90,11 +100,7 @@ class CalibrationSection(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> CalibrationSection:
-        if self.path is not None and "dataset" in self.model_fields_set and self.dataset is not None:
-            raise ValueError("give either 'dataset' (a Hub dataset) or 'path' (a local file), not both")
-        if self.path is None and self.dataset is None:
-            raise ValueError("give 'dataset' (a Hub dataset name) or 'path' (a local json/jsonl/parquet/txt file)")
-        return self
+        return _one_text_source(self)
 
     @property
     def source(self) -> str:
@@ -173,11 +179,7 @@ class PerplexitySection(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> PerplexitySection:
-        if self.path is not None and "dataset" in self.model_fields_set and self.dataset is not None:
-            raise ValueError("give either 'dataset' (a Hub dataset) or 'path' (a local file), not both")
-        if self.path is None and self.dataset is None:
-            raise ValueError("give 'dataset' (a Hub dataset name) or 'path' (a local json/jsonl/parquet/txt file)")
-        return self
+        return _one_text_source(self)
 
     @property
     def source(self) -> str:

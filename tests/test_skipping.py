@@ -37,9 +37,10 @@ IDS = sample_input_ids(batch=3, length=12)
 
 
 def keep_map(model) -> dict[int, list[int]]:
-    """A non-uniform prune (6, 4, 8, ... experts in scrambled order) valid for every family's floors."""
+    """A non-uniform prune (6, 4, 8, ... experts in scrambled order) valid for every family's floors, and for
+    DeepSeek's grouped routing (n_group=2: the same count from experts 0-3 and 4-7, group by group)."""
     layers = [layer.index for layer in get_family(model).moe_layers(model)]
-    choices = [[6, 0, 3, 5, 1, 2], [7, 2, 4, 1], list(range(8))]
+    choices = [[3, 0, 2, 6, 4, 5], [1, 3, 7, 4], list(range(8))]
     return {index: choices[i % len(choices)] for i, index in enumerate(layers)}
 
 

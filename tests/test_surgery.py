@@ -61,6 +61,22 @@ def masked_reference_logits(model, keep, ids):
 PROPERTY_OVERRIDES = {"deepseek_v3": {"n_group": 1, "topk_group": 1}}
 
 
+def _check_pruning_equals_masking(base, ids, keep_strategy) -> None:
+    """For keep maps drawn from ``keep_strategy``: the pruned model's logits equal the stock model's with the
+    removed experts masked in its routers."""
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(keep=keep_strategy)
+    def check(keep):
+        reference = masked_reference_logits(base, keep, ids)
+        pruned = diep_hub.prune_experts(copy.deepcopy(base), keep)
+        with torch.no_grad():
+            logits = pruned(ids).logits
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+    check()
+
+
 @st.composite
 def keep_maps(draw, moe_layers: list[int], num_experts: int, floor: int):
     chosen_layers = draw(st.lists(st.sampled_from(moe_layers), unique=True, min_size=1))
@@ -79,16 +95,7 @@ def test_pruning_equals_masking_removed_experts(family):
     floor = adapter.layer_floor(base.config)
     ids = sample_input_ids()
 
-    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(keep=keep_maps(moe_layers, 8, floor))
-    def check(keep):
-        reference = masked_reference_logits(base, keep, ids)
-        pruned = diep_hub.prune_experts(copy.deepcopy(base), keep)
-        with torch.no_grad():
-            logits = pruned(ids).logits
-        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
-
-    check()
+    _check_pruning_equals_masking(base, ids, keep_maps(moe_layers, 8, floor))
 
 
 @st.composite
@@ -120,16 +127,7 @@ def test_grouped_routing_pruning_equals_masking_removed_experts(family):
         assert all(layer.router.e_score_correction_bias.abs().sum() > 0 for layer in layers)
     ids = sample_input_ids()
 
-    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(keep=grouped_keep_maps([layer.index for layer in layers], 8, 2))
-    def check(keep):
-        reference = masked_reference_logits(base, keep, ids)
-        pruned = diep_hub.prune_experts(copy.deepcopy(base), keep)
-        with torch.no_grad():
-            logits = pruned(ids).logits
-        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
-
-    check()
+    _check_pruning_equals_masking(base, ids, grouped_keep_maps([layer.index for layer in layers], 8, 2))
 
 
 def test_keep_maps_that_mix_groups_are_refused():
