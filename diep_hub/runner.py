@@ -342,6 +342,15 @@ def run_recipe(
             logger.info("evaluating the base model")
             results["base"] = evaluate(model, tokenizer, recipe, tasks=tasks, include_path=include)
         model = pruner.prune_model(model, tokenizer)
+        cal = recipe.pruning.calibration
+        # The card names the calibration data as the recipe does (a Hub name, the offline corpus's name, the path
+        # as written), not the cache file an offline corpus was written to.
+        pruner.report["calibration"] = {
+            "dataset": cal.path if cal.path is not None else cal.dataset,
+            "loaded_from": pruner.to_dict()["dataset"],
+            "num_samples": cal.num_samples,
+            "seq_len": cal.seq_len,
+        }
         skipping = _calibrate_skipping(model, tokenizer, recipe) if recipe.skipping.enabled else None
         if ev.enabled:
             logger.info("evaluating the pruned model")

@@ -332,6 +332,8 @@ def test_run_tiny_card_parses_and_carries_the_evaluation(tiny_run):
         )
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["model"]["id"] == "diep-hub/tiny-mixtral" and recipe["pruning"]["sparsity"] == 0.5
+    # the calibration data is named as the recipe names it, not by the cache file it was written to
+    assert "| Calibration | diep-hub/tiny-text, 32 x 64 tokens |" in card.text
 
 
 @pytest.mark.slow
