@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,3 +26,13 @@ def _library_logging_restored():
     saved = (list(root.handlers), root.level, root.propagate)
     yield
     root.handlers[:], root.level, root.propagate = saved
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run far faster on one thread than on two contended cores (thread start-up and OpenMP
+    spin-waits dominate their small ops); modules that score or search opt in with ``usefixtures``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -26,13 +26,7 @@ MAIN_FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3"]
 USELESS = [1, 5]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up dominates on a shared machine (NAEE's many small ops run ~50x faster)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _context(model, input_ids, *, keep=6, seed=0, options=None, batch_size=2):

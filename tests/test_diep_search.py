@@ -14,13 +14,7 @@ from diep_hub.selection import select_experts
 SEARCH_FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~100x faster on one thread than on two contended cores (OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 MODES = ["gated", "dense"]

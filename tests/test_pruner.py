@@ -17,13 +17,7 @@ from diep_hub.pruner import RECIPE_FILE, REPORT_FILE, DiEPPruner
 FAST = dict(num_samples=8, seq_len=16, batch_size=4, epochs=2, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread than on two contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -77,8 +77,9 @@ def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the capture (no router jitter, no dropout), the previous mode restored afterwards."""
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode while scoring (no router jitter, no dropout: the scored function is the served one), the previous
+    mode restored afterwards."""
     was_training = model.training
     model.eval()
     try:
@@ -127,7 +128,7 @@ def routing_pass(
     device = input_device(model)
     handles = [layer.router.register_forward_hook(_router_hook(layer, callback)) for layer in layers]
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             for batch in tqdm(_batches(input_ids, batch_size), desc=desc, disable=not progress):
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
@@ -165,7 +166,7 @@ def capture_block_inputs(
 
     handle = layer.block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             for batch in tqdm(
                 _batches(input_ids, batch_size), desc=f"layer {layer.index} inputs", disable=not progress
             ):

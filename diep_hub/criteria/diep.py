@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..families import MoELayer
 from .base import Criterion, ScoreResult, ScoringContext, register_criterion
+from .capture import eval_mode, input_device
 
 logger = logging.getLogger(__name__)
 
@@ -190,17 +191,6 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the search (no dropout, no router jitter: the searched function is the served one)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@contextmanager
 def checkpointing_mode(model: nn.Module) -> Iterator[None]:
     """Let gradient checkpointing act on a model in eval mode.
 
@@ -234,16 +224,6 @@ def capture_head_input(model: nn.Module, store: list) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings()
-    hook = getattr(embeddings, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device) if not isinstance(device, torch.device) else device
-    weight_device = embeddings.weight.device
-    return torch.device("cpu") if weight_device.type == "meta" else weight_device
 
 
 def _next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -280,7 +260,7 @@ class DiEPCriterion(Criterion):
         num_samples = input_ids.shape[0]
         steps_per_epoch = math.ceil(num_samples / batch_size)
         total_steps = steps_per_epoch * opts["epochs"]
-        device = _input_device(model)
+        device = input_device(model)
         batches = list(torch.split(torch.arange(num_samples), batch_size))
         mode = resolve_mode(opts["mode"], layers[0], model.config)
 
