@@ -21,3 +21,11 @@ class KeepMapError(DiEPError, ValueError):
 
 class ConfigError(DiEPError, ValueError):
     """A configuration value (pruner, recipe, card) is outside what is allowed."""
+
+
+class CorruptFileError(DiEPError, ValueError):
+    """A file diep_hub reads (config, report, recipe, weights, calibration data) is unreadable or malformed."""
+
+
+class CheckpointLoadError(DiEPError, ValueError):
+    """A checkpoint's weights do not match its config (missing, unexpected or mis-shaped tensors, bad ids)."""

@@ -1,0 +1,66 @@
+"""Reading the small text files of a checkpoint or a run (JSON, YAML) with errors that name the file.
+
+A truncated ``config.json`` or a hand-edited ``recipe.yaml`` should end in one message that says which file is
+broken and where, not in a ``JSONDecodeError`` traceback from deep inside a command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import CorruptFileError
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The file's text as UTF-8; a file in another encoding is a :class:`CorruptFileError` naming the byte."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise CorruptFileError(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); save it as UTF-8"
+        ) from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parse a JSON file; malformed JSON is a :class:`CorruptFileError` with the file, line and column."""
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(
+            f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+            "restore it or re-save the checkpoint"
+        ) from None
+
+
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
+    """Like :func:`read_json`, and the top level must be an object (every file diep_hub writes is one)."""
+    value = read_json(path, what)
+    if not isinstance(value, dict):
+        raise CorruptFileError(f"{what} {path} holds a JSON {type(value).__name__}, expected an object {{...}}")
+    return value
+
+
+def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """Parse a YAML file safely; a syntax error names the file, line and column."""
+    import yaml
+
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CorruptFileError(f"{what} {path} is not valid YAML ({problem}{where})") from None
+
+
+__all__ = ["read_json", "read_json_object", "read_text", "read_yaml"]
