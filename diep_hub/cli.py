@@ -1,8 +1,11 @@
 """The ``diep-hub`` command line: thin commands over the library.
 
-Data goes to stdout (JSON with ``--json``), logs and progress bars to stderr. Errors raised on purpose by the
-library (:class:`~diep_hub.errors.DiEPError`) become one message and exit code 2, in :func:`main` only; a
-reproduction that does not match exits with 1.
+Data goes to stdout (JSON with ``--json``), logs and progress bars to stderr. Every failure ends in exactly one
+stderr line ``diep-hub <command>: error: <message>`` and exit code 2, decided in :func:`main` only: errors raised on
+purpose by the library (:class:`~diep_hub.errors.DiEPError`) and operating-system errors (a missing file, a full
+disk) give their message; anything else is a bug, said as such. ``-v`` adds the traceback. A reproduction that ran
+and does not match exits with 1; Ctrl-C exits with 130. Log records are prefixed ``LEVEL name:`` on every line,
+so they are never mistaken for the error line.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import logging
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from .errors import DiEPError
 
 logger = logging.getLogger("diep_hub.cli")
 
-EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_MISMATCH, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 MAIN_EPILOG = """\
 examples:
@@ -31,6 +35,9 @@ examples:
   diep-hub push out/tiny my-user/tiny-mixtral-diep-50        # publish (needs HF_TOKEN)
 
 A recipe is a YAML file (see recipes/); `diep-hub run tiny` finds a recipe shipped with the package by name.
+
+exit codes: 0 done; 1 `reproduce` ran and found a difference; 2 an error, said in one line on stderr
+(`diep-hub COMMAND: error: ...`; add -v for the traceback); 130 interrupted.
 """
 
 RUN_EPILOG = """\
@@ -139,8 +146,6 @@ def _run_text(summary: dict) -> str:
             f"  ({e['assumptions']})",
             f"  output would go to {summary['output_dir']}; push: {summary['push']}",
         ]
-        if "note" in e:
-            lines.append(f"  note: {e['note']}")
         return "\n".join(lines)
     kept = " ".join(str(r["kept"]) for r in summary["experts"])
     lines = [f"saved {summary['output_dir']} ({summary['method']}, sparsity {summary['sparsity']})",
@@ -250,13 +255,15 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def _recorded_publish_settings(folder: str) -> dict[str, Any]:
-    """The ``publish`` section of the recipe saved in a checkpoint folder by `diep-hub run` ({} without one)."""
-    import yaml
+    """The ``publish`` section of the recipe saved in a checkpoint folder by `diep-hub run` ({} without one).
 
-    recipe_file = Path(folder) / "recipe.yaml"
-    if not recipe_file.is_file():
-        return {}
-    publish = (yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}).get("publish") or {}
+    The folder's config, report, evaluation and recipe are all parsed here, before the push: a damaged one is named
+    with its line and column rather than failing halfway through the upload.
+    """
+    from .runner import read_checkpoint_metadata
+
+    recipe = read_checkpoint_metadata(folder)["recipe"] or {}
+    publish = recipe.get("publish") or {}
     return publish if isinstance(publish, dict) else {}
 
 
@@ -267,10 +274,18 @@ def cmd_push(args: argparse.Namespace) -> int:
     private = args.private if args.private is not None else bool(recorded.get("private", False))
     create_pr = args.create_pr if args.create_pr is not None else bool(recorded.get("create_pr", False))
     message = args.message if args.message is not None else recorded.get("commit_message")
-    info = push(args.folder, args.repo_id, private=private, create_pr=create_pr, commit_message=message)
+    info = push(args.folder, args.repo_id, private=private, create_pr=create_pr, commit_message=message,
+                allow_pickle=args.allow_pickle)
     data = {"repo_id": args.repo_id, "commit_url": getattr(info, "commit_url", str(info)),
             "pr_url": getattr(info, "pr_url", None)}
-    _emit(data, args.json, lambda d: f"pushed {d['repo_id']}: {d['pr_url'] or d['commit_url']}")
+    data["pull_request_opened"] = bool(create_pr and data["pr_url"])
+
+    def text(d: dict) -> str:
+        if create_pr and not d["pr_url"]:
+            return f"no pull request opened on {d['repo_id']}: nothing changed compared with main ({d['commit_url']})"
+        return f"pushed {d['repo_id']}: {d['pr_url'] or d['commit_url']}"
+
+    _emit(data, args.json, text)
     return EXIT_OK
 
 
@@ -296,7 +311,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _verbosity(p: argparse.ArgumentParser, default: Any) -> None:
     # On the main parser and on every subcommand, so `diep-hub -q run ...` and `diep-hub run ... -q` both work.
-    p.add_argument("-v", "--verbose", action="count", default=default, help="more logs on stderr (-vv: debug)")
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="show the traceback of an error (-vv: also debug logs)")
     p.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and errors on stderr")
 
 
@@ -394,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create-pr", action=argparse.BooleanOptionalAction, default=None,
                    help="open a pull request instead of committing to main (default: publish.create_pr, else no)")
     p.add_argument("--message", default=None, help="commit message (default: publish.commit_message, else generated)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also upload pickle weights (*.bin, *.pt, *.pth, *.pkl); refused by default: loading a "
+                   "pickle can run arbitrary code")
     _common(p)
     p.set_defaults(func=cmd_push)
 
@@ -416,32 +435,123 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _EveryLineFormatter(logging.Formatter):
+    """``LEVEL name: message`` on every line of a record (multi-line messages, tracebacks): a log line can never
+    pass for the command's one error line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        prefix = f"{record.levelname} {record.name}: "
+        lines = text.splitlines() or [""]
+        return "\n".join([lines[0]] + [prefix + line for line in lines[1:]])
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_EveryLineFormatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("diep_hub")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
 
 
+def one_line(message: object) -> str:
+    """A message on one line: a multi-line one (a recipe's list of problems) joins its lines with "; "."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return "(no message)"
+    rest = [line.removeprefix("- ") for line in lines[1:]]
+    return lines[0] + (" " + "; ".join(rest) if rest else "")
+
+
+def _os_error_message(exc: OSError) -> str:
+    """An OSError with the file it concerns ("[Errno 28] No space left on device: 'out/model.safetensors'")."""
+    text = str(exc)
+    for name in (exc.filename, exc.filename2):
+        if name is not None and str(name) not in text:
+            text += f": {name}"
+    return text
+
+
+class _LineTrackingStream:
+    """``sys.stderr`` while a command runs, remembering whether the last write ended its line.
+
+    A progress bar leaves the cursor after its ``\\r``-drawn text; the final message must start a line of its own
+    rather than continue the bar's.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _close_progress_bars() -> None:
+    """Close the bars of the failed step (a ``for`` over ``tqdm`` stays open while its traceback lives): they
+    would otherwise draw themselves again after the error line, when they are garbage-collected."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return
+    for bar in list(getattr(std.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot draw must not hide the error
+            pass
+
+
+def _final_line(stream: _LineTrackingStream, text: str) -> None:
+    _close_progress_bars()
+    stream.flush()
+    stream.write(("" if stream.at_line_start else "\n") + text + "\n")
+    stream.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``diep-hub``: parse, run one command, map expected errors to messages (exit code 2)."""
+    """Entry point of ``diep-hub``: parse, run one command, turn every failure into one stderr line.
+
+    Exit codes: 0 done, 1 a reproduction ran and differs, 2 an error (expected or not), 130 interrupted. With
+    ``-v`` the traceback follows the error line.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose or 0, bool(args.quiet))
+    verbose = args.verbose or 0
+    stderr = sys.stderr = _LineTrackingStream(sys.stderr)
+    try:
+        _setup_logging(verbose, bool(args.quiet))
+        return _run(args, stderr, verbose)
+    finally:
+        sys.stderr = stderr._stream
+
+
+def _run(args: argparse.Namespace, stderr: _LineTrackingStream, verbose: int) -> int:
+    def fail(message: str) -> int:
+        _final_line(stderr, f"diep-hub {args.command}: error: {one_line(message)}")
+        if verbose:
+            traceback.print_exc(file=stderr)
+        return EXIT_ERROR
+
     try:
         return args.func(args)
-    except DiEPError as exc:
-        sys.stderr.write(f"diep-hub {args.command}: error: {exc}\n")
-        return EXIT_ERROR
-    except OSError as exc:  # missing files, unreachable or unknown Hub repos (transformers raises OSError)
-        sys.stderr.write(f"diep-hub {args.command}: error: {exc}\n")
-        return EXIT_ERROR
     except KeyboardInterrupt:
-        sys.stderr.write(f"diep-hub {args.command}: interrupted\n")
-        return 130
+        _final_line(stderr, f"diep-hub {args.command}: interrupted")
+        return EXIT_INTERRUPTED
+    except DiEPError as exc:
+        return fail(str(exc))
+    except OSError as exc:  # missing files, unreachable or unknown Hub repos (transformers raises OSError), full disks
+        return fail(_os_error_message(exc))
+    except Exception as exc:  # a bug: still one line, and it says so
+        text = one_line(exc)
+        text = text if len(text) <= 300 else text[:300] + "..."
+        return fail(f"unexpected {type(exc).__name__}: {text}; this is a bug: run with -v for the traceback and "
+                    "report it")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,27 @@
 """Publishing pruned checkpoints on the Hugging Face Hub: one commit, re-runnable, token-safe.
 
-``push`` checks everything it can before sending a byte: the repo id, the folder (config, weights, remote code),
-the token (present, accepted by the Hub, allowed to write) and that no file to upload contains the token. It then
-creates the repo (``exist_ok``), and sends weights, config, remote code, card, report, recipe and
-``.eval_results`` in a single ``create_commit`` (optionally as a pull request). Files identical to those already on
-the branch are skipped by huggingface_hub, so pushing the same folder twice makes no new commit; stale weight
-shards of an earlier push with different sharding are deleted in the same commit. The token is only handed to
-huggingface_hub: it is never logged, put in a message, or written anywhere.
+``push`` checks everything it can before sending a byte: the repo id, the folder (config, weights, remote code,
+JSON files, symlinks, pickles), the token (present, accepted by the Hub, allowed to write) and that nothing it sends
+contains the token: every file to upload is scanned whole, whatever its size or type (weights included), as are
+the commit message and the file names. It then creates the repo if it is missing, and sends weights, config,
+remote code, card, report, recipe and ``.eval_results`` in a single ``create_commit`` (optionally as a pull
+request). Files identical to those already on the branch are skipped by huggingface_hub, so pushing the same
+folder twice makes no new commit; stale weight shards of an earlier push with different sharding are deleted in
+the same commit. A commit is atomic on the Hub, so a push that fails (HTTP error, dropped connection) leaves the
+repo as it was and can simply be run again. The token is only handed to huggingface_hub: it is never logged, put
+in a message, or written anywhere.
+
+Symlinks: a link whose fully resolved target is a regular file inside the folder is followed (the file is
+uploaded under the link's name). A link to a path outside the folder, to a directory, or to nothing is refused:
+uploading it would publish a file that is not part of the checkpoint.
+
+Pickles: ``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl`` and ``*.pickle`` files run arbitrary code when loaded with
+``torch.load`` / ``pickle``; they are refused unless ``allow_pickle=True`` (diep_hub writes safetensors only).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import os
 import re
@@ -21,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from .errors import DiEPError
+from .files import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +44,11 @@ IGNORED = (".git/*", ".git", "__pycache__/*", "*/__pycache__/*", "*.pyc", ".cach
 # Remote files a new push may replace by different names (sharding, eval entries): stale ones are deleted.
 REPLACEABLE = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", ".eval_results/*.yaml")
 WRITE_ROLES = ("write", "admin", "fineGrained")
-_SCAN_LIMIT = 10 * 1024 * 1024  # text files up to this size are scanned for the token
+# Pickle-based files: loading one runs arbitrary code, so they are only uploaded when asked for.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth")
+_SCAN_CHUNK = 1024 * 1024  # the token scan reads files in chunks of this size (with an overlap)
+_RETRY = "retry: the push is idempotent (files already on the Hub are skipped, so a re-run makes at most one commit)"
 
 
 class PushError(DiEPError):
@@ -49,32 +63,113 @@ def _check_repo_id(repo_id: str) -> None:
         )
 
 
+def _ignored(rel: str) -> bool:
+    return any(fnmatch.fnmatch(rel, pattern) for pattern in IGNORED) or any(
+        part.startswith(".") and part != ".eval_results" for part in rel.split("/")[:-1]
+    )
+
+
+def _ignored_dir(rel: str) -> bool:
+    """A directory all of whose files are ignored: not walked (and links to it are never uploaded)."""
+    name = rel.rsplit("/", 1)[-1]
+    return (name.startswith(".") and name != ".eval_results") or name == "__pycache__" or _ignored(rel + "/x")
+
+
+def _check_link(path: Path, rel: str, root: Path) -> None:
+    """Refuse a symlink unless it resolves to a regular file inside the folder (see the module docstring)."""
+    target = os.readlink(path)
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise PushError(
+            f"{rel} is a symlink to {target}, which does not exist; delete the link or copy the file in its place"
+        ) from None
+    if not resolved.is_relative_to(root):
+        where = target if Path(target) == resolved else f"{target} ({resolved})"
+        raise PushError(
+            f"{rel} is a symlink to {where}, outside the folder {root}: its content is not part of "
+            "the checkpoint and is not uploaded; copy the file into the folder in place of the link if it belongs "
+            "in the upload, or delete the link"
+        )
+    if not resolved.is_file():
+        raise PushError(
+            f"{rel} is a symlink to {target}, which is not a regular file (links to directories are not "
+            "followed); copy the directory into the folder in place of the link, or delete the link"
+        )
+
+
 def _files(folder: Path) -> list[str]:
+    """Paths (posix, relative) of the files that would be uploaded; refuses symlinks that escape the folder."""
+    root = folder.resolve()
     out = []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file():
-            continue
-        rel = path.relative_to(folder).as_posix()
-        if any(fnmatch.fnmatch(rel, pattern) for pattern in IGNORED) or any(
-            part.startswith(".") and part != ".eval_results" for part in Path(rel).parts[:-1]
-        ):
-            continue
-        out.append(rel)
-    return out
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        base = Path(dirpath)
+        rel_dir = base.relative_to(folder).as_posix()
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        walk_into = []
+        for name in sorted(dirnames):
+            rel = prefix + name
+            if _ignored_dir(rel):
+                continue
+            if (base / name).is_symlink():
+                _check_link(base / name, rel, root)  # always refuses: a link to a directory
+            walk_into.append(name)
+        dirnames[:] = walk_into
+        for name in sorted(filenames):
+            rel, path = prefix + name, base / name
+            if _ignored(rel):
+                continue
+            if path.is_symlink():
+                _check_link(path, rel, root)
+            elif not path.is_file():
+                logger.warning("%s is not a regular file (fifo, socket or device): it is not uploaded", rel)
+                continue
+            out.append(rel)
+    return sorted(out)
 
 
-def check_folder(folder: str | os.PathLike) -> list[str]:
-    """The files that would be uploaded; refuse a folder that would not load from the Hub."""
+def _check_pickles(folder: Path, files: list[str], allow_pickle: bool) -> None:
+    pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    if not pickles:
+        if not has_safetensors:
+            raise PushError(f"{folder} has no weights (*.safetensors); the upload would not load")
+        return
+    if allow_pickle:
+        logger.warning("uploading pickle files %s (allow_pickle=True): loading them runs arbitrary code", pickles)
+        if not has_safetensors and not any(f.lower().endswith(PICKLE_WEIGHT_SUFFIXES) for f in pickles):
+            raise PushError(f"{folder} has no weights (*.safetensors or pickled *.bin); the upload would not load")
+        return
+    why = ("pickle files run arbitrary code when loaded (torch.load / pickle.load), so diep_hub does not upload "
+           "them unless asked: pass allow_pickle=True (diep-hub push --allow-pickle) to upload them anyway")
+    if has_safetensors:
+        raise PushError(
+            f"{folder} has pickle files {pickles} next to the *.safetensors weights; {why}, or delete them "
+            "(the safetensors files already hold the weights)"
+        )
+    raise PushError(
+        f"{folder} has only pickle weights {pickles} and no *.safetensors; {why}, or re-save the checkpoint as "
+        "safetensors (save_pruned / model.save_pretrained)"
+    )
+
+
+def check_folder(folder: str | os.PathLike, *, allow_pickle: bool = False) -> list[str]:
+    """The files that would be uploaded; refuse a folder that would not load from the Hub, has symlinks out of
+    the folder, pickles (unless ``allow_pickle``), or a corrupt ``config.json`` / ``pruning_report.json``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PushError(f"{folder} is not a folder; save the pruned model first (save_pruned / DiEPPruner.save)")
     files = _files(folder)
     if "config.json" not in files:
         raise PushError(f"{folder} has no config.json: it is not a model checkpoint")
-    if not any(f.endswith((".safetensors", ".bin")) for f in files):
-        raise PushError(f"{folder} has no weights (*.safetensors); the upload would not load")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    _check_pickles(folder, files, allow_pickle)
+    config = read_json_object(folder / "config.json", "model config")
+    if "pruning_report.json" in files:
+        read_json_object(folder / "pruning_report.json", "pruning report")
     auto_map = config.get("auto_map") or {}
+    if not isinstance(auto_map, dict):
+        raise PushError(f"{folder}/config.json: auto_map is a {type(auto_map).__name__}, expected an object "
+                        "{'AutoConfig': 'module.Class', ...}; re-save the checkpoint")
     refs = [ref for ref in auto_map.values() if isinstance(ref, str) and "--" not in ref]  # "repo--mod.Cls": remote
     needed = sorted({ref.split(".")[0] + ".py" for ref in refs})
     missing = [name for name in needed if name not in files]
@@ -95,45 +190,97 @@ def _resolve_token(token: str | None) -> str:
     return token
 
 
+def _status(exc: BaseException) -> int | None:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def _cause(exc: BaseException, token: str) -> str:
+    """What went wrong, for a message: the HTTP status, or the error type and text with the token scrubbed."""
+    status = _status(exc)
+    if isinstance(exc, HfHubHTTPError) and status is not None:
+        return f"HTTP {status}"
+    text = str(exc).replace(token, "<token>").splitlines()
+    detail = f": {text[0][:200]}" if text and text[0] else ""
+    kind = "connection lost" if _is_connection_error(exc) else "error"
+    return f"{kind}, {type(exc).__name__}{detail}"
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """A transport failure (refused, reset, dropped, timed out) of whichever HTTP stack huggingface_hub uses."""
+    if isinstance(exc, HfHubHTTPError):
+        return False
+    stacks = {"httpx", "httpcore", "h11", "h2", "requests", "urllib3", "ssl", "socket"}  # httpx2 -> httpx, too
+    roots = {(cls.__module__ or "").split(".")[0] for cls in type(exc).__mro__}
+    return isinstance(exc, OSError) or bool(stacks & (roots | {root.rstrip("0123456789") for root in roots}))
+
+
 def _check_token(api: HfApi, token: str) -> str:
     """The account name behind the token; refuse a rejected or read-only token before any upload."""
     try:
         info = api.whoami(token=token)
     except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
+        status = _status(exc)
         if status == 401:
             raise PushError(
                 f"the Hub at {api.endpoint} rejected the token (401 Unauthorized): it is invalid or expired; "
                 "create a write token at https://huggingface.co/settings/tokens and set HF_TOKEN"
             ) from None
-        raise PushError(f"could not check the token with {api.endpoint}: HTTP {status}") from None
+        raise PushError(f"could not check the token with {api.endpoint}: HTTP {status}; nothing was uploaded, "
+                        f"{_RETRY}") from None
     except Exception as exc:  # noqa: BLE001 - connection errors of any HTTP stack; the message names no token
-        raise PushError(f"could not reach the Hub at {api.endpoint} to check the token: {type(exc).__name__}") from None
+        raise PushError(f"could not reach the Hub at {api.endpoint} to check the token: {type(exc).__name__}; "
+                        f"nothing was uploaded, {_RETRY}") from None
     role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
     if role is not None and role not in WRITE_ROLES:
         raise PushError(f"the token of {info.get('name')!r} is {role!r}; pushing needs a token with write access")
     return str(info.get("name"))
 
 
-def _check_no_token_in_files(folder: Path, files: list[str], token: str) -> None:
+def _file_contains(path: Path, needle: bytes) -> bool:
+    """Stream the file in chunks; the last ``len(needle) - 1`` bytes of a chunk are kept so that a needle split
+    across two chunks is found."""
+    keep = len(needle) - 1
+    tail = b""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_SCAN_CHUNK):
+            window = tail + chunk
+            if needle in window:
+                return True
+            tail = window[-keep:] if keep else b""  # the whole window while it is shorter than keep
+    return False
+
+
+def _check_no_token_sent(folder: Path, files: list[str], token: str, message: str) -> None:
+    """Refuse if the token is in anything the push sends: a file (every byte, any size or type), a file name or
+    the commit message. The messages name the file, never the token."""
+    if token in message:
+        raise PushError("the commit message contains your Hugging Face token; remove it (nothing was uploaded)")
     needle = token.encode()
+    total = sum((folder / rel).stat().st_size for rel in files)
+    logger.info("checking %d files (%.1f MiB) for the token before uploading", len(files), total / 2**20)
     for rel in files:
-        path = folder / rel
-        if path.suffix in (".safetensors", ".bin", ".png") or path.stat().st_size > _SCAN_LIMIT:
-            continue
-        if needle in path.read_bytes():
+        if token in rel:
+            raise PushError("a file name in the folder contains your Hugging Face token; rename it "
+                            "(nothing was uploaded)")
+        if _file_contains(folder / rel, needle):
             raise PushError(f"{rel} contains your Hugging Face token; remove it before pushing (nothing was uploaded)")
+
+
+def _int_list(value: Any) -> list[int]:
+    return [n for n in value if isinstance(n, int)] if isinstance(value, list) else []
 
 
 def default_commit_message(folder: Path) -> str:
     """"Upload <name>: <method> expert pruning, <kept>/<total> routed experts (diep_hub <version>)"."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    kept = [n for n in config.get("num_experts_per_layer") or [] if n is not None]
-    original = [n for n in config.get("original_num_experts") or [] if n is not None]
-    pruning = config.get("diep_pruning") or {}
+    folder = Path(folder)
+    config = read_json_object(folder / "config.json", "model config")
+    kept = _int_list(config.get("num_experts_per_layer"))
+    original = _int_list(config.get("original_num_experts"))
+    pruning = config.get("diep_pruning") if isinstance(config.get("diep_pruning"), dict) else {}
     report_file = folder / "pruning_report.json"
-    report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
+    report = read_json_object(report_file, "pruning report") if report_file.is_file() else {}
     method = report.get("method") or pruning.get("method")
+    method = method if isinstance(method, str) else None
     parts = [f"Upload {config.get('model_type', 'model')} checkpoint: {method + ' ' if method else ''}expert pruning"]
     if kept and original:
         parts.append(f", {sum(kept)}/{sum(original)} routed experts kept")
@@ -152,6 +299,7 @@ def push(
     create_pr: bool = False,
     commit_message: str | None = None,
     tokenizer=None,
+    allow_pickle: bool = False,
 ):
     """Publish a pruned checkpoint folder (or a pruned model, saved first) to the Hub in one commit.
 
@@ -161,23 +309,31 @@ def push(
         token: a write token; default: ``HF_TOKEN`` or the token saved by ``hf auth login``.
         private: create the repo as private (an existing repo keeps its visibility; a warning says so when it
             is public).
-        create_pr: open a pull request instead of committing to main. Each push with create_pr opens a new pull
-            request (the "nothing changed" check compares with main, which the pull request has not changed).
+        create_pr: open a pull request instead of committing to main. Files are compared with main: when nothing
+            differs from main, no pull request is opened (a warning says so and ``pr_url`` is None); otherwise
+            each push opens a new pull request.
         commit_message: default names the architecture, method and experts kept.
         tokenizer: saved with a model (ignored for a folder).
+        allow_pickle: also upload pickle files (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``); refused by default
+            because loading a pickle runs arbitrary code.
 
     Returns:
         huggingface_hub's ``CommitInfo`` (``commit_url``, ``oid``, ``pr_url``). When nothing changed since the last
-        push, no commit is made and the latest commit is returned.
+        push, no commit is made and the latest commit of main is returned.
+
+    Raises:
+        PushError: refused before upload (repo id, folder, token, token found in a file, symlink, pickle), or the
+            Hub failed (HTTP error or dropped connection); the message says what is on the Hub now and whether a
+            retry is safe. CorruptFileError: ``config.json`` / ``pruning_report.json`` is not valid JSON.
     """
     _check_repo_id(repo_id)
-    for name, value in (("private", private), ("create_pr", create_pr)):
+    for name, value in (("private", private), ("create_pr", create_pr), ("allow_pickle", allow_pickle)):
         if not isinstance(value, bool):
             raise PushError(f"{name}={value!r} must be True or False")
     if commit_message is not None and (not isinstance(commit_message, str) or not commit_message.strip()):
         raise PushError("commit_message must be a non-empty string (or None for the default)")
     if isinstance(folder_or_model, (str, os.PathLike)):
-        return _push_folder(Path(folder_or_model), repo_id, token, private, create_pr, commit_message)
+        return _push_folder(Path(folder_or_model), repo_id, token, private, create_pr, commit_message, allow_pickle)
     from .saving import save_pruned
 
     with tempfile.TemporaryDirectory(prefix="diep-hub-push-") as tmp:
@@ -186,7 +342,7 @@ def push(
         from .card import build_model_card, write_card
 
         write_card(folder, build_model_card(folder, repo_id=repo_id))
-        return _push_folder(folder, repo_id, token, private, create_pr, commit_message)
+        return _push_folder(folder, repo_id, token, private, create_pr, commit_message, allow_pickle)
 
 
 def check_write_token(token: str | None = None) -> str:
@@ -197,31 +353,80 @@ def check_write_token(token: str | None = None) -> str:
     return _check_token(HfApi(), _resolve_token(token))
 
 
-def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool, create_pr: bool, message: str | None):
-    files = check_folder(folder)
+def _repo_state(repo_id: str, created: bool, had_files: bool) -> str:
+    if created:
+        return f"the repo {repo_id} was created by this push: it exists and is empty"
+    if not had_files:
+        return f"the repo {repo_id} exists and is still empty"
+    return f"the repo {repo_id} is unchanged"
+
+
+def _after_failed_commit(api: HfApi, repo_id: str, token: str, head: str | None, created: bool, had_files: bool,
+                         create_pr: bool) -> str:
+    """What is on the Hub after a failed commit, read back from it (a gateway error or a dropped connection can
+    hide a commit that was made)."""
+    try:
+        now = api.model_info(repo_id, token=token).sha
+    except Exception as exc:  # noqa: BLE001 - best effort: the message then says it could not check
+        logger.debug("could not read %s back after the failed commit: %s", repo_id, type(exc).__name__)
+        now = None
+    if now is None:
+        return (f"could not read {repo_id} back to check it; a commit is all-or-nothing, so {repo_id} either has "
+                "the whole upload or none of it")
+    if now != head:
+        return (f"main of {repo_id} moved from {str(head)[:8]} to {now[:8]} meanwhile: the commit may have been "
+                f"made before the error; check {api.endpoint}/{repo_id}/commits/main")
+    state = _repo_state(repo_id, created, had_files)
+    if create_pr:
+        return (f"{state} on main; no pull request was opened unless the Hub received the commit before the "
+                f"error (check {api.endpoint}/{repo_id}/discussions: a re-run opens a new pull request)")
+    return f"{state} (main still at {now[:8]})"
+
+
+def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool, create_pr: bool, message: str | None,
+                 allow_pickle: bool):
+    files = check_folder(folder, allow_pickle=allow_pickle)
+    message = message or default_commit_message(folder)
     if constants.is_offline_mode():
         raise PushError("HF_HUB_OFFLINE is set: pushing needs the Hub; unset HF_HUB_OFFLINE and run again")
     token = _resolve_token(token)
     api = HfApi()
     user = _check_token(api, token)
-    _check_no_token_in_files(folder, files, token)
-    message = message or default_commit_message(folder)
+    _check_no_token_sent(folder, files, token, message)
     logger.info("pushing %d files from %s to %s as %s%s", len(files), folder, repo_id, user,
                 " (pull request)" if create_pr else "")
+
+    created, step = False, "reading it"
     try:
-        url = api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
-        if private and not api.model_info(repo_id, token=token).private:
+        try:
+            info = api.model_info(repo_id, token=token)
+        except RepositoryNotFoundError:
+            step = "creating it"
+            api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+            created, step = True, "reading it"
+            info = api.model_info(repo_id, token=token)
+        if private and not created and not info.private:
             logger.warning(
                 "%s already exists and is public: private=True only applies to a new repository, so this push is "
                 "public; change the visibility in the repository settings first if it must not be", repo_id
             )
+        head, step = info.sha, "listing its files"
         remote = set(api.list_repo_files(repo_id, token=token, repo_type="model"))
-    except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
+    except Exception as exc:
+        if not isinstance(exc, HfHubHTTPError) and not _is_connection_error(exc):
+            raise
+        state = (f"the repo {repo_id} was created by this push: it exists and is empty" if created
+                 else "nothing was uploaded")
+        status = _status(exc) if isinstance(exc, HfHubHTTPError) else None
+        if status is not None and status < 500:
+            hint = "check that the token may write to that namespace"
+        else:
+            hint = _RETRY
         raise PushError(
-            f"could not create or read {repo_id} on {api.endpoint} (HTTP {status}); check that the token may "
-            "write to that namespace"
+            f"could not create or read {repo_id} on {api.endpoint} while {step} ({_cause(exc, token)}); "
+            f"{state}; {hint}"
         ) from None
+
     local = set(files)
     stale = sorted(p for p in remote - local if any(fnmatch.fnmatch(p, pat) for pat in REPLACEABLE))
     operations: list = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files]
@@ -231,10 +436,18 @@ def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool, c
             repo_id, operations, commit_message=message, token=token, repo_type="model", create_pr=create_pr,
             commit_description=f"Pushed with diep_hub from a local checkpoint ({len(files)} files).",
         )
-    except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        raise PushError(f"the commit to {repo_id} failed (HTTP {status}); nothing was changed on the Hub") from None
-    logger.info("pushed %s: %s", url, info.pr_url or info.commit_url)
+    except Exception as exc:  # noqa: BLE001 - any failure of the commit: say what is on the Hub and how to go on
+        cause = _cause(exc, token)
+        state = _after_failed_commit(api, repo_id, token, head, created, bool(remote), create_pr)
+        raise PushError(f"the commit to {repo_id} failed ({cause}); {state}; {_RETRY}") from None
+
+    if create_pr and info.pr_url is None:
+        logger.warning("no pull request was opened on %s: nothing changed, every file is identical to main (%s)",
+                       repo_id, info.commit_url)
+    elif not create_pr and info.oid == head:
+        logger.info("nothing changed since the last push: no new commit, %s stays at %s", repo_id, head[:8])
+    else:
+        logger.info("pushed %s: %s", repo_id, info.pr_url or info.commit_url)
     return info
 
 

@@ -74,6 +74,8 @@ def adopt_diep_format(model: nn.Module, family: MoEFamily, plans: dict[int, PerL
         config.topk_group_per_layer = [plans[i].topk_group if i in plans else None for i in range(num_layers)]
     # The family field holds the widest layer, so a fresh build allocates no more than it needs.
     setattr(config, family.num_experts_field, max(p.num_experts for p in plans.values()))
+    # The checks a reload runs (configuration_diep): a plan that would not load is refused before it is adopted.
+    config.diep_validate_per_layer()
     for module in model.modules():
         if getattr(module, "config", None) is old_config:
             module.config = config

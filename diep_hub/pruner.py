@@ -50,7 +50,7 @@ class DiEPPruner:
     """Expert-pruning configuration and runner.
 
     Attributes:
-        sparsity: fraction of routed experts to remove, 0 <= s < 1 (shared experts and dense layers not counted).
+        sparsity: fraction of routed experts to remove, 0 < s < 1 (shared experts and dense layers not counted).
         method: a registered criterion: "diep" (default), "reap", "frequency", "soft_frequency", "naee", "random".
         selection: "global" (rank all experts of all layers together, non-uniform: DiEP's way) or "uniform".
         dataset: calibration source: Hub dataset name, local file (json/jsonl/parquet/txt), ``datasets.Dataset``
@@ -111,17 +111,12 @@ class DiEPPruner:
         p: list[str] = []
 
         def number(name, value, lo, hi, lo_open=False, hi_open=False, integer=False):
-            ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-            if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
-                kind = "an integer" if integer else "a number"
-                p.append(f"{name}={value!r} must be {kind} in {_interval(lo, hi, lo_open, hi_open)}")
-                return
-            too_low = value < lo or (lo_open and value == lo)
-            too_high = hi is not None and (value > hi or (hi_open and value == hi))
-            if too_low or too_high:
-                p.append(f"{name}={value!r} is out of range; allowed: {_interval(lo, hi, lo_open, hi_open)}")
+            problem = number_problem(value, lo, hi, lo_open=lo_open, hi_open=hi_open, integer=integer)
+            if problem is not None:
+                p.append(f"{name}={value!r} {problem}")
 
-        number("sparsity", self.sparsity, 0, 1, hi_open=True)
+        # 0 < sparsity < 1, as the recipe says: removing nothing is not a pruning run.
+        number("sparsity", self.sparsity, 0, 1, lo_open=True, hi_open=True)
         known = criteria_base.available_criteria()
         if self.method not in known:
             p.append(f"method={self.method!r} is not a registered criterion; choose one of {known}")
@@ -271,7 +266,7 @@ class DiEPPruner:
         The configuration used is recorded in ``model.config.diep_pruning``; ``self.report`` holds what
         ``pruning_report.json`` will contain.
         """
-        from .calibration import load_calibration_data
+        from .calibration import load_calibration_data, vocab_size_of
 
         started = time.perf_counter()
         family = get_family(model)
@@ -306,6 +301,9 @@ class DiEPPruner:
                 split=self.split,
                 text_field=self.text_field,
                 progress=self.progress,
+                # A tokenizer of another model gives ids past the embedding: refuse them here, not as an
+                # IndexError deep inside the first forward pass of the scoring.
+                vocab_size=vocab_size_of(model),
             )
             memory.measure()
             context = dataclasses.replace(context, input_ids=input_ids)
@@ -413,6 +411,25 @@ def _interval(lo, hi, lo_open: bool, hi_open: bool) -> str:
     return f"{left}{lo}, {'inf)' if hi is None else f'{hi}{right}'}"
 
 
+def number_problem(value, lo, hi=None, *, lo_open: bool = False, hi_open: bool = False,
+                   integer: bool = False) -> str | None:
+    """Why ``value`` is not allowed in the interval, or None when it is.
+
+    The one wording of range errors: the pruner prefixes it with ``name=value``, the recipe with
+    ``field.path: value ->``, so the same bad value reads the same in a recipe and in the Python API.
+    """
+    allowed = _interval(lo, hi, lo_open, hi_open)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number{' (an integer)' if integer else ''} in {allowed}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        return f"must be {'an integer' if integer else 'a number'} in {allowed}"
+    too_low = value < lo or (lo_open and value == lo)
+    too_high = hi is not None and (value > hi or (hi_open and value == hi))
+    if too_low or too_high:
+        return f"is out of range; allowed: {allowed}"
+    return None
+
+
 def _describe_dataset(dataset) -> str:
     if isinstance(dataset, list):
         return f"<list of {len(dataset)} strings>"
@@ -453,4 +470,4 @@ def _jsonable(value):
     return value
 
 
-__all__ = ["DiEPPruner", "REPORT_FILE", "RECIPE_FILE"]
+__all__ = ["DiEPPruner", "REPORT_FILE", "RECIPE_FILE", "number_problem"]

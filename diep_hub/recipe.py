@@ -2,8 +2,10 @@
 
 A recipe is validated in full before anything is loaded: every problem is collected into one
 :class:`RecipeError` whose lines read ``field.path: bad value -> what is allowed``, so a CI log is enough to fix
-it. Unknown keys are errors (a typo must not silently fall back to a default). Recipes never name Python objects
-to import: they run in CI next to Hub write tokens.
+it. Unknown keys are errors (a typo must not silently fall back to a default), and so is a key given twice (YAML
+would keep the last one silently). Numbers get exactly the pruner's range checks, in its words, with NaN and inf
+refused as "must be a finite number": what a recipe accepts, :class:`~diep_hub.pruner.DiEPPruner` accepts. Recipes
+never name Python objects to import: they run in CI next to Hub write tokens.
 
 The schema, with defaults (``diep-hub run --help`` shows an example)::
 
@@ -33,16 +35,28 @@ the recipe file, so a recipe runs the same from any working directory.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 from .criteria.diep import DEFAULT_OPTIONS as _DIEP_DEFAULTS
 from .errors import ConfigError
+from .files import read_text
+from .pruner import number_problem
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +73,41 @@ class RecipeError(ConfigError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         head = title or f"invalid recipe {source} ({len(self.problems)} problem(s))"
         super().__init__(f"{head}:\n{lines}")
+
+
+def _range(lo, hi=None, *, lo_open: bool = False, hi_open: bool = False, integer: bool = False) -> WrapValidator:
+    """The pruner's range check on a recipe number (NaN and inf included), so a value the pruner would refuse
+    fails here, named by its recipe field, with the pruner's words (``pruning.search.lr: inf -> must be a finite
+    number in (0, inf)``)."""
+
+    def check(value, handler):
+        # NaN, inf and 2.5-for-an-integer first: pydantic's own words for them differ from the pruner's.
+        if isinstance(value, float) and (not math.isfinite(value) or (integer and not value.is_integer())):
+            raise ValueError(number_problem(value, lo, hi, lo_open=lo_open, hi_open=hi_open, integer=integer))
+        value = handler(value)
+        problem = number_problem(value, lo, hi, lo_open=lo_open, hi_open=hi_open, integer=integer)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    return WrapValidator(check)
+
+
+def _check_limit(value, handler):
+    """lm-eval's limit: a count >= 1 or a fraction in (0, 1] (the evaluation's own rule, see lm_eval_runner)."""
+    allowed = "a count >= 1 or a fraction in (0, 1], or null for all examples"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number: {allowed}")
+    value = handler(value)
+    if value <= 0 or (isinstance(value, float) and value > 1):
+        raise ValueError(f"is out of range; allowed: {allowed}")
+    return value
+
+
+Count = Annotated[int, _range(1, integer=True)]  # num_samples, batch_size, epochs, ...
+SeqLen = Annotated[int, _range(2, integer=True)]
+NonNegativeInt = Annotated[int, _range(0, integer=True)]
+Fraction = Annotated[float, _range(0, 1, lo_open=True, hi_open=True)]  # 0 < x < 1
 
 
 class _Section(BaseModel):
@@ -95,8 +144,8 @@ class CalibrationSection(_Section):
     split: str = "train"
     text_field: str = "text"
     path: str | None = None
-    num_samples: Annotated[int, Field(ge=1)] = 128
-    seq_len: Annotated[int, Field(ge=2)] = 2048
+    num_samples: Count = 128
+    seq_len: SeqLen = 2048
 
     @model_validator(mode="after")
     def _one_source(self) -> CalibrationSection:
@@ -116,10 +165,10 @@ class SearchSection(_Section):
     """
 
     mode: Literal["auto", "gated", "dense"] = _DIEP_DEFAULTS["mode"]
-    lr: Annotated[float, Field(gt=0)] = _DIEP_DEFAULTS["lr"]
-    epochs: Annotated[int, Field(ge=1)] = _DIEP_DEFAULTS["epochs"]
-    batch_size: Annotated[int, Field(ge=1)] = 16
-    lambda_: Annotated[float, Field(ge=0, alias="lambda")] = _DIEP_DEFAULTS["recon_weight"]
+    lr: Annotated[float, _range(0, lo_open=True)] = _DIEP_DEFAULTS["lr"]
+    epochs: Count = _DIEP_DEFAULTS["epochs"]
+    batch_size: Count = 16
+    lambda_: Annotated[float, _range(0), Field(alias="lambda")] = _DIEP_DEFAULTS["recon_weight"]
     alternation: str = f"{_DIEP_DEFAULTS['alpha_steps']}:{_DIEP_DEFAULTS['beta_steps']}"
     ranking: Literal["softmax", "raw"] = _DIEP_DEFAULTS["ranking"]
 
@@ -141,8 +190,8 @@ class SearchSection(_Section):
 class FloorsSection(_Section):
     """Limits the paper does not set: per-layer minimum experts, per-layer maximum sparsity, group reset."""
 
-    min_experts_per_layer: Annotated[int, Field(ge=1)] | None = None
-    max_layer_sparsity: Annotated[float, Field(gt=0, lt=1)] | None = None
+    min_experts_per_layer: Count | None = None
+    max_layer_sparsity: Fraction | None = None
     regroup: bool = False
 
 
@@ -150,9 +199,9 @@ class PruningSection(_Section):
     """What to remove and how to decide it."""
 
     method: Literal["diep", "reap", "frequency", "soft_frequency", "naee", "random"] = "diep"
-    sparsity: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    sparsity: Fraction = 0.5
     selection: Literal["global", "uniform"] = "global"
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: NonNegativeInt = 0
     calibration: CalibrationSection = CalibrationSection()
     search: SearchSection = SearchSection()
     floors: FloorsSection = FloorsSection()
@@ -163,7 +212,7 @@ class SkippingSection(_Section):
 
     enabled: bool = False
     kernel: Literal["linear", "rbf"] = "linear"
-    num_samples: Annotated[int, Field(ge=1)] = 32
+    num_samples: Count = 32
 
 
 class PerplexitySection(_Section):
@@ -174,8 +223,8 @@ class PerplexitySection(_Section):
     split: str = "test"
     text_field: str = "text"
     path: str | None = None
-    num_samples: Annotated[int, Field(ge=1)] = 64
-    seq_len: Annotated[int, Field(ge=2)] = 2048
+    num_samples: Count = 64
+    seq_len: SeqLen = 2048
 
     @model_validator(mode="after")
     def _one_source(self) -> PerplexitySection:
@@ -193,9 +242,9 @@ class EvaluationSection(_Section):
     base: bool = True
     tasks: list[Annotated[str, Field(min_length=1)]] = []
     include_path: str | None = None
-    limit: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = None
-    batch_size: Annotated[int, Field(ge=1)] = 8
-    num_fewshot: Annotated[int, Field(ge=0)] = 0
+    limit: Annotated[int | float, WrapValidator(_check_limit)] | None = None
+    batch_size: Count = 8
+    num_fewshot: NonNegativeInt = 0
     perplexity: PerplexitySection | None = None
     speed: bool = False
     memory: bool = False
@@ -402,8 +451,88 @@ def shipped_recipes() -> dict[str, Path]:
     return {p.name.removesuffix(".yaml"): Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping (raised by :class:`UniqueKeyLoader`, turned into a RecipeError)."""
+
+    def __init__(self, field: str, first: yaml.Mark, second: yaml.Mark):
+        self.field, self.first, self.second = field, first, second
+        super().__init__(f"{field}: duplicate key at line {second.line + 1} (first at line {first.line + 1})")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    Plain PyYAML keeps the last value: a second ``pruning:`` block would silently replace the first, and a recipe
+    would run with settings its author never saw. Merge keys (``<<: *anchor``) may still be overridden.
+    """
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._paths: dict[int, tuple[str, ...]] = {}
+        self._index(node, ())
+        return self.construct_document(node)
+
+    def _index(self, node, path: tuple[str, ...]) -> None:
+        """Remember each mapping's field path (``pruning.search``) so a duplicate is named in full."""
+        if id(node) in self._paths:
+            return  # an alias of a node already seen (or a recursive anchor)
+        if isinstance(node, yaml.MappingNode):
+            self._paths[id(node)] = path
+            for key, value in node.value:
+                self._index(value, (*path, str(key.value)) if isinstance(key, yaml.ScalarNode) else path)
+        elif isinstance(node, yaml.SequenceNode):
+            self._paths[id(node)] = path
+            for i, value in enumerate(node.value):
+                self._index(value, (*path, str(i)))
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable key: the base class reports it
+                    continue
+                if first is not None:
+                    field = ".".join((*getattr(self, "_paths", {}).get(id(node), ()), str(key)))
+                    raise _DuplicateKey(field, first, key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_recipe_text(text: str, source: str = "<recipe>") -> Any:
+    """Parse recipe YAML with :class:`UniqueKeyLoader`; syntax errors and duplicate keys name the line."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise RecipeError(
+            source,
+            [f"{exc.field}: key given twice, at line {exc.first.line + 1} and again at line {exc.second.line + 1} "
+             "-> give each key once (YAML would silently keep only the last)"],
+            title=f"cannot parse recipe {source}",
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise RecipeError(source, [f"yaml: {detail}{where}"], title=f"cannot parse recipe {source}") from None
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read and validate a recipe file; a bare name (``tiny``) finds a recipe shipped with the package."""
+    """Read and validate a recipe file; a bare name (``tiny``) finds a recipe shipped with the package.
+
+    Raises:
+        RecipeError: a missing file, malformed YAML, a duplicated key, a top level that is not a mapping, or any
+            invalid field (all of them listed at once).
+        CorruptFileError: the file is not UTF-8 text (the message names the byte and line).
+    """
     file = Path(path)
     if not file.exists():
         shipped = shipped_recipes()
@@ -421,9 +550,13 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError(str(path), [f"file: {str(path)!r} is a folder -> a YAML recipe file"],
                           title=f"cannot read recipe {path}")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RecipeError(str(path), [f"yaml: {exc}".replace("\n", " ")], title=f"cannot parse recipe {path}") from None
+        text = read_text(file, "recipe")
+    except OSError as exc:
+        raise RecipeError(str(path), [f"file: {str(path)!r} cannot be read ({exc.strerror or exc})"],
+                          title=f"cannot read recipe {path}") from None
+    data = parse_recipe_text(text, str(path))
+    if data is None:
+        raise RecipeError(str(path), ["<top level>: the file is empty -> a mapping with a 'model' section"])
     recipe = Recipe.from_dict(data, source=str(path), base_dir=file.resolve().parent)
     logger.info("loaded recipe %s: %s, %s at %.0f%% sparsity", file, recipe.model.id, recipe.pruning.method,
                 100 * recipe.pruning.sparsity)

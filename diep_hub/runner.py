@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from .errors import ConfigError, DiEPError
+from .errors import ConfigError, CorruptFileError, DiEPError, UnsupportedModelError
 from .families import get_family
-from .recipe import Recipe, load_recipe
+from .families.registry import unsupported_model_error
+from .files import read_json_object, read_yaml
+from .recipe import Recipe, load_recipe, shipped_recipes
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,68 @@ def _torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+def _local_model_folder(model_id: str) -> Path | None:
+    """The folder ``model.id`` names on this machine, or None for a Hub id."""
+    path = Path(os.path.expanduser(model_id))
+    return path if path.is_dir() else None
+
+
+def model_source(model_id: str) -> str:
+    """How messages name a model: ``folder PATH`` or ``Hub repo ID``."""
+    return f"folder {model_id}" if _local_model_folder(model_id) is not None else f"Hub repo {model_id}"
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
+
+
+def _read_local_config(model_id: str) -> dict[str, Any] | None:
+    """A local folder's config.json, parsed by diep_hub first: a damaged file is named with its line and column
+    (transformers only says "not a valid JSON file"); None for a Hub id.
+
+    Raises:
+        ConfigError: a folder without config.json, or a path that names no folder and cannot be a Hub id
+            (transformers would call it an invalid repo id).
+    """
+    folder = _local_model_folder(model_id)
+    if folder is None:
+        if not _HUB_ID.fullmatch(model_id) or Path(os.path.expanduser(model_id)).exists():
+            raise ConfigError(
+                f"model.id: {model_id!r} is not a folder on this machine, nor a Hub repo id -> a checkpoint folder "
+                "(with config.json) or namespace/name"
+            )
+        return None
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model.id: folder {model_id} has no config.json, so it is not a model checkpoint -> a folder written "
+            "by save_pretrained or `diep-hub run`, or a Hub repo id"
+        )
+    return read_json_object(folder / "config.json", "model config")
+
+
+_UNKNOWN_TYPE = re.compile(r"model type [`'\"]([^`'\"]+)[`'\"] but Transformers does not recognize")
+
+
+def _transformers_value_error(model_id: str, local_config: dict | None, exc: ValueError) -> DiEPError:
+    """transformers' ValueError while reading a config or weights, as a DiEPError naming the model.
+
+    An unknown ``model_type`` (a family newer than the installed transformers, or a typo) is an
+    UnsupportedModelError listing the families diep_hub supports; anything else about the config is a ConfigError.
+    """
+    text = str(exc)
+    match = _UNKNOWN_TYPE.search(text)
+    if match is not None or "does not recognize this architecture" in text:
+        import transformers
+
+        model_type = (local_config or {}).get("model_type") or (match.group(1) if match else None)
+        error = unsupported_model_error(model_type, model_source(model_id))
+        return UnsupportedModelError(
+            f"{error} transformers {transformers.__version__} does not know this model_type either: check config.json "
+            "for a typo, or use a transformers version that has the family"
+        )
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return ConfigError(f"model.id: cannot load {model_source(model_id)}: {first}")
+
+
 def load_config(recipe: Recipe):
     """The model's config only (no weights): an offline model's, or the Hub's/local folder's via AutoConfig."""
     if recipe.is_offline:
@@ -62,6 +126,7 @@ def load_config(recipe: Recipe):
         return offline_config(recipe.model.id)
     from transformers import AutoConfig
 
+    local_config = _read_local_config(recipe.model.id)
     try:
         return AutoConfig.from_pretrained(
             recipe.model.id, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
@@ -70,10 +135,104 @@ def load_config(recipe: Recipe):
         raise DiEPError(
             f"model.id: cannot load the config of {recipe.model.id!r} (revision {recipe.model.revision}): {exc}"
         ) from None
+    except ValueError as exc:
+        raise _transformers_value_error(recipe.model.id, local_config, exc) from None
+
+
+def _weight_files(model_id: str, suffix: str) -> list[Path]:
+    folder = _local_model_folder(model_id)
+    return sorted(folder.glob(f"*{suffix}")) if folder is not None else []
+
+
+def _unreadable_safetensors(files: list[Path]) -> list[Path]:
+    """The safetensors files whose header or size is wrong (``safe_open`` checks both without reading tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    broken = []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            broken.append(file)
+    return broken
+
+
+def _names(files: list[Path], fallback: str) -> str:
+    return ", ".join(str(f) for f in files) if files else fallback
+
+
+def _torch_load_file(exc: BaseException) -> str | None:
+    """The file ``torch.load`` was reading when ``exc`` was raised, or None when it was not raised inside it.
+
+    A damaged pickle fails in many ways (UnpicklingError, EOFError, IndexError, RuntimeError from the zip
+    reader...); what they share is where they were raised.
+    """
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "load" and frame.f_globals.get("__name__") == "torch.serialization":
+            source = frame.f_locals.get("f")
+            found = os.fspath(source) if isinstance(source, str | os.PathLike) else "a pickle weight file"
+        tb = tb.tb_next
+    return found
+
+
+def _weights_error(model_id: str, exc: BaseException) -> CorruptFileError | None:
+    """A CorruptFileError naming the weight file transformers could not read; None when ``exc`` is about
+    something else. transformers' own messages name no file (safetensors) or blame the user's torch (pickles)."""
+    from safetensors import SafetensorError
+
+    text = str(exc)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    if isinstance(exc, SafetensorError):
+        files = _weight_files(model_id, ".safetensors")
+        broken = _unreadable_safetensors(files) or files
+        return CorruptFileError(
+            f"{_names(broken, model_source(model_id))}: the safetensors weights cannot be read ({first}); the file "
+            "is truncated or corrupt -> download or save the checkpoint again"
+        )
+    pickle_file = _torch_load_file(exc)
+    if pickle_file is None:
+        return None
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in text:
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
+        detail = detail.removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0]
+        return CorruptFileError(
+            f"{pickle_file}: the pickle checkpoint holds Python objects besides tensors ({detail}), and diep_hub "
+            "loads pickles with torch.load(weights_only=True) only -> use a safetensors checkpoint, or convert "
+            "this one to safetensors where you trust its origin"
+        )
+    sentence = first.split(". ")[0][:200]
+    return CorruptFileError(
+        f"{pickle_file}: the pickle weights cannot be read ({type(exc).__name__}: {sentence}); the file is "
+        "truncated or corrupt -> download or save the checkpoint again"
+    )
+
+
+def _load_error(recipe: Recipe, local_config: dict | None, exc: Exception) -> DiEPError | None:
+    """What went wrong loading the model, as a DiEPError naming the model or file; None when it is not the
+    checkpoint's fault (then it is a bug, and keeps its own traceback)."""
+    m = recipe.model
+    error = _weights_error(m.id, exc)
+    if error is not None:
+        return error
+    if isinstance(exc, ValueError):
+        error = _transformers_value_error(m.id, local_config, exc)
+        return error if isinstance(error, UnsupportedModelError) else None
+    if isinstance(exc, OSError):  # a Hub repo that cannot be reached, or a folder missing a file
+        return DiEPError(f"model.id: cannot load {model_source(m.id)} (revision {m.revision}): {exc}")
+    return None
 
 
 def load_model(recipe: Recipe):
-    """Load the recipe's model and tokenizer (offline models are built locally, deterministically)."""
+    """Load the recipe's model and tokenizer (offline models are built locally, deterministically).
+
+    Raises:
+        CorruptFileError: a damaged config.json or weight file, named.
+        UnsupportedModelError: a model_type transformers does not know.
+    """
     if recipe.is_offline:
         from .tiny import build_offline_model
 
@@ -82,15 +241,22 @@ def load_model(recipe: Recipe):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     m = recipe.model
+    local_config = _read_local_config(m.id)
     logger.info("loading %s (revision %s, dtype %s, device_map %s)", m.id, m.revision, m.dtype, m.device_map)
-    tokenizer = AutoTokenizer.from_pretrained(m.id, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        m.id,
-        revision=m.revision,
-        dtype=_torch_dtype(m.dtype),
-        device_map=m.device_map,
-        trust_remote_code=m.trust_remote_code,
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(m.id, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            m.id,
+            revision=m.revision,
+            dtype=_torch_dtype(m.dtype),
+            device_map=m.device_map,
+            trust_remote_code=m.trust_remote_code,
+        )
+    except Exception as exc:
+        error = _load_error(recipe, local_config, exc)
+        if error is None:
+            raise  # anything else (a bug in a model's own code...) keeps its own traceback
+        raise error from exc
     model.eval()
     return model, tokenizer
 
@@ -115,16 +281,24 @@ def estimate(recipe: Recipe) -> dict[str, Any]:
     """Parameter counts, weight bytes and a search-time estimate from the config alone (no weights loaded).
 
     The model is instantiated under accelerate's ``init_empty_weights`` (meta tensors), so even Mixtral-8x22B
-    costs nothing; the family adapter finds the experts exactly as the real run will.
+    costs nothing; the family adapter finds the experts exactly as the real run will, and the selection runs on
+    placeholder scores with the run's floors and caps, so a sparsity the real run would refuse is refused here.
+
+    Raises:
+        ConfigError: the sparsity cannot be reached (the message is the one ``prune`` gives).
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     config = load_config(recipe)
-    family = get_family(config)
+    family = get_family(config, source=model_source(recipe.model.id))
+    from .preflight import check_run_inputs
+
+    check_run_inputs(recipe, model_config=config)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     layers = family.moe_layers(model)
+    selection = _feasible_selection(recipe, model, family, layers)
     total = sum(p.numel() for p in model.parameters())
     hidden = int(config.hidden_size)
     per_layer = []
@@ -142,22 +316,7 @@ def estimate(recipe: Recipe) -> dict[str, Any]:
         )
     num_experts = sum(x["num_experts"] for x in per_layer)
     expert_params = sum(x["num_experts"] * x["params_per_expert"] for x in per_layer)
-    floor = family.layer_floor(config)
-    if recipe.pruning.floors.min_experts_per_layer is not None:
-        floor = max(floor, recipe.pruning.floors.min_experts_per_layer)
-    removable = []
-    for x in per_layer:
-        cap = x["num_experts"] - floor
-        if recipe.pruning.floors.max_layer_sparsity is not None:
-            cap = min(cap, math.floor(recipe.pruning.floors.max_layer_sparsity * x["num_experts"]))
-        if recipe.pruning.selection == "uniform":
-            cap = min(cap, round(recipe.pruning.sparsity * x["num_experts"]))
-        removable.append(max(cap, 0))
-    target = round(recipe.pruning.sparsity * num_experts)
-    if recipe.pruning.selection == "uniform":
-        to_remove = sum(removable)
-    else:
-        to_remove = min(target, sum(removable))
+    to_remove = selection.num_removed
     mean_expert = sum(x["num_experts"] * (x["params_per_expert"] + x["router_params_per_expert"]) for x in per_layer)
     mean_expert = mean_expert / max(num_experts, 1)
     removed_params = round(to_remove * mean_expert)
@@ -207,18 +366,90 @@ def estimate(recipe: Recipe) -> dict[str, Any]:
             "assumes the mean expert size; peak = 1.2 x weights + one batch of activations"
         ),
     }
-    if to_remove < target:
-        result["note"] = f"floors allow removing only {to_remove} of the {target} experts the sparsity asks for"
     return result
 
 
+def _feasible_selection(recipe: Recipe, model, family, layers):
+    """The selection ``DiEPPruner.check_feasible`` makes before a real run (placeholder scores, the recipe's
+    floors and caps), with its error message; the dry run's model is on the meta device, which check_feasible
+    itself refuses, so the same call is made here."""
+    from .selection import select_experts
+
+    p = recipe.pruning
+    if not layers:
+        raise UnsupportedModelError(f"{model_source(recipe.model.id)} ({family.model_type}) has no MoE layers to prune")
+    placeholder = {layer.index: torch.linspace(1.0, 2.0, layer.num_experts) for layer in layers}
+    try:
+        return select_experts(
+            placeholder, model, sparsity=p.sparsity, mode=p.selection, max_layer_sparsity=p.floors.max_layer_sparsity,
+            min_experts_per_layer=p.floors.min_experts_per_layer, regroup=p.floors.regroup,
+        )
+    except DiEPError as exc:
+        total = sum(layer.num_experts for layer in layers)
+        raise ConfigError(
+            f"sparsity={p.sparsity} cannot be reached on this {family.model_type} model "
+            f"({len(layers)} MoE layers, {total} routed experts): {exc}"
+        ) from exc
+
+
 # ------------------------------------------------------------------------------------------------------- run
-def _check_before_work(recipe: Recipe, out: Path, push: bool, repo_id: str | None, overwrite: bool) -> None:
+def run_inputs(recipe: Recipe, recipe_path: str | os.PathLike | None) -> list[Path]:
+    """The local files and folders a run reads: the recipe file, the model folder, the calibration and perplexity
+    files and the task folder (absolute). An output folder must not hold any of them, or saving would replace them.
+    """
+    ev = recipe.evaluation
+    candidates: list[str | os.PathLike | None] = [
+        recipe_path,
+        recipe.model.id if _local_model_folder(recipe.model.id) is not None else None,
+        recipe.resolve_path(recipe.pruning.calibration.path),
+        recipe.resolve_path(ev.perplexity.path) if ev.perplexity is not None else None,
+        recipe.resolve_path(ev.include_path),
+    ]
+    inputs: list[Path] = []
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        path = Path(os.path.expanduser(str(candidate))).resolve()
+        if path not in inputs:
+            inputs.append(path)
+    return inputs
+
+
+def _check_output_writable(out: Path) -> None:
+    """The output folder can be made: no file on its path, and its nearest existing folder takes a new file."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise ConfigError(
+            f"output {out}: {existing} is a file, so the folder cannot be created there -> give a folder path whose "
+            "parents are folders (--output DIR)"
+        )
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".diep-hub-write-probe-", dir=existing)
+    except OSError as exc:
+        raise ConfigError(
+            f"output {out}: cannot write in {existing} ({exc.strerror or exc}) -> choose a folder you can write to "
+            "(--output DIR)"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def _check_before_work(
+    recipe: Recipe,
+    out: Path,
+    push: bool,
+    repo_id: str | None,
+    overwrite: bool,
+    recipe_path: str | os.PathLike | None = None,
+) -> None:
     """Everything that can be refused without loading the model."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} is a file -> give a folder path (--output DIR)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output {out} exists and is not empty -> choose another --output or pass --overwrite")
+    _check_output_writable(out)
     if push:
         if not repo_id:
             raise ConfigError("push requested but no repo id -> set publish.repo_id in the recipe or pass --repo-id")
@@ -239,6 +470,11 @@ def _check_before_work(recipe: Recipe, out: Path, push: bool, repo_id: str | Non
     include = recipe.resolve_path(recipe.evaluation.include_path)
     if include is not None and not Path(include).exists():
         raise ConfigError(f"evaluation.include_path: {recipe.evaluation.include_path!r} -> no such folder")
+    from .saving import check_output_folder
+
+    # Refuses, even with --overwrite, an output folder that is or holds the working directory, a git checkout or
+    # one of the run's own inputs: saving replaces the whole folder.
+    check_output_folder(out, overwrite=overwrite, inputs=run_inputs(recipe, recipe_path))
 
 
 def build_pruner(recipe: Recipe):
@@ -318,6 +554,7 @@ def run_recipe(
     Returns:
         A JSON-able summary (output folder, kept experts per layer, evaluation, timings, push URL).
     """
+    recipe_path = None if isinstance(recipe, Recipe) else _recipe_file(recipe)
     recipe = load_recipe(recipe) if not isinstance(recipe, Recipe) else recipe.model_copy(deep=True)
     if repo_id is not None:
         recipe.publish.repo_id = repo_id
@@ -326,9 +563,13 @@ def run_recipe(
     if dry_run:
         return {"dry_run": True, "output_dir": str(out), "push": do_push, "recipe": recipe.to_dict(),
                 "estimate": estimate(recipe)}
-    _check_before_work(recipe, out, do_push, recipe.publish.repo_id, overwrite)
+    _check_before_work(recipe, out, do_push, recipe.publish.repo_id, overwrite, recipe_path)
+    config = load_config(recipe)  # the config only: every refusal below comes before any download of weights
     if not recipe.is_offline:
-        get_family(load_config(recipe))  # an unsupported family is refused before any download of weights
+        get_family(config, source=model_source(recipe.model.id))
+    from .preflight import check_run_inputs
+
+    check_run_inputs(recipe, model_config=config)
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="diep-hub-run-") as tmp:
@@ -398,6 +639,14 @@ def run_recipe(
     return summary
 
 
+def _recipe_file(path: str | os.PathLike) -> Path | None:
+    """The file ``load_recipe`` reads for ``path``: the path itself, or the shipped recipe it names."""
+    file = Path(path)
+    if file.is_file():
+        return file.resolve()
+    return shipped_recipes().get(str(path).removesuffix(".yaml"))
+
+
 def _save(model, pruner, out: Path, *, tokenizer, stock_format: bool, overwrite: bool, extra_files: dict) -> Path:
     """``pruner.save``; for the stock architecture, the same files through ``save_pruned(stock_format=True)``."""
     if not stock_format:
@@ -420,7 +669,7 @@ def _json_default(value: Any) -> Any:
 
 def _calibrate_skipping(model, tokenizer, recipe: Recipe) -> dict[str, Any]:
     """Calibrate and switch on adaptive expert skipping on the pruned model (paper section 3.3)."""
-    from .calibration import load_calibration_data
+    from .calibration import load_calibration_data, vocab_size_of
     from .skipping import calibrate_skipping, enable_skipping, reset_skip_counters
 
     cal = recipe.pruning.calibration
@@ -428,6 +677,7 @@ def _calibrate_skipping(model, tokenizer, recipe: Recipe) -> dict[str, Any]:
     ids = load_calibration_data(
         source, tokenizer, num_samples=recipe.skipping.num_samples, seq_len=cal.seq_len, seed=recipe.pruning.seed,
         config_name=None if local else cal.config, split="train" if local else cal.split, text_field=cal.text_field,
+        vocab_size=vocab_size_of(model),
     )
     calibration = calibrate_skipping(
         model, ids, kernel=recipe.skipping.kernel, batch_size=recipe.pruning.search.batch_size,
@@ -516,14 +766,37 @@ def local_folder(repo_or_dir: str | os.PathLike, *, revision: str | None = None,
         raise DiEPError(f"cannot fetch {repo_or_dir!r} from the Hub: {type(exc).__name__}: {exc}") from None
 
 
+def read_checkpoint_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """The small files of a checkpoint folder, parsed: ``config`` (config.json), ``report`` (pruning_report.json),
+    ``evaluation`` (evaluation.json) and ``recipe`` (recipe.yaml, as plain data); None for a file that is absent.
+
+    Raises:
+        CorruptFileError: a file that is not UTF-8, not valid JSON/YAML (file, line and column named), or whose top
+            level is not a mapping.
+    """
+    folder = Path(folder)
+    data: dict[str, Any] = {}
+    for key, name in (("config", "config.json"), ("report", REPORT_FILE), ("evaluation", EVAL_FILE)):
+        path = folder / name
+        data[key] = read_json_object(path, name) if path.is_file() else None
+    recipe_path = folder / RECIPE_FILE
+    recipe = read_yaml(recipe_path, RECIPE_FILE) if recipe_path.is_file() else None
+    if recipe_path.is_file() and not isinstance(recipe, dict):
+        raise CorruptFileError(
+            f"{RECIPE_FILE} {recipe_path} holds a YAML {type(recipe).__name__}, expected a mapping with a 'model' "
+            "section (the recipe `diep-hub run` saved)"
+        )
+    data["recipe"] = recipe
+    return data
+
+
 def inspect_checkpoint(repo_or_dir: str | os.PathLike, *, revision: str | None = None) -> dict[str, Any]:
     """What a pruned checkpoint holds: experts per layer, how it was made, and its evaluation results."""
     folder = local_folder(repo_or_dir, revision=revision)
-    config_file = folder / "config.json"
-    if not config_file.exists():
+    if not (folder / "config.json").exists():
         raise DiEPError(f"{repo_or_dir}: no config.json -> not a model checkpoint")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    report = _read_json(folder / REPORT_FILE)
+    metadata = read_checkpoint_metadata(folder)
+    config, report = metadata["config"], metadata["report"]
     rows = experts_table(config) or _experts_from_report(report)
     if not rows:
         raise DiEPError(
@@ -558,9 +831,8 @@ def inspect_checkpoint(repo_or_dir: str | os.PathLike, *, revision: str | None =
                                     "metric": r.metric_name or r.metric_type, "value": r.metric_value})
         info["base_model"] = info["base_model"] or card.data.base_model
     if not info["base_model"] and info["has_recipe"]:
-        info["base_model"] = (yaml.safe_load((folder / RECIPE_FILE).read_text(encoding="utf-8")) or {}).get(
-            "model", {}
-        ).get("id")
+        model = metadata["recipe"].get("model")
+        info["base_model"] = model.get("id") if isinstance(model, dict) else None
     return info
 
 
@@ -571,10 +843,6 @@ def _experts_from_report(report: dict | None) -> list[dict[str, Any]]:
     before = report.get("experts_before", {})
     return [{"layer": int(i), "kept": len(ids), "original": before.get(i), "kept_ids": ids}
             for i, ids in sorted(report["kept_original_ids"].items(), key=lambda kv: int(kv[0]))]
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
@@ -623,10 +891,13 @@ def reproduce(
     recipe_file = folder / RECIPE_FILE
     if not recipe_file.exists():
         raise DiEPError(f"{repo_or_dir}: no {RECIPE_FILE} -> only checkpoints made by `diep-hub run` can be reproduced")
+    if not (folder / "config.json").is_file():
+        raise DiEPError(f"{repo_or_dir}: no config.json -> not a model checkpoint")
+    recorded = read_checkpoint_metadata(folder)  # a damaged file is named before the hour-long re-run, not after
     recipe = load_recipe(recipe_file)
-    recorded_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    recorded_report = _read_json(folder / REPORT_FILE) or {}
-    recorded_eval = _read_json(folder / EVAL_FILE) or {}
+    recorded_config = recorded["config"]
+    recorded_report = recorded["report"] or {}
+    recorded_eval = recorded["evaluation"] or {}
     if not evaluate_scores:
         recipe.evaluation.enabled = False
     recipe.publish.push = False
@@ -634,8 +905,8 @@ def reproduce(
     with tempfile.TemporaryDirectory(prefix="diep-hub-reproduce-") as tmp:
         rerun_dir = Path(tmp) / "rerun"
         summary = run_recipe(recipe, output_dir=rerun_dir, push=False)
-        new_config = json.loads((rerun_dir / "config.json").read_text(encoding="utf-8"))
-        new_report = _read_json(rerun_dir / REPORT_FILE) or {}
+        rerun = read_checkpoint_metadata(rerun_dir)
+        new_config, new_report = rerun["config"], rerun["report"] or {}
         checks = {
             "kept_experts": _compare_kept(recorded_config, new_config, recorded_report, new_report),
             "weights": _compare_weights(folder, rerun_dir, atol=atol),

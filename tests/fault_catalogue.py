@@ -112,8 +112,8 @@ _ERROR_LINE = re.compile(r"^diep-hub [\w-]+: error: .+")
 def error_lines(stderr: str) -> list[str]:
     """stderr lines that are not log records (``LEVEL name: ...``) or progress bars."""
     lines = []
-    for line in stderr.splitlines():
-        if re.match(r"^(DEBUG|INFO|WARNING) ", line) or "\r" in line or not line.strip():
+    for line in stderr.split("\n"):  # not splitlines(): it splits on tqdm's "\r" redraws too
+        if re.match(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) ", line) or "\r" in line or not line.strip():
             continue
         lines.append(line)
     return lines

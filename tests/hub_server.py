@@ -8,12 +8,19 @@ tree listing, commits listing and ``resolve`` downloads with ``X-Repo-Commit`` /
 
 Use the ``hub_server`` fixture: it yields a :class:`HubServer` whose ``endpoint``, ``token`` (write),
 ``read_token`` and ``user`` a test needs, and whose ``repos`` state a test can assert on.
+
+Faults: ``server.faults[endpoint] = "500" | "drop" | "drop-after"`` makes every request to that endpoint (the
+handler's name: ``whoami``, ``create_repo``, ``preupload``, ``commit``, ``tree``, ``model_info``, ``commits``,
+``resolve``) answer HTTP 500, or close the connection without a response after reading the request ("drop": the
+request had no effect) or after handling it ("drop-after": the effect happened, the answer is lost). Each hit is
+recorded in ``server.fault_hits``.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import re
 import threading
@@ -73,6 +80,8 @@ class HubServer:
         self.tokens = {WRITE_TOKEN: (USER, "write"), READ_TOKEN: (USER, "read")}
         self.requests: list[tuple[str, str]] = []  # (method, path), for assertions
         self.unhandled: list[tuple[str, str]] = []
+        self.faults: dict[str, str] = {}  # endpoint name -> "500" | "drop" | "drop-after" (see the module docstring)
+        self.fault_hits: list[tuple[str, str]] = []  # (endpoint name, fault) of each injected failure
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.httpd.daemon_threads = True
@@ -216,10 +225,33 @@ def _handler_for(server: HubServer):
                 match = re.fullmatch(pattern, path)
                 if verb == method and match:
                     groups = [unquote(g) if g is not None else None for g in match.groups()]
+                    fault = server.faults.get(handler.__name__)
+                    if fault is not None:
+                        return self._fault(fault, handler, groups, query, method == "HEAD")
                     with server.lock:
                         return handler(*groups, query=query, head=method == "HEAD")
             server.unhandled.append((method, self.path))
             self._error(404, f"fake hub: no route for {method} {path}", head=method == "HEAD")
+
+        def _fault(self, fault: str, handler, groups, query, head: bool):
+            """Answer an injected failure (see the module docstring)."""
+            server.fault_hits.append((handler.__name__, fault))
+            if fault == "500":
+                self._body()
+                return self._error(500, "fake hub: injected internal server error", head=head)
+            if fault == "drop-after":
+                real, self.wfile = self.wfile, io.BytesIO()  # handle the request, throw the answer away
+                try:
+                    with server.lock:
+                        handler(*groups, query=query, head=head)
+                finally:
+                    self.wfile = real
+            elif fault == "drop":
+                self._body()
+            else:
+                raise ValueError(f"unknown fault {fault!r}; use '500', 'drop' or 'drop-after'")
+            self.close_connection = True  # closed without a status line: the client sees the connection drop
+            self.wfile.flush()
 
         # --- endpoints
         def whoami(self, query, head):

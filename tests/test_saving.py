@@ -47,8 +47,17 @@ def test_existing_folder_needs_overwrite(tmp_path, pruned):
     with pytest.raises(DiEPError, match=r"already exists and is not empty; pass overwrite=True"):
         diep_hub.save_pruned(pruned, target)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
-    diep_hub.save_pruned(pruned, target, overwrite=True)
-    assert not (target / "keep.txt").exists()
+    # overwrite=True replaces only a checkpoint: a folder of the user's own files is refused, untouched
+    with pytest.raises(DiEPError, match=r"does not look like a checkpoint folder.*keep\.txt"):
+        diep_hub.save_pruned(pruned, target, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    (target / "keep.txt").unlink()
+    diep_hub.save_pruned(pruned, target, overwrite=True)  # an empty folder is replaced
+    other = diep_hub.prune_experts(tiny_model("mixtral", seed=3), {0: [1, 2]})
+    diep_hub.save_pruned(other, target, overwrite=True, extra_files={"README.md": "card", "assets/a.png": b"png"})
+    diep_hub.save_pruned(pruned, target, overwrite=True)  # a checkpoint with a card and figures is replaced
+    assert not (target / "README.md").exists() and not (target / "assets").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     reloaded = AutoModelForCausalLM.from_pretrained(target)
     ids = sample_input_ids()
     with torch.no_grad():

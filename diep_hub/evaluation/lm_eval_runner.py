@@ -7,6 +7,7 @@ name local json/jsonl files by absolute path.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Sequence
@@ -62,20 +63,77 @@ def _import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
-def _task_manager(TaskManager, tasks: list[str], include_path: str | None):
-    """Index only the local folder when it holds every task (indexing lm-eval's 10k built-in tasks is slow)."""
+#: TaskManagers already built, by (class, include_path, include_defaults, task files): indexing lm-eval's ~15k
+#: built-in tasks takes seconds to tens of seconds, and a run needs the same index for its checks before the
+#: model is loaded, for the base model's evaluation and for the pruned model's.
+_MANAGERS: dict[tuple, Any] = {}
+_MAX_MANAGERS = 8
+LIST_TASKS_HINT = "list the available tasks with `lm-eval ls tasks` (add `--include_path DIR` for a task folder)"
+
+
+def _task_files(include_path: str) -> tuple:
+    """What an index of ``include_path`` depends on: its task YAML files, their sizes and times."""
+    entries = []
+    for root, _, files in os.walk(include_path):
+        for name in files:
+            if name.endswith((".yaml", ".yml")):
+                full = os.path.join(root, name)
+                stat = os.stat(full)
+                entries.append((os.path.relpath(full, include_path), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
+def cached_task_manager(TaskManager, include_path: str | None, include_defaults: bool = True):
+    """A TaskManager for ``include_path`` (plus lm-eval's own tasks when ``include_defaults``), built once."""
+    key = (TaskManager, include_path, include_defaults, _task_files(include_path) if include_path else None)
+    manager = _MANAGERS.get(key)
+    if manager is None:
+        logger.debug("indexing lm-eval tasks (include_path=%s, built-in tasks: %s)", include_path, include_defaults)
+        manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+        while len(_MANAGERS) >= _MAX_MANAGERS:
+            _MANAGERS.pop(next(iter(_MANAGERS)))
+        _MANAGERS[key] = manager
+    return manager
+
+
+def find_unknown_tasks(tasks: Sequence[str], include_path: str | None = None) -> tuple[Any, dict[str, list[str]]]:
+    """(task manager, {unknown task: close matches}) for lm-eval task names (no ConfigError: callers word it)."""
+    _, _, TaskManager = _import_lm_eval()
+    return _lookup(TaskManager, list(tasks), include_path)
+
+
+def _lookup(TaskManager, tasks: list[str], include_path: str | None) -> tuple[Any, dict[str, list[str]]]:
+    """Only the local folder is indexed when it holds every task (indexing lm-eval's built-in tasks is slow);
+    otherwise the built-in tasks and the folder together. Unknown names come with up to 3 close matches."""
     if include_path is not None:
-        local = TaskManager(include_path=include_path, include_defaults=False)
-        if all(t in local.all_tasks for t in tasks):
-            return local
-    manager = TaskManager(include_path=include_path)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
+        local = cached_task_manager(TaskManager, include_path, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local, {}
+    manager = cached_task_manager(TaskManager, include_path)
+    known = manager.all_tasks
+    known_set = set(known)
+    unknown = {t: difflib.get_close_matches(t, known, n=3, cutoff=0.6) for t in tasks if t not in known_set}
+    return manager, unknown
+
+
+def describe_unknown_tasks(unknown: dict[str, list[str]], include_path: str | None = None) -> str:
+    """``unknown lm-eval task(s) ['boolqq'] ('boolqq': did you mean 'boolq'?): ...`` and how to list the tasks."""
+    details = []
+    for name, close in unknown.items():
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "no close match"
+        details.append(f"{name!r}: {hint}")
+    where = f" or in include_path={include_path!r}" if include_path else ""
+    return (
+        f"unknown lm-eval task(s) {list(unknown)} ({'; '.join(details)}): not found among lm-eval's tasks{where}; "
+        f"{LIST_TASKS_HINT}, or give a folder of task YAML files as include_path"
+    )
+
+
+def _task_manager(TaskManager, tasks: list[str], include_path: str | None):
+    """The (cached) manager that knows every task; an unknown name is refused with its close matches."""
+    manager, unknown = _lookup(TaskManager, tasks, include_path)
     if unknown:
-        where = f" or in include_path={include_path!r}" if include_path else ""
-        raise ConfigError(
-            f"unknown lm-eval task(s) {unknown}: not found among lm-eval's tasks{where}; list them with "
-            "`lm-eval ls tasks`, or give a folder of task YAML files as include_path"
-        )
+        raise ConfigError(describe_unknown_tasks(unknown, include_path))
     return manager
 
 

@@ -30,6 +30,11 @@ def perplexity_of_ids(model: nn.Module, input_ids: torch.Tensor, *, batch_size: 
         raise ConfigError(f"input_ids must be a LongTensor [num_samples, seq_len >= 2], got {shape}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
+    from ..calibration import check_token_ids, vocab_size_of
+
+    vocab_size = vocab_size_of(model)
+    if vocab_size is not None:
+        check_token_ids(input_ids, vocab_size, "the perplexity token windows")
     device = next(model.parameters()).device
     total_nll = 0.0
     total_tokens = 0
@@ -65,11 +70,11 @@ def perplexity(
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Perplexity on ``num_samples`` windows of ``seq_len`` tokens drawn (seeded) from ``source``."""
-    from ..calibration import load_calibration_data
+    from ..calibration import load_calibration_data, vocab_size_of
 
     input_ids = load_calibration_data(
         source, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, config_name=config_name,
-        split=split, text_field=text_field,
+        split=split, text_field=text_field, vocab_size=vocab_size_of(model), purpose="perplexity",
     )
     result = perplexity_of_ids(model, input_ids, batch_size=batch_size)
     result.update(source=source if isinstance(source, str) else f"<{type(source).__name__}>", split=split,

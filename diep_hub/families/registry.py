@@ -26,8 +26,23 @@ def base_model_type(model_type: str) -> str:
     return model_type[len(DIEP_PREFIX) :] if model_type.startswith(DIEP_PREFIX) else model_type
 
 
-def get_family(model_or_config_or_type) -> MoEFamily:
+def unsupported_model_error(model_type: str | None, source: str | None = None) -> UnsupportedModelError:
+    """The error for a model_type without an adapter: names the model (when known), the type and the families.
+
+    One wording for every caller (the registry lookup, the runner when transformers itself does not know the type).
+    """
+    where = f"{source}: " if source else ""
+    return UnsupportedModelError(
+        f"{where}model_type {model_type!r} is not a supported Mixture-of-Experts family (dense models have no "
+        f"experts to prune). Supported: {', '.join(supported_families())}."
+    )
+
+
+def get_family(model_or_config_or_type, *, source: str | None = None) -> MoEFamily:
     """The adapter for a model, a config, or a model_type string.
+
+    Args:
+        source: the folder or Hub id the model comes from, named in the error.
 
     Raises:
         UnsupportedModelError: for a dense model or an unknown family, listing the supported ones.
@@ -39,8 +54,5 @@ def get_family(model_or_config_or_type) -> MoEFamily:
         model_type = getattr(config, "model_type", None)
     family = _FAMILIES.get(base_model_type(model_type or ""))
     if family is None:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a supported Mixture-of-Experts family (dense models have no "
-            f"experts to prune). Supported: {', '.join(supported_families())}."
-        )
+        raise unsupported_model_error(model_type, source)
     return family

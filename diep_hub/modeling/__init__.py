@@ -2,10 +2,24 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_diep import DIEP_CONFIG_CLASSES
-from .modeling_diep import DIEP_MODEL_CLASSES, per_layer_load_balancing_loss
+from ..errors import CheckpointLoadError
+from .configuration_diep import DIEP_CONFIG_CLASSES, DiepCheckpointError, DiepConfigMixin
+from .modeling_diep import DIEP_MODEL_CLASSES, DiepForCausalLMMixin, per_layer_load_balancing_loss
 
 REMOTE_CODE_FILES = ("configuration_diep.py", "modeling_diep.py")
+
+
+class DiepCheckpointLoadError(CheckpointLoadError, DiepCheckpointError):
+    """What the registered classes raise for an incomplete or corrupt checkpoint.
+
+    The remote code can only raise its own ``DiepCheckpointError(ValueError)``; with diep_hub imported the same
+    failure is also a ``CheckpointLoadError`` (a DiEPError), so the CLI reports it as one line.
+    """
+
+
+# The remote code files are shared verbatim with every checkpoint; only the copies diep_hub imports get this class.
+DiepConfigMixin._diep_error = DiepCheckpointLoadError
+DiepForCausalLMMixin._diep_error = DiepCheckpointLoadError
 
 
 def register_with_auto_classes() -> None:
@@ -17,4 +31,11 @@ def register_with_auto_classes() -> None:
 
 register_with_auto_classes()
 
-__all__ = ["DIEP_CONFIG_CLASSES", "DIEP_MODEL_CLASSES", "REMOTE_CODE_FILES", "per_layer_load_balancing_loss"]
+__all__ = [
+    "DIEP_CONFIG_CLASSES",
+    "DIEP_MODEL_CLASSES",
+    "REMOTE_CODE_FILES",
+    "DiepCheckpointError",
+    "DiepCheckpointLoadError",
+    "per_layer_load_balancing_loss",
+]

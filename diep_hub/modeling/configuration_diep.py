@@ -30,6 +30,38 @@ from transformers import (
 )
 
 
+class DiepCheckpointError(ValueError):
+    """A diep_<family> checkpoint is incomplete or corrupt: its config contradicts itself or its weights.
+
+    Defined here, not imported, because this file travels with every checkpoint and may import only transformers.
+    ``import diep_hub`` makes the registered classes raise a subclass that is also a ``diep_hub`` error.
+    """
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kept_ids_problems(ids, count: int, original) -> list[str]:
+    """What is wrong with one layer's kept ids (empty when they are fine)."""
+    if not isinstance(ids, (list, tuple)):
+        return [f"a {type(ids).__name__}, not a list"]
+    problems = []
+    if len(ids) != count:
+        problems.append(f"{len(ids)} ids for {count} experts")
+    not_ints = [i for i in ids if not _is_int(i)]
+    if not_ints:
+        problems.append(f"not integers: {not_ints}")
+    ints = [i for i in ids if _is_int(i)]
+    repeated = sorted({i for i in ints if ints.count(i) > 1})
+    if repeated:
+        problems.append(f"repeated: {repeated}")
+    outside = [i for i in ints if i < 0 or (original is not None and i >= original)]
+    if outside:
+        problems.append(f"out of range: {outside}")
+    return problems
+
+
 class DiepConfigMixin:
     """Adds per-layer expert counts to a family config and checks them."""
 
@@ -38,19 +70,67 @@ class DiepConfigMixin:
     # load-time override of diep_skipping["enabled"]; a plain class attribute (not a saved field) so that
     # from_pretrained(..., diep_skipping_enabled=False) finds it and sets it on the instance
     diep_skipping_enabled = None
+    # the error raised for an inconsistent config (diep_hub swaps in a subclass that is also a DiEPError)
+    _diep_error = DiepCheckpointError
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.diep_validate_per_layer()
+
+    def diep_validate_per_layer(self) -> None:
+        """Check the per-layer fields against each other, so a damaged config.json fails at load, not in forward.
+
+        ``num_experts_per_layer``, ``original_num_experts`` and ``kept_expert_ids`` hold one entry per decoder layer;
+        a MoE layer keeping ``n`` experts lists ``n`` unique original ids, each in ``[0, original)``.
+        """
+        error = self._diep_error
         counts = getattr(self, "num_experts_per_layer", None)
         if counts is None:
             return
-        if len(counts) != self.num_hidden_layers:
-            raise ValueError(
-                f"num_experts_per_layer has {len(counts)} entries but the model has {self.num_hidden_layers} layers"
-            )
+        num_layers = self.num_hidden_layers
+        for name in ("num_experts_per_layer", "original_num_experts", "kept_expert_ids"):
+            value = getattr(self, name, None)
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != num_layers):
+                size = f"{len(value)} entries" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
+                raise error(
+                    f"config {name} has {size} but the model has {num_layers} layers; it must be a list with one "
+                    "entry per decoder layer (null for dense layers)"
+                )
+        originals = getattr(self, "original_num_experts", None)
+        kept = getattr(self, "kept_expert_ids", None)
         for layer, count in enumerate(counts):
-            if count is not None and count < 1:
-                raise ValueError(f"layer {layer} keeps {count} experts; every MoE layer needs at least 1")
+            if count is not None and (not _is_int(count) or count < 1):
+                raise error(
+                    f"config num_experts_per_layer[{layer}] = {count!r}; every MoE layer keeps an integer >= 1 "
+                    "experts (null for a dense layer)"
+                )
+            original = originals[layer] if originals is not None else None
+            if originals is not None and (original is None) != (count is None):
+                raise error(
+                    f"config layer {layer}: num_experts_per_layer is {count!r} but original_num_experts is "
+                    f"{original!r}; both are null (dense layer) or both are integers"
+                )
+            if original is not None and (not _is_int(original) or original < count):
+                raise error(
+                    f"config original_num_experts[{layer}] = {original!r} is smaller than the {count} experts the "
+                    "layer keeps; it must be an integer >= num_experts_per_layer"
+                )
+            ids = kept[layer] if kept is not None else None
+            if ids is None:  # dense layer, or a MoE layer whose ids were not recorded (read as 0..count-1)
+                continue
+            if count is None:
+                raise error(
+                    f"config kept_expert_ids[{layer}] = {ids!r} but layer {layer} is dense (num_experts_per_layer "
+                    "is null); a dense layer lists no ids (null)"
+                )
+            problems = _kept_ids_problems(ids, count, original)
+            if problems:
+                of = f" of {original}" if original is not None else ""
+                allowed = f"in [0, {original})" if original is not None else "a non-negative integer"
+                raise error(
+                    f"config kept_expert_ids[{layer}] = {ids!r} is invalid ({'; '.join(problems)}): layer {layer} "
+                    f"keeps {count} experts{of}, so it must list {count} unique ids, each {allowed}"
+                )
 
     def layer_num_experts(self, layer_idx: int) -> int | None:
         counts = getattr(self, "num_experts_per_layer", None)

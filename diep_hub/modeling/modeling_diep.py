@@ -27,6 +27,8 @@ Cost of the compaction: one host sync per MoE layer (to size the kept rows), as 
 """
 
 import copy
+import json
+import re
 
 import torch
 from transformers import (
@@ -43,6 +45,7 @@ from transformers import (
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .configuration_diep import (
+    DiepCheckpointError,
     DiepDeepseekV2Config,
     DiepDeepseekV3Config,
     DiepGptOssConfig,
@@ -167,11 +170,151 @@ class DiepExpertSkipping:
         return slots.view(num_tokens, k, -1).sum(dim=1)
 
 
+# ---------------------------------------------------------------------------------------------- loading checks
+# A pruned checkpoint must hold exactly the tensors its config describes. transformers only logs a report for a
+# missing or unexpected tensor and initialises the missing one at random (a missing router weight would route
+# tokens at random with no error); the mixin below turns every such problem into a DiepCheckpointError.
+
+_PER_EXPERT_KEY = re.compile(
+    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:[^.]+\.)*experts)\.(?P<idx>\d+)\.(?P<leaf>.+)$"
+)
+_MAX_LISTED = 8
+
+
+def _safetensors_names(files):
+    """Tensor names in the checkpoint's safetensors files (read from their headers), or None if unreadable."""
+    names = set()
+    for path in files:
+        if not str(path).endswith(".safetensors"):
+            return None
+        try:
+            with open(path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+        except (OSError, ValueError):
+            return None
+        names.update(name for name in header if name != "__metadata__")
+    return names
+
+
+def _per_expert_problems(names, counts) -> list:
+    """Per-expert tensors (``...experts.<i>.<leaf>``) missing or beyond each layer's kept count, as named on disk.
+
+    transformers stacks these into fused tensors, so a missing one only shows up as a shape mismatch or a failed
+    conversion of the fused tensor; naming the file's own key tells the user which expert is absent.
+    """
+    groups = {}
+    for name in names:
+        match = _PER_EXPERT_KEY.match(name)
+        if match is None:
+            continue
+        layer = int(match["layer"])
+        if layer >= len(counts) or counts[layer] is None:
+            continue
+        leaves = groups.setdefault((match["prefix"], layer), {})
+        leaves.setdefault(match["leaf"], set()).add(int(match["idx"]))
+    problems = []
+    for (prefix, layer), leaves in sorted(groups.items()):
+        count = counts[layer]
+        for leaf, present in sorted(leaves.items()):
+            for idx in sorted(set(range(count)) - present):
+                problems.append(f"{prefix}.{idx}.{leaf} is missing (layer {layer} keeps {count} experts)")
+            for idx in sorted(i for i in present if i >= count):
+                problems.append(f"{prefix}.{idx}.{leaf} is unexpected (layer {layer} keeps {count} experts)")
+    return problems
+
+
+def _conversion_summary(message) -> str:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    chosen = next((line for line in reversed(lines) if line.startswith("Error")), lines[-1] if lines else "")
+    return chosen[:200]
+
+
+def _loading_problems(info, *, ignore_mismatched_sizes: bool, include_missing: bool = True) -> list:
+    """One line per missing, unexpected, mis-shaped or unconvertible tensor in a transformers loading report."""
+    get = info.get if isinstance(info, dict) else lambda key, default=None: getattr(info, key, default)
+    problems = []
+    if include_missing:
+        problems += [f"{key} is missing" for key in sorted(get("missing_keys") or ())]
+        problems += [f"{key} is unexpected" for key in sorted(get("unexpected_keys") or ())]
+    if not ignore_mismatched_sizes:
+        for key, on_disk, expected in sorted(get("mismatched_keys") or (), key=lambda item: item[0]):
+            problems.append(
+                f"{key} has shape {list(on_disk)} in the checkpoint but the config gives {list(expected)}"
+            )
+    for key, message in sorted((get("conversion_errors") or {}).items()):
+        problems.append(f"{key} could not be assembled from the checkpoint ({_conversion_summary(message)})")
+    return problems
+
+
 class DiepForCausalLMMixin:
     """Rebuilds every MoE block with its layer's expert count before weights are initialised or loaded."""
 
     _diep_block_attr = "mlp"
     _diep_logits_scaling = False
+    # the error raised for an incomplete or corrupt checkpoint (diep_hub swaps in a subclass that is a DiEPError)
+    _diep_error = DiepCheckpointError
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' loader, refusing a checkpoint whose tensors do not match the config.
+
+        The detailed check runs in ``_finalize_model_loading`` (before transformers reinitialises anything); this
+        re-reads the final loading report, so a missing or unexpected tensor is still refused if a later
+        transformers stops calling that hook. ``ignore_mismatched_sizes=True`` keeps transformers' meaning
+        (mis-shaped tensors are reinitialised); everything else that does not match is an error.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        ignore = bool(kwargs.get("ignore_mismatched_sizes", False))
+        problems = _loading_problems(info, ignore_mismatched_sizes=ignore)
+        if problems:
+            cls._diep_raise(pretrained_model_name_or_path, problems)
+        return (model, info) if want_info else model
+
+    @classmethod
+    def _load_pretrained_model(cls, model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        result = super()._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
+        # Per-expert tensors are named as stored on disk (transformers only sees the fused tensor they build);
+        # the list rides on the loading report to _finalize_model_loading. Adapters (expected_keys) are skipped.
+        counts = getattr(model.config, "num_experts_per_layer", None)
+        if checkpoint_files and counts is not None and kwargs.get("expected_keys") is None:
+            names = _safetensors_names(checkpoint_files)
+            if names is not None:
+                result[0].diep_disk_problems = _per_expert_problems(names, counts)
+        return result
+
+    @classmethod
+    def _finalize_model_loading(cls, model, load_config, loading_info):
+        """Refuse mis-shaped, unconvertible, missing or unexpected tensors, naming each one.
+
+        Shape and conversion problems are raised before transformers' own finalisation (which would raise a bare
+        RuntimeError pointing at a logged table); missing and unexpected keys are checked after it, once it has
+        discounted tied weights and the keys the family declares ignorable.
+        """
+        source = load_config.pretrained_model_name_or_path
+        ignore = bool(load_config.ignore_mismatched_sizes)
+        problems = list(getattr(loading_info, "diep_disk_problems", ()))
+        problems += _loading_problems(loading_info, ignore_mismatched_sizes=ignore, include_missing=False)
+        if problems:
+            cls._diep_raise(source, problems)
+        loading_info = super()._finalize_model_loading(model, load_config, loading_info)
+        problems = _loading_problems(loading_info, ignore_mismatched_sizes=ignore)
+        if problems:
+            cls._diep_raise(source, problems)
+        return loading_info
+
+    @classmethod
+    def _diep_raise(cls, source, problems):
+        listed = "; ".join(problems[:_MAX_LISTED])
+        more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise cls._diep_error(
+            f"checkpoint {source} is incomplete or corrupt: its tensors do not match its config.json "
+            f"({len(problems)} problem(s): {listed}{more}). Loading it anyway would leave these weights randomly "
+            "initialised; save the model again (diep_hub.save_pruned) or download the checkpoint again"
+        )
 
     def post_init(self):
         # The family __init__ ends with post_init(): rebuild here so weight init and loading see the real shapes.
@@ -227,7 +370,10 @@ class DiepForCausalLMMixin:
                 continue
             count = config.num_experts_per_layer[layer_idx]
             if count is None:
-                raise ValueError(f"layer {layer_idx} is a MoE layer but num_experts_per_layer[{layer_idx}] is None")
+                raise self._diep_error(
+                    f"config num_experts_per_layer[{layer_idx}] is null but layer {layer_idx} is a MoE layer; it must "
+                    "hold the number of experts the layer keeps"
+                )
             layer_config = copy.copy(config)
             setattr(layer_config, config.diep_num_experts_field, count)
             layer_config.num_experts_per_tok = config.layer_top_k(layer_idx)
