@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import tolerance
 from tiny_models import FAMILIES, sample_input_ids, tiny_model
 
 import diep_hub
@@ -103,9 +104,16 @@ def test_frequency_counts_match_router_top_k(family_name):
     ids = sample_input_ids(4, 8)
     result = _score("frequency", model, ids)
     for layer in diep_hub.get_family(model).moe_layers(model):
+        # Routed batch by batch, as the model's own forward routes them (same inputs, same shapes, so the same
+        # router numbers): the counts are then exact, with no top-k near-tie that another product could flip.
         with torch.no_grad():
-            _, _, index = layer.router(_router_inputs(model, layer, ids))
-        expected = torch.bincount(index.reshape(-1), minlength=layer.num_experts).float()
+            index = torch.cat(
+                [
+                    layer.router(h.reshape(-1, h.shape[-1]))[2].reshape(-1)
+                    for h in capture_block_inputs(model, layer, ids, 2, progress=False)
+                ]
+            )
+        expected = torch.bincount(index, minlength=layer.num_experts).float()
         assert torch.equal(result.scores[layer.index], expected)
         assert result.scores[layer.index].sum() == ids.numel() * layer.top_k
 
@@ -291,6 +299,17 @@ def test_planted_criteria_remove_useless_experts_the_router_avoids(name):
     if name == "frequency":
         assert all(s[USELESS].sum() == 0 for s in result.scores.values())
     if name == "naee":
-        assert all(result.details["best_error"][str(i)] == 0.0 for i in result.scores)
+        # Removing experts the router never picks leaves the block's output unchanged, up to rounding only: the
+        # search routes over the kept rows (a 6-row router product, not 8-row), so the best error is not exactly 0
+        # but within the float32 tolerance of the block's output norm (measured: ~5e-8 of it; the next-best subset,
+        # which drops a used expert, is ~0.15 of it).
+        rtol = tolerance(torch.float32).rtol
+        for layer in diep_hub.get_family(model).moe_layers(model):
+            kept = result.details["kept"][str(layer.index)]
+            assert kept == [e for e in range(8) if e not in USELESS], (layer.index, kept)
+            with torch.no_grad():
+                inputs = capture_block_inputs(model, layer, ids, 4, progress=False)
+                norm = math.sqrt(sum(float((block_output(layer.block, h) ** 2).sum()) for h in inputs))
+            assert result.details["best_error"][str(layer.index)] <= rtol * norm, (layer.index, norm)
     selection = select_experts(result.scores, model, sparsity=0.25)
     assert all(sorted(set(range(8)) - set(kept)) == USELESS for kept in selection.keep.values())

@@ -2,7 +2,9 @@
 
 Removing expert j means routing as if j's router logit were -inf (for DeepSeek-V3's sigmoid router: as if j could
 never be selected). The property test checks that definition on random keep maps against the stock model with
-the removed experts masked inside its own router.
+the removed experts masked inside its own router. Masking and surgery compute that same maths in different ways
+(an 8-row router product with -inf entries vs a product over the kept rows), so they agree within
+tests/numerics.py's tolerance and on every greedy token; what surgery leaves untouched is compared bit for bit.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numerics import assert_close_logits, assert_same_greedy, differs_beyond_tolerance
 from tiny_models import FAMILIES, sample_input_ids, tiny_model
 from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -72,7 +75,8 @@ def _check_pruning_equals_masking(base, ids, keep_strategy) -> None:
         pruned = diep_hub.prune_experts(copy.deepcopy(base), keep)
         with torch.no_grad():
             logits = pruned(ids).logits
-        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+        assert_close_logits(logits, reference)
+        assert_same_greedy(logits, reference)
 
     check()
 
@@ -242,10 +246,12 @@ def test_masking_reference_is_not_vacuous():
     with torch.no_grad():
         stock = model(ids).logits
     reference = masked_reference_logits(model, {0: [0, 1]}, ids)
-    assert not torch.allclose(reference, stock)
+    assert differs_beyond_tolerance(reference, stock)
     pruned = diep_hub.prune_experts(copy.deepcopy(model), {0: [0, 1]})
     with torch.no_grad():
-        torch.testing.assert_close(pruned(ids).logits, reference, rtol=1e-5, atol=1e-5)
+        logits = pruned(ids).logits
+    assert_close_logits(logits, reference)
+    assert_same_greedy(logits, reference)
 
 
 def test_selection_bias_masking_is_not_vacuous():
@@ -259,10 +265,12 @@ def test_selection_bias_masking_is_not_vacuous():
     with torch.no_grad(), MaskRemovedExperts({id(layer.router.weight): removed}):
         logits_only = model(ids).logits
     reference = masked_reference_logits(model, {layer.index: [0, 1]}, ids)
-    assert not torch.allclose(logits_only, reference)
+    assert differs_beyond_tolerance(logits_only, reference)
     pruned = diep_hub.prune_experts(copy.deepcopy(model), {layer.index: [0, 1]})
     with torch.no_grad():
-        torch.testing.assert_close(pruned(ids).logits, reference, rtol=1e-5, atol=1e-5)
+        logits = pruned(ids).logits
+    assert_close_logits(logits, reference)
+    assert_same_greedy(logits, reference)
 
 
 def test_disk_offloaded_experts_are_refused_before_any_change():
