@@ -204,8 +204,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .inspection import EVAL_FILE, write_json_atomic
+    from .model_loading import load_model
     from .recipe import Recipe
-    from .runner import EVAL_FILE, evaluate, evaluation_tasks, load_model, write_json_atomic
+    from .runner import evaluate, evaluation_tasks
 
     if args.save and not (Path(args.model) / "config.json").is_file():
         raise DiEPError(f"--save writes {EVAL_FILE} into a checkpoint folder, and {args.model!r} is not one "
@@ -260,7 +262,7 @@ def _recorded_publish_settings(folder: str) -> dict[str, Any]:
     The folder's config, report, evaluation and recipe are all parsed here, before the push: a damaged one is named
     with its line and column rather than failing halfway through the upload.
     """
-    from .runner import read_checkpoint_metadata
+    from .inspection import read_checkpoint_metadata
 
     recipe = read_checkpoint_metadata(folder)["recipe"] or {}
     publish = recipe.get("publish") or {}
@@ -290,14 +292,14 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .runner import format_inspection, inspect_checkpoint
+    from .inspection import format_inspection, inspect_checkpoint
 
     _emit(inspect_checkpoint(args.target, revision=args.revision), args.json, format_inspection)
     return EXIT_OK
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .runner import reproduce
+    from .reproduction import reproduce
 
     result = reproduce(args.target, revision=args.revision, evaluate_scores=not args.no_eval)
     _emit(result, args.json, _reproduce_text)
@@ -353,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of routed experts to remove (0-1)")
     p.add_argument("--method", default="diep", help="diep|reap|frequency|soft_frequency|naee|random")
-    p.add_argument("--selection", default="global", help="global (non-uniform) or uniform")
+    p.add_argument("--selection", default=None,
+                   help="global (non-uniform) or uniform; default: the method's own (global; uniform for naee)")
     p.add_argument("--dataset", default="allenai/c4", help="calibration Hub dataset (or diep-hub/tiny-text)")
     p.add_argument("--dataset-config", default="en", help="dataset configuration name")
     p.add_argument("--data-file", default=None, help="local calibration file (json/jsonl/parquet/txt) instead")

@@ -122,7 +122,7 @@ def _source_problem(recipe: Recipe, prefix: str, section) -> tuple[str, type[DiE
 
 
 def _offline_corpus_splits(name: str) -> tuple[str, ...] | None:
-    """The splits of diep_hub's own offline corpora (runner._text_source writes them); None for other names."""
+    """The splits of diep_hub's own offline corpora (model_loading._text_source writes them); None for other names."""
     from .tiny import TINY_TEXT_ID, ZOO_TEXT_ID
 
     if name == TINY_TEXT_ID:

@@ -52,7 +52,9 @@ class DiEPPruner:
     Attributes:
         sparsity: fraction of routed experts to remove, 0 < s < 1 (shared experts and dense layers not counted).
         method: a registered criterion: "diep" (default), "reap", "frequency", "soft_frequency", "naee", "random".
-        selection: "global" (rank all experts of all layers together, non-uniform: DiEP's way) or "uniform".
+        selection: "global" (rank all experts of all layers together, non-uniform: DiEP's way) or "uniform"; None
+            (default) means the method's own default, the first of its criterion's ``selections`` ("global", but
+            "uniform" for naee, which supports nothing else). A selection the method does not support is refused.
         dataset: calibration source: Hub dataset name, local file (json/jsonl/parquet/txt), ``datasets.Dataset``
             or a list of strings.
         dataset_config: Hub dataset config name ("en" for C4).
@@ -75,7 +77,7 @@ class DiEPPruner:
 
     sparsity: float = 0.5
     method: str = "diep"
-    selection: str = "global"
+    selection: str | None = None
     dataset: Any = "allenai/c4"
     dataset_config: str | None = "en"
     split: str = "train"
@@ -103,6 +105,8 @@ class DiEPPruner:
     def __post_init__(self) -> None:
         if isinstance(self.alternation, list):
             self.alternation = tuple(self.alternation)
+        if self.selection is None and self.method in criteria_base.available_criteria():
+            self.selection = criteria_base.get_criterion(self.method).default_selection()
         problems = self._problems()
         if problems:
             raise ConfigError("invalid DiEPPruner configuration: " + "; ".join(problems))
@@ -121,7 +125,12 @@ class DiEPPruner:
         if self.method not in known:
             p.append(f"method={self.method!r} is not a registered criterion; choose one of {known}")
         if self.selection not in SELECTIONS:
-            p.append(f"selection={self.selection!r}; choose one of {list(SELECTIONS)}")
+            if self.selection is not None or self.method in known:
+                p.append(f"selection={self.selection!r}; choose one of {list(SELECTIONS)}")
+        else:
+            unsupported = criteria_base.selection_problem(self.method, self.selection)
+            if unsupported is not None:
+                p.append(unsupported)
         if self.dataset is None or (isinstance(self.dataset, (str, list)) and len(self.dataset) == 0):
             p.append(f"dataset={self.dataset!r}; give a Hub dataset name, a local file, a Dataset or a list of strings")
         number("num_samples", self.num_samples, 1, None, integer=True)
@@ -213,6 +222,7 @@ class DiEPPruner:
         selection will, so an impossible request fails now rather than after an hour of search.
         Returns that dry-run selection (its per-layer counts tell NAEE the subset sizes).
         """
+        self._check_selection()
         family = get_family(model)
         layers = family.moe_layers(model)
         if not layers:
@@ -233,32 +243,30 @@ class DiEPPruner:
                 f"({len(layers)} MoE layers, {total} routed experts): {exc}"
             ) from exc
 
-    def _target_counts(self, model: nn.Module, dry_run) -> dict[int, int]:
+    def _check_selection(self) -> None:
+        """Refuse a method/selection pair the criterion does not support (the constructor's check, repeated here
+        because a dataclass field can be reassigned after construction)."""
+        if self.selection is None and self.method in criteria_base.available_criteria():
+            self.selection = criteria_base.get_criterion(self.method).default_selection()
+        if self.selection not in SELECTIONS:
+            raise ConfigError(
+                f"invalid DiEPPruner configuration: selection={self.selection!r}; choose one of {list(SELECTIONS)}"
+            )
+        criteria_base.get_criterion(self.method)  # an unknown method: ConfigError naming the known ones
+        problem = criteria_base.selection_problem(self.method, self.selection)
+        if problem is not None:
+            raise ConfigError(f"invalid DiEPPruner configuration: {problem}")
+
+    def _target_counts(self, dry_run) -> dict[int, int]:
         """Per-layer kept counts for criteria that search subsets of a given size (NAEE).
 
-        Placeholder scores carry no information about which layers matter, so the counts are the uniform ones
-        (NAEE is a per-layer method); when uniform is infeasible, the configured selection's dry run decides.
+        Such a criterion supports only selections whose counts are fixed before scoring (``selections``, checked
+        at registration and by ``_check_selection``), so the dry run's counts are exactly what the real selection
+        will keep.
         """
-        try:
-            counts = dict(self._select_counts_uniform(model).per_layer_kept)
-        except DiEPError:
-            counts = dict(dry_run.per_layer_kept)
+        counts = dict(dry_run.per_layer_kept)
         logger.info("%s searches subsets of these sizes per layer: %s", self.method, counts)
         return counts
-
-    def _select_counts_uniform(self, model: nn.Module):
-        from .selection import select_experts
-
-        layers = get_family(model).moe_layers(model)
-        return select_experts(
-            {layer.index: torch.linspace(1.0, 2.0, layer.num_experts) for layer in layers},
-            model,
-            sparsity=self.sparsity,
-            mode="uniform",
-            max_layer_sparsity=self.max_layer_sparsity,
-            min_experts_per_layer=self.min_experts_per_layer,
-            regroup=self.regroup,
-        )
 
     def prune_model(self, model: nn.Module, tokenizer) -> nn.Module:
         """Score, select and remove experts in place; return the ``diep_<family>`` model.
@@ -276,7 +284,7 @@ class DiEPPruner:
         experts_before = {layer.index: layer.num_experts for layer in layers}
         previous = getattr(model.config, "diep_pruning", None)
 
-        num_to_keep = self._target_counts(model, dry_run) if criterion.needs_target_counts else None
+        num_to_keep = self._target_counts(dry_run) if criterion.needs_target_counts else None
         # Everything but the calibration tokens, so that the criterion can refuse before they are loaded.
         context = criteria_base.ScoringContext(
             model=model,
@@ -318,6 +326,13 @@ class DiEPPruner:
             score_seconds = time.perf_counter() - score_started
             memory.measure()
             selection = self._select(result.scores, model)
+            if num_to_keep is not None and dict(selection.per_layer_kept) != num_to_keep:
+                # Cannot happen while the selections declaration holds; if it ever did, the keep map would hold
+                # subsets the criterion never evaluated, so refuse before surgery.
+                raise DiEPError(
+                    f"{self.method} scored subsets of sizes {num_to_keep} per layer but {self.selection} selection "
+                    f"keeps {dict(selection.per_layer_kept)}; refusing a keep map the criterion did not evaluate"
+                )
             model = prune_experts(model, selection.keep, regroup=bool(selection.regroup))
             skipping_summary = self._skip(model, input_ids) if self.skipping else None
 

@@ -10,7 +10,7 @@ never name Python objects to import: they run in CI next to Hub write tokens.
 The schema, with defaults (``diep-hub run --help`` shows an example)::
 
     model:       {id, revision: null, dtype: auto, device_map: null, trust_remote_code: false}
-    pruning:     {method: diep, sparsity: 0.5, selection: global, seed: 0,
+    pruning:     {method: diep, sparsity: 0.5, selection: null (the method's default), seed: 0,
                   calibration: {dataset: allenai/c4, config: en, split: train, text_field: text,
                                 path: null, num_samples: 128, seq_len: 2048},
                   search: {mode: auto, lr: 0.005, epochs: 10, batch_size: 16, lambda: 0.01, alternation: "3:1",
@@ -48,11 +48,13 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     WrapValidator,
     field_validator,
     model_validator,
 )
 
+from .criteria.base import available_criteria, get_criterion, selection_problem
 from .criteria.diep import DEFAULT_OPTIONS as _DIEP_DEFAULTS
 from .errors import ConfigError
 from .files import read_text
@@ -200,11 +202,28 @@ class PruningSection(_Section):
 
     method: Literal["diep", "reap", "frequency", "soft_frequency", "naee", "random"] = "diep"
     sparsity: Fraction = 0.5
-    selection: Literal["global", "uniform"] = "global"
+    # null/unset: the method's own default (global; uniform for naee), resolved at validation so the loaded
+    # recipe, the pruner and the saved recipe all hold the concrete mode.
+    selection: Annotated[Literal["global", "uniform"] | None, Field(validate_default=True)] = None
     seed: NonNegativeInt = 0
     calibration: CalibrationSection = CalibrationSection()
     search: SearchSection = SearchSection()
     floors: FloorsSection = FloorsSection()
+
+    @field_validator("selection")
+    @classmethod
+    def _selection_for_method(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Resolve an unset selection to the method's default; refuse one the method does not support, in the
+        words ``DiEPPruner`` uses."""
+        method = info.data.get("method")  # absent when the method itself is invalid: that error is reported
+        if method not in available_criteria():
+            return value
+        if value is None:
+            return get_criterion(method).default_selection()
+        problem = selection_problem(method, value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class SkippingSection(_Section):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import hub_server as local_hub
 import pytest
-from numerics import assert_close_logits, assert_same_greedy
 import torch
 import yaml
+from numerics import assert_close_logits, assert_same_greedy
 from transformers import AutoModelForCausalLM
 
 from diep_hub import prune_experts, save_pruned

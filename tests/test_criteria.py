@@ -56,6 +56,8 @@ def test_every_criterion_is_registered_by_importing_the_package():
         assert cls.name == name and cls.reference.startswith("https://arxiv.org/abs/")
         assert "Formula" in (__import__(cls.__module__, fromlist=["x"]).__doc__ or "")
     assert get_criterion("naee").needs_target_counts is True
+    # NAEE's search fixes per-layer counts, so only uniform selection keeps the subsets it evaluated.
+    assert get_criterion("naee").selections == ("uniform",)
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)

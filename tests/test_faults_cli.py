@@ -494,7 +494,7 @@ ROWS: list[CliFault] = [
         setup=lambda tmp: {"folder": tmp},
         argv=lambda c: ["inspect", str(c["folder"])],
         words=["unexpected ZeroDivisionError: boom", "this is a bug", "run with -v"],
-        patch=lambda mp, tmp: mp.setattr("diep_hub.runner.inspect_checkpoint", _boom),
+        patch=lambda mp, tmp: mp.setattr("diep_hub.inspection.inspect_checkpoint", _boom),
     ),
 ]
 
@@ -569,7 +569,7 @@ def test_verbose_adds_the_traceback_after_the_one_line(run_folder, tmp_path):
 
 
 def test_verbose_traceback_of_a_bug(monkeypatch, tmp_path):
-    monkeypatch.setattr("diep_hub.runner.inspect_checkpoint", _boom)
+    monkeypatch.setattr("diep_hub.inspection.inspect_checkpoint", _boom)
     result = run_cli(["-v", "inspect", str(tmp_path)])
     assert result.code == 2
     lines = error_lines(result.stderr)
@@ -582,7 +582,7 @@ def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("diep_hub.runner.inspect_checkpoint", interrupted)
+    monkeypatch.setattr("diep_hub.inspection.inspect_checkpoint", interrupted)
     result = run_cli(["inspect", str(tmp_path)])
     assert (result.code, result.stderr) == (130, "diep-hub inspect: interrupted\n")
 
@@ -687,7 +687,7 @@ def test_error_line_starts_its_own_line_after_a_progress_bar(monkeypatch, tmp_pa
             if step == 3:
                 raise CorruptFileError("calibration file x.jsonl line 3 is not valid JSON")
 
-    monkeypatch.setattr("diep_hub.runner.inspect_checkpoint", fails_inside_a_bar)
+    monkeypatch.setattr("diep_hub.inspection.inspect_checkpoint", fails_inside_a_bar)
     result = run_cli(["inspect", str(tmp_path)])
     assert result.code == 2
     lines = result.stderr.split("\n")

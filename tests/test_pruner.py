@@ -325,9 +325,14 @@ def test_skipping_is_calibrated_after_pruning():
 
 
 def test_naee_gets_uniform_subset_sizes_and_its_subsets_are_kept():
-    pruner = _pruner(sparsity=0.5, method="naee", selection="global")
+    # naee supports uniform selection only: an unset selection resolves to it (global is refused,
+    # tests/test_naee_selection.py).
+    pruner = _pruner(sparsity=0.5, method="naee")
+    assert pruner.selection == "uniform"
     model = pruner.prune_model(tiny_model("mixtral"), pruner_tokenizer())
     assert model.config.num_experts_per_layer == [4, 4, 4, 4]
+    assert pruner.report["selection"] == "uniform"
+    assert pruner.report["kept_ids"] == pruner.report["details"]["kept"]
     for index, kept in pruner.report["kept_ids"].items():
         scores = torch.tensor(pruner.report["scores"][index])
         assert (scores[kept] >= 1).all() and (scores[[i for i in range(8) if i not in kept]] < 1).all()

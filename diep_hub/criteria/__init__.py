@@ -20,6 +20,7 @@ from .base import (
     available_criteria,
     get_criterion,
     register_criterion,
+    selection_problem,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "available_criteria",
     "get_criterion",
     "register_criterion",
+    "selection_problem",
 ]

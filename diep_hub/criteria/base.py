@@ -16,6 +16,11 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..families import MoEFamily, MoELayer
+from ..selection import MODES as SELECTION_MODES
+
+#: Selection modes whose per-layer kept counts are fixed before scoring (they do not depend on the scores), so a
+#: criterion that searches subsets of given sizes (``needs_target_counts``) can be told those sizes up front.
+COUNTS_BEFORE_SCORING = ("uniform",)
 
 
 @dataclass
@@ -58,12 +63,28 @@ class ScoreResult:
 
 
 class Criterion(ABC):
-    """Base class: subclasses set ``name``, ``reference`` (paper URL) and implement ``score``."""
+    """Base class: subclasses set ``name``, ``reference`` (paper URL) and implement ``score``.
+
+    ``selections`` declares the selection modes (``diep_hub.selection.MODES``) whose keep map is the one the
+    criterion's scores mean; the first is the default when none is asked for. A criterion that searches subsets of
+    given sizes (``needs_target_counts``) may only declare modes in ``COUNTS_BEFORE_SCORING``: any other mode would
+    redistribute the counts after the search and keep subsets it never evaluated. ``selection_reason`` says why
+    a mode is missing; it goes into the refusal.
+    """
 
     name: ClassVar[str]
     reference: ClassVar[str] = ""
     #: whether ``score`` needs ``ScoringContext.num_to_keep``
     needs_target_counts: ClassVar[bool] = False
+    #: the selection modes this criterion supports, the default first
+    selections: ClassVar[tuple[str, ...]] = ("global", "uniform")
+    #: why some selection modes are not supported (empty when all are)
+    selection_reason: ClassVar[str] = ""
+
+    @classmethod
+    def default_selection(cls) -> str:
+        """The selection used when none is given: the first declared."""
+        return cls.selections[0]
 
     @abstractmethod
     def score(self, context: ScoringContext) -> ScoreResult: ...
@@ -80,9 +101,26 @@ _CRITERIA: dict[str, type[Criterion]] = {}
 
 
 def register_criterion(cls: type[Criterion]) -> type[Criterion]:
-    """Class decorator: make a criterion available by its ``name``."""
+    """Class decorator: make a criterion available by its ``name``; its ``selections`` declaration is checked here,
+    so a criterion whose keep map selection could silently change never becomes available."""
     if cls.name in _CRITERIA:
         raise ValueError(f"criterion {cls.name!r} is registered twice")
+    declared = cls.selections
+    if (
+        not isinstance(declared, tuple)
+        or not declared
+        or len(set(declared)) != len(declared)
+        or not set(declared) <= set(SELECTION_MODES)
+    ):
+        raise ValueError(
+            f"criterion {cls.name!r} declares selections={declared!r}; expected a non-empty tuple of distinct modes "
+            f"from {list(SELECTION_MODES)}"
+        )
+    if cls.needs_target_counts and not set(declared) <= set(COUNTS_BEFORE_SCORING):
+        raise ValueError(
+            f"criterion {cls.name!r} searches subsets of given sizes (needs_target_counts) but declares "
+            f"selections={declared!r}; only {list(COUNTS_BEFORE_SCORING)} fix the per-layer counts before scoring"
+        )
     _CRITERIA[cls.name] = cls
     return cls
 
@@ -96,3 +134,19 @@ def get_criterion(name: str) -> type[Criterion]:
         return _CRITERIA[name]
     except KeyError:
         raise ConfigError(f"method {name!r} is not a known criterion; choose one of {available_criteria()}") from None
+
+
+def selection_problem(method: str, selection: str) -> str | None:
+    """Why ``method`` cannot be combined with ``selection`` (None when it can): the one wording of the refusal,
+    used by ``DiEPPruner`` and by the recipe's ``pruning.selection`` check alike.
+
+    Unknown methods and unknown modes are left to their own checks (None here).
+    """
+    cls = _CRITERIA.get(method)
+    if cls is None or selection not in SELECTION_MODES or selection in cls.selections:
+        return None
+    allowed = ", ".join(f"selection={mode!r}" for mode in cls.selections)
+    reason = f" ({cls.selection_reason})" if cls.selection_reason else ""
+    return (
+        f"method={method!r} does not support selection={selection!r}{reason}; allowed with {method}: {allowed}"
+    )

@@ -22,6 +22,11 @@ the block do not depend on routing, so they cancel in the difference and need no
 Scores: 1 for the experts of S*, 0 for the others, plus a tie-break in [0, 0.5) that orders experts within each
 group: 0.5 * (m_max - m_j) / (m_max - m_min), with m_j the smallest error of any subset that contains j. Kept
 experts therefore always outrank dropped ones, and selection with the same per-layer counts keeps exactly S*.
+
+Selection: uniform only (``selections``). The k of every layer is fixed before the search, and only uniform
+selection keeps those counts; global selection would move removals between layers after the fact (at s=0.3 on
+4 layers x 8 experts it removes round(9.6) = 10, not 4 x round(2.4) = 8), dropping members of S* in some layer and
+keeping a subset whose error was never measured. ``DiEPPruner`` refuses that combination before calibration.
 """
 
 from __future__ import annotations
@@ -161,6 +166,11 @@ class NAEECriterion(Criterion):
     name = "naee"
     reference = "https://arxiv.org/abs/2402.14800"
     needs_target_counts = True
+    selections = ("uniform",)
+    selection_reason = (
+        "naee searches the best subset of a fixed size per layer, the uniform counts; global selection would "
+        "change those counts after the search and keep subsets naee never evaluated"
+    )
 
     def check_feasible(self, context: ScoringContext) -> None:
         opts = criterion_options(self.name, context.options, DEFAULT_OPTIONS)
