@@ -38,6 +38,7 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig
 
 import diep_hub
+from diep_hub.criteria.capture import input_device
 from diep_hub.families import get_family
 from diep_hub.skipping import calibrate_skipping, enable_skipping, reset_skip_counters, skip_rates
 
@@ -79,7 +80,7 @@ def most_used_experts(model, ids: torch.Tensor, keep: int) -> dict[int, list[int
 
         handles.append(layer.experts.register_forward_pre_hook(hook))
     with torch.no_grad():
-        model(ids.to(next(model.parameters()).device))
+        model(ids.to(input_device(model)))
     for handle in handles:
         handle.remove()
     return {i: sorted(c.topk(keep).indices.tolist()) for i, c in counts.items()}

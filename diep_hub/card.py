@@ -29,6 +29,7 @@ from huggingface_hub import eval_result_entries_to_yaml as _entries_to_yaml
 from .errors import ConfigError
 from .evaluation.comparison import higher_is_better, metric_retention
 from .evaluation.lm_eval_runner import primary_metric
+from .inspection import experts_table
 from .plots import EXPERTS_FIGURE, SCORES_FIGURE, experts_per_layer_png, scores_heatmap_png
 
 logger = logging.getLogger(__name__)
@@ -157,23 +158,13 @@ def _config_dict(model_or_folder) -> tuple[dict[str, Any], Path | None]:
 
 
 def _layer_rows(config: Mapping[str, Any], report: Mapping[str, Any]) -> list[LayerRow]:
-    kept = config.get("num_experts_per_layer") or []
-    original = config.get("original_num_experts") or []
-    ids = config.get("kept_expert_ids") or []
-    rows = []
-    for i, n in enumerate(kept):
-        if n is None:
-            continue
-        layer_ids = ids[i] if i < len(ids) and ids[i] is not None else list(range(n))
-        rows.append(LayerRow(i, int(n), int(original[i] if i < len(original) and original[i] else n), list(layer_ids)))
-    if rows:
-        return rows
-    # A stock-format checkpoint (uniform counts): the report still knows the plan.
-    for key, layer_ids in sorted((report.get("kept_original_ids") or report.get("kept_ids") or {}).items(),
-                                 key=lambda kv: int(kv[0])):
-        before = (report.get("experts_before") or {}).get(str(key))
-        rows.append(LayerRow(int(key), len(layer_ids), int(before or len(layer_ids)), list(layer_ids)))
-    return rows
+    """:func:`experts_table`'s rows with the card's defaults: no recorded ids means experts 0..kept-1, no recorded
+    original count means nothing was removed there."""
+    return [
+        LayerRow(r["layer"], int(r["kept"]), int(r["original"] or r["kept"]),
+                 list(r["kept_ids"] if r["kept_ids"] is not None else range(r["kept"])))
+        for r in experts_table(config, report)
+    ]
 
 
 def _split_evaluation(evaluation: Mapping[str, Any] | None) -> tuple[dict | None, dict | None, dict | None]:

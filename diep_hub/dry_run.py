@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, DiEPError, UnsupportedModelError
+from .errors import DiEPError, UnsupportedModelError
 from .families import get_family
 from .model_loading import load_config, model_source
 from .recipe import Recipe
@@ -128,8 +128,6 @@ def _feasible_selection(recipe: Recipe, model, family, layers):
             min_experts_per_layer=p.floors.min_experts_per_layer, regroup=p.floors.regroup,
         )
     except DiEPError as exc:
-        total = sum(layer.num_experts for layer in layers)
-        raise ConfigError(
-            f"sparsity={p.sparsity} cannot be reached on this {family.model_type} model "
-            f"({len(layers)} MoE layers, {total} routed experts): {exc}"
-        ) from exc
+        from .pruner import unreachable_sparsity
+
+        raise unreachable_sparsity(p.sparsity, family, layers, exc) from exc

@@ -24,20 +24,19 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
 from .errors import DiEPError
 from .files import read_json_object
 
 logger = logging.getLogger(__name__)
 
-REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}$")
 # Never uploaded: caches, temp folders of atomic saves, VCS data.
 IGNORED = (".git/*", ".git", "__pycache__/*", "*/__pycache__/*", "*.pyc", ".cache/*", ".*.tmp-*", ".*.old-*",
            ".DS_Store")
@@ -55,12 +54,31 @@ class PushError(DiEPError):
     """Publishing refused or failed; the message names the repo and what to do next (never the token)."""
 
 
+REPO_ID_ALLOWED = ("'namespace/name' (letters, digits, '-', '_', '.'; no '--' or '..'), "
+                   "e.g. 'my-user/Mixtral-8x7B-DiEP-50'")
+
+
+def repo_id_problem(repo_id: object) -> str | None:
+    """Why ``repo_id`` cannot name a model repo to push to or download, or None when it can.
+
+    The one repo-id rule of diep_hub (push, ``inspect``/``reproduce`` sources, ``publish.repo_id`` in recipes):
+    huggingface_hub's own ``validate_repo_id``, plus the namespace a repo we create needs.
+    """
+    if not isinstance(repo_id, str):
+        return f"a string is needed, not {type(repo_id).__name__}"
+    if repo_id.count("/") != 1:
+        return "it needs exactly one '/' between namespace and name"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        return str(exc)
+    return None
+
+
 def _check_repo_id(repo_id: str) -> None:
-    if not isinstance(repo_id, str) or not REPO_ID_PATTERN.match(repo_id) or "--" in repo_id or ".." in repo_id:
-        raise PushError(
-            f"repo_id={repo_id!r} is not a valid Hub model id; use 'namespace/name' (letters, digits, '-', '_', "
-            "'.'; no '--' or '..'), e.g. 'my-user/Mixtral-8x7B-DiEP-50'"
-        )
+    problem = repo_id_problem(repo_id)
+    if problem is not None:
+        raise PushError(f"repo_id={repo_id!r} is not a valid Hub model id ({problem}); use {REPO_ID_ALLOWED}")
 
 
 def _ignored(rel: str) -> bool:

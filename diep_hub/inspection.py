@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, CorruptFileError, DiEPError
 from .files import read_json_object, read_yaml
+from .hub import repo_id_problem
+from .jsonable import to_jsonable
 
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "pruning_report.json"
@@ -23,9 +25,14 @@ EVAL_FILE = "evaluation.json"
 CARD_FILE = "README.md"
 
 
-def experts_table(config) -> list[dict[str, Any]]:
-    """Per MoE layer: experts kept, originally, and the kept original ids (dense layers are left out)."""
-    cfg = config if isinstance(config, dict) else config.to_dict()
+def experts_table(config, report: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per MoE layer: experts kept, originally, and the kept original ids (dense layers are left out).
+
+    From config.json's per-layer fields; where they are absent (a stock-format checkpoint, uniform counts), from
+    the pruning report's plan. A figure neither records is None. The one reading of "which experts are left",
+    for ``inspect``, the run summary and the model card.
+    """
+    cfg = config if isinstance(config, Mapping) else config.to_dict()
     kept = cfg.get("num_experts_per_layer") or []
     original = cfg.get("original_num_experts") or []
     ids = cfg.get("kept_expert_ids") or []
@@ -35,7 +42,12 @@ def experts_table(config) -> list[dict[str, Any]]:
             continue
         rows.append({"layer": i, "kept": n, "original": original[i] if i < len(original) else None,
                      "kept_ids": ids[i] if i < len(ids) else None})
-    return rows
+    if rows or not report:
+        return rows
+    before = report.get("experts_before") or {}
+    plan = report.get("kept_original_ids") or report.get("kept_ids") or {}
+    return [{"layer": int(i), "kept": len(layer_ids), "original": before.get(str(i)), "kept_ids": layer_ids}
+            for i, layer_ids in sorted(plan.items(), key=lambda kv: int(kv[0]))]
 
 
 def local_folder(repo_or_dir: str | os.PathLike, *, revision: str | None = None, weights: bool = False) -> Path:
@@ -45,7 +57,7 @@ def local_folder(repo_or_dir: str | os.PathLike, *, revision: str | None = None,
         return path
     if path.exists():
         raise ConfigError(f"{repo_or_dir} is a file -> give a checkpoint folder or a Hub repo id (namespace/name)")
-    if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", str(repo_or_dir)):
+    if repo_id_problem(str(repo_or_dir)) is not None:
         raise ConfigError(f"{repo_or_dir!r} is neither a folder nor a Hub repo id -> give DIR or namespace/name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -88,7 +100,7 @@ def inspect_checkpoint(repo_or_dir: str | os.PathLike, *, revision: str | None =
         raise DiEPError(f"{repo_or_dir}: no config.json -> not a model checkpoint")
     metadata = read_checkpoint_metadata(folder)
     config, report = metadata["config"], metadata["report"]
-    rows = experts_table(config) or _experts_from_report(report)
+    rows = experts_table(config, report)
     if not rows:
         raise DiEPError(
             f"{repo_or_dir}: neither config.json (num_experts_per_layer) nor {REPORT_FILE} lists experts per layer "
@@ -127,21 +139,12 @@ def inspect_checkpoint(repo_or_dir: str | os.PathLike, *, revision: str | None =
     return info
 
 
-def _experts_from_report(report: dict | None) -> list[dict[str, Any]]:
-    """Experts per layer from the pruning report (stock-format checkpoints carry no per-layer config fields)."""
-    if not report or not report.get("kept_original_ids"):
-        return []
-    before = report.get("experts_before", {})
-    return [{"layer": int(i), "kept": len(ids), "original": before.get(i), "kept_ids": ids}
-            for i, ids in sorted(report["kept_original_ids"].items(), key=lambda kv: int(kv[0]))]
-
-
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON beside ``path`` and rename it into place: a failure never leaves a half-written file."""
     path = Path(path)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        staging.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        staging.write_text(json.dumps(to_jsonable(data), indent=2) + "\n", encoding="utf-8")
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)

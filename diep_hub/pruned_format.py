@@ -46,10 +46,7 @@ def current_layer_plans(model: nn.Module, family: MoEFamily | None = None) -> di
     original = getattr(config, "original_num_experts", None)
     plans = {}
     for layer in family.moe_layers(model):
-        n_group = topk_group = None
-        if family.grouped_routing is not None:
-            n_group = getattr(layer.router, family.grouped_routing.router_group_attr, None)
-            topk_group = getattr(layer.router, family.grouped_routing.router_topk_group_attr, None)
+        n_group, topk_group = family.routing_groups(layer) or (None, None)
         if kept_ids is not None and kept_ids[layer.index] is not None:
             ids, total = list(kept_ids[layer.index]), original[layer.index]
         else:
@@ -69,7 +66,7 @@ def adopt_diep_format(model: nn.Module, family: MoEFamily, plans: dict[int, PerL
     config.num_experts_per_layer = [plans[i].num_experts if i in plans else None for i in range(num_layers)]
     config.original_num_experts = [plans[i].original_num_experts if i in plans else None for i in range(num_layers)]
     config.kept_expert_ids = [list(plans[i].kept_original_ids) if i in plans else None for i in range(num_layers)]
-    if family.grouped_routing is not None:
+    if family.has_grouped_routing:
         config.n_group_per_layer = [plans[i].n_group if i in plans else None for i in range(num_layers)]
         config.topk_group_per_layer = [plans[i].topk_group if i in plans else None for i in range(num_layers)]
     # The family field holds the widest layer, so a fresh build allocates no more than it needs.
@@ -120,11 +117,11 @@ def to_stock_model(model: nn.Module) -> nn.Module:
     for field in PER_LAYER_FIELDS + GROUP_FIELDS + ("diep_pruning", "diep_skipping", "auto_map"):
         config.__dict__.pop(field, None)
     setattr(config, family.num_experts_field, count)
-    config.num_experts_per_tok = min(config.num_experts_per_tok, count)
+    family.set_top_k(config, min(family.top_k(config), count))
     plans = current_layer_plans(model, family)
     first = next(iter(plans.values()))
     if first.n_group is not None:
-        config.n_group, config.topk_group = first.n_group, first.topk_group
+        family.set_config_groups(config, first.n_group, first.topk_group)
     with torch.device("meta"):
         stock = stock_model_class(config)
     stock.load_state_dict(model.state_dict(), assign=True, strict=True)

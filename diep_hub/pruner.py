@@ -33,6 +33,7 @@ from .criteria import diep as diep_criterion
 from .criteria import naee as naee_criterion
 from .errors import ConfigError, DiEPError, UnsupportedModelError
 from .families import get_family
+from .jsonable import to_jsonable
 from .memory import PeakMemory
 from .saving import save_pruned
 from .surgery import prune_experts
@@ -237,11 +238,7 @@ class DiEPPruner:
         try:
             return self._select(placeholder, model)
         except DiEPError as exc:
-            total = sum(layer.num_experts for layer in layers)
-            raise ConfigError(
-                f"sparsity={self.sparsity} cannot be reached on this {family.model_type} model "
-                f"({len(layers)} MoE layers, {total} routed experts): {exc}"
-            ) from exc
+            raise unreachable_sparsity(self.sparsity, family, layers, exc) from exc
 
     def _check_selection(self) -> None:
         """Refuse a method/selection pair the criterion does not support (the constructor's check, repeated here
@@ -400,7 +397,7 @@ class DiEPPruner:
 
         calibration = calibrate_skipping(model, input_ids, batch_size=self.batch_size, seed=self.seed)
         enable_skipping(model, calibration)
-        return _jsonable(calibration.summary())
+        return to_jsonable(calibration.summary())
 
     def save(
         self,
@@ -413,7 +410,7 @@ class DiEPPruner:
         """Write the pruned checkpoint plus ``pruning_report.json`` and ``diep_recipe.json`` (atomically)."""
         if not self.report:
             raise ConfigError("nothing to save yet: call prune_model(model, tokenizer) first")
-        files: dict[str, Any] = {REPORT_FILE: _jsonable(self.report), RECIPE_FILE: self.to_dict()}
+        files: dict[str, Any] = {REPORT_FILE: to_jsonable(self.report), RECIPE_FILE: self.to_dict()}
         files.update(extra_files or {})
         return save_pruned(model, save_directory, tokenizer=tokenizer, overwrite=overwrite, extra_files=files)
 
@@ -445,6 +442,15 @@ def number_problem(value, lo, hi=None, *, lo_open: bool = False, hi_open: bool =
     return None
 
 
+def unreachable_sparsity(sparsity, family, layers, exc: Exception) -> ConfigError:
+    """The one wording of "this sparsity cannot be reached here", for the pruner and the dry run."""
+    total = sum(layer.num_experts for layer in layers)
+    return ConfigError(
+        f"sparsity={sparsity} cannot be reached on this {family.model_type} model "
+        f"({len(layers)} MoE layers, {total} routed experts): {exc}"
+    )
+
+
 def _describe_dataset(dataset) -> str:
     if isinstance(dataset, list):
         return f"<list of {len(dataset)} strings>"
@@ -472,17 +478,4 @@ def _versions() -> dict[str, str | None]:
     }
 
 
-def _jsonable(value):
-    """Tensors to lists, int dict keys to strings: what json.dumps accepts."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-__all__ = ["DiEPPruner", "REPORT_FILE", "RECIPE_FILE", "number_problem"]
+__all__ = ["DiEPPruner", "REPORT_FILE", "RECIPE_FILE", "number_problem", "unreachable_sparsity"]

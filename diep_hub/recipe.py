@@ -58,6 +58,7 @@ from .criteria.base import available_criteria, get_criterion, selection_problem
 from .criteria.diep import DEFAULT_OPTIONS as _DIEP_DEFAULTS
 from .errors import ConfigError
 from .files import read_text
+from .hub import REPO_ID_ALLOWED, repo_id_problem
 from .pruner import number_problem
 
 logger = logging.getLogger(__name__)
@@ -287,12 +288,21 @@ class CardSection(_Section):
 class PublishSection(_Section):
     """Where the checkpoint is pushed; ``push`` can be overridden by ``diep-hub run --push/--no-push``."""
 
-    repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")] | None = None
+    repo_id: str | None = None
     push: bool = False
     private: bool = False
     create_pr: bool = False
     commit_message: str | None = None
     card: CardSection = CardSection()
+
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_repo_id(cls, value: str | None) -> str | None:
+        """The rule ``push`` applies (``diep_hub.hub.repo_id_problem``), checked before any work is done."""
+        problem = None if value is None else repo_id_problem(value)
+        if problem is not None:
+            raise ValueError(f"not a valid Hub model id ({problem}); use {REPO_ID_ALLOWED}")
+        return value
 
     @model_validator(mode="after")
     def _repo_when_pushing(self) -> PublishSection:

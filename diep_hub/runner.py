@@ -15,7 +15,6 @@ the run, in :mod:`diep_hub.model_loading` for ``diep-hub eval``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -23,12 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .dry_run import estimate
 from .errors import ConfigError
 from .families import get_family
 from .inspection import EVAL_FILE, RECIPE_FILE, REPORT_FILE, experts_table, inspect_checkpoint
+from .jsonable import to_jsonable
 from .model_loading import _local_model_folder, _text_source, load_config, load_model, model_source
 from .recipe import Recipe, load_recipe, shipped_recipes
 
@@ -321,17 +319,9 @@ def _save(model, pruner, out: Path, *, tokenizer, stock_format: bool, overwrite:
     from .pruner import RECIPE_FILE as PRUNER_CONFIG_FILE
     from .saving import save_pruned
 
-    files = {REPORT_FILE: json.loads(json.dumps(pruner.report, default=_json_default)),
+    files = {REPORT_FILE: to_jsonable(pruner.report),
              PRUNER_CONFIG_FILE: pruner.to_dict(), **extra_files}
     return save_pruned(model, out, tokenizer=tokenizer, stock_format=True, overwrite=overwrite, extra_files=files)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _calibrate_skipping(model, tokenizer, recipe: Recipe) -> dict[str, Any]:

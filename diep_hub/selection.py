@@ -120,27 +120,21 @@ def layer_limits(
     min_experts_per_layer: int | None = None,
     regroup: bool = False,
 ) -> LayerLimits:
-    """The constraints of one layer, read from the live router (a pruned layer may have its own top-k/groups)."""
+    """The constraints of one layer, read from the live router (a pruned layer may have its own top-k/groups).
+
+    The routing rules (top-k, family minimum, groups) come from the family adapter; this adds the user's floor and
+    cap and lists the removal counts they all allow.
+    """
     family, n = layer.family, layer.num_experts
-    top_k = layer.top_k
-    reasons = [f"top-k {top_k}"]
-    floor = top_k
-    if family.min_experts > floor:
-        floor = family.min_experts
-        reasons.append(f"{family.model_type} minimum {family.min_experts}")
-    grouping = family.grouped_routing
-    n_group = topk_group = 1
-    grouped = False
-    if grouping is not None and not regroup:
-        n_group = int(getattr(layer.router, grouping.router_group_attr, None) or getattr(config, "n_group", 1) or 1)
-        topk_group = int(getattr(layer.router, grouping.router_topk_group_attr, None) or 1)
-        grouped = n_group > 1 and (grouping.active_when is None or bool(grouping.active_when(config)))
-        if grouped:
-            group_floor = n_group * grouping.min_per_group
-            group_floor = max(group_floor, n_group * -(-top_k // topk_group))
-            if group_floor > floor:
-                floor = group_floor
-            reasons.append(f"grouped routing: a multiple of n_group={n_group}, >= {grouping.min_per_group} a group")
+    rules = family.routing_rules(layer, config, regroup=regroup)
+    reasons = [f"top-k {rules.top_k}"]
+    floor = rules.top_k
+    if rules.min_experts > floor:
+        floor = rules.min_experts
+        reasons.append(f"{family.model_type} minimum {rules.min_experts}")
+    if rules.grouped:
+        floor = max(floor, rules.group_floor)
+        reasons.append(f"grouped routing: a multiple of n_group={rules.n_group}, >= {rules.min_per_group} a group")
     if min_experts_per_layer is not None and min_experts_per_layer > floor:
         floor = min_experts_per_layer
         reasons.append(f"min_experts_per_layer {min_experts_per_layer}")
@@ -151,21 +145,14 @@ def layer_limits(
         if cap < max_removal:
             max_removal = cap
             reasons.append(f"max_layer_sparsity {max_layer_sparsity} (at most {cap} removed)")
-    allowed = [0]
-    for removed in range(1, max_removal + 1):
-        kept = n - removed
-        if grouped and (
-            kept % n_group != 0 or kept // n_group < grouping.min_per_group or topk_group * (kept // n_group) < top_k
-        ):
-            continue
-        allowed.append(removed)
+    allowed = [0] + [removed for removed in range(1, max_removal + 1) if rules.accepts(n - removed)]
     return LayerLimits(
         index=layer.index,
         num_experts=n,
         floor=floor,
         allowed_removals=tuple(allowed),
         why=", ".join(reasons),
-        n_group=n_group if grouped else 1,
+        n_group=rules.n_group,
     )
 
 

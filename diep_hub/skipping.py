@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cka import CKA_KERNELS, centered_gram_vector, cka_matrix, mean_off_diagonal
+from .criteria.capture import input_device
 from .errors import ConfigError
 from .families import MoELayer, get_family
 from .pruned_format import is_pruned
@@ -222,7 +223,7 @@ def calibrate_skipping(
     recorders = {layer.index: _RoutingRecorder(positions) for layer in layers}
     handles = [layer.experts.register_forward_pre_hook(recorders[layer.index]) for layer in layers]
     paused = _disabled_skipping(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     was_training = model.training
     model.eval()
     try:

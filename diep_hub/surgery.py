@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import KeepMapError
-from .families import MoEFamily, MoELayer, get_family
+from .families import MoELayer, RoutingRules, get_family
 from .pruned_format import PerLayerPlan, adopt_diep_format, current_layer_plans
 
 logger = logging.getLogger(__name__)
@@ -39,31 +39,9 @@ class LayerSurgery:
     topk_group: int | None
 
 
-def _router_groups(layer: MoELayer) -> tuple[int | None, int | None]:
-    grouping = layer.family.grouped_routing
-    if grouping is None:
-        return None, None
-    return (
-        getattr(layer.router, grouping.router_group_attr, None),
-        getattr(layer.router, grouping.router_topk_group_attr, None),
-    )
-
-
-def _grouping_active(layer: MoELayer, config) -> bool:
-    grouping = layer.family.grouped_routing
-    if grouping is None:
-        return False
-    n_group, _ = _router_groups(layer)
-    if grouping.active_when is not None and not grouping.active_when(config):
-        return False
-    return (n_group or 1) > 1
-
-
 def active_groups(layer: MoELayer, config, regroup: bool = False) -> int:
     """How many routing groups constrain what a layer may keep: n_group under active grouped routing, else 1."""
-    if regroup or not _grouping_active(layer, config):
-        return 1
-    return int(_router_groups(layer)[0])
+    return layer.family.routing_rules(layer, config, regroup).n_group
 
 
 def group_subsets(num_experts: int, kept: int, n_group: int) -> list[tuple[int, ...]]:
@@ -111,11 +89,12 @@ def plan_surgery(
         num_experts = layer.num_experts
         ids = [_as_int(i, f"layer {index}: expert id {i!r}") for i in raw_ids]
         _check_ids(index, ids, num_experts)
-        top_k = layer.top_k
-        floor = family.min_experts if allow_below_top_k else max(top_k, family.min_experts)
+        rules = family.routing_rules(layer, model.config)
+        top_k = rules.top_k
+        floor = rules.floor(groups=False, allow_below_top_k=allow_below_top_k)
         if len(ids) < floor:
             reason = f"top-k is {top_k}" if floor == top_k and not allow_below_top_k else ""
-            minimum = f"{family.model_type} needs at least {family.min_experts}" if family.min_experts > 1 else ""
+            minimum = f"{family.model_type} needs at least {rules.min_experts}" if rules.min_experts > 1 else ""
             why = "; ".join(r for r in (reason, minimum) if r)
             raise KeepMapError(
                 f"layer {index} would keep {len(ids)} expert(s) but needs at least {floor} ({why}); "
@@ -133,11 +112,11 @@ def plan_surgery(
                 f"layer {index}: tensors {offloaded} are offloaded to disk (meta device), so they cannot be sliced; "
                 "load the model with a device_map that keeps expert weights on CPU or GPU for pruning"
             )
-        n_group, topk_group = _router_groups(layer)
-        do_regroup = index in regroup_layers and _grouping_active(layer, model.config)
-        if _grouping_active(layer, model.config) and not do_regroup:
-            _check_groups(family, index, len(ids), n_group, topk_group, top_k)
-            _check_group_membership(index, ids, num_experts, n_group)
+        n_group, topk_group = family.routing_groups(layer) or (None, None)
+        do_regroup = index in regroup_layers and rules.grouped
+        if rules.grouped and not do_regroup:
+            _check_groups(rules, index, len(ids))
+            _check_group_membership(index, ids, num_experts, rules.n_group)
         if do_regroup:
             n_group, topk_group = 1, 1
         plan.append(
@@ -174,19 +153,20 @@ def _check_ids(index: int, ids: list[int], num_experts: int) -> None:
         raise KeepMapError(f"layer {index}: expert ids {sorted(set(duplicates))} are listed more than once")
 
 
-def _check_groups(family: MoEFamily, index: int, kept: int, n_group: int, topk_group: int, top_k: int) -> None:
-    per_group_min = family.grouped_routing.min_per_group
-    if kept % n_group != 0 or kept // n_group < per_group_min:
+def _check_groups(rules: RoutingRules, index: int, kept: int) -> None:
+    n_group, per_group_min = rules.n_group, rules.min_per_group
+    if not rules.divides(kept):
         allowed = ", ".join(str(n_group * m) for m in range(per_group_min, per_group_min + 4))
         raise KeepMapError(
             f"layer {index} would keep {kept} experts, but its grouped routing (n_group={n_group}) needs a multiple "
             f"of {n_group} with at least {per_group_min} per group ({allowed}, ...); keep such a count, or pass "
             f"regroup=[{index}] to route that layer without groups (n_group = topk_group = 1)"
         )
-    if topk_group * (kept // n_group) < top_k:
+    if not rules.supplies_top_k(kept):
         raise KeepMapError(
-            f"layer {index}: {topk_group} selected group(s) of {kept // n_group} experts cannot supply top-k={top_k}; "
-            f"keep at least {n_group * -(-top_k // topk_group)} experts or pass regroup=[{index}]"
+            f"layer {index}: {rules.topk_group} selected group(s) of {kept // n_group} experts cannot supply "
+            f"top-k={rules.top_k}; keep at least {n_group * -(-rules.top_k // rules.topk_group)} experts or pass "
+            f"regroup=[{index}]"
         )
 
 
@@ -236,9 +216,7 @@ def _apply(surgery: LayerSurgery) -> None:
         owner, attr = layer.resolve(dotted)
         setattr(owner, attr, surgery.new_top_k)
     if surgery.regroup:
-        grouping = family.grouped_routing
-        setattr(layer.router, grouping.router_group_attr, 1)
-        setattr(layer.router, grouping.router_topk_group_attr, 1)
+        family.set_routing_groups(layer.router, 1, 1)
 
 
 def prune_experts(

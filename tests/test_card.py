@@ -241,3 +241,24 @@ def test_unknown_license_is_stated_not_invented():
     card = build_model_card(model, report=REPORT)
     assert card.data.license is None
     assert "| License | not recorded: the base model's license applies; check it before use |" in str(card)
+
+
+def test_card_layers_and_inspect_read_experts_the_same_way():
+    """The card's layer table is inspect's experts_table with defaults: config fields first, else the report."""
+    from diep_hub.card import _layer_rows
+    from diep_hub.inspection import experts_table
+
+    config = {"num_experts_per_layer": [None, 2, 3], "original_num_experts": [None, 4],
+              "kept_expert_ids": [None, [0, 3]]}
+    assert experts_table(config) == [{"layer": 1, "kept": 2, "original": 4, "kept_ids": [0, 3]},
+                                     {"layer": 2, "kept": 3, "original": None, "kept_ids": None}]
+    assert [(r.layer, r.kept, r.original, r.kept_ids) for r in _layer_rows(config, {})] == [
+        (1, 2, 4, [0, 3]), (2, 3, 3, [0, 1, 2])]
+    # Stock format: no per-layer fields in config.json, the report's plan (original ids first, else kept ids).
+    report = {"experts_before": {"0": 8}, "kept_original_ids": {"10": [1, 2], "0": [5, 6, 7]}}
+    assert experts_table({}, report) == [{"layer": 0, "kept": 3, "original": 8, "kept_ids": [5, 6, 7]},
+                                         {"layer": 10, "kept": 2, "original": None, "kept_ids": [1, 2]}]
+    assert [(r.layer, r.kept, r.original, r.kept_ids) for r in _layer_rows({}, report)] == [
+        (0, 3, 8, [5, 6, 7]), (10, 2, 2, [1, 2])]
+    assert experts_table({}, {"kept_ids": {"1": [0]}}) == [{"layer": 1, "kept": 1, "original": None, "kept_ids": [0]}]
+    assert experts_table({}, None) == [] and experts_table({}, {}) == []

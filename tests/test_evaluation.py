@@ -282,3 +282,39 @@ def test_retention_metric_loads_offline_by_path_and_matches_compare():
     assert compare(base, pruned)["average_retention"] == pytest.approx(out["mean_retention"], abs=1e-15)
     with pytest.raises(ValueError, match="base scores at positions \\[1\\] are 0"):
         metric.compute(predictions=[0.1, 0.2], references=[0.5, 0.0])
+
+
+def test_to_jsonable_is_the_one_json_conversion(tmp_path):
+    """Reports, evaluation results and saved summaries share one conversion: values, not just 'it dumps'."""
+    import numpy as np
+
+    from diep_hub import pruner, runner
+    from diep_hub.evaluation import results
+    from diep_hub.jsonable import to_jsonable
+
+    assert results.to_jsonable is to_jsonable and pruner.to_jsonable is to_jsonable
+    assert runner.to_jsonable is to_jsonable
+    value = {1: torch.tensor([1.5, float("nan")]), "n": np.int64(3), "f": np.float32(0.25), "p": tmp_path,
+             "t": (torch.tensor(2), float("inf")), "none": None, "ok": True}
+    assert to_jsonable(value) == {"1": [1.5, "nan"], "n": 3, "f": 0.25, "p": str(tmp_path), "t": [2, "inf"],
+                                  "none": None, "ok": True}
+    assert json.loads(json.dumps(to_jsonable(value), allow_nan=False)) == to_jsonable(value)
+
+
+def test_peak_memory_is_one_meter_for_report_and_probe():
+    """The evaluation probe's PeakMemory is the pruning report's one; on CPU its bytes are RSS and see a block."""
+    from diep_hub.evaluation import PeakMemory as EvaluationPeakMemory
+    from diep_hub.memory import PeakMemory
+
+    assert EvaluationPeakMemory is PeakMemory
+    size = 64 * 1024 * 1024
+    with PeakMemory("cpu") as peak:
+        block = torch.ones(size // 4)  # 64 MiB, written so the pages are resident
+        peak.measure()
+        del block
+    assert not peak.cuda and peak.start_bytes == peak.start_rss and peak.peak_bytes == peak.peak_rss
+    assert peak.peak_bytes - peak.start_bytes >= size * 0.9
+    summary = peak.summary()
+    assert summary["cpu_rss_peak_bytes"] == peak.peak_rss and "cuda_max_memory_allocated_bytes" not in summary
+    if peak.heap_increase is not None:
+        assert summary["cpu_heap_peak_increase_bytes"] >= size * 0.9

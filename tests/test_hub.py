@@ -20,6 +20,7 @@ from tiny_tokenizer import tiny_tokenizer
 
 import diep_hub
 from diep_hub.card import build_model_card, write_card
+from diep_hub.errors import ConfigError
 from diep_hub.hub import PushError, push
 
 KEEP = {0: [0, 1, 2], 1: [1, 2, 5, 6], 2: [0, 1], 3: [2, 3, 7]}
@@ -226,11 +227,43 @@ def test_folder_containing_the_token_is_refused(hub, pruned):
     assert REPO not in hub.repos
 
 
-@pytest.mark.parametrize("repo_id", ["no-namespace", "a/b/c", "user/bad name", "user/x--y", ""])
+@pytest.mark.parametrize(
+    "repo_id", ["no-namespace", "a/b/c", "user/bad name", "user/x--y", "", "user/x.git", "user/-x"]
+)
 def test_bad_repo_id_is_refused(repo_id, hub, pruned):
     with pytest.raises(PushError, match="not a valid Hub model id"):
         push(pruned[1], repo_id, token=hub.token)
     assert hub.requests == []
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "reason"),
+    [("my-user/Mixtral-8x7B-DiEP-50", None), ("a/b", None), ("no-namespace", "exactly one '/'"),
+     ("a/b/c", "exactly one '/'"), ("user/x--y", "Cannot have -- or .."), ("user/x.git", "cannot end by '.git'"),
+     ("user/bad name", "alphanumeric chars"), (None, "a string is needed, not NoneType")],
+)
+def test_one_repo_id_rule_for_push_recipes_and_inspect(repo_id, reason, tmp_path, monkeypatch):
+    """push, publish.repo_id in a recipe and inspect's Hub source share huggingface_hub's rule (one helper)."""
+    from diep_hub.hub import repo_id_problem
+    from diep_hub.inspection import local_folder
+    from diep_hub.recipe import Recipe, RecipeError
+
+    problem = repo_id_problem(repo_id)
+    if reason is None:
+        assert problem is None
+        assert Recipe.from_dict({"model": {"id": "a/b"}, "publish": {"repo_id": repo_id}}).publish.repo_id == repo_id
+        return
+    assert reason in problem
+    if repo_id is None:
+        return
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_dict({"model": {"id": "a/b"}, "publish": {"repo_id": repo_id}})
+    assert info.value.problems == [f"publish.repo_id: {repo_id!r} -> not a valid Hub model id ({problem}); use "
+                                   "'namespace/name' (letters, digits, '-', '_', '.'; no '--' or '..'), "
+                                   "e.g. 'my-user/Mixtral-8x7B-DiEP-50'"]
+    monkeypatch.chdir(tmp_path)  # a relative repo id names no folder here
+    with pytest.raises(ConfigError, match="is neither a folder nor a Hub repo id -> give DIR or namespace/name"):
+        local_folder(repo_id)
 
 
 def test_bad_folders_are_refused(hub, tmp_path, pruned):

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..families import MoELayer
-from ..surgery import active_groups, count_group_subsets, group_subsets, plan_surgery
+from ..surgery import count_group_subsets, group_subsets, plan_surgery
 from .base import Criterion, ScoreResult, ScoringContext, register_criterion
 from .capture import capture_block_inputs, criterion_options, input_device
 
@@ -85,9 +85,8 @@ def restricted_router(layer: MoELayer, keep_ids: list[int], regroup: bool = Fals
         owner, attr = dotted.split(".", 1)
         if owner == "router":
             object.__setattr__(view, attr, min(layer.top_k, kept))
-    if regroup and family.grouped_routing is not None:
-        object.__setattr__(view, family.grouped_routing.router_group_attr, 1)
-        object.__setattr__(view, family.grouped_routing.router_topk_group_attr, 1)
+    if regroup and family.has_grouped_routing:
+        family.set_routing_groups(view, 1, 1)
     return view
 
 
@@ -130,7 +129,7 @@ def check_feasible(context: ScoringContext, max_combinations: int, regroup: bool
             raise ConfigError(
                 f"naee: num_to_keep[{layer.index}]={k!r} must be an integer between 1 and {layer.num_experts}"
             )
-        n_group = active_groups(layer, context.model.config, regroup)
+        n_group = layer.family.routing_rules(layer, context.model.config, regroup).n_group
         count = count_group_subsets(layer.num_experts, k, n_group)
         if count > max_combinations:
             what = (
@@ -151,7 +150,7 @@ def check_feasible(context: ScoringContext, max_combinations: int, regroup: bool
     placeholder = {}
     for index, k in targets.items():
         layer = layers[index]
-        n_group = active_groups(layer, context.model.config, regroup)
+        n_group = layer.family.routing_rules(layer, context.model.config, regroup).n_group
         size, per_group = layer.num_experts // n_group, k // n_group
         ids = [g * size + e for g in range(n_group) for e in range(per_group)] if k % n_group == 0 else list(range(k))
         placeholder[index] = ids
@@ -210,7 +209,8 @@ class NAEECriterion(Criterion):
     @staticmethod
     def _search_layer(context: ScoringContext, layer: MoELayer, k: int, regroup: bool, chunk: int, opts: dict):
         """Errors of every k-subset of one layer; returns (best subset, per-expert min error, all errors)."""
-        subsets = group_subsets(layer.num_experts, k, active_groups(layer, context.model.config, regroup))
+        n_group = layer.family.routing_rules(layer, context.model.config, regroup).n_group
+        subsets = group_subsets(layer.num_experts, k, n_group)
         router_type = type(layer.router)
         views = [restricted_router(layer, list(s), regroup) for s in subsets]
         keep_maps = [torch.tensor(s, dtype=torch.long) for s in subsets]

@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import torch
 
+from ..families import ROUTER_ACTIVATIONS
 from .base import Criterion, ScoreResult, ScoringContext, register_criterion
 from .capture import RoutingRecord, criterion_options, routing_pass
 
-#: families whose router scores experts with a sigmoid instead of a softmax
-SIGMOID_ROUTER_FAMILIES = frozenset({"deepseek_v3"})
 
-
-def router_probabilities(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
-    """Per-token probability over all experts: softmax of the logits, or normalised sigmoid scores."""
+def router_probabilities(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """Per-token probability over all experts, for the family's router activation (``MoEFamily.router_activation``):
+    softmax of the logits, or normalised sigmoid scores."""
     logits = logits.float()
-    if sigmoid:
+    if activation == "sigmoid":
         scores = torch.sigmoid(logits)
         return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.softmax(logits, dim=-1)
+    if activation == "softmax":
+        return torch.softmax(logits, dim=-1)
+    raise ValueError(f"router activation {activation!r} is not one of {list(ROUTER_ACTIVATIONS)}")
 
 
 @register_criterion
@@ -38,11 +39,11 @@ class SoftFrequencyCriterion(Criterion):
 
     def score(self, context: ScoringContext) -> ScoreResult:
         opts = criterion_options(self.name, context.options, {"progress": True})
-        sigmoid = context.family.model_type in SIGMOID_ROUTER_FAMILIES
+        activation = context.family.router_activation
         sums = {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in context.layers}
 
         def accumulate(record: RoutingRecord) -> None:
-            probs = router_probabilities(record.router_logits, sigmoid)
+            probs = router_probabilities(record.router_logits, activation)
             sums[record.layer.index] += probs.sum(dim=0).to("cpu", torch.float64)
 
         tokens = routing_pass(
@@ -55,7 +56,6 @@ class SoftFrequencyCriterion(Criterion):
             progress=opts["progress"],
         )
         scores = {index: (s / tokens).to(torch.float32) for index, s in sums.items()}
+        sigmoid = activation == "sigmoid"
         ranking = "mean normalised sigmoid router score" if sigmoid else "mean softmax router probability"
-        return ScoreResult(
-            scores=scores, ranking=ranking, details={"tokens": tokens, "router": "sigmoid" if sigmoid else "softmax"}
-        )
+        return ScoreResult(scores=scores, ranking=ranking, details={"tokens": tokens, "router": activation})

@@ -183,7 +183,9 @@ def run_lm_eval(
         raise ConfigError("tasks is empty; name at least one lm-eval task, e.g. " + ", ".join(DEFAULT_TASKS))
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     manager = _task_manager(TaskManager, tasks, include_path)
-    device = str(next(model.parameters()).device)
+    from ..criteria.capture import input_device
+
+    device = str(input_device(model))
     was_training = model.training
     model.eval()
     logger.info("lm-eval: %s on %s (limit=%s, %d-shot, batch %d)", tasks, device, limit, num_fewshot, batch_size)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..criteria.capture import input_device
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def perplexity_of_ids(model: nn.Module, input_ids: torch.Tensor, *, batch_size: 
     vocab_size = vocab_size_of(model)
     if vocab_size is not None:
         check_token_ids(input_ids, vocab_size, "the perplexity token windows")
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll = 0.0
     total_tokens = 0
     was_training = model.training

@@ -2,21 +2,23 @@
 
 Speed: prefill tokens/s (one forward over a prompt batch) and decode tokens/s (greedy steps with the KV cache),
 median of ``repeats`` runs after a warm-up. Memory: bytes held by parameters and buffers (total and routed
-experts) and the peak during one forward (CUDA allocator peak on GPU, sampled process RSS on CPU).
+experts) and the peak during one forward (CUDA allocator peak on GPU, sampled process RSS on CPU), read by
+:class:`diep_hub.memory.PeakMemory`, the meter the pruning report uses too.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
-import threading
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..criteria.capture import input_device
 from ..errors import ConfigError
+from ..memory import PeakMemory
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def measure_speed(
     for name, value in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens),
                         ("repeats", repeats)):
         _positive_int(name, value)
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = _prompt(model, batch_size, prompt_len, seed, device)
     was_training = model.training
     model.eval()
@@ -114,49 +116,12 @@ def parameter_bytes(model: nn.Module) -> dict[str, int]:
     }
 
 
-class PeakMemory:
-    """Peak memory inside a ``with`` block: CUDA allocator peak on GPU, process RSS sampled every 5 ms on CPU."""
-
-    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.005):
-        self.device = torch.device(device)
-        self.interval = interval
-        self._stop = threading.Event()
-        self.start_bytes = self.peak_bytes = 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start_bytes = torch.cuda.memory_allocated(self.device)
-            return self
-        import psutil
-
-        self._process = psutil.Process()
-        self.start_bytes = self.peak_bytes = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
-
-
 @torch.inference_mode()
 def measure_memory(model: nn.Module, *, batch_size: int = 1, seq_len: int = 128, seed: int = 0) -> dict[str, Any]:
     """Parameter bytes plus the peak memory of one forward over ``batch_size`` x ``seq_len`` tokens."""
     _positive_int("batch_size", batch_size)
     _positive_int("seq_len", seq_len)
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = _prompt(model, batch_size, seq_len, seed, device)
     with PeakMemory(device) as peak:
         model(input_ids=ids, use_cache=False)

@@ -7,7 +7,6 @@ so a number on a card can be traced to the run that produced it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 from collections.abc import Mapping
@@ -15,8 +14,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
+
+from ..jsonable import to_jsonable
 
 RESULTS_FILE = "evaluation.json"
 TRACKED_PACKAGES = ("diep_hub", "torch", "transformers", "huggingface_hub", "datasets", "lm_eval", "evaluate",
@@ -47,26 +47,6 @@ def model_environment(model: nn.Module, seed: int) -> dict[str, Any]:
         "seed": seed,
         "versions": package_versions(),
     }
-
-
-def to_jsonable(value: Any) -> Any:
-    """Tensors, numpy scalars, tuples and non-finite floats turned into what ``json.dumps`` accepts."""
-    if isinstance(value, torch.Tensor):
-        return to_jsonable(value.tolist())
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        try:
-            return to_jsonable(value.item())
-        except (TypeError, ValueError):
-            return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def save_results(results: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -14,13 +14,15 @@ from . import (  # noqa: F401  (importing registers each family)
     qwen2_moe,
     qwen3_moe,
 )
-from .base import GroupedRouting, MoEFamily, MoELayer
+from .base import ROUTER_ACTIVATIONS, GroupedRouting, MoEFamily, MoELayer, RoutingRules
 from .registry import base_model_type, get_family, register_family, supported_families
 
 __all__ = [
+    "ROUTER_ACTIVATIONS",
     "GroupedRouting",
     "MoEFamily",
     "MoELayer",
+    "RoutingRules",
     "base_model_type",
     "get_family",
     "register_family",

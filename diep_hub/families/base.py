@@ -14,12 +14,16 @@ from typing import Any
 
 from torch import nn
 
+#: how a router turns logits into expert scores: a softmax over the experts, or an independent sigmoid each
+ROUTER_ACTIVATIONS = ("softmax", "sigmoid")
+
 
 @dataclass(frozen=True)
 class GroupedRouting:
     """Group-limited routing (DeepSeek): experts are split into ``n_group`` contiguous groups.
 
-    ``router_group_attr`` / ``router_topk_group_attr`` name the router attributes that hold the group counts.
+    ``router_group_attr`` / ``router_topk_group_attr`` name the router attributes that hold the group counts,
+    ``config_group_field`` / ``config_topk_group_field`` the config fields a stock config holds them in.
     ``min_per_group`` is how many experts a group needs for its group score (DeepSeek-V3 sums the top 2).
     ``active_when`` returns whether grouping is in use for a config (DeepSeek-V2 groups only with
     ``topk_method == "group_limited_greedy"``).
@@ -27,14 +31,71 @@ class GroupedRouting:
 
     router_group_attr: str = "num_group"
     router_topk_group_attr: str = "topk_group"
+    config_group_field: str = "n_group"
+    config_topk_group_field: str = "topk_group"
     min_per_group: int = 1
     active_when: Any = None  # Callable[[config], bool] | None; None means "whenever n_group > 1"
 
     def is_active(self, config) -> bool:
-        n_group = getattr(config, "n_group", None) or 1
+        n_group = getattr(config, self.config_group_field, None) or 1
         if self.active_when is not None and not self.active_when(config):
             return False
         return n_group > 1
+
+
+@dataclass(frozen=True)
+class RoutingRules:
+    """What one MoE layer's routing requires of the experts it keeps; the one source of every per-layer floor.
+
+    Surgery, selection and NAEE all read these, so they never disagree on which kept counts a layer accepts.
+
+    Attributes:
+        top_k: experts each token uses in this layer.
+        min_experts: the family's own minimum (PhiMoE's sparsemixer and DeepSeek-V3's group score need 2).
+        n_group: routing groups that constrain the kept set (1: none, or grouping off / regrouped).
+        topk_group: groups each token may pick from (1 when not grouped).
+        min_per_group: experts a group needs to be scored (1 when not grouped).
+    """
+
+    top_k: int
+    min_experts: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    min_per_group: int = 1
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_group > 1
+
+    @property
+    def group_floor(self) -> int:
+        """Fewest experts grouped routing accepts: n_group x max(min_per_group, ceil(top_k / topk_group)); 0 if
+        not grouped (topk_group groups of kept / n_group experts must still supply top-k)."""
+        if not self.grouped:
+            return 0
+        return self.n_group * max(self.min_per_group, -(-self.top_k // self.topk_group))
+
+    def floor(self, *, groups: bool = True, allow_below_top_k: bool = False) -> int:
+        """Fewest experts the layer may keep: max(top-k, family minimum, grouped-routing minimum).
+
+        Args:
+            groups: include the grouped-routing minimum (surgery checks groups separately, with its own words).
+            allow_below_top_k: leave top-k out (top-k is then lowered to the kept count).
+        """
+        floor = self.min_experts if allow_below_top_k else max(self.top_k, self.min_experts)
+        return max(floor, self.group_floor) if groups else floor
+
+    def divides(self, kept: int) -> bool:
+        """Whether ``kept`` splits into n_group equal groups of at least min_per_group experts."""
+        return kept % self.n_group == 0 and kept // self.n_group >= self.min_per_group
+
+    def supplies_top_k(self, kept: int) -> bool:
+        """Whether topk_group groups of kept / n_group experts hold top-k experts."""
+        return self.topk_group * (kept // self.n_group) >= self.top_k
+
+    def accepts(self, kept: int) -> bool:
+        """Whether grouped routing accepts ``kept`` experts (always, when not grouped)."""
+        return not self.grouped or (self.divides(kept) and self.supplies_top_k(kept))
 
 
 @dataclass(frozen=True)
@@ -44,7 +105,8 @@ class MoEFamily:
     Attributes:
         model_type: the transformers ``model_type`` this adapter serves.
         num_experts_field: config field holding the routed-expert count.
-        top_k_field: config field holding the number of experts each token uses.
+        top_k_field: config field holding the number of experts each token uses (stock configs; a pruned layer's
+            own top-k lives on its router).
         block_attr: attribute of a decoder layer that holds the MoE block.
         router_attr: attribute of the block that holds the router.
         experts_attr: attribute of the block that holds the fused experts.
@@ -55,6 +117,8 @@ class MoEFamily:
         min_experts: the smallest number of experts a layer may keep beyond top-k (PhiMoE's sparsemixer needs 2).
         renormalizes_top_k: whether routing weights are renormalised over the chosen k; when False, pruning
             changes the gate values and the card says so. Either a bool or the name of a config flag.
+        router_activation: how the router scores experts from its logits, one of ``ROUTER_ACTIVATIONS``
+            ("softmax" over all experts, or "sigmoid" each, as DeepSeek-V3).
         grouped_routing: present for families with group-limited routing.
         shared_expert_attrs: block attributes holding always-on experts, never pruned nor counted.
         notes: one line for the card and the docs about routing after pruning.
@@ -72,10 +136,20 @@ class MoEFamily:
     top_k_attrs: tuple[str, ...] = ("router.top_k",)
     min_experts: int = 1
     renormalizes_top_k: bool | str = True
+    router_activation: str = "softmax"
     grouped_routing: GroupedRouting | None = None
     shared_expert_attrs: tuple[str, ...] = ()
     notes: str = ""
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.router_activation not in ROUTER_ACTIVATIONS:
+            raise ValueError(
+                f"family {self.model_type!r}: router_activation={self.router_activation!r}; "
+                f"expected one of {list(ROUTER_ACTIVATIONS)}"
+            )
+        if self.min_experts < 1:
+            raise ValueError(f"family {self.model_type!r}: min_experts={self.min_experts!r} must be >= 1")
 
     # ----------------------------------------------------------------------------------------------------
     # Reading a model
@@ -125,13 +199,87 @@ class MoEFamily:
     def top_k(self, config) -> int:
         return int(getattr(config, self.top_k_field))
 
-    def layer_floor(self, config, top_k: int | None = None) -> int:
-        """Fewest experts a layer may keep: max(top-k, family minimum, grouped-routing minimum)."""
+    def set_top_k(self, config, top_k: int) -> None:
+        """Write top-k into a (stock) config's own field."""
+        setattr(config, self.top_k_field, int(top_k))
+
+    # ----------------------------------------------------------------------------------------------------
+    # Routing rules: what the router needs of the experts a layer keeps
+    @property
+    def has_grouped_routing(self) -> bool:
+        """Whether this family can route by groups (then pruned configs record per-layer group counts)."""
+        return self.grouped_routing is not None
+
+    def routing_groups(self, layer: MoELayer) -> tuple[int | None, int | None] | None:
+        """(n_group, topk_group) as the layer's router holds them (a value may be None when the config left it
+        unset), or None for a family without grouped routing. This is the state a pruned config records."""
+        grouping = self.grouped_routing
+        if grouping is None:
+            return None
+        return (
+            getattr(layer.router, grouping.router_group_attr, None),
+            getattr(layer.router, grouping.router_topk_group_attr, None),
+        )
+
+    def set_routing_groups(self, router: nn.Module, n_group: int, topk_group: int) -> None:
+        """Set a router's group counts (regrouping sets both to 1); a family without groups has none to set."""
+        grouping = self.grouped_routing
+        if grouping is None:
+            raise ValueError(f"{self.model_type} has no grouped routing: there are no routing groups to set")
+        setattr(router, grouping.router_group_attr, n_group)
+        setattr(router, grouping.router_topk_group_attr, topk_group)
+
+    def set_config_groups(self, config, n_group: int | None, topk_group: int | None) -> None:
+        """Write group counts into a stock config's own fields (a no-op for a family without grouped routing)."""
+        grouping = self.grouped_routing
+        if grouping is None:
+            return
+        setattr(config, grouping.config_group_field, n_group)
+        setattr(config, grouping.config_topk_group_field, topk_group)
+
+    def routing_rules(self, layer: MoELayer, config, regroup: bool = False) -> RoutingRules:
+        """The rules of one live layer, read from its router (a pruned layer may have its own top-k and groups).
+
+        Args:
+            regroup: the layer will be routed without groups (n_group = topk_group = 1), so groups do not count.
+        """
+        top_k = layer.top_k
+        grouping = self.grouped_routing
+        if grouping is None or regroup or (grouping.active_when is not None and not grouping.active_when(config)):
+            return RoutingRules(top_k=top_k, min_experts=self.min_experts)
+        n_group, topk_group = self.routing_groups(layer)
+        n_group = int(n_group or getattr(config, grouping.config_group_field, None) or 1)
+        if n_group <= 1:
+            return RoutingRules(top_k=top_k, min_experts=self.min_experts)
+        return RoutingRules(
+            top_k=top_k,
+            min_experts=self.min_experts,
+            n_group=n_group,
+            topk_group=int(topk_group or 1),
+            min_per_group=grouping.min_per_group,
+        )
+
+    def config_routing_rules(self, config, top_k: int | None = None) -> RoutingRules:
+        """The rules every MoE layer of a stock config follows (used before weights exist, e.g. dry runs)."""
         top_k = self.top_k(config) if top_k is None else top_k
-        floor = max(top_k, self.min_experts)
-        if self.grouped_routing is not None and self.grouped_routing.is_active(config):
-            floor = max(floor, config.n_group * self.grouped_routing.min_per_group)
-        return floor
+        grouping = self.grouped_routing
+        if grouping is None or not grouping.is_active(config):
+            return RoutingRules(top_k=top_k, min_experts=self.min_experts)
+        return RoutingRules(
+            top_k=top_k,
+            min_experts=self.min_experts,
+            n_group=int(getattr(config, grouping.config_group_field)),
+            topk_group=int(getattr(config, grouping.config_topk_group_field, None) or 1),
+            min_per_group=grouping.min_per_group,
+        )
+
+    def min_experts_for(self, layer: MoELayer, config, regroup: bool = False) -> int:
+        """Fewest experts a live layer may keep (its floor): max(top-k, family minimum, grouped-routing minimum)."""
+        return self.routing_rules(layer, config, regroup).floor()
+
+    def layer_floor(self, config, top_k: int | None = None) -> int:
+        """Fewest experts a layer of a stock config may keep: max(top-k, family minimum, grouped-routing minimum)."""
+        return self.config_routing_rules(config, top_k).floor()
 
 
 @dataclass

@@ -12,6 +12,8 @@ DEEPSEEK_V3 = register_family(
         # with one expert fails at run time: every layer keeps at least two.
         min_experts=2,
         renormalizes_top_k="norm_topk_prob",
+        # Each expert is scored by its own sigmoid (no distribution over experts).
+        router_activation="sigmoid",
         # Each group is scored by the sum of its top-2 experts, so a group needs two experts.
         grouped_routing=GroupedRouting(min_per_group=2),
         shared_expert_attrs=("shared_experts",),
