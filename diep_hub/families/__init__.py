@@ -1,6 +1,8 @@
 """Family adapters: one module a family, each registering itself by ``model_type``.
 
-Adding a family is one file here plus a row in tests/conftest.py's tiny-model table.
+Adding a family is one file here (imported below) plus the remote-code classes in diep_hub/modeling/ and a row in
+the tests' family tables (tests/tiny_models.py FAMILY_CONFIGS, tests/test_families.py ROUTING_CASES,
+tests/test_faults_loading.py LAYOUT); see docs/architecture.md.
 """
 
 from . import (  # noqa: F401  (importing registers each family)
