@@ -33,6 +33,7 @@ examples:
   diep-hub inspect out/tiny                                  # experts per layer, method, results
   diep-hub reproduce out/tiny                                # re-run the recorded recipe and compare
   diep-hub push out/tiny my-user/tiny-mixtral-diep-50        # publish (needs HF_TOKEN)
+  diep-hub env                                               # versions and platform for a bug report
 
 A recipe is a YAML file (see recipes/); `diep-hub run tiny` finds a recipe shipped with the package by name.
 
@@ -78,6 +79,12 @@ examples:
   diep-hub eval out/tiny --tasks diep_tiny_arith --base diep-hub/tiny-mixtral --save && diep-hub card out/tiny
   diep-hub eval mistralai/Mixtral-8x7B-v0.1 --tasks mmlu,boolq,openbookqa,rte --dtype bfloat16 --device-map auto
   diep-hub eval out/my-model --tasks my_task --include-path tasks/ --limit 100 --json
+"""
+
+ENV_EPILOG = """\
+examples:
+  diep-hub env            # paste the output into a bug report
+  diep-hub env --json
 """
 
 CARD_EPILOG = """\
@@ -291,6 +298,22 @@ def cmd_push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _env_text(report: dict) -> str:
+    lines = [f"platform:  {report['platform']}", f"machine:   {report['machine']}", "packages:"]
+    lines += [f"  {name}: {found or 'not installed'}" for name, found in report["packages"].items()]
+    hub = report["hub"]
+    lines += ["hub:", f"  endpoint: {hub['endpoint']}", f"  offline: {'yes' if hub['offline'] else 'no'}",
+              f"  cache: {hub['cache']}", f"  token configured: {'yes' if hub['token_configured'] else 'no'}"]
+    return "\n".join(lines)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from .machine import environment_report
+
+    _emit(environment_report(), args.json, _env_text)
+    return EXIT_OK
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspection import format_inspection, inspect_checkpoint
 
@@ -331,8 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diep-hub", formatter_class=fmt, epilog=MAIN_EPILOG,
         description="Prune Mixture-of-Experts models with DiEP (arXiv 2509.16105) and publish them on the Hub.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"diep-hub {__version__}")
     _verbosity(parser, None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("env", help="versions, platform and Hub settings, for bug reports", formatter_class=fmt,
+                       epilog=ENV_EPILOG, description="Print what a bug report needs (never the token itself).")
+    _verbosity(p, argparse.SUPPRESS)
+    _common(p)
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("run", help="run a recipe: prune, evaluate, card, save, push", epilog=RUN_EPILOG,
                        formatter_class=fmt, description="Run a YAML recipe end to end.")

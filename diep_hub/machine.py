@@ -35,3 +35,32 @@ def machine_description() -> str:
         f"{platform.machine()}, {os.cpu_count()} CPU cores ({_cpu_model()}), {gpu}; "
         f"torch {torch.__version__}, transformers {transformers_version}"
     )
+
+
+def environment_report() -> dict[str, object]:
+    """What a bug report needs (``diep-hub env``): platform, hardware, package versions and the Hub settings in force.
+
+    Whether a Hub token is configured is reported as yes/no only; the token itself is never read into the report.
+    """
+    from huggingface_hub import constants, get_token
+
+    from .evaluation.results import package_versions
+
+    versions = package_versions()
+    for name in ("optimum", "safetensors", "pydantic", "jinja2"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return {
+        "platform": platform.platform(),
+        "machine": machine_description(),
+        "packages": versions,
+        "hub": {
+            "endpoint": constants.ENDPOINT,
+            "offline": bool(constants.HF_HUB_OFFLINE),
+            "cache": constants.HF_HUB_CACHE,
+            "token_configured": get_token() is not None,
+        },
+    }
+
