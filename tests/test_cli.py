@@ -43,7 +43,7 @@ def _cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Complet
 
 
 # ------------------------------------------------------------------------------------------------------ help
-@pytest.mark.parametrize("command", ["run", "prune", "eval", "card", "push", "inspect", "reproduce"])
+@pytest.mark.parametrize("command", ["run", "prune", "eval", "card", "push", "inspect", "reproduce", "env"])
 def test_every_command_has_examples_in_its_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -56,7 +56,7 @@ def test_top_level_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for command in ("run", "prune", "eval", "card", "push", "inspect", "reproduce"):
+    for command in ("run", "prune", "eval", "card", "push", "inspect", "reproduce", "env"):
         assert command in out
     assert "diep-hub run recipes/tiny.yaml" in out
 
