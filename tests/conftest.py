@@ -36,3 +36,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def calibration_calls(monkeypatch):
+    """Every calibration load, as the token tensor it returned: empty proves no work started; a test that recomputes
+    errors reads the very tokens the pruner used."""
+    import diep_hub.calibration
+
+    calls = []
+    original = diep_hub.calibration.load_calibration_data
+
+    def recording(*args, **kwargs):
+        ids = original(*args, **kwargs)
+        calls.append(ids)
+        return ids
+
+    monkeypatch.setattr(diep_hub.calibration, "load_calibration_data", recording)
+    return calls

@@ -37,21 +37,6 @@ SUPPORTED = [(name, mode) for name in available_criteria() for mode in get_crite
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture
-def calibration_calls(monkeypatch):
-    """Records every calibration load and the tokens it returned (the test recomputes errors on the same ones)."""
-    calls = []
-    original = diep_hub.calibration.load_calibration_data
-
-    def recording(*args, **kwargs):
-        ids = original(*args, **kwargs)
-        calls.append(ids)
-        return ids
-
-    monkeypatch.setattr(diep_hub.calibration, "load_calibration_data", recording)
-    return calls
-
-
 def _pruner(**overrides) -> DiEPPruner:
     return DiEPPruner(**{"dataset": pruner_texts(), **FAST, **overrides})
 

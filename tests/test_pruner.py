@@ -16,7 +16,6 @@ from pruner_tokenizer import pruner_texts, pruner_tokenizer
 from tiny_models import sample_input_ids, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import diep_hub.calibration
 from diep_hub import ConfigError, UnsupportedModelError, prune_experts
 from diep_hub.pruner import RECIPE_FILE, REPORT_FILE, DiEPPruner
 
@@ -24,20 +23,6 @@ FAST = dict(num_samples=8, seq_len=16, batch_size=4, epochs=2, progress=False)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def calibration_calls(monkeypatch):
-    """Records every call of the calibration loader (so a test can assert no work started)."""
-    calls = []
-    original = diep_hub.calibration.load_calibration_data
-
-    def recording(*args, **kwargs):
-        calls.append((args, kwargs))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(diep_hub.calibration, "load_calibration_data", recording)
-    return calls
 
 
 def _pruner(**overrides) -> DiEPPruner:
