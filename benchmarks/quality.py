@@ -33,7 +33,7 @@ from diep_hub.machine import machine_description
 from diep_hub.selection import select_experts
 from diep_hub.zoo import domains
 from diep_hub.zoo.tasks import evaluate_zoo, retention
-from diep_hub.zoo.train import EXTRA, ZOO, build_zoo_model
+from diep_hub.zoo.train import EXTRA, HELDOUT, ZOO, build_zoo_model
 
 logger = logging.getLogger("benchmarks.quality")
 HERE = Path(__file__).resolve().parent
@@ -51,6 +51,7 @@ class Method:
 METHODS = {
     m.label: m
     for m in (
+        Method("diep-removal", "diep_removal"),  # removal-aware search (criteria/removal.py)
         Method("diep", "diep"),  # the shipped defaults: mode "auto" (gated or dense by family), 10 epochs
         Method("diep-gated", "diep", {"mode": "gated", "epochs": 30}),
         Method("diep-dense", "diep", {"mode": "dense", "epochs": 10}),  # the paper's Eq. 5 and hyper-parameters
@@ -116,12 +117,14 @@ def uniform_counts(model, sparsity: float) -> dict[int, int]:
     return {index: len(ids) for index, ids in keep.items()}
 
 
-def score(model, method: Method, input_ids, *, seed: int, batch_size: int, num_to_keep=None, extra=None):
+def score(
+    model, method: Method, input_ids, *, seed: int, batch_size: int, num_to_keep=None, extra=None, sparsity=None
+):
     """Run one criterion on a model (weights untouched); returns (ScoreResult, seconds)."""
     family = get_family(model)
     criterion = get_criterion(method.criterion)()
     options = {**method.options, **(extra or {})}
-    if method.criterion == "diep":
+    if method.criterion in ("diep", "diep_removal"):
         options.setdefault("progress", False)
     context = ScoringContext(
         model=model,
@@ -131,6 +134,7 @@ def score(model, method: Method, input_ids, *, seed: int, batch_size: int, num_t
         batch_size=batch_size,
         seed=seed,
         num_to_keep=num_to_keep,
+        sparsity=sparsity,
         options=options,
     )
     start = time.perf_counter()
@@ -327,14 +331,14 @@ def _merge_write(path: Path, meta: dict, blocks: list[dict]) -> None:
         rows_key, label_key = ("runs", "method") if "runs" in block else ("rows", "variant")
         previous = by_model.get(block["model"])
         by_model[block["model"]] = _merge_block(previous, block, rows_key, label_key) if previous else block
-    ordered = [by_model[name] for name in [*ZOO, *EXTRA] if name in by_model]
+    ordered = [by_model[name] for name in [*ZOO, *EXTRA, *HELDOUT] if name in by_model]
     meta = {**meta, "commands": list(dict.fromkeys([*old["meta"].get("commands", []), meta["command"]]))}
     path.write_text(json.dumps({"meta": meta, "blocks": ordered}, indent=1), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO) + list(EXTRA))
+    parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO) + list(EXTRA) + list(HELDOUT))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=SELECTIONS)
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))

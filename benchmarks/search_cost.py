@@ -33,7 +33,7 @@ from diep_hub.machine import machine_description
 from diep_hub.memory import PeakMemory
 
 HERE = Path(__file__).resolve().parent
-CRITERIA = ["diep", "reap", "frequency", "soft_frequency", "naee", "random"]
+CRITERIA = ["diep", "diep_removal", "reap", "frequency", "soft_frequency", "naee", "random"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -119,6 +119,7 @@ def worker(spec: dict) -> dict:
         batch_size=spec["batch_size"],
         seed=0,
         num_to_keep={layer.index: keep for layer in layers},
+        sparsity=0.5,
         options=options,
     )
     criterion = get_criterion(spec["criterion"])()
@@ -180,6 +181,9 @@ def main() -> None:
         for mode in ("gated", "dense"):
             rows[mode] = run(spec | {"criterion": "diep", "options": {"epochs": args.epochs, "mode": mode}})
         rows["naee"] = run(spec | {"criterion": "naee"})
+        # the removal-aware search at its default settings, against REAP on the same model and tokens
+        rows["removal"] = run(spec | {"criterion": "diep_removal"})
+        rows["reap"] = run(spec | {"criterion": "reap"})
         part2.append(rows)
     total = time.perf_counter() - started
     report = render(part1, activations, part2, args.epochs, total)
@@ -261,6 +265,26 @@ def render(part1, activations, part2, epochs, total) -> str:
         wn, an, gated = rows["gated"]["weight_bytes"], rows["activations"]["extra_bytes"], rows["gated"]
         target = "-" if "refused" in gated else f"{(wn + gated['extra_bytes']) / (1.2 * wn + an):.2f} x"
         lines.append(f"| {rows['N']} | {mb(wn)} | {mb(an)} | {cells[0]} | {target} | {cells[1]} | {naee_cell} |")
+    lines += [
+        "",
+        "## 3. The removal-aware search (default settings, 50% sparsity) against REAP",
+        "",
+        "Same models and calibration tokens as section 2. REAP is one calibration pass; the removal-aware search is "
+        "a soft-frequency pass (its start), a reference pass and its epochs of forward + backward with gates on the "
+        "routers (top-k experts a token, like the gated search). Target (issue 12): at most 10x REAP's time, peak "
+        "within 1.2 W + A.",
+        "",
+        "| N experts | REAP: s / extra MB | removal-aware: s / extra MB | time / REAP | peak / (1.2 W + A) |",
+        "|---|---|---|---|---|",
+    ]
+    for rows in part2:
+        reap, removal = rows["reap"], rows["removal"]
+        wn, an = removal["weight_bytes"], rows["activations"]["extra_bytes"]
+        lines.append(
+            f"| {rows['N']} | {reap['seconds']:.2f} s / {mb(reap['extra_bytes'])} MB | {removal['seconds']:.2f} s / "
+            f"{mb(removal['extra_bytes'])} MB | {removal['seconds'] / reap['seconds']:.1f} x | "
+            f"{(wn + removal['extra_bytes']) / (1.2 * wn + an):.2f} |"
+        )
     first, last = part2[0], part2[-1]
 
     def ratio(rows, mode):

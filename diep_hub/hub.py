@@ -11,12 +11,8 @@ the same commit. A commit is atomic on the Hub, so a push that fails (HTTP error
 repo as it was and can simply be run again. The token is only handed to huggingface_hub: it is never logged, put
 in a message, or written anywhere.
 
-Symlinks: a link whose fully resolved target is a regular file inside the folder is followed (the file is
-uploaded under the link's name). A link to a path outside the folder, to a directory, or to nothing is refused:
-uploading it would publish a file that is not part of the checkpoint.
-
-Pickles: ``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl`` and ``*.pickle`` files run arbitrary code when loaded with
-``torch.load`` / ``pickle``; they are refused unless ``allow_pickle=True`` (diep_hub writes safetensors only).
+What is uploaded from the folder, and the refusals that need only the folder (symlinks out of it, pickles, damaged
+metadata, the token inside a file), are :mod:`diep_hub.checkpoint.upload`.
 """
 
 from __future__ import annotations
@@ -32,26 +28,16 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, co
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from .errors import DiEPError
+from .checkpoint.layout import CONFIG_FILE, EVAL_RESULTS_DIR
+from .checkpoint.upload import PushError, check_folder, check_no_token_sent
 from .files import read_json_object
 
 logger = logging.getLogger(__name__)
 
-# Never uploaded: caches, temp folders of atomic saves, VCS data.
-IGNORED = (".git/*", ".git", "__pycache__/*", "*/__pycache__/*", "*.pyc", ".cache/*", ".*.tmp-*", ".*.old-*",
-           ".DS_Store")
 # Remote files a new push may replace by different names (sharding, eval entries): stale ones are deleted.
-REPLACEABLE = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", ".eval_results/*.yaml")
+REPLACEABLE = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", f"{EVAL_RESULTS_DIR}/*.yaml")
 WRITE_ROLES = ("write", "admin", "fineGrained")
-# Pickle-based files: loading one runs arbitrary code, so they are only uploaded when asked for.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
-PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth")
-_SCAN_CHUNK = 1024 * 1024  # the token scan reads files in chunks of this size (with an overlap)
 _RETRY = "retry: the push is idempotent (files already on the Hub are skipped, so a re-run makes at most one commit)"
-
-
-class PushError(DiEPError):
-    """Publishing refused or failed; the message names the repo and what to do next (never the token)."""
 
 
 REPO_ID_ALLOWED = ("'namespace/name' (letters, digits, '-', '_', '.'; no '--' or '..'), "
@@ -79,122 +65,6 @@ def _check_repo_id(repo_id: str) -> None:
     problem = repo_id_problem(repo_id)
     if problem is not None:
         raise PushError(f"repo_id={repo_id!r} is not a valid Hub model id ({problem}); use {REPO_ID_ALLOWED}")
-
-
-def _ignored(rel: str) -> bool:
-    return any(fnmatch.fnmatch(rel, pattern) for pattern in IGNORED) or any(
-        part.startswith(".") and part != ".eval_results" for part in rel.split("/")[:-1]
-    )
-
-
-def _ignored_dir(rel: str) -> bool:
-    """A directory all of whose files are ignored: not walked (and links to it are never uploaded)."""
-    name = rel.rsplit("/", 1)[-1]
-    return (name.startswith(".") and name != ".eval_results") or name == "__pycache__" or _ignored(rel + "/x")
-
-
-def _check_link(path: Path, rel: str, root: Path) -> None:
-    """Refuse a symlink unless it resolves to a regular file inside the folder (see the module docstring)."""
-    target = os.readlink(path)
-    try:
-        resolved = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise PushError(
-            f"{rel} is a symlink to {target}, which does not exist; delete the link or copy the file in its place"
-        ) from None
-    if not resolved.is_relative_to(root):
-        where = target if Path(target) == resolved else f"{target} ({resolved})"
-        raise PushError(
-            f"{rel} is a symlink to {where}, outside the folder {root}: its content is not part of "
-            "the checkpoint and is not uploaded; copy the file into the folder in place of the link if it belongs "
-            "in the upload, or delete the link"
-        )
-    if not resolved.is_file():
-        raise PushError(
-            f"{rel} is a symlink to {target}, which is not a regular file (links to directories are not "
-            "followed); copy the directory into the folder in place of the link, or delete the link"
-        )
-
-
-def _files(folder: Path) -> list[str]:
-    """Paths (posix, relative) of the files that would be uploaded; refuses symlinks that escape the folder."""
-    root = folder.resolve()
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        base = Path(dirpath)
-        rel_dir = base.relative_to(folder).as_posix()
-        prefix = "" if rel_dir == "." else rel_dir + "/"
-        walk_into = []
-        for name in sorted(dirnames):
-            rel = prefix + name
-            if _ignored_dir(rel):
-                continue
-            if (base / name).is_symlink():
-                _check_link(base / name, rel, root)  # always refuses: a link to a directory
-            walk_into.append(name)
-        dirnames[:] = walk_into
-        for name in sorted(filenames):
-            rel, path = prefix + name, base / name
-            if _ignored(rel):
-                continue
-            if path.is_symlink():
-                _check_link(path, rel, root)
-            elif not path.is_file():
-                logger.warning("%s is not a regular file (fifo, socket or device): it is not uploaded", rel)
-                continue
-            out.append(rel)
-    return sorted(out)
-
-
-def _check_pickles(folder: Path, files: list[str], allow_pickle: bool) -> None:
-    pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
-    has_safetensors = any(f.endswith(".safetensors") for f in files)
-    if not pickles:
-        if not has_safetensors:
-            raise PushError(f"{folder} has no weights (*.safetensors); the upload would not load")
-        return
-    if allow_pickle:
-        logger.warning("uploading pickle files %s (allow_pickle=True): loading them runs arbitrary code", pickles)
-        if not has_safetensors and not any(f.lower().endswith(PICKLE_WEIGHT_SUFFIXES) for f in pickles):
-            raise PushError(f"{folder} has no weights (*.safetensors or pickled *.bin); the upload would not load")
-        return
-    why = ("pickle files run arbitrary code when loaded (torch.load / pickle.load), so diep_hub does not upload "
-           "them unless asked: pass allow_pickle=True (diep-hub push --allow-pickle) to upload them anyway")
-    if has_safetensors:
-        raise PushError(
-            f"{folder} has pickle files {pickles} next to the *.safetensors weights; {why}, or delete them "
-            "(the safetensors files already hold the weights)"
-        )
-    raise PushError(
-        f"{folder} has only pickle weights {pickles} and no *.safetensors; {why}, or re-save the checkpoint as "
-        "safetensors (save_pruned / model.save_pretrained)"
-    )
-
-
-def check_folder(folder: str | os.PathLike, *, allow_pickle: bool = False) -> list[str]:
-    """The files that would be uploaded; refuse a folder that would not load from the Hub, has symlinks out of
-    the folder, pickles (unless ``allow_pickle``), or a corrupt ``config.json`` / ``pruning_report.json``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PushError(f"{folder} is not a folder; save the pruned model first (save_pruned / DiEPPruner.save)")
-    files = _files(folder)
-    if "config.json" not in files:
-        raise PushError(f"{folder} has no config.json: it is not a model checkpoint")
-    _check_pickles(folder, files, allow_pickle)
-    config = read_json_object(folder / "config.json", "model config")
-    if "pruning_report.json" in files:
-        read_json_object(folder / "pruning_report.json", "pruning report")
-    auto_map = config.get("auto_map") or {}
-    if not isinstance(auto_map, dict):
-        raise PushError(f"{folder}/config.json: auto_map is a {type(auto_map).__name__}, expected an object "
-                        "{'AutoConfig': 'module.Class', ...}; re-save the checkpoint")
-    refs = [ref for ref in auto_map.values() if isinstance(ref, str) and "--" not in ref]  # "repo--mod.Cls": remote
-    needed = sorted({ref.split(".")[0] + ".py" for ref in refs})
-    missing = [name for name in needed if name not in files]
-    if missing:
-        raise PushError(f"{folder}: config.json auto_map needs {missing}, which are missing; re-save the checkpoint")
-    return files
-
 
 def _resolve_token(token: str | None) -> str:
     if token is not None and (not isinstance(token, str) or not token.strip()):
@@ -253,37 +123,6 @@ def _check_token(api: HfApi, token: str) -> str:
         raise PushError(f"the token of {info.get('name')!r} is {role!r}; pushing needs a token with write access")
     return str(info.get("name"))
 
-
-def _file_contains(path: Path, needle: bytes) -> bool:
-    """Stream the file in chunks; the last ``len(needle) - 1`` bytes of a chunk are kept so that a needle split
-    across two chunks is found."""
-    keep = len(needle) - 1
-    tail = b""
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_SCAN_CHUNK):
-            window = tail + chunk
-            if needle in window:
-                return True
-            tail = window[-keep:] if keep else b""  # the whole window while it is shorter than keep
-    return False
-
-
-def _check_no_token_sent(folder: Path, files: list[str], token: str, message: str) -> None:
-    """Refuse if the token is in anything the push sends: a file (every byte, any size or type), a file name or
-    the commit message. The messages name the file, never the token."""
-    if token in message:
-        raise PushError("the commit message contains your Hugging Face token; remove it (nothing was uploaded)")
-    needle = token.encode()
-    total = sum((folder / rel).stat().st_size for rel in files)
-    logger.info("checking %d files (%.1f MiB) for the token before uploading", len(files), total / 2**20)
-    for rel in files:
-        if token in rel:
-            raise PushError("a file name in the folder contains your Hugging Face token; rename it "
-                            "(nothing was uploaded)")
-        if _file_contains(folder / rel, needle):
-            raise PushError(f"{rel} contains your Hugging Face token; remove it before pushing (nothing was uploaded)")
-
-
 def _int_list(value: Any) -> list[int]:
     return [n for n in value if isinstance(n, int)] if isinstance(value, list) else []
 
@@ -291,14 +130,12 @@ def _int_list(value: Any) -> list[int]:
 def default_commit_message(folder: Path) -> str:
     """"Upload <name>: <method> expert pruning, <kept>/<total> routed experts (diep_hub <version>)"."""
     folder = Path(folder)
-    config = read_json_object(folder / "config.json", "model config")
+    config = read_json_object(folder / CONFIG_FILE, "model config")
     kept = _int_list(config.get("num_experts_per_layer"))
     original = _int_list(config.get("original_num_experts"))
-    pruning = config.get("diep_pruning") if isinstance(config.get("diep_pruning"), dict) else {}
-    report_file = folder / "pruning_report.json"
-    report = read_json_object(report_file, "pruning report") if report_file.is_file() else {}
-    method = report.get("method") or pruning.get("method")
-    method = method if isinstance(method, str) else None
+    from .checkpoint.report import PruningReport
+
+    method = PruningReport.for_checkpoint(config, PruningReport.load(folder)).method
     parts = [f"Upload {config.get('model_type', 'model')} checkpoint: {method + ' ' if method else ''}expert pruning"]
     if kept and original:
         parts.append(f", {sum(kept)}/{sum(original)} routed experts kept")
@@ -342,7 +179,8 @@ def push(
     Raises:
         PushError: refused before upload (repo id, folder, token, token found in a file, symlink, pickle), or the
             Hub failed (HTTP error or dropped connection); the message says what is on the Hub now and whether a
-            retry is safe. CorruptFileError: ``config.json`` / ``pruning_report.json`` is not valid JSON.
+            retry is safe. CorruptFileError: ``config.json`` / ``pruning_report.json`` is not valid JSON (or a report
+            field has the wrong shape).
     """
     _check_repo_id(repo_id)
     for name, value in (("private", private), ("create_pr", create_pr), ("allow_pickle", allow_pickle)):
@@ -352,7 +190,7 @@ def push(
         raise PushError("commit_message must be a non-empty string (or None for the default)")
     if isinstance(folder_or_model, (str, os.PathLike)):
         return _push_folder(Path(folder_or_model), repo_id, token, private, create_pr, commit_message, allow_pickle)
-    from .saving import save_pruned
+    from .checkpoint.saving import save_pruned
 
     with tempfile.TemporaryDirectory(prefix="diep-hub-push-") as tmp:
         folder = Path(tmp) / "checkpoint"
@@ -410,7 +248,7 @@ def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool, c
     token = _resolve_token(token)
     api = HfApi()
     user = _check_token(api, token)
-    _check_no_token_sent(folder, files, token, message)
+    check_no_token_sent(folder, files, token, message)
     logger.info("pushing %d files from %s to %s as %s%s", len(files), folder, repo_id, user,
                 " (pull request)" if create_pr else "")
 

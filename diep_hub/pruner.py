@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import platform
 import time
@@ -28,23 +27,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint.layout import PRUNER_CONFIG_FILE, REPORT_FILE
+from .checkpoint.report import Calibration, PruningReport
+from .checkpoint.saving import save_pruned
 from .criteria import base as criteria_base  # importing the package registers every criterion
-from .criteria import diep as diep_criterion
-from .criteria import naee as naee_criterion
 from .errors import ConfigError, DiEPError, UnsupportedModelError
 from .families import get_family
 from .jsonable import to_jsonable
 from .memory import PeakMemory
-from .saving import save_pruned
+from .options import OPTION_KEYWORDS, DiEPOptions, NAEEOptions, PrunerSettings, check_pruner_keywords
 from .surgery import prune_experts
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "pruning_report.json"
-RECIPE_FILE = "diep_recipe.json"
-SELECTIONS = ("global", "uniform")
-_DIEP = diep_criterion.DEFAULT_OPTIONS
-
+_SETTINGS, _DIEP = PrunerSettings.model_fields, DiEPOptions.model_fields
 
 @dataclass
 class DiEPPruner:
@@ -52,7 +48,7 @@ class DiEPPruner:
 
     Attributes:
         sparsity: fraction of routed experts to remove, 0 < s < 1 (shared experts and dense layers not counted).
-        method: a registered criterion: "diep" (default), "reap", "frequency", "soft_frequency", "naee", "random".
+        method: a registered criterion (``diep_hub.criteria.available_criteria()``), "diep" by default.
         selection: "global" (rank all experts of all layers together, non-uniform: DiEP's way) or "uniform"; None
             (default) means the method's own default, the first of its criterion's ``selections`` ("global", but
             "uniform" for naee, which supports nothing else). A selection the method does not support is refused.
@@ -74,94 +70,59 @@ class DiEPPruner:
         naee_max_combinations: NAEE refuses a layer with more subsets than this.
         skipping: calibrate and enable adaptive expert skipping after pruning (``diep_hub.skipping``).
         progress: show tqdm progress bars.
+        options: the options of a criterion that has no keyword here (a dict of its options model's fields, e.g.
+            a newly registered criterion); diep and naee take theirs as the keywords above.
+
+    Types, ranges, choices and defaults are those of ``diep_hub.options`` (``PrunerSettings`` and the criterion
+    options models): the very models the recipe embeds and the CLI's flags come from.
     """
 
-    sparsity: float = 0.5
-    method: str = "diep"
+    sparsity: float = _SETTINGS["sparsity"].default
+    method: str = _SETTINGS["method"].default
     selection: str | None = None
-    dataset: Any = "allenai/c4"
-    dataset_config: str | None = "en"
-    split: str = "train"
-    text_field: str = "text"
-    num_samples: int = 128
-    seq_len: int = 2048
-    batch_size: int = 16
-    seed: int = 0
-    search_mode: str = _DIEP["mode"]
-    lr: float = _DIEP["lr"]
-    epochs: int = _DIEP["epochs"]
-    lambda_: float = _DIEP["recon_weight"]
-    alternation: tuple[int, int] = (_DIEP["alpha_steps"], _DIEP["beta_steps"])
-    ranking: str = _DIEP["ranking"]
+    dataset: Any = _SETTINGS["dataset"].default
+    dataset_config: str | None = _SETTINGS["dataset_config"].default
+    split: str = _SETTINGS["split"].default
+    text_field: str = _SETTINGS["text_field"].default
+    num_samples: int = _SETTINGS["num_samples"].default
+    seq_len: int = _SETTINGS["seq_len"].default
+    batch_size: int = _SETTINGS["batch_size"].default
+    seed: int = _SETTINGS["seed"].default
+    search_mode: str = _DIEP["mode"].default
+    lr: float = _DIEP["lr"].default
+    epochs: int = _DIEP["epochs"].default
+    lambda_: float = _DIEP["lambda_"].default
+    alternation: tuple[int, int] = _DIEP["alternation"].default
+    ranking: str = _DIEP["ranking"].default
     max_layer_sparsity: float | None = None
     min_experts_per_layer: int | None = None
     regroup: bool = False
-    naee_max_combinations: int = naee_criterion.DEFAULT_MAX_COMBINATIONS
+    naee_max_combinations: int = NAEEOptions.model_fields["max_combinations"].default
     skipping: bool = False
     progress: bool = True
-    report: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    options: dict[str, Any] | None = None
+    report: PruningReport | None = field(default=None, init=False, repr=False, compare=False)
 
     # --------------------------------------------------------------------------------------------------------
     # Validation
     def __post_init__(self) -> None:
-        if isinstance(self.alternation, list):
-            self.alternation = tuple(self.alternation)
-        if self.selection is None and self.method in criteria_base.available_criteria():
-            self.selection = criteria_base.get_criterion(self.method).default_selection()
-        problems = self._problems()
-        if problems:
-            raise ConfigError("invalid DiEPPruner configuration: " + "; ".join(problems))
+        self._validate()
 
-    def _problems(self) -> list[str]:
-        p: list[str] = []
+    def _validate(self) -> None:
+        """Check every field with the shared models (``diep_hub.options``), all problems in one ConfigError.
 
-        def number(name, value, lo, hi, lo_open=False, hi_open=False, integer=False):
-            problem = number_problem(value, lo, hi, lo_open=lo_open, hi_open=hi_open, integer=integer)
-            if problem is not None:
-                p.append(f"{name}={value!r} {problem}")
+        Run by the constructor and again before pruning (a dataclass field can be reassigned); fills an unset
+        selection with the method's default and normalises ``alternation`` to a tuple.
+        """
+        self.selection = check_pruner_keywords({f.name: getattr(self, f.name) for f in fields(self) if f.init})
+        self.alternation = tuple(self.alternation)
 
-        # 0 < sparsity < 1, as the recipe says: removing nothing is not a pruning run.
-        number("sparsity", self.sparsity, 0, 1, lo_open=True, hi_open=True)
-        known = criteria_base.available_criteria()
-        if self.method not in known:
-            p.append(f"method={self.method!r} is not a registered criterion; choose one of {known}")
-        if self.selection not in SELECTIONS:
-            if self.selection is not None or self.method in known:
-                p.append(f"selection={self.selection!r}; choose one of {list(SELECTIONS)}")
-        else:
-            unsupported = criteria_base.selection_problem(self.method, self.selection)
-            if unsupported is not None:
-                p.append(unsupported)
-        if self.dataset is None or (isinstance(self.dataset, (str, list)) and len(self.dataset) == 0):
-            p.append(f"dataset={self.dataset!r}; give a Hub dataset name, a local file, a Dataset or a list of strings")
-        number("num_samples", self.num_samples, 1, None, integer=True)
-        number("seq_len", self.seq_len, 2, None, integer=True)
-        number("batch_size", self.batch_size, 1, None, integer=True)
-        number("seed", self.seed, 0, None, integer=True)
-        if self.search_mode not in diep_criterion.MODES:
-            p.append(f"search_mode={self.search_mode!r}; choose one of {list(diep_criterion.MODES)}")
-        number("lr", self.lr, 0, None, lo_open=True)
-        number("epochs", self.epochs, 1, None, integer=True)
-        number("lambda_", self.lambda_, 0, None)
-        alt = self.alternation
-        if (
-            not isinstance(alt, tuple)
-            or len(alt) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in alt)
-            or sum(alt) == 0
-        ):
-            p.append(f"alternation={alt!r} must be (alpha steps >= 0, beta steps >= 0), not both 0, e.g. (3, 1)")
-        if self.ranking not in diep_criterion.RANKINGS:
-            p.append(f"ranking={self.ranking!r}; choose one of {list(diep_criterion.RANKINGS)}")
-        if self.max_layer_sparsity is not None:
-            number("max_layer_sparsity", self.max_layer_sparsity, 0, 1, lo_open=True, hi_open=True)
-        if self.min_experts_per_layer is not None:
-            number("min_experts_per_layer", self.min_experts_per_layer, 1, None, integer=True)
-        for name in ("regroup", "skipping", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                p.append(f"{name}={getattr(self, name)!r} must be True or False")
-        number("naee_max_combinations", self.naee_max_combinations, 1, None, integer=True)
-        return p
+    def criterion_settings(self):
+        """The method's options model instance (``diep_hub.options.DiEPOptions`` for diep, ...): the keywords
+        that belong to it, or ``options`` for a criterion without keywords here."""
+        model = criteria_base.get_criterion(self.method).options
+        values = {name: getattr(self, kw) for kw, (c, _, name) in OPTION_KEYWORDS.items() if c == self.method}
+        return model.model_validate(values or dict(self.options or {}))
 
     # --------------------------------------------------------------------------------------------------------
     # Serialisation
@@ -187,21 +148,12 @@ class DiEPPruner:
     # --------------------------------------------------------------------------------------------------------
     # Running
     def criterion_options(self) -> dict[str, Any]:
-        """Options handed to the criterion (only DiEP and NAEE take any)."""
-        if self.method == "diep":
-            return {
-                "mode": self.search_mode,
-                "lr": self.lr,
-                "epochs": self.epochs,
-                "recon_weight": self.lambda_,
-                "alpha_steps": self.alternation[0],
-                "beta_steps": self.alternation[1],
-                "ranking": self.ranking,
-                "progress": self.progress,
-            }
+        """What the criterion receives as ``ScoringContext.options``: its options model's fields plus the run
+        settings it reads (``progress``; NAEE also ``regroup``)."""
+        data = {**self.criterion_settings().model_dump(), "progress": self.progress}
         if self.method == "naee":
-            return {"max_combinations": self.naee_max_combinations, "regroup": self.regroup, "progress": self.progress}
-        return {"progress": self.progress}
+            data["regroup"] = self.regroup
+        return data
 
     def _select(self, scores: dict[int, torch.Tensor], model: nn.Module):
         from .selection import select_experts
@@ -223,7 +175,7 @@ class DiEPPruner:
         selection will, so an impossible request fails now rather than after an hour of search.
         Returns that dry-run selection (its per-layer counts tell NAEE the subset sizes).
         """
-        self._check_selection()
+        self._validate()
         family = get_family(model)
         layers = family.moe_layers(model)
         if not layers:
@@ -240,25 +192,11 @@ class DiEPPruner:
         except DiEPError as exc:
             raise unreachable_sparsity(self.sparsity, family, layers, exc) from exc
 
-    def _check_selection(self) -> None:
-        """Refuse a method/selection pair the criterion does not support (the constructor's check, repeated here
-        because a dataclass field can be reassigned after construction)."""
-        if self.selection is None and self.method in criteria_base.available_criteria():
-            self.selection = criteria_base.get_criterion(self.method).default_selection()
-        if self.selection not in SELECTIONS:
-            raise ConfigError(
-                f"invalid DiEPPruner configuration: selection={self.selection!r}; choose one of {list(SELECTIONS)}"
-            )
-        criteria_base.get_criterion(self.method)  # an unknown method: ConfigError naming the known ones
-        problem = criteria_base.selection_problem(self.method, self.selection)
-        if problem is not None:
-            raise ConfigError(f"invalid DiEPPruner configuration: {problem}")
-
     def _target_counts(self, dry_run) -> dict[int, int]:
         """Per-layer kept counts for criteria that search subsets of a given size (NAEE).
 
         Such a criterion supports only selections whose counts are fixed before scoring (``selections``, checked
-        at registration and by ``_check_selection``), so the dry run's counts are exactly what the real selection
+        at registration and by ``_validate``), so the dry run's counts are exactly what the real selection
         will keep.
         """
         counts = dict(dry_run.per_layer_kept)
@@ -268,8 +206,8 @@ class DiEPPruner:
     def prune_model(self, model: nn.Module, tokenizer) -> nn.Module:
         """Score, select and remove experts in place; return the ``diep_<family>`` model.
 
-        The configuration used is recorded in ``model.config.diep_pruning``; ``self.report`` holds what
-        ``pruning_report.json`` will contain.
+        The configuration used is recorded in ``model.config.diep_pruning``; ``self.report`` (a
+        :class:`~diep_hub.checkpoint.report.PruningReport`) holds what ``pruning_report.json`` will contain.
         """
         from .calibration import load_calibration_data, vocab_size_of
 
@@ -291,6 +229,7 @@ class DiEPPruner:
             batch_size=self.batch_size,
             seed=self.seed,
             num_to_keep=num_to_keep,
+            sparsity=self.sparsity,
             options=self.criterion_options(),
         )
         criterion.check_feasible(context)
@@ -352,43 +291,46 @@ class DiEPPruner:
         if previous:
             record["previous"] = previous
         model.config.diep_pruning = record
-        self.report = {
-            "config": self.to_dict(),
-            "model_type": family.model_type,
-            "method": self.method,
-            "reference": getattr(criterion, "reference", ""),
-            "ranking": result.ranking,
-            "seed": self.seed,
-            "sparsity": self.sparsity,
-            "selection": self.selection,
-            "num_removed": int(selection.num_removed),
-            "num_total": int(selection.num_total),
-            "rounding": selection.rounding,
-            "selection_plan": selection.to_dict(),
-            "experts_before": {str(k): v for k, v in experts_before.items()},
-            "kept_ids": {str(k): [int(i) for i in v] for k, v in sorted(selection.keep.items())},
-            "kept_original_ids": _kept_original_ids(model),
-            "per_layer_kept": {str(k): int(v) for k, v in sorted(selection.per_layer_kept.items())},
-            "scores": {str(k): [float(x) for x in v.tolist()] for k, v in sorted(result.scores.items())},
-            "details": {k: v for k, v in result.details.items() if k not in ("alpha", "beta", "loss_curve")},
-            "calibration_shape": list(input_ids.shape),
-            "wall_seconds": round(time.perf_counter() - started, 3),
-            "scoring_seconds": round(score_seconds, 3),
-            "peak_memory": memory.summary(),
-            "versions": _versions(),
-            "previous_pruning": previous,
-        }
-        for key in ("alpha", "beta", "loss_curve"):
-            if key in result.details:
-                self.report[key] = result.details[key]
-        if skipping_summary is not None:
-            self.report["skipping"] = skipping_summary
+        searched = ("alpha", "beta", "loss_curve")  # DiEP's search record: fields of their own in the report
+        self.report = PruningReport(
+            pruner_config=self.to_dict(),
+            family=family.model_type,
+            format="diep",
+            method=self.method,
+            reference=getattr(criterion, "reference", ""),
+            ranking=result.ranking,
+            seed=self.seed,
+            sparsity=self.sparsity,
+            selection=self.selection,
+            num_removed=int(selection.num_removed),
+            num_total=int(selection.num_total),
+            rounding=selection.rounding,
+            selection_plan=selection.to_dict(),
+            experts_before=experts_before,
+            kept_ids={k: [int(i) for i in v] for k, v in selection.keep.items()},
+            kept_original_ids=_kept_original_ids(model),
+            per_layer_kept={k: int(v) for k, v in selection.per_layer_kept.items()},
+            scores={k: [float(x) for x in v.tolist()] for k, v in result.scores.items()},
+            details={k: v for k, v in result.details.items() if k not in searched},
+            calibration=Calibration(dataset=self.to_dict()["dataset"], num_samples=self.num_samples,
+                                    seq_len=self.seq_len),
+            calibration_shape=list(input_ids.shape),
+            wall_seconds=round(time.perf_counter() - started, 3),
+            scoring_seconds=round(score_seconds, 3),
+            peak_memory=memory.summary(),
+            versions=_versions(),
+            previous_pruning=previous,
+            alpha=result.details.get("alpha"),
+            beta=result.details.get("beta"),
+            loss_curve=result.details.get("loss_curve"),
+            skipping=skipping_summary,
+        )
         logger.info(
             "removed %d of %d routed experts (%s selection); kept per layer: %s",
             selection.num_removed,
             selection.num_total,
             self.selection,
-            self.report["per_layer_kept"],
+            self.report.per_layer_kept,
         )
         return model
 
@@ -406,42 +348,24 @@ class DiEPPruner:
         tokenizer=None,
         overwrite: bool = False,
         extra_files: Mapping[str, str | bytes | dict] | None = None,
+        stock_format: bool = False,
     ) -> Path:
-        """Write the pruned checkpoint plus ``pruning_report.json`` and ``diep_recipe.json`` (atomically)."""
-        if not self.report:
+        """Write the pruned checkpoint plus ``pruning_report.json`` and ``diep_recipe.json`` (atomically).
+
+        ``stock_format``: save as the family's own architecture (``save_pruned(stock_format=True)``; every layer
+        must keep the same number of experts), recorded as ``format: "stock"`` in the report.
+        """
+        if self.report is None:
             raise ConfigError("nothing to save yet: call prune_model(model, tokenizer) first")
-        files: dict[str, Any] = {REPORT_FILE: to_jsonable(self.report), RECIPE_FILE: self.to_dict()}
+        report = dataclasses.replace(self.report, format="stock" if stock_format else "diep")
+        files: dict[str, Any] = {REPORT_FILE: report.to_dict(), PRUNER_CONFIG_FILE: self.to_dict()}
         files.update(extra_files or {})
-        return save_pruned(model, save_directory, tokenizer=tokenizer, overwrite=overwrite, extra_files=files)
+        return save_pruned(model, save_directory, tokenizer=tokenizer, overwrite=overwrite, extra_files=files,
+                           stock_format=stock_format)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Helpers
-def _interval(lo, hi, lo_open: bool, hi_open: bool) -> str:
-    left = "(" if lo_open else "["
-    right = ")" if hi_open else "]"
-    return f"{left}{lo}, {'inf)' if hi is None else f'{hi}{right}'}"
-
-
-def number_problem(value, lo, hi=None, *, lo_open: bool = False, hi_open: bool = False,
-                   integer: bool = False) -> str | None:
-    """Why ``value`` is not allowed in the interval, or None when it is.
-
-    The one wording of range errors: the pruner prefixes it with ``name=value``, the recipe with
-    ``field.path: value ->``, so the same bad value reads the same in a recipe and in the Python API.
-    """
-    allowed = _interval(lo, hi, lo_open, hi_open)
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"must be a finite number{' (an integer)' if integer else ''} in {allowed}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        return f"must be {'an integer' if integer else 'a number'} in {allowed}"
-    too_low = value < lo or (lo_open and value == lo)
-    too_high = hi is not None and (value > hi or (hi_open and value == hi))
-    if too_low or too_high:
-        return f"is out of range; allowed: {allowed}"
-    return None
-
-
 def unreachable_sparsity(sparsity, family, layers, exc: Exception) -> ConfigError:
     """The one wording of "this sparsity cannot be reached here", for the pruner and the dry run."""
     total = sum(layer.num_experts for layer in layers)
@@ -457,9 +381,9 @@ def _describe_dataset(dataset) -> str:
     return f"<{type(dataset).__name__}>"
 
 
-def _kept_original_ids(model: nn.Module) -> dict[str, list[int]]:
+def _kept_original_ids(model: nn.Module) -> dict[int, list[int]]:
     kept = getattr(model.config, "kept_expert_ids", None) or []
-    return {str(i): list(ids) for i, ids in enumerate(kept) if ids is not None}
+    return {i: list(ids) for i, ids in enumerate(kept) if ids is not None}
 
 
 def _version(package: str) -> str | None:
@@ -478,4 +402,4 @@ def _versions() -> dict[str, str | None]:
     }
 
 
-__all__ = ["DiEPPruner", "REPORT_FILE", "RECIPE_FILE", "number_problem", "unreachable_sparsity"]
+__all__ = ["DiEPPruner", "OPTION_KEYWORDS", "unreachable_sparsity"]

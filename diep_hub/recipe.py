@@ -3,9 +3,10 @@
 A recipe is validated in full before anything is loaded: every problem is collected into one
 :class:`RecipeError` whose lines read ``field.path: bad value -> what is allowed``, so a CI log is enough to fix
 it. Unknown keys are errors (a typo must not silently fall back to a default), and so is a key given twice (YAML
-would keep the last one silently). Numbers get exactly the pruner's range checks, in its words, with NaN and inf
-refused as "must be a finite number": what a recipe accepts, :class:`~diep_hub.pruner.DiEPPruner` accepts. Recipes
-never name Python objects to import: they run in CI next to Hub write tokens.
+would keep the last one silently; reading the file is :mod:`diep_hub.recipe_yaml`). The ``pruning`` section is made
+of the models of :mod:`diep_hub.options` that :class:`~diep_hub.pruner.DiEPPruner` validates with, so what a recipe
+accepts the pruner accepts, in the same words. Recipes never name Python objects to import: they run in CI next to
+Hub write tokens.
 
 The schema, with defaults (``diep-hub run --help`` shows an example)::
 
@@ -37,63 +38,27 @@ from __future__ import annotations
 import logging
 import math
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    ValidationInfo,
-    WrapValidator,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, ValidationError, WrapValidator, field_validator, model_validator
 
-from .criteria.base import available_criteria, get_criterion, selection_problem
-from .criteria.diep import DEFAULT_OPTIONS as _DIEP_DEFAULTS
-from .errors import ConfigError
-from .files import read_text
-from .hub import REPO_ID_ALLOWED, repo_id_problem
-from .pruner import number_problem
+from .options import (
+    BatchSize,
+    Count,
+    DiEPOptions,
+    FloorsOptions,
+    NonNegativeInt,
+    NumSamples,
+    OptionsModel,
+    SeqLength,
+    TargetOptions,
+    problems,
+)
+from .recipe_yaml import RecipeError, read_recipe_file, shipped_recipes
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("diep", "reap", "frequency", "soft_frequency", "naee", "random")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-class RecipeError(ConfigError):
-    """A recipe file is missing, unreadable, or fails validation; the message lists every problem at once."""
-
-    def __init__(self, source: str, problems: list[str], *, title: str | None = None):
-        self.source = source
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        head = title or f"invalid recipe {source} ({len(self.problems)} problem(s))"
-        super().__init__(f"{head}:\n{lines}")
-
-
-def _range(lo, hi=None, *, lo_open: bool = False, hi_open: bool = False, integer: bool = False) -> WrapValidator:
-    """The pruner's range check on a recipe number (NaN and inf included), so a value the pruner would refuse
-    fails here, named by its recipe field, with the pruner's words (``pruning.search.lr: inf -> must be a finite
-    number in (0, inf)``)."""
-
-    def check(value, handler):
-        # NaN, inf and 2.5-for-an-integer first: pydantic's own words for them differ from the pruner's.
-        if isinstance(value, float) and (not math.isfinite(value) or (integer and not value.is_integer())):
-            raise ValueError(number_problem(value, lo, hi, lo_open=lo_open, hi_open=hi_open, integer=integer))
-        value = handler(value)
-        problem = number_problem(value, lo, hi, lo_open=lo_open, hi_open=hi_open, integer=integer)
-        if problem is not None:
-            raise ValueError(problem)
-        return value
-
-    return WrapValidator(check)
 
 
 def _check_limit(value, handler):
@@ -107,19 +72,7 @@ def _check_limit(value, handler):
     return value
 
 
-Count = Annotated[int, _range(1, integer=True)]  # num_samples, batch_size, epochs, ...
-SeqLen = Annotated[int, _range(2, integer=True)]
-NonNegativeInt = Annotated[int, _range(0, integer=True)]
-Fraction = Annotated[float, _range(0, 1, lo_open=True, hi_open=True)]  # 0 < x < 1
-
-
-class _Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, values are re-validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-
-class ModelSection(_Section):
+class ModelSection(OptionsModel):
     """Which checkpoint to prune and how to load it."""
 
     id: Annotated[str, Field(min_length=1)]
@@ -139,16 +92,16 @@ def _one_text_source(section):
     return section
 
 
-class CalibrationSection(_Section):
+class CalibrationSection(OptionsModel):
     """Calibration text: a Hub dataset (``dataset``/``config``/``split``) or a local file (``path``)."""
 
-    dataset: str | None = "allenai/c4"
-    config: str | None = "en"
-    split: str = "train"
-    text_field: str = "text"
-    path: str | None = None
-    num_samples: Count = 128
-    seq_len: SeqLen = 2048
+    dataset: str | None = Field("allenai/c4", description="calibration Hub dataset (or diep-hub/tiny-text)")
+    config: str | None = Field("en", description="dataset configuration name")
+    split: str = Field("train", description="split holding the text")
+    text_field: str = Field("text", description="column holding the text")
+    path: str | None = Field(None, description="local calibration file (json/jsonl/parquet/txt) instead")
+    num_samples: NumSamples = 128
+    seq_len: SeqLength = 2048
 
     @model_validator(mode="after")
     def _one_source(self) -> CalibrationSection:
@@ -160,74 +113,28 @@ class CalibrationSection(_Section):
         return self.path if self.path is not None else str(self.dataset)
 
 
-class SearchSection(_Section):
-    """DiEP's alpha/beta search hyper-parameters (paper: dense, lr 5e-3, 10 epochs, batch 16, lambda 0.01, 3:1).
+class SearchSection(DiEPOptions):
+    """DiEP's search options (:class:`~diep_hub.options.DiEPOptions`, the pruner's very model) plus the batch size
+    of the search passes."""
 
-    Defaults are the search's own (``diep_hub.criteria.diep.DEFAULT_OPTIONS``), so a recipe that leaves a field out
-    gets what the Python API would give.
-    """
-
-    mode: Literal["auto", "gated", "dense"] = _DIEP_DEFAULTS["mode"]
-    lr: Annotated[float, _range(0, lo_open=True)] = _DIEP_DEFAULTS["lr"]
-    epochs: Count = _DIEP_DEFAULTS["epochs"]
-    batch_size: Count = 16
-    lambda_: Annotated[float, _range(0), Field(alias="lambda")] = _DIEP_DEFAULTS["recon_weight"]
-    alternation: str = f"{_DIEP_DEFAULTS['alpha_steps']}:{_DIEP_DEFAULTS['beta_steps']}"
-    ranking: Literal["softmax", "raw"] = _DIEP_DEFAULTS["ranking"]
-
-    @field_validator("alternation")
-    @classmethod
-    def _ratio(cls, value: str) -> str:
-        parts = str(value).split(":")
-        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 0 for p in parts) or parts == ["0", "0"]:
-            raise ValueError("expected 'A:B', optimiser steps on alpha then on beta, e.g. '3:1' (paper) or '1:1'")
-        return f"{int(parts[0])}:{int(parts[1])}"
+    batch_size: BatchSize = 16
 
     @property
     def alternation_steps(self) -> tuple[int, int]:
         """(alpha steps, beta steps) of one alternation cycle."""
-        a, b = self.alternation.split(":")
-        return int(a), int(b)
+        return self.alternation
 
 
-class FloorsSection(_Section):
-    """Limits the paper does not set: per-layer minimum experts, per-layer maximum sparsity, group reset."""
+class PruningSection(TargetOptions):
+    """What to remove and how to decide it: method, sparsity, selection and seed
+    (:class:`~diep_hub.options.TargetOptions`), calibration, search and floors (the pruner's own models)."""
 
-    min_experts_per_layer: Count | None = None
-    max_layer_sparsity: Fraction | None = None
-    regroup: bool = False
-
-
-class PruningSection(_Section):
-    """What to remove and how to decide it."""
-
-    method: Literal["diep", "reap", "frequency", "soft_frequency", "naee", "random"] = "diep"
-    sparsity: Fraction = 0.5
-    # null/unset: the method's own default (global; uniform for naee), resolved at validation so the loaded
-    # recipe, the pruner and the saved recipe all hold the concrete mode.
-    selection: Annotated[Literal["global", "uniform"] | None, Field(validate_default=True)] = None
-    seed: NonNegativeInt = 0
     calibration: CalibrationSection = CalibrationSection()
     search: SearchSection = SearchSection()
-    floors: FloorsSection = FloorsSection()
-
-    @field_validator("selection")
-    @classmethod
-    def _selection_for_method(cls, value: str | None, info: ValidationInfo) -> str | None:
-        """Resolve an unset selection to the method's default; refuse one the method does not support, in the
-        words ``DiEPPruner`` uses."""
-        method = info.data.get("method")  # absent when the method itself is invalid: that error is reported
-        if method not in available_criteria():
-            return value
-        if value is None:
-            return get_criterion(method).default_selection()
-        problem = selection_problem(method, value)
-        if problem is not None:
-            raise ValueError(problem)
-        return value
+    floors: FloorsOptions = FloorsOptions()
 
 
-class SkippingSection(_Section):
+class SkippingSection(OptionsModel):
     """Adaptive expert skipping at inference (paper section 3.3), calibrated after pruning."""
 
     enabled: bool = False
@@ -235,7 +142,7 @@ class SkippingSection(_Section):
     num_samples: Count = 32
 
 
-class PerplexitySection(_Section):
+class PerplexitySection(OptionsModel):
     """Perplexity on a text set: a Hub dataset or a local file, like calibration."""
 
     dataset: str | None = "wikitext"
@@ -244,7 +151,7 @@ class PerplexitySection(_Section):
     text_field: str = "text"
     path: str | None = None
     num_samples: Count = 64
-    seq_len: SeqLen = 2048
+    seq_len: SeqLength = 2048
 
     @model_validator(mode="after")
     def _one_source(self) -> PerplexitySection:
@@ -255,7 +162,7 @@ class PerplexitySection(_Section):
         return self.path if self.path is not None else str(self.dataset)
 
 
-class EvaluationSection(_Section):
+class EvaluationSection(OptionsModel):
     """How the base and the pruned model are compared (lm-eval tasks, perplexity, speed, memory)."""
 
     enabled: bool = True
@@ -270,14 +177,14 @@ class EvaluationSection(_Section):
     memory: bool = False
 
 
-class OutputSection(_Section):
+class OutputSection(OptionsModel):
     """Where the checkpoint goes and in which format."""
 
     dir: str | None = None
     stock_format: bool = False
 
 
-class CardSection(_Section):
+class CardSection(OptionsModel):
     """Extras for the model card: the license is the base model's unless overridden here."""
 
     license: str | None = None
@@ -285,7 +192,7 @@ class CardSection(_Section):
     extra_markdown: str | None = None
 
 
-class PublishSection(_Section):
+class PublishSection(OptionsModel):
     """Where the checkpoint is pushed; ``push`` can be overridden by ``diep-hub run --push/--no-push``."""
 
     repo_id: str | None = None
@@ -299,6 +206,8 @@ class PublishSection(_Section):
     @classmethod
     def _hub_repo_id(cls, value: str | None) -> str | None:
         """The rule ``push`` applies (``diep_hub.hub.repo_id_problem``), checked before any work is done."""
+        from .hub import REPO_ID_ALLOWED, repo_id_problem
+
         problem = None if value is None else repo_id_problem(value)
         if problem is not None:
             raise ValueError(f"not a valid Hub model id ({problem}); use {REPO_ID_ALLOWED}")
@@ -311,11 +220,11 @@ class PublishSection(_Section):
         return self
 
 
-class Recipe(_Section):
+class Recipe(OptionsModel):
     """A whole recipe. Build one with :func:`load_recipe` (a file) or :meth:`Recipe.from_dict`."""
 
     model: ModelSection
-    pruning: PruningSection = PruningSection()
+    pruning: PruningSection = Field(default_factory=PruningSection)  # built when used: it asks the registry
     skipping: SkippingSection = SkippingSection()
     evaluation: EvaluationSection = EvaluationSection()
     output: OutputSection = OutputSection()
@@ -342,7 +251,7 @@ class Recipe(_Section):
         try:
             recipe = cls.model_validate(data)
         except ValidationError as exc:
-            raise RecipeError(source, _problems(exc)) from None
+            raise RecipeError(source, problems(exc, cls)) from None
         recipe._base_dir = str(base_dir or "")
         return recipe
 
@@ -398,14 +307,17 @@ class Recipe(_Section):
         return self.resolve_path(cal.path) if cal.path is not None else str(cal.dataset)
 
     def to_pruner_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`diep_hub.pruner.DiEPPruner` for this recipe."""
-        p = self.pruning
-        cal = p.calibration
-        alpha_steps, beta_steps = p.search.alternation_steps
+        """Keyword arguments of :class:`diep_hub.pruner.DiEPPruner` for this recipe: the same models, flattened
+        (the calibration source resolved against the recipe's folder)."""
+        from .options import OPTION_KEYWORDS
+
+        p, cal = self.pruning, self.pruning.calibration
+        search = {kw: getattr(p.search, name) for kw, (criterion, _, name) in OPTION_KEYWORDS.items()
+                  if criterion == "diep"}
         return {
-            "sparsity": p.sparsity,
-            "method": p.method,
-            "selection": p.selection,
+            **p.model_dump(include=set(TargetOptions.model_fields)),
+            **p.floors.model_dump(),
+            **search,
             "dataset": self.calibration_source(),
             "dataset_config": cal.config if cal.path is None else None,
             "split": cal.split,
@@ -413,145 +325,9 @@ class Recipe(_Section):
             "num_samples": cal.num_samples,
             "seq_len": cal.seq_len,
             "batch_size": p.search.batch_size,
-            "seed": p.seed,
-            "search_mode": p.search.mode,
-            "lr": p.search.lr,
-            "epochs": p.search.epochs,
-            "lambda_": p.search.lambda_,
-            "alternation": (alpha_steps, beta_steps),
-            "ranking": p.search.ranking,
-            "min_experts_per_layer": p.floors.min_experts_per_layer,
-            "max_layer_sparsity": p.floors.max_layer_sparsity,
-            "regroup": p.floors.regroup,
             # Skipping is calibrated by the runner, which honours skipping.kernel and skipping.num_samples.
             "skipping": False,
         }
-
-
-def _section_keys(model_cls: type[BaseModel]) -> list[str]:
-    return [f.alias or name for name, f in model_cls.model_fields.items()]
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that owns the field at ``loc`` (for listing allowed keys)."""
-    cls: type[BaseModel] = Recipe
-    for part in loc:
-        field = next((f for n, f in cls.model_fields.items() if part in (n, f.alias)), None)
-        if field is None:
-            return cls
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nxt is None:
-            return cls
-        cls = nxt
-    return cls
-
-
-def _problems(exc: ValidationError) -> list[str]:
-    """Turn pydantic's errors into ``field.path: value -> allowed`` lines, unknown keys with the allowed list."""
-    problems = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(str(p) for p in err["loc"] if not str(p).startswith(("function-", "constrained-")))
-        # Union members add their type names to the location (e.g. "int", "dict[str,...]"): drop them.
-        loc = tuple(p for p in loc if not any(ch in p for ch in "[]") and p not in ("int", "float", "str", "bool"))
-        path = ".".join(loc) or "<top level>"
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            owner = _model_at(loc[:-1])
-            allowed = ", ".join(_section_keys(owner)) if owner else "see the recipe schema"
-            problems.append(f"{path}: unknown key -> allowed keys: {allowed}")
-        elif kind == "missing":
-            problems.append(f"{path}: missing -> required")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{path}: {err.get('input')!r} -> {msg}")
-    # Union branches report the same field several times: keep the first line per path, in order.
-    seen: dict[str, str] = {}
-    for line in problems:
-        key = line.split(":", 1)[0] + ("" if "unknown key" not in line else line)
-        seen.setdefault(key, line)
-    return list(seen.values())
-
-
-def shipped_recipes() -> dict[str, Path]:
-    """Recipes shipped with the package (the top-level ``recipes/`` folder), by name without ``.yaml``."""
-    root = resources.files("diep_hub.recipes")
-    return {p.name.removesuffix(".yaml"): Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
-
-
-class _DuplicateKey(yaml.YAMLError):
-    """A key given twice in one mapping (raised by :class:`UniqueKeyLoader`, turned into a RecipeError)."""
-
-    def __init__(self, field: str, first: yaml.Mark, second: yaml.Mark):
-        self.field, self.first, self.second = field, first, second
-        super().__init__(f"{field}: duplicate key at line {second.line + 1} (first at line {first.line + 1})")
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
-
-    Plain PyYAML keeps the last value: a second ``pruning:`` block would silently replace the first, and a recipe
-    would run with settings its author never saw. Merge keys (``<<: *anchor``) may still be overridden.
-    """
-
-    def get_single_data(self):
-        node = self.get_single_node()
-        if node is None:
-            return None
-        self._paths: dict[int, tuple[str, ...]] = {}
-        self._index(node, ())
-        return self.construct_document(node)
-
-    def _index(self, node, path: tuple[str, ...]) -> None:
-        """Remember each mapping's field path (``pruning.search``) so a duplicate is named in full."""
-        if id(node) in self._paths:
-            return  # an alias of a node already seen (or a recursive anchor)
-        if isinstance(node, yaml.MappingNode):
-            self._paths[id(node)] = path
-            for key, value in node.value:
-                self._index(value, (*path, str(key.value)) if isinstance(key, yaml.ScalarNode) else path)
-        elif isinstance(node, yaml.SequenceNode):
-            self._paths[id(node)] = path
-            for i, value in enumerate(node.value):
-                self._index(value, (*path, str(i)))
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, yaml.Mark] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    first = seen.get(key)
-                except TypeError:  # unhashable key: the base class reports it
-                    continue
-                if first is not None:
-                    field = ".".join((*getattr(self, "_paths", {}).get(id(node), ()), str(key)))
-                    raise _DuplicateKey(field, first, key_node.start_mark)
-                seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)
-
-
-def parse_recipe_text(text: str, source: str = "<recipe>") -> Any:
-    """Parse recipe YAML with :class:`UniqueKeyLoader`; syntax errors and duplicate keys name the line."""
-    try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except _DuplicateKey as exc:
-        raise RecipeError(
-            source,
-            [f"{exc.field}: key given twice, at line {exc.first.line + 1} and again at line {exc.second.line + 1} "
-             "-> give each key once (YAML would silently keep only the last)"],
-            title=f"cannot parse recipe {source}",
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        context = getattr(exc, "context", None)
-        detail = f"{problem} ({context})" if context else problem
-        raise RecipeError(source, [f"yaml: {detail}{where}"], title=f"cannot parse recipe {source}") from None
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -562,31 +338,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             invalid field (all of them listed at once).
         CorruptFileError: the file is not UTF-8 text (the message names the byte and line).
     """
-    file = Path(path)
-    if not file.exists():
-        shipped = shipped_recipes()
-        name = str(path).removesuffix(".yaml")
-        if name in shipped and os.sep not in name:
-            file = shipped[name]
-        else:
-            names = ", ".join(sorted(shipped)) or "none"
-            raise RecipeError(
-                str(path),
-                [f"file: {str(path)!r} does not exist -> an existing YAML file, or a shipped recipe: {names}"],
-                title=f"cannot read recipe {path}",
-            )
-    if file.is_dir():
-        raise RecipeError(str(path), [f"file: {str(path)!r} is a folder -> a YAML recipe file"],
-                          title=f"cannot read recipe {path}")
-    try:
-        text = read_text(file, "recipe")
-    except OSError as exc:
-        raise RecipeError(str(path), [f"file: {str(path)!r} cannot be read ({exc.strerror or exc})"],
-                          title=f"cannot read recipe {path}") from None
-    data = parse_recipe_text(text, str(path))
-    if data is None:
-        raise RecipeError(str(path), ["<top level>: the file is empty -> a mapping with a 'model' section"])
+    data, file = read_recipe_file(path)
     recipe = Recipe.from_dict(data, source=str(path), base_dir=file.resolve().parent)
     logger.info("loaded recipe %s: %s, %s at %.0f%% sparsity", file, recipe.model.id, recipe.pruning.method,
                 100 * recipe.pruning.sparsity)
     return recipe
+
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "shipped_recipes"]

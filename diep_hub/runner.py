@@ -6,11 +6,11 @@ pruned model -> card -> atomic save -> push. Every check that can fail (recipe, 
 family) runs before the model is loaded, so a bad run fails in seconds rather than after an hour of search.
 
 The steps around the run have modules of their own: loading the model (:mod:`diep_hub.model_loading`), the dry
-run (:mod:`diep_hub.dry_run`), inspecting a checkpoint (:mod:`diep_hub.inspection`) and reproducing one
-(:mod:`diep_hub.reproduction`). ``estimate`` (dry_run) and ``inspect_checkpoint`` (inspection) live elsewhere but
+run (:mod:`diep_hub.dry_run`), inspecting a checkpoint (:mod:`diep_hub.checkpoint.inspect`) and reproducing one
+(:mod:`diep_hub.checkpoint.reproduce`). ``estimate`` (dry_run) and ``inspect_checkpoint`` live elsewhere but
 stay importable from here (see ``__all__``) for code outside the package; ``reproduce`` must be imported from
-:mod:`diep_hub.reproduction`, which imports this module. Patch a name where it is looked up: ``load_model`` here for
-the run, in :mod:`diep_hub.model_loading` for ``diep-hub eval``.
+:mod:`diep_hub.checkpoint.reproduce`, which imports this module. Patch a name where it is looked up: ``load_model``
+here for the run, in :mod:`diep_hub.model_loading` for ``diep-hub eval``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .checkpoint.inspect import inspect_checkpoint
+from .checkpoint.layout import EVAL_FILE, RECIPE_FILE
+from .checkpoint.report import Calibration, experts_table
 from .dry_run import estimate
 from .errors import ConfigError
 from .families import get_family
-from .inspection import EVAL_FILE, RECIPE_FILE, REPORT_FILE, experts_table, inspect_checkpoint
-from .jsonable import to_jsonable
 from .model_loading import _local_model_folder, _text_source, load_config, load_model, model_source
 from .recipe import Recipe, load_recipe, shipped_recipes
 
@@ -38,7 +39,7 @@ __all__ = [
     "estimate",  # lives in diep_hub.dry_run
     "evaluate",
     "evaluation_tasks",
-    "inspect_checkpoint",  # lives in diep_hub.inspection
+    "inspect_checkpoint",  # lives in diep_hub.checkpoint.inspect
     "rebuild_card",
     "resolve_output_dir",
     "run_inputs",
@@ -135,7 +136,7 @@ def _check_before_work(
     include = recipe.resolve_path(recipe.evaluation.include_path)
     if include is not None and not Path(include).exists():
         raise ConfigError(f"evaluation.include_path: {recipe.evaluation.include_path!r} -> no such folder")
-    from .saving import check_output_folder
+    from .checkpoint.folders import check_output_folder
 
     # Refuses, even with --overwrite, an output folder that is or holds the working directory, a git checkout or
     # one of the run's own inputs: saving replaces the whole folder.
@@ -251,12 +252,14 @@ def run_recipe(
         cal = recipe.pruning.calibration
         # The card names the calibration data as the recipe does (a Hub name, the offline corpus's name, the path
         # as written), not the cache file an offline corpus was written to.
-        pruner.report["calibration"] = {
-            "dataset": cal.path if cal.path is not None else cal.dataset,
-            "loaded_from": pruner.to_dict()["dataset"],
-            "num_samples": cal.num_samples,
-            "seq_len": cal.seq_len,
-        }
+        pruner.report.calibration = Calibration(
+            dataset=cal.path if cal.path is not None else cal.dataset,
+            loaded_from=pruner.to_dict()["dataset"],
+            num_samples=cal.num_samples,
+            seq_len=cal.seq_len,
+        )
+        if not recipe.is_offline:
+            pruner.report.base_model = recipe.model.id
         skipping = _calibrate_skipping(model, tokenizer, recipe) if recipe.skipping.enabled else None
         if ev.enabled:
             logger.info("evaluating the pruned model")
@@ -272,7 +275,7 @@ def run_recipe(
                     skipping["layers"][index]["measured_slots"] = seen
             if ev.enabled:
                 skipping["measured_on"] = "the pruned model's evaluation"
-            pruner.report["skipping"] = skipping
+            pruner.report.skipping = skipping
         if "base" in results and "pruned" in results:
             from .evaluation import compare
 
@@ -283,8 +286,8 @@ def run_recipe(
         extra = {RECIPE_FILE: recipe.to_yaml(resolve_paths=True), **card_files(card)}
         if results:
             extra[EVAL_FILE] = results
-        saved = _save(model, pruner, out, tokenizer=tokenizer, stock_format=recipe.output.stock_format,
-                      overwrite=overwrite, extra_files=extra)
+        saved = pruner.save(model, out, tokenizer=tokenizer, overwrite=overwrite, extra_files=extra,
+                            stock_format=recipe.output.stock_format)
     summary: dict[str, Any] = {
         "output_dir": str(Path(saved) if saved is not None else out),
         "model": recipe.model.id,
@@ -310,18 +313,6 @@ def _recipe_file(path: str | os.PathLike) -> Path | None:
     if file.is_file():
         return file.resolve()
     return shipped_recipes().get(str(path).removesuffix(".yaml"))
-
-
-def _save(model, pruner, out: Path, *, tokenizer, stock_format: bool, overwrite: bool, extra_files: dict) -> Path:
-    """``pruner.save``; for the stock architecture, the same files through ``save_pruned(stock_format=True)``."""
-    if not stock_format:
-        return pruner.save(model, out, tokenizer=tokenizer, overwrite=overwrite, extra_files=extra_files)
-    from .pruner import RECIPE_FILE as PRUNER_CONFIG_FILE
-    from .saving import save_pruned
-
-    files = {REPORT_FILE: to_jsonable(pruner.report),
-             PRUNER_CONFIG_FILE: pruner.to_dict(), **extra_files}
-    return save_pruned(model, out, tokenizer=tokenizer, stock_format=True, overwrite=overwrite, extra_files=files)
 
 
 def _calibrate_skipping(model, tokenizer, recipe: Recipe) -> dict[str, Any]:

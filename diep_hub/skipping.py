@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint.format import is_pruned
 from .cka import CKA_KERNELS, centered_gram_vector, cka_matrix, mean_off_diagonal
 from .criteria.capture import input_device
 from .errors import ConfigError
 from .families import MoELayer, get_family
-from .pruned_format import is_pruned
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpoint.format import PerLayerPlan, adopt_diep_format, current_layer_plans
 from .errors import KeepMapError
 from .families import MoELayer, RoutingRules, get_family
-from .pruned_format import PerLayerPlan, adopt_diep_format, current_layer_plans
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,9 @@ must run end to end. This module builds everything that flow needs from code, de
 - a small generated corpus of four rule-based "domains" (arithmetic, reversal, sorting, a tiny grammar of prose),
   rare and common, so that perplexity and the multiple-choice task measure something;
 - a word-level tokenizer over that corpus (``tokenizers`` WordLevel wrapped in ``PreTrainedTokenizerFast``);
-- a Mixtral-type MoE (8 experts, top-2, 4 layers) briefly trained on the corpus (a few seconds on CPU), so that
-  experts are not interchangeable and pruning changes the scores;
+- a Mixtral-type MoE (8 experts, top-2, 4 layers; its shape and training settings are the zoo entry
+  ``diep_hub.zoo.train.TINY``) briefly trained on the corpus (a few seconds on CPU), so that experts are not
+  interchangeable and pruning changes the scores;
 - an lm-eval multiple-choice task over held-out arithmetic, written as local files (no Hub).
 
 The calibration/perplexity source name ``diep-hub/tiny-text`` selects this corpus in a recipe.
@@ -85,47 +86,35 @@ def build_tiny_tokenizer():
 
 
 def tiny_config():
-    """The tiny Mixtral configuration (8 experts, top-2): small enough for seconds-long searches on CPU."""
-    from transformers import MixtralConfig
+    """The tiny Mixtral configuration (8 experts, top-2): the zoo entry ``TINY`` over this module's vocabulary."""
+    from .zoo.train import TINY, model_config
 
-    return MixtralConfig(
-        vocab_size=len(_vocab()),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        router_aux_loss_coef=0.01,
-    )
+    return model_config(TINY, build_tiny_tokenizer())
 
 
-def build_tiny_model(*, seed: int = 0, train_steps: int = 150, dtype: torch.dtype = torch.float32):
-    """The tiny Mixtral and its tokenizer, trained for ``train_steps`` steps on the tiny corpus.
+def build_tiny_model(*, seed: int = 0, train_steps: int | None = None, dtype: torch.dtype = torch.float32):
+    """The tiny Mixtral and its tokenizer, trained for ``train_steps`` steps (default: the zoo entry's 150).
 
     Deterministic for a seed (single-threaded-equivalent CPU ops are used), so that ``diep-hub reproduce`` can
     rebuild exactly the same base model.
     """
     from transformers import AutoModelForCausalLM
 
+    from .zoo.train import TINY
+
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     # No name_or_path: the tiny model is not a Hub repository, so cards must not name it as a base model.
     model = AutoModelForCausalLM.from_config(tiny_config())
-    if train_steps:
-        _train(model, tokenizer, steps=train_steps, seed=seed)
+    steps = TINY.steps if train_steps is None else train_steps
+    if steps:
+        _train(model, tokenizer, steps=steps, seed=seed, batch=TINY.batch_size, seq_len=TINY.seq_len, lr=TINY.lr)
     model.eval()
     return model.to(dtype), tokenizer
 
 
-def _train(model, tokenizer, *, steps: int, seed: int, batch: int = 16, seq_len: int = 48) -> None:
-    """A short language-model training run: enough for experts to specialise on the domains.
+def _train(model, tokenizer, *, steps: int, seed: int, batch: int, seq_len: int, lr: float) -> None:
+    """A short language-model training run at a constant learning rate: enough for experts to specialise.
 
     Runs on one thread: CPU reductions depend on the thread count, and ``reproduce`` must rebuild the same weights
     on any machine.
@@ -135,7 +124,7 @@ def _train(model, tokenizer, *, steps: int, seed: int, batch: int = 16, seq_len:
     ids = [t for text in tiny_texts("train", 512, seed=seed) for t in tokenizer(text)["input_ids"]]
     data = torch.tensor(ids[: (len(ids) // seq_len) * seq_len]).view(-1, seq_len)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model.train()

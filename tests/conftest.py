@@ -1,21 +1,23 @@
-"""Shared fixtures. Tests run offline: nothing may reach the Hub or any dataset server."""
+"""Shared fixtures. Tests run offline: nothing may reach the Hub or any dataset server (the fake Hub of
+tests/helpers/hub_server.py runs in the test process).
+
+Helpers live in the ``tests.helpers`` package, imported by module path; nothing here edits ``sys.path``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers.hub_server import hub_server  # noqa: F401  (the fake Hub fixture, for every test module)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(autouse=True)

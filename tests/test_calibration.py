@@ -8,10 +8,10 @@ import time
 import datasets
 import pytest
 import torch
-from calib_tokenizer import make_documents, make_tokenizer
 
 from diep_hub.calibration import load_calibration_data
 from diep_hub.errors import ConfigError
+from tests.helpers.word_tokenizer import make_documents, make_tokenizer
 
 EOS = 2
 WORDS_PER_DOC = 10

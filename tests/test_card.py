@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import hub_server as fake_hub
 import jinja2
 import pytest
 import yaml
 from huggingface_hub import ModelCard, ModelCardData, parse_eval_result_entries
-from tiny_models import FAMILIES, tiny_model
 
 import diep_hub
 from diep_hub.card import HUB_BENCHMARKS, build_model_card, card_files, card_inputs, load_template, write_card
 from diep_hub.families import get_family
+from tests.helpers import hub_server as fake_hub
+from tests.helpers.tiny_models import FAMILIES, tiny_model
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("DIEP_UPDATE_GOLDEN") == "1"
@@ -50,13 +50,13 @@ REPORT = {
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """The in-process fake Hub of tests/hub_server.py, with huggingface_hub pointed at it."""
+    """The in-process fake Hub of tests/helpers/hub_server.py, with huggingface_hub pointed at it."""
     yield from fake_hub.serve(tmp_path, monkeypatch)
 
 
 
 def _results(acc_base: float, acc_pruned: float, boolq_p: float) -> dict:
-    def side(acc, boolq, speed, params):
+    def side(acc, boolq, speed, params, ppl):
         return {
             "lm_eval": {"tasks": {
                 "openbookqa": {"metrics": {"acc": acc, "acc_stderr": 0.02, "acc_norm": acc + 0.01},
@@ -65,13 +65,14 @@ def _results(acc_base: float, acc_pruned: float, boolq_p: float) -> dict:
                 "boolq": {"metrics": {"acc": boolq, "acc_stderr": 0.01}, "primary_metric": "acc", "version": 2.0,
                           "num_fewshot": 0, "num_samples": 3270, "dataset_path": "super_glue", "requested": True},
             }, "lm_eval_version": "0.4.13", "limit": None, "batch_size": 8, "num_fewshot": 0},
+            "perplexity": {"perplexity": ppl, "mean_nll": 2.0, "tokens": 8192, "source": "wikitext"},
             "speed": {"prefill_tokens_per_s": speed * 10, "decode_tokens_per_s": speed},
             "memory": {"parameter_bytes": params, "routed_expert_bytes": params // 2, "peak_bytes": params * 2},
             "environment": {"versions": {"lm_eval": "0.4.13"}},
         }
 
-    base = side(acc_base, 0.85, 20.0, 93_000_000_000)
-    pruned = side(acc_pruned, boolq_p, 26.0, 49_000_000_000)
+    base = side(acc_base, 0.85, 20.0, 93_000_000_000, 8.0)
+    pruned = side(acc_pruned, boolq_p, 26.0, 49_000_000_000, 10.0)
     average = (acc_pruned / acc_base + boolq_p / 0.85) / 2
     return {"base": base, "pruned": pruned, "comparison": {"average_retention": average}}
 
@@ -245,8 +246,8 @@ def test_unknown_license_is_stated_not_invented():
 
 def test_card_layers_and_inspect_read_experts_the_same_way():
     """The card's layer table is inspect's experts_table with defaults: config fields first, else the report."""
-    from diep_hub.card import _layer_rows
-    from diep_hub.inspection import experts_table
+    from diep_hub.card.inputs import layer_rows as _layer_rows
+    from diep_hub.checkpoint.report import experts_table
 
     config = {"num_experts_per_layer": [None, 2, 3], "original_num_experts": [None, 4],
               "kept_expert_ids": [None, [0, 3]]}
@@ -262,3 +263,278 @@ def test_card_layers_and_inspect_read_experts_the_same_way():
         (0, 3, 8, [5, 6, 7]), (10, 2, 2, [1, 2])]
     assert experts_table({}, {"kept_ids": {"1": [0]}}) == [{"layer": 1, "kept": 1, "original": None, "kept_ids": [0]}]
     assert experts_table({}, None) == [] and experts_table({}, {}) == []
+
+
+# ------------------------------------------------------------------------------------------ the ModelCard subclass
+def test_card_is_a_model_card_with_its_template_and_front_matter():
+    from diep_hub.card import DiepModelCard, load_template
+
+    model, keep = _pruned("mixtral")
+    card = build_model_card(model, base_model="mistralai/Mixtral-8x7B-v0.1", license="apache-2.0",
+                            eval_results=_results(0.40, 0.38, 0.80), report=REPORT, repo_id="tester/mx-50")
+    assert isinstance(card, DiepModelCard) and isinstance(card, ModelCard)
+    assert Path(DiepModelCard.default_template_path).read_text(encoding="utf-8") == load_template()
+    front = card.data.to_dict()
+    assert front["base_model"] == "mistralai/Mixtral-8x7B-v0.1" and front["license"] == "apache-2.0"
+    assert front["experts_per_layer"] == {str(k): len(v) for k, v in keep.items()}
+    [index] = front["model-index"]
+    assert index["name"] == "mx-50"
+    got = {(r["dataset"]["name"], r["metrics"][0]["type"]): r["metrics"][0]["value"] for r in index["results"]}
+    assert got == {("openbookqa", "acc"): 0.38, ("boolq", "acc"): 0.80}
+    # from_template with no template named renders the shipped one, every variable at its fallback
+    bare = DiepModelCard.from_template(ModelCardData(license="mit"))
+    assert isinstance(bare, DiepModelCard) and bare.data.license == "mit"
+    assert "No evaluation results" in bare.text and "No recipe was recorded" in bare.text
+
+
+def test_saved_card_loads_back_as_the_same_card(tmp_path):
+    from diep_hub.card import DiepModelCard
+
+    model, _ = _pruned("qwen2_moe")
+    card = build_model_card(model, base_model="Qwen/Qwen1.5-MoE-A2.7B", license="apache-2.0", report=REPORT,
+                            eval_results=_results(0.5, 0.45, 0.7), recipe_text=RECIPE, repo_id="tester/q-50")
+    card.save(tmp_path / "README.md")
+    loaded = DiepModelCard.load(tmp_path / "README.md")
+    assert type(loaded) is DiepModelCard
+    assert loaded.data.to_dict() == card.data.to_dict()
+    assert loaded.text == card.text and str(loaded) == str(card)
+    assert [(r.dataset_name, r.metric_type, r.metric_value) for r in loaded.data.eval_results] == [
+        ("openbookqa", "acc", 0.45), ("boolq", "acc", 0.7)]
+    # a loaded card knows its text, not what it was built from: no figures or benchmark files to write
+    assert loaded.inputs is None and loaded.figures == {} and loaded.eval_entries == {}
+    assert set(card_files(loaded)) == {"README.md"}
+
+
+def test_figures_are_drawn_only_when_asked_for(tmp_path):
+    """Building and printing a card (``diep-hub card --stdout``) never imports matplotlib; writing it does."""
+    import subprocess
+    import sys
+
+    model, _ = _pruned("mixtral")
+    folder = tmp_path / "ckpt"
+    diep_hub.save_pruned(model, folder, extra_files={"pruning_report.json": REPORT})
+    script = (
+        "import sys; from diep_hub.card import build_model_card\n"
+        f"card = build_model_card({str(folder)!r}); text = str(card)\n"
+        "print('matplotlib' in sys.modules, len(text) > 0)\n"
+        "print(sorted(card.figures), 'matplotlib' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "False True", "['assets/expert_scores.png', 'assets/experts_per_layer.png'] True"]
+
+
+def test_card_inputs_come_from_the_report_in_one_place():
+    """A PruningReport or its JSON form give the same card data; the config's diep_pruning record fills only
+    what the report lacks."""
+    from diep_hub.card import card_inputs_from_report
+    from diep_hub.checkpoint.report import PruningReport
+
+    model, _ = _pruned("mixtral")
+    config = model.config.to_dict()
+    config["diep_pruning"] = {"method": "frequency", "sparsity": 0.25, "seed": 3, "selection": "uniform"}
+    from_dict = card_inputs_from_report(REPORT, None, config=config)
+    from_typed = card_inputs_from_report(PruningReport.from_dict(REPORT), None, config=config)
+    assert from_dict == from_typed
+    assert (from_dict.method, from_dict.sparsity, from_dict.seed, from_dict.selection) == ("diep", 0.5, 7, "global")
+    assert from_dict.calibration == {"dataset": "allenai/c4", "num_samples": 128, "seq_len": 2048}
+    assert from_dict.scores == {i: [float((i * 3 + e) % 8) for e in range(8)] for i in range(4)}
+    no_report = card_inputs_from_report(None, None, config=config)
+    assert (no_report.method, no_report.sparsity, no_report.seed, no_report.selection) == (
+        "frequency", 0.25, 3, "uniform")
+    assert no_report.scores is None and "scores" not in no_report.figures
+
+
+# -------------------------------------------------------------------- issue 14: what was measured, with its error
+def _evaluation_section(text: str) -> str:
+    return text[text.index("## Evaluation"):text.index("## How to load")]
+
+
+def _table(section: str, header: str) -> list[list[str]]:
+    lines = section[section.index(header):].splitlines()
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:] if line.startswith("|")]
+
+
+def test_retention_is_shown_with_its_error_and_items_beside_perplexity():
+    import math
+    import re
+
+    evaluation = _results(0.40, 0.38, 0.80)
+    card = build_model_card(tiny_model("mixtral"), eval_results=evaluation, license="mit")
+    section = _evaluation_section(str(card))
+    assert "**" not in section  # no bold single-number headline
+    rows = {r[0]: r for r in _table(section, "| Task | Metric | Base | Pruned | Standard error")}
+    expected = {"openbookqa": (0.40, 0.38, 0.02, 0.02, 500), "boolq": (0.85, 0.80, 0.01, 0.01, 3270)}
+    errors = []
+    for task, (base, pruned, se_b, se_p, items) in expected.items():
+        _, metric, b, p, se, retention, n = rows[task]
+        r = pruned / base
+        r_se = r * math.sqrt((se_p / pruned) ** 2 + (se_b / base) ** 2)
+        errors.append(r_se)
+        assert (metric, float(b), float(p), int(n)) == ("acc (0-shot)", base, pruned, items)
+        assert se == f"{se_b:.4f} / {se_p:.4f}"
+        assert retention == f"{100 * r:.2f}% ± {100 * r_se:.2f}%"
+    mean = evaluation["comparison"]["average_retention"]
+    mean_se = math.sqrt(sum(e * e for e in errors)) / 2
+    summary = re.search(r"Mean retention over (\d+) tasks \((\d+) items\): ([\d.]+)% ± ([\d.]+)% \(one standard "
+                        r"error\); perplexity ([\d.]+) \(base\) -> ([\d.]+) \(pruned\), ([\d.]+)x\.", section)
+    assert summary is not None, section
+    assert summary.groups() == ("2", "3770", f"{100 * mean:.2f}", f"{100 * mean_se:.2f}", "8.000", "10.000", "1.25")
+    assert card.inputs.retention.stderr == pytest.approx(mean_se)
+    assert _table(section, "| Perplexity |")[0] == ["wikitext", "8.000", "10.000", "1.250", "8192"]
+
+
+def test_missing_standard_errors_are_stated_not_invented():
+    evaluation = _results(0.40, 0.38, 0.80)
+    evaluation["base"]["lm_eval"]["tasks"]["boolq"]["metrics"]["acc_stderr"] = "N/A"  # what lm-eval writes
+    card = build_model_card(tiny_model("mixtral"), eval_results=evaluation, license="mit")
+    section = _evaluation_section(str(card))
+    boolq = {r[0]: r for r in _table(section, "| Task | Metric |")}["boolq"]
+    assert boolq[4:6] == ["n/a / 0.0100", f"{100 * 0.80 / 0.85:.2f}%"]
+    assert "(standard error not recorded)" in section
+    assert card.inputs.retention.stderr is None and card.inputs.results[1].retention_stderr is None
+
+
+# ------------------------------------------------------------------------------ issue 14: figures people can read
+def _png_size_and_dpi(png: bytes) -> tuple[int, int, float]:
+    import struct
+
+    assert png.startswith(PNG)
+    width, height = struct.unpack(">II", png[16:24])
+    at = png.index(b"pHYs")
+    per_metre_x, _, unit = struct.unpack(">IIB", png[at + 4:at + 13])
+    assert unit == 1  # metres
+    return width, height, per_metre_x * 0.0254
+
+
+def test_figures_render_at_twice_the_old_resolution():
+    from diep_hub.card.figures import DPI, experts_per_layer_figure, png_bytes
+
+    rows = [{"layer": i, "kept": len(v), "original": 8} for i, v in KEEP.items()]
+    png = png_bytes(experts_per_layer_figure(rows, top_k=2))
+    width, height, dpi = _png_size_and_dpi(png)
+    assert DPI == 220 and round(dpi) == 220
+    figure = experts_per_layer_figure(rows, top_k=2)
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    old_width, old_height, _ = _png_size_and_dpi(buffer.getvalue())
+    assert width == pytest.approx(2 * old_width, rel=0.01) and height == pytest.approx(2 * old_height, rel=0.01)
+    assert width >= 860  # 430 px wide before
+
+
+def test_experts_legend_sits_outside_the_axes_and_floor_layers_stand_out():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_hex
+
+    from diep_hub.card.figures import FLOOR_COLOR, KEPT_COLOR, experts_per_layer_figure
+
+    rows = [{"layer": 0, "kept": 4, "original": 8}, {"layer": 1, "kept": 2, "original": 8},
+            {"layer": 2, "kept": 8, "original": 8}, {"layer": 3, "kept": 2, "original": 8}]
+    figure = experts_per_layer_figure(rows, top_k=2)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    [ax] = figure.axes
+    legend, box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert legend.x0 >= box.x1, (legend, box)  # entirely to the right of the plotting area: hides no bar
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "original", "kept", "kept, at floor (= top-k)", "top-k = 2"]
+    kept_bars = ax.patches[len(rows):2 * len(rows)]
+    assert [to_hex(p.get_facecolor()) for p in kept_bars] == [KEPT_COLOR, FLOOR_COLOR, KEPT_COLOR, FLOOR_COLOR]
+    assert [p.get_height() for p in kept_bars] == [4, 2, 8, 2]
+
+
+def test_heatmap_outlines_of_neighbouring_kept_experts_do_not_merge():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.patches import Rectangle
+
+    from diep_hub.card.figures import DPI, scores_heatmap_figure
+
+    scores = {str(i): [float(e) for e in range(8)] for i in range(3)}
+    kept = {"0": [0, 1, 2], "1": [4, 5], "2": [7]}
+    figure = scores_heatmap_figure(scores, kept)
+    figure.set_dpi(DPI)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    ax = figure.axes[0]
+    outlines = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(outlines) == 6
+    by_cell = {}
+    for patch in outlines:
+        col, row = round(patch.get_x() + patch.get_width() / 2), round(patch.get_y() + patch.get_height() / 2)
+        assert col - 0.5 < patch.get_x() and patch.get_x() + patch.get_width() < col + 0.5  # inside its cell
+        by_cell[(row, col)] = patch
+    assert set(by_cell) == {(0, 0), (0, 1), (0, 2), (1, 4), (1, 5), (2, 7)}
+    for left, right in [((0, 0), (0, 1)), ((0, 1), (0, 2)), ((1, 4), (1, 5))]:
+        a, b = by_cell[left], by_cell[right]
+        stroke = a.get_linewidth() * DPI / 72  # points -> pixels
+        gap = b.get_window_extent(renderer).x0 - a.get_window_extent(renderer).x1
+        assert gap > stroke, (left, right, gap, stroke)  # half a stroke each side still leaves a gap
+
+
+def test_booleans_read_yes_or_no_and_floor_layers_are_pointed_out():
+    import re
+
+    model = diep_hub.prune_experts(tiny_model("mixtral"), {0: [0, 1, 2, 5], 1: [3, 6], 2: [0, 2, 3], 3: [1, 4]})
+    model.config.diep_skipping = {"enabled": True, "kernel": "linear", "layers": {"0": {"gamma1": 0.5}}}
+    report = {**REPORT, "skipping": {**REPORT["skipping"], "renormalize": False}}
+    card = build_model_card(model, report=report, license="mit")
+    text = str(card)
+    assert "- enabled at load: yes" in text and "- renormalize: no" in text
+    # code (fenced and inline) rightly says trust_remote_code=True / diep_skipping_enabled=False
+    prose = re.sub(r"`[^`]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))
+    assert "True" not in prose and "False" not in prose
+    assert card.inputs.top_k == 2 and card.inputs.floor_layers == [1, 3]
+    rows = _table(text, "| Layer | Kept | Original |")
+    assert [(r[0], r[1], r[4]) for r in rows[:4]] == [("0", "4", "no"), ("1", "2", "yes"), ("2", "3", "no"),
+                                                      ("3", "2", "yes")]
+    assert "Layers at the floor (1, 3) keep only top-k = 2 experts" in text
+
+
+@pytest.mark.parametrize("name", ["pruning_report.json", "evaluation.json"])
+def test_damaged_folder_file_is_named_before_anything_is_written(name, tmp_path):
+    from diep_hub.errors import CorruptFileError
+
+    model, _ = _pruned("mixtral")
+    folder = tmp_path / "ckpt"
+    diep_hub.save_pruned(model, folder, extra_files={"pruning_report.json": REPORT})
+    (folder / name).write_text('{"method": "diep",\n  "sparsity": }\n', encoding="utf-8")
+    with pytest.raises(CorruptFileError, match=rf"{name} .*{name}.* is not valid JSON .*line 2, column 15"):
+        write_card(folder, build_model_card(folder))
+    assert not (folder / "README.md").exists() and not (folder / "assets").exists()
+
+
+# ------------------------------------------------------------------------------------ issue 14: front matter
+def test_other_license_carries_the_base_cards_name_and_link(hub):
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    for repo, data in {
+        "tester/llama-like": ModelCardData(license="other", license_name="llama3", license_link="LICENSE"),
+        "tester/mit-base": ModelCardData(license="mit", license_name="stray", license_link="https://x.invalid"),
+    }.items():
+        api.create_repo(repo)
+        base_card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n# b\n")
+        api.upload_file(path_or_fileobj=str(base_card).encode(), path_in_repo="README.md", repo_id=repo)
+    model, _ = _pruned("mixtral")
+    other = ModelCard(str(build_model_card(model, base_model="tester/llama-like"))).data.to_dict()
+    assert (other["license"], other["license_name"], other["license_link"]) == ("other", "llama3", "LICENSE")
+    mit = ModelCard(str(build_model_card(model, base_model="tester/mit-base"))).data.to_dict()
+    assert mit["license"] == "mit" and "license_name" not in mit and "license_link" not in mit
+
+
+def test_front_matter_lists_the_calibration_dataset_when_it_is_on_the_hub(tmp_path):
+    model, _ = _pruned("mixtral")
+    card = ModelCard(str(build_model_card(model, report=REPORT, license="mit")))
+    assert card.data.datasets == ["allenai/c4"]
+    local = tmp_path / "corpus.txt"
+    local.write_text("some text\n")
+    report = {**REPORT, "calibration": {"dataset": str(local), "num_samples": 4, "seq_len": 8}}
+    card = ModelCard(str(build_model_card(model, report=report, license="mit")))
+    assert card.data.datasets is None and "datasets" not in card.data.to_dict()

@@ -7,9 +7,9 @@ import platform
 from importlib.metadata import version
 
 import torch
-from fault_catalogue import run_cli
 
 import diep_hub
+from tests.helpers.fault_catalogue import run_cli
 
 SECRET = "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123"
 

@@ -11,8 +11,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import tolerance
-from tiny_models import FAMILIES, sample_input_ids, tiny_model
 
 import diep_hub
 from diep_hub.criteria import ScoringContext, available_criteria, get_criterion
@@ -21,6 +19,8 @@ from diep_hub.criteria.naee import NAEECriterion
 from diep_hub.errors import ConfigError, KeepMapError
 from diep_hub.selection import select_experts
 from diep_hub.surgery import active_groups, group_subsets
+from tests.helpers.numerics import tolerance
+from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model
 
 BASELINES = ["random", "frequency", "soft_frequency", "reap", "naee"]
 MAIN_FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3"]

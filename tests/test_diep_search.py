@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import sample_input_ids, tiny_model
 
 from diep_hub import ConfigError, get_family
 from diep_hub.criteria import diep as diep_module
 from diep_hub.criteria.base import ScoringContext, get_criterion
 from diep_hub.selection import select_experts
+from tests.helpers.tiny_models import sample_input_ids, tiny_model
 
 SEARCH_FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3"]
 
@@ -165,7 +165,7 @@ def test_alternating_schedule_counts_optimizer_steps(monkeypatch):
     assert len(result.details["loss_curve"]) == 16
 
     calls.clear()
-    result = _search(model, sample_input_ids(12, 7), batch_size=4, epochs=2, alpha_steps=1, beta_steps=2)
+    result = _search(model, sample_input_ids(12, 7), batch_size=4, epochs=2, alternation=(1, 2))
     assert calls == ["alpha", "beta", "beta"] * 2
     assert (result.details["alpha_optimizer_steps"], result.details["beta_optimizer_steps"]) == (2, 4)
 
@@ -177,7 +177,7 @@ def test_beta_frozen_during_alpha_steps_and_alpha_during_beta_steps():
     assert result.details["schedule"] == "a"
     assert all(beta == 1.0 for beta in result.details["beta"].values())
     # only beta steps: alpha must stay exactly 0, scores stay uniform within each layer
-    result = _search(model, sample_input_ids(8, 7), batch_size=4, epochs=1, lr=0.05, alpha_steps=0, beta_steps=1)
+    result = _search(model, sample_input_ids(8, 7), batch_size=4, epochs=1, lr=0.05, alternation=(0, 1))
     assert all(a == 0.0 for alpha in result.details["alpha"].values() for a in alpha)
     assert all(beta != 1.0 for beta in result.details["beta"].values())
     for index, scores in result.scores.items():
@@ -224,13 +224,14 @@ def test_same_seed_same_scores_and_seed_changes_order():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"mode": "sparse"}, "mode='sparse'"),
-        ({"lr": 0}, "lr=0"),
-        ({"epochs": 0}, "epochs=0"),
-        ({"recon_weight": -1.0}, "recon_weight=-1.0"),
-        ({"alpha_steps": 0, "beta_steps": 0}, "at least one"),
-        ({"ranking": "logit"}, "ranking='logit'"),
-        ({"temperature": 2}, "temperature"),
+        # the fields of diep_hub.options.DiEPOptions, in the words of the API and the recipe
+        ({"mode": "sparse"}, "mode: 'sparse' -> Input should be 'auto', 'gated' or 'dense'"),
+        ({"lr": 0}, r"lr: 0 -> is out of range; allowed: \(0, inf\)"),
+        ({"epochs": 0}, r"epochs: 0 -> is out of range; allowed: \[1, inf\)"),
+        ({"lambda_": -1.0}, r"lambda_: -1.0 -> is out of range; allowed: \[0, inf\)"),
+        ({"alternation": (0, 0)}, "not both 0"),
+        ({"ranking": "logit"}, "ranking: 'logit' -> Input should be 'softmax' or 'raw'"),
+        ({"temperature": 2}, r"unknown diep option\(s\) \['temperature'\]"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(options, message):

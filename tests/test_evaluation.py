@@ -9,9 +9,6 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard, parse_eval_result_entries
-from numerics import near_tie
-from tiny_models import tiny_model
-from tiny_tokenizer import tiny_texts, tiny_tokenizer
 
 import diep_hub
 from diep_hub.card import build_model_card, write_card
@@ -27,6 +24,9 @@ from diep_hub.evaluation import (
     run_lm_eval,
     save_results,
 )
+from tests.helpers.numerics import near_tie
+from tests.helpers.tiny_models import tiny_model
+from tests.helpers.word_tokenizer import tiny_texts, tiny_tokenizer
 
 TASK = "diep_test_mc"
 KEEP = {0: [0, 2, 4, 6], 1: [1, 3], 2: [0, 1, 2, 3, 4, 5], 3: [5, 7]}
@@ -72,7 +72,7 @@ def expected_accuracy(model, tokenizer) -> dict:
     """Accuracy computed by hand: argmax over choices of sum log p(choice tokens | question tokens).
 
     lm-eval scores the same choices in another computation (batched, padded), so a document whose best and
-    second-best choice are within float32 rounding (tests/numerics.py's tolerance on the two sums) could go
+    second-best choice are within float32 rounding (tests/helpers/numerics.py's tolerance on the two sums) could go
     either way there: those are counted apart as ``near_ties``; ``correct`` counts the decided documents."""
     correct = near_ties = 0
     for doc in DOCS:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 from diep_hub.criteria.soft_frequency import router_probabilities
@@ -12,6 +11,7 @@ from diep_hub.errors import KeepMapError
 from diep_hub.families import base_model_type, get_family
 from diep_hub.selection import layer_limits
 from diep_hub.surgery import plan_surgery
+from tests.helpers.tiny_models import FAMILIES, tiny_config, tiny_model
 
 EXPECTED_DENSE_LAYERS = {"deepseek_v2": [0], "deepseek_v3": [0]}
 EXPECTED_FLOORS = {"phimoe": 2, "deepseek_v3": 4}  # top-2; phimoe minimum 2; 2 groups x 2 experts

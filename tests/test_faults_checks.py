@@ -1,6 +1,6 @@
 """Fault catalogue of the checks before work: recipes, calibration files, run inputs, and a tokenizer of another model.
 
-Tables of :class:`Fault` rows (tests/fault_catalogue.py), one parametrized test a table:
+Tables of :class:`Fault` rows (tests/helpers/fault_catalogue.py), one parametrized test a table:
 
 - RECIPE_FAULTS: ``load_recipe`` on duplicated keys, non-UTF-8 bytes, malformed YAML, a top level that is not a
   mapping, and non-finite or out-of-range numbers, named by their recipe field (never the pruner's Python name);
@@ -25,12 +25,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from calib_tokenizer import make_documents, make_tokenizer
-from fault_catalogue import Fault, check_fault, ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pruner_tokenizer import pruner_texts, pruner_tokenizer
-from tiny_models import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -44,6 +40,9 @@ from diep_hub.preflight import check_run_inputs
 from diep_hub.pruner import DiEPPruner
 from diep_hub.recipe import Recipe, RecipeError, load_recipe
 from diep_hub.tiny import TINY_TASK, tiny_config
+from tests.helpers.fault_catalogue import Fault, check_fault, ids
+from tests.helpers.tiny_models import tiny_model
+from tests.helpers.word_tokenizer import make_documents, make_tokenizer, pruner_texts, pruner_tokenizer
 
 DOCS = make_documents(30, 10)
 FAST = dict(num_samples=8, seq_len=16, batch_size=4, epochs=2, progress=False)
@@ -207,17 +206,17 @@ def test_every_numeric_recipe_field_refuses_nan_and_inf(row, tmp_path):
 # ============================================================================================ pruner faults
 PRUNER_FAULTS = [
     Fault("sparsity-zero", lambda tmp: {}, lambda ctx: DiEPPruner(sparsity=0), ConfigError,
-          ["sparsity=0 is out of range; allowed: (0, 1)"]),
+          ["sparsity: 0 -> is out of range; allowed: (0, 1)"]),
     Fault("sparsity-nan", lambda tmp: {}, lambda ctx: DiEPPruner(sparsity=math.nan), ConfigError,
-          ["sparsity=nan must be a finite number in (0, 1)"]),
+          ["sparsity: nan -> must be a finite number in (0, 1)"]),
     Fault("lr-nan", lambda tmp: {}, lambda ctx: DiEPPruner(lr=math.nan), ConfigError,
-          ["lr=nan must be a finite number in (0, inf)"]),
+          ["lr: nan -> must be a finite number in (0, inf)"]),
     Fault("lr-inf", lambda tmp: {}, lambda ctx: DiEPPruner(lr=math.inf), ConfigError,
-          ["lr=inf must be a finite number in (0, inf)"]),
+          ["lr: inf -> must be a finite number in (0, inf)"]),
     Fault("lambda-inf", lambda tmp: {}, lambda ctx: DiEPPruner(lambda_=math.inf), ConfigError,
-          ["lambda_=inf must be a finite number in [0, inf)"]),
+          ["lambda_: inf -> must be a finite number in [0, inf)"]),
     Fault("epochs-inf", lambda tmp: {}, lambda ctx: DiEPPruner(epochs=math.inf), ConfigError,
-          ["epochs=inf must be a finite number (an integer) in [1, inf)"]),
+          ["epochs: inf -> must be a finite number (an integer) in [1, inf)"]),
 ]
 
 
@@ -249,7 +248,7 @@ def test_same_value_same_message_in_recipe_and_pruner(section, key, kwarg, value
     reason = line.removeprefix(prefix)
     with pytest.raises(ConfigError) as pruner_error:
         DiEPPruner(**{kwarg: value})
-    assert str(pruner_error.value) == f"invalid DiEPPruner configuration: {kwarg}={value!r} {reason}"
+    assert str(pruner_error.value) == f"invalid DiEPPruner configuration: {kwarg}: {value!r} -> {reason}"
 
 
 _ANY_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3))

@@ -1,6 +1,6 @@
 """The CLI's error boundary: every expected failure of a ``diep-hub`` command is one stderr line, exit code 2.
 
-A table of :class:`CliFault` rows (see tests/fault_catalogue.py) run through ``diep_hub.cli.main`` in-process, plus
+A table of :class:`CliFault` rows (tests/helpers/fault_catalogue.py) run through ``diep_hub.cli.main`` in-process, plus
 the exit codes around it: ``-v`` shows the traceback, a bug says it is one, Ctrl-C is 130, and a reproduction that
 ran and differs is still 1.
 
@@ -22,16 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import hub_server as local_hub
 import pytest
 import torch
 import yaml
-from fault_catalogue import CliFault, check_cli_fault, error_lines, ids, run_cli
 
 from diep_hub.errors import ConfigError
 from diep_hub.tiny import TINY_MODEL_ID, build_tiny_model
+from tests.helpers import hub_server as local_hub
+from tests.helpers.fault_catalogue import CliFault, check_cli_fault, error_lines, ids, run_cli
 
-hub_server = local_hub.hub_server  # the local Hub fixture (tests/hub_server.py)
+hub_server = local_hub.hub_server  # the local Hub fixture (tests/helpers/hub_server.py)
 
 FAMILIES = ["deepseek_v2", "mixtral", "qwen3_moe"]  # a few of the supported families every message must list
 
@@ -494,7 +494,7 @@ ROWS: list[CliFault] = [
         setup=lambda tmp: {"folder": tmp},
         argv=lambda c: ["inspect", str(c["folder"])],
         words=["unexpected ZeroDivisionError: boom", "this is a bug", "run with -v"],
-        patch=lambda mp, tmp: mp.setattr("diep_hub.inspection.inspect_checkpoint", _boom),
+        patch=lambda mp, tmp: mp.setattr("diep_hub.checkpoint.inspect.inspect_checkpoint", _boom),
     ),
 ]
 
@@ -569,7 +569,7 @@ def test_verbose_adds_the_traceback_after_the_one_line(run_folder, tmp_path):
 
 
 def test_verbose_traceback_of_a_bug(monkeypatch, tmp_path):
-    monkeypatch.setattr("diep_hub.inspection.inspect_checkpoint", _boom)
+    monkeypatch.setattr("diep_hub.checkpoint.inspect.inspect_checkpoint", _boom)
     result = run_cli(["-v", "inspect", str(tmp_path)])
     assert result.code == 2
     lines = error_lines(result.stderr)
@@ -582,7 +582,7 @@ def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("diep_hub.inspection.inspect_checkpoint", interrupted)
+    monkeypatch.setattr("diep_hub.checkpoint.inspect.inspect_checkpoint", interrupted)
     result = run_cli(["inspect", str(tmp_path)])
     assert (result.code, result.stderr) == (130, "diep-hub inspect: interrupted\n")
 
@@ -687,7 +687,7 @@ def test_error_line_starts_its_own_line_after_a_progress_bar(monkeypatch, tmp_pa
             if step == 3:
                 raise CorruptFileError("calibration file x.jsonl line 3 is not valid JSON")
 
-    monkeypatch.setattr("diep_hub.inspection.inspect_checkpoint", fails_inside_a_bar)
+    monkeypatch.setattr("diep_hub.checkpoint.inspect.inspect_checkpoint", fails_inside_a_bar)
     result = run_cli(["inspect", str(tmp_path)])
     assert result.code == 2
     lines = result.stderr.split("\n")

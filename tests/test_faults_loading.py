@@ -1,8 +1,8 @@
 """Fault catalogue of loading: a pruned checkpoint that does not match its config is refused, naming the tensor.
 
 Before, transformers only logged a report and initialised a missing router at random (logits off, no error). One
-table covers every family (tests/tiny_models.py) x {missing router weight, missing expert tensor, unexpected extra
-tensor, mis-shaped tensor} x {remote code (``trust_remote_code=True``), registered classes (``import diep_hub``)},
+table covers every family (tests/helpers/tiny_models.py) x {missing router weight, missing expert tensor, unexpected
+extra tensor, mis-shaped tensor} x {remote code (``trust_remote_code=True``), registered classes (``import diep_hub``)},
 plus damaged ``kept_expert_ids`` / ``num_experts_per_layer`` / ``original_num_experts`` in config.json. The remote
 code cannot import diep_hub, so it raises its own ``DiepCheckpointError(ValueError)``; the registered classes raise
 a subclass of it that is also a ``CheckpointLoadError``.
@@ -24,15 +24,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_catalogue import Fault, check_fault, ids
 from safetensors.torch import load_file, save_file
-from tiny_models import FAMILIES, sample_input_ids, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import diep_hub
 from diep_hub.errors import CheckpointLoadError, DiEPError
 from diep_hub.families import get_family
 from diep_hub.modeling import DiepCheckpointError, modeling_diep
+from tests.helpers.fault_catalogue import Fault, check_fault, ids
+from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model
 
 # family -> (first MoE layer, router key on disk, its name in the model, expert tensor removed, the name reported).
 # Disk and model names differ where transformers converts the family's original layout (Mixtral's block_sparse_moe,

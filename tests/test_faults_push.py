@@ -1,6 +1,6 @@
 """Fault catalogue of ``push``: what it refuses before sending a byte, and how a failing Hub is reported.
 
-Every row runs against the in-process Hub of tests/hub_server.py (real huggingface_hub client) and checks three
+Every row runs against the in-process Hub of tests/helpers/hub_server.py (real huggingface_hub client) and checks three
 things: the error class and words (file names, "retry", "idempotent", what is on the Hub), that the token is in no
 message or diep_hub log line, and what the emulated Hub holds afterwards (nothing at all when refused).
 
@@ -17,20 +17,20 @@ import os
 import shutil
 import types
 
-import hub_server as fake_hub
 import pytest
 import torch
-from fault_catalogue import Fault, check_fault, ids, run_cli
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 import diep_hub
-from diep_hub import hub as hub_module
 from diep_hub.card import build_model_card, write_card
+from diep_hub.checkpoint import upload as upload_module
 from diep_hub.errors import CorruptFileError
 from diep_hub.hub import PushError, push
+from tests.helpers import hub_server as fake_hub
+from tests.helpers.fault_catalogue import Fault, check_fault, ids, run_cli
+from tests.helpers.tiny_models import tiny_model
+from tests.helpers.word_tokenizer import tiny_tokenizer
 
 REPO = "tester/tiny-diep-faults"
 KEEP = {0: [0, 1, 2], 1: [1, 2, 5, 6], 2: [0, 1], 3: [2, 3, 7]}
@@ -359,14 +359,14 @@ def test_push_fault(row, hub, folder, tmp_path, monkeypatch, caplog):
 def test_token_scan_finds_the_token_at_every_offset_around_chunk_borders(chunk, tmp_path, monkeypatch):
     """The overlap of len(token) - 1 bytes: with chunks shorter or longer than the token, a token starting
     anywhere is found, and one byte short of it is not."""
-    monkeypatch.setattr(hub_module, "_SCAN_CHUNK", chunk)
+    monkeypatch.setattr(upload_module, "_SCAN_CHUNK", chunk)
     needle = b"hf_secret"
     for start in range(0, 30):
         path = tmp_path / f"f{start}"
         path.write_bytes(b"x" * start + needle + b"y" * 5)
-        assert hub_module._file_contains(path, needle), start
+        assert upload_module._file_contains(path, needle), start
         path.write_bytes(b"x" * start + needle[:-1] + b"y" * 5)
-        assert not hub_module._file_contains(path, needle), start
+        assert not upload_module._file_contains(path, needle), start
 
 
 def test_symlink_inside_the_folder_is_followed(hub, folder):
@@ -379,7 +379,7 @@ def test_symlink_inside_the_folder_is_followed(hub, folder):
 
 def test_allow_pickle_uploads_the_pickles(hub, folder, caplog):
     torch.save({"step": 3}, folder / "optimizer.pt")
-    with caplog.at_level(logging.WARNING, logger="diep_hub.hub"):
+    with caplog.at_level(logging.WARNING, logger="diep_hub.checkpoint.upload"):
         push(folder, REPO, token=hub.token, allow_pickle=True)
     assert hub.file(REPO, "optimizer.pt") == (folder / "optimizer.pt").read_bytes()
     assert "uploading pickle files ['optimizer.pt'] (allow_pickle=True)" in caplog.text

@@ -20,13 +20,14 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from fault_catalogue import Fault, check_fault, ids
-from tiny_models import tiny_model
 
 import diep_hub
-from diep_hub import saving
+from diep_hub.checkpoint import atomic
+from diep_hub.checkpoint.atomic import atomic_directory
+from diep_hub.checkpoint.folders import check_output_folder, work_folder_prefix
 from diep_hub.errors import ConfigError, DiEPError
-from diep_hub.saving import atomic_directory, check_output_folder, work_folder_prefix
+from tests.helpers.fault_catalogue import Fault, check_fault, ids
+from tests.helpers.tiny_models import tiny_model
 
 
 @functools.cache
@@ -180,7 +181,7 @@ def _rename_into_target_fails(ctx):
             raise OSError(errno.EIO, "Input/output error")
         return real_rename(src, dst, *args, **kwargs)
 
-    with mock.patch.object(saving.os, "rename", rename):
+    with mock.patch.object(atomic.os, "rename", rename):
         _save(ctx)
 
 

@@ -1,10 +1,10 @@
 """The pruned-checkpoint format, for every family: surgery exactness, save, and the three ways to load.
 
-One table of families (tests/tiny_models.py) runs through every check, so a new family gets the whole suite.
+One table of families (tests/helpers/tiny_models.py) runs through every check, so a new family gets the whole suite.
 
 Exactness: the weights a checkpoint holds are compared bit for bit (they must survive save and reload exactly);
 logits of a reloaded model are another computation (loaded tensors may be aligned differently, so the kernels
-round differently), compared within tests/numerics.py's tolerance AND on their greedy tokens.
+round differently), compared within tests/helpers/numerics.py's tolerance AND on their greedy tokens.
 """
 
 from __future__ import annotations
@@ -18,13 +18,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from numerics import assert_close, assert_close_logits, assert_same_generation, assert_same_greedy, same_weights
 from safetensors.torch import load_file
-from tiny_models import FAMILIES, sample_input_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 import diep_hub
 from diep_hub.families import get_family
+from tests.helpers.numerics import (
+    assert_close,
+    assert_close_logits,
+    assert_same_generation,
+    assert_same_greedy,
+    same_weights,
+)
+from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Publishing through the real huggingface_hub client against the in-process fake Hub (tests/hub_server.py)."""
+"""Publishing through the real huggingface_hub client against the in-process fake Hub (tests/helpers/hub_server.py)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import subprocess
 import sys
 import textwrap
 
-import hub_server as fake_hub
 import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard
-from tiny_models import sample_input_ids, tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 import diep_hub
 from diep_hub.card import build_model_card, write_card
 from diep_hub.errors import ConfigError
 from diep_hub.hub import PushError, push
+from tests.helpers import hub_server as fake_hub
+from tests.helpers.tiny_models import sample_input_ids, tiny_model
+from tests.helpers.word_tokenizer import tiny_tokenizer
 
 KEEP = {0: [0, 1, 2], 1: [1, 2, 5, 6], 2: [0, 1], 3: [2, 3, 7]}
 REPO = "tester/tiny-mixtral-diep"
@@ -29,7 +29,7 @@ REPO = "tester/tiny-mixtral-diep"
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """The in-process fake Hub of tests/hub_server.py, with huggingface_hub pointed at it."""
+    """The in-process fake Hub of tests/helpers/hub_server.py, with huggingface_hub pointed at it."""
     yield from fake_hub.serve(tmp_path, monkeypatch)
 
 
@@ -244,8 +244,8 @@ def test_bad_repo_id_is_refused(repo_id, hub, pruned):
 )
 def test_one_repo_id_rule_for_push_recipes_and_inspect(repo_id, reason, tmp_path, monkeypatch):
     """push, publish.repo_id in a recipe and inspect's Hub source share huggingface_hub's rule (one helper)."""
+    from diep_hub.checkpoint.inspect import local_folder
     from diep_hub.hub import repo_id_problem
-    from diep_hub.inspection import local_folder
     from diep_hub.recipe import Recipe, RecipeError
 
     problem = repo_id_problem(repo_id)

@@ -13,8 +13,6 @@ import math
 import pytest
 import torch
 import yaml
-from pruner_tokenizer import pruner_texts, pruner_tokenizer
-from tiny_models import tiny_model
 
 import diep_hub
 import diep_hub.calibration
@@ -26,6 +24,8 @@ from diep_hub.errors import ConfigError, DiEPError
 from diep_hub.pruner import DiEPPruner
 from diep_hub.recipe import RecipeError, load_recipe
 from diep_hub.selection import MODES, select_experts, uniform_keep_counts
+from tests.helpers.tiny_models import tiny_model
+from tests.helpers.word_tokenizer import pruner_texts, pruner_tokenizer
 
 FAST = dict(num_samples=8, seq_len=16, batch_size=4, progress=False)
 SPARSITY = 0.3  # 8 experts x 4 layers: uniform removes 2 a layer (8), global would remove round(9.6) = 10
@@ -87,7 +87,8 @@ def test_naee_keeps_exactly_its_best_evaluated_subset_in_every_layer(calibration
 
 def test_naee_with_global_selection_is_refused_naming_both_and_the_allowed_one(calibration_calls):
     expected = (
-        "invalid DiEPPruner configuration: method='naee' does not support selection='global' (naee searches the "
+        "invalid DiEPPruner configuration: selection: 'global' -> method='naee' does not support "
+        "selection='global' (naee searches the "
         "best subset of a fixed size per layer, the uniform counts; global selection would change those counts "
         "after the search and keep subsets naee never evaluated); allowed with naee: selection='uniform'"
     )
@@ -195,7 +196,7 @@ def test_unsupported_selection_is_refused_with_one_message_by_api_and_recipe(tmp
     assert problem.endswith(f"allowed with {method}: " + ", ".join(f"selection={m!r}" for m in allowed))
     with pytest.raises(ConfigError) as api:
         DiEPPruner(sparsity=SPARSITY, method=method, selection=mode)
-    assert str(api.value) == f"invalid DiEPPruner configuration: {problem}"
+    assert str(api.value) == f"invalid DiEPPruner configuration: selection: {mode!r} -> {problem}"
     path = _recipe_file(tmp_path, method, mode)
     with pytest.raises(RecipeError) as recipe:
         load_recipe(path)

@@ -2,7 +2,7 @@
 
 Exactness: the same surgery in the same process is compared bit for bit; a reloaded checkpoint must hold the very
 same weights, but its forward is another computation (loaded tensors may be aligned differently, so kernels round
-differently): its logits are compared within tests/numerics.py's tolerance and on their greedy tokens.
+differently): its logits are compared within tests/helpers/numerics.py's tolerance and on their greedy tokens.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import json
 
 import pytest
 import torch
-from numerics import assert_close_logits, assert_same_greedy, same_weights
-from pruner_tokenizer import pruner_texts, pruner_tokenizer
-from tiny_models import sample_input_ids, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from diep_hub import ConfigError, UnsupportedModelError, prune_experts
-from diep_hub.pruner import RECIPE_FILE, REPORT_FILE, DiEPPruner
+from diep_hub.checkpoint.layout import PRUNER_CONFIG_FILE, REPORT_FILE
+from diep_hub.pruner import DiEPPruner
+from tests.helpers.numerics import assert_close_logits, assert_same_greedy, same_weights
+from tests.helpers.tiny_models import sample_input_ids, tiny_model
+from tests.helpers.word_tokenizer import pruner_texts, pruner_tokenizer
 
 FAST = dict(num_samples=8, seq_len=16, batch_size=4, epochs=2, progress=False)
 
@@ -34,29 +35,30 @@ def _pruner(**overrides) -> DiEPPruner:
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("sparsity", 1.0, r"sparsity=1.0 is out of range; allowed: \(0, 1\)"),
-        ("sparsity", -0.1, r"sparsity=-0.1 is out of range; allowed: \(0, 1\)"),
-        ("sparsity", 0, r"sparsity=0 is out of range; allowed: \(0, 1\)"),
-        ("sparsity", "half", r"sparsity='half' must be a number in \(0, 1\)"),
-        ("method", "magic", r"method='magic' is not a registered criterion; choose one of \[.*'diep'.*'reap'.*\]"),
-        ("selection", "local", r"selection='local'; choose one of \['global', 'uniform'\]"),
-        ("num_samples", 0, r"num_samples=0 is out of range; allowed: \[1, inf\)"),
-        ("seq_len", 1, r"seq_len=1 is out of range; allowed: \[2, inf\)"),
-        ("batch_size", 2.5, r"batch_size=2.5 must be an integer in \[1, inf\)"),
-        ("seed", -1, r"seed=-1 is out of range"),
-        ("search_mode", "sparse", r"search_mode='sparse'; choose one of \['auto', 'dense', 'gated'\]"),
-        ("lr", 0.0, r"lr=0.0 is out of range; allowed: \(0, inf\)"),
-        ("epochs", 0, r"epochs=0 is out of range; allowed: \[1, inf\)"),
-        ("lambda_", -0.5, r"lambda_=-0.5 is out of range; allowed: \[0, inf\)"),
-        ("alternation", (0, 0), r"alternation=\(0, 0\) must be \(alpha steps >= 0, beta steps >= 0\), not both 0"),
-        ("alternation", (3,), r"alternation=\(3,\)"),
-        ("ranking", "logit", r"ranking='logit'; choose one of \['softmax', 'raw'\]"),
-        ("max_layer_sparsity", 1.0, r"max_layer_sparsity=1.0 is out of range; allowed: \(0, 1\)"),
-        ("min_experts_per_layer", 0, r"min_experts_per_layer=0 is out of range; allowed: \[1, inf\)"),
-        ("regroup", "yes", r"regroup='yes' must be True or False"),
-        ("skipping", 1, r"skipping=1 must be True or False"),
-        ("naee_max_combinations", 0, r"naee_max_combinations=0 is out of range"),
-        ("dataset", [], r"dataset=\[\]; give a Hub dataset name"),
+        ("sparsity", 1.0, r"sparsity: 1.0 -> is out of range; allowed: \(0, 1\)"),
+        ("sparsity", -0.1, r"sparsity: -0.1 -> is out of range; allowed: \(0, 1\)"),
+        ("sparsity", 0, r"sparsity: 0 -> is out of range; allowed: \(0, 1\)"),
+        ("sparsity", "half", r"sparsity: 'half' -> must be a number in \(0, 1\)"),
+        ("method", "magic", r"method: 'magic' -> Input should be .*'diep'.*'reap'.* \(a registered criterion\)"),
+        ("selection", "local", r"selection: 'local' -> Input should be 'global' or 'uniform'"),
+        ("num_samples", 0, r"num_samples: 0 -> is out of range; allowed: \[1, inf\)"),
+        ("seq_len", 1, r"seq_len: 1 -> is out of range; allowed: \[2, inf\)"),
+        ("batch_size", 2.5, r"batch_size: 2.5 -> must be an integer in \[1, inf\)"),
+        ("seed", -1, r"seed: -1 -> is out of range"),
+        ("search_mode", "sparse", r"search_mode: 'sparse' -> Input should be 'auto', 'gated' or 'dense'"),
+        ("lr", 0.0, r"lr: 0.0 -> is out of range; allowed: \(0, inf\)"),
+        ("epochs", 0, r"epochs: 0 -> is out of range; allowed: \[1, inf\)"),
+        ("lambda_", -0.5, r"lambda_: -0.5 -> is out of range; allowed: \[0, inf\)"),
+        ("alternation", (0, 0), r"alternation: \(0, 0\) -> expected 'A:B' .* integers >= 0 and not both 0"),
+        ("alternation", (3,), r"alternation: \(3,\) -> expected 'A:B'"),
+        ("ranking", "logit", r"ranking: 'logit' -> Input should be 'softmax' or 'raw'"),
+        ("max_layer_sparsity", 1.0, r"max_layer_sparsity: 1.0 -> is out of range; allowed: \(0, 1\)"),
+        ("min_experts_per_layer", 0, r"min_experts_per_layer: 0 -> is out of range; allowed: \[1, inf\)"),
+        ("regroup", "yes", r"regroup: 'yes' -> must be true or false"),
+        ("skipping", 1, r"skipping: 1 -> must be true or false"),
+        ("naee_max_combinations", 0, r"naee_max_combinations: 0 -> is out of range"),
+        ("dataset", [], r"dataset: \[\] -> give a Hub dataset name"),
+        ("options", {"lr": 1}, r"options: \{'lr': 1\} -> diep takes its options as keywords: search_mode, lr"),
     ],
 )
 def test_bad_values_name_field_and_range(field, value, expected):
@@ -68,7 +70,7 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
         DiEPPruner(sparsity=2, epochs=0, selection="x")
     message = str(info.value)
-    assert "sparsity=2" in message and "epochs=0" in message and "selection='x'" in message
+    assert "sparsity: 2 ->" in message and "epochs: 0 ->" in message and "selection: 'x' ->" in message
 
 
 def test_infeasible_sparsity_is_refused_before_calibration(calibration_calls):
@@ -146,7 +148,7 @@ def test_from_dict_rejects_unknown_keys_naming_them():
     data = DiEPPruner().to_dict() | {"sparsty": 0.5, "temperature": 1}
     with pytest.raises(ConfigError, match=r"unknown DiEPPruner key\(s\) \['sparsty', 'temperature'\]"):
         DiEPPruner.from_dict(data)
-    with pytest.raises(ConfigError, match="epochs=-1"):
+    with pytest.raises(ConfigError, match="epochs: -1 -> is out of range"):
         DiEPPruner.from_dict(DiEPPruner().to_dict() | {"epochs": -1})
 
 
@@ -250,7 +252,7 @@ def test_pruning_report_fields(pruned):
     assert memory["cpu_heap_peak_increase_bytes"] > 8 * 16 * 8  # at least the calibration tokens: 8 x 16 int64
     assert report["versions"]["torch"] == torch.__version__
     assert report["calibration_shape"] == [8, 16]
-    assert report["config"] == json.loads((folder / RECIPE_FILE).read_text())
+    assert report["config"] == json.loads((folder / PRUNER_CONFIG_FILE).read_text())
     assert DiEPPruner.from_dict(report["config"]).epochs == 2
 
 

@@ -143,15 +143,16 @@ def test_unknown_key_names_the_key_and_lists_the_allowed_ones():
     ]
     problems = _problems({"model": {"id": "a/b"}, "pruning": {"search": {"learning_rate": 0.1}}})
     assert problems == [
-        "pruning.search.learning_rate: unknown key -> allowed keys: mode, lr, epochs, batch_size, lambda, alternation, "
-        "ranking"
+        # DiEPOptions' fields (the pruner's model), then the search's batch size
+        "pruning.search.learning_rate: unknown key -> allowed keys: mode, lr, epochs, lambda, alternation, ranking, "
+        "batch_size"
     ]
     problems = _problems({"model": {"id": "a/b"}, "prunning": {}})
     assert problems[0].startswith("prunning: unknown key -> allowed keys: model, pruning, skipping, evaluation")
 
 
 def test_sparsity_out_of_range():
-    # The pruner's words (diep_hub.pruner.number_problem), named by the recipe field: 0 < sparsity < 1.
+    # The pruner's words (diep_hub.options.number_problem), named by the recipe field: 0 < sparsity < 1.
     for bad in (1.5, 0, -0.1, 1):
         (problem,) = _problems({"model": {"id": "a/b"}, "pruning": {"sparsity": bad}})
         assert problem == f"pruning.sparsity: {bad!r} -> is out of range; allowed: (0, 1)"

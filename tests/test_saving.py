@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from numerics import assert_close_logits, assert_same_greedy, same_weights
-from tiny_models import sample_input_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 import diep_hub
 from diep_hub import DiEPError
+from tests.helpers.numerics import assert_close_logits, assert_same_greedy, same_weights
+from tests.helpers.tiny_models import sample_input_ids, tiny_model
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_model
 
 import diep_hub
 from diep_hub.errors import ConfigError
 from diep_hub.selection import Selection, layer_limits, round_half_up, select_experts, uniform_keep_counts
 from diep_hub.surgery import plan_surgery
+from tests.helpers.tiny_models import tiny_model
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -6,7 +6,7 @@ process that never imports diep_hub.
 Exactness: skip decisions made from the same numbers in the same process are compared bit for bit (mask against
 the rule applied by hand, nothing-skipped pass-through, skipping off). A reloaded checkpoint is another
 computation (its tensors may be aligned differently, so kernels round differently): its weights must be
-identical, its routing and logits within tests/numerics.py's tolerance, and its skip decisions identical except
+identical, its routing and logits within tests/helpers/numerics.py's tolerance, and its skip decisions identical except
 where the decision margin |w_e - gamma * w_e0| is within rounding.
 """
 
@@ -22,8 +22,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from numerics import assert_close_logits, assert_same_greedy, assert_same_skips, same_weights
-from tiny_models import FAMILIES, sample_input_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 import diep_hub
@@ -39,6 +37,8 @@ from diep_hub.skipping import (
     reset_skip_counters,
     skip_rates,
 )
+from tests.helpers.numerics import assert_close_logits, assert_same_greedy, assert_same_skips, same_weights
+from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model
 
 IDS = sample_input_ids(batch=3, length=12)
 

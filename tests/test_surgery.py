@@ -4,7 +4,7 @@ Removing expert j means routing as if j's router logit were -inf (for DeepSeek-V
 never be selected). The property test checks that definition on random keep maps against the stock model with
 the removed experts masked inside its own router. Masking and surgery compute that same maths in different ways
 (an 8-row router product with -inf entries vs a product over the kept rows), so they agree within
-tests/numerics.py's tolerance and on every greedy token; what surgery leaves untouched is compared bit for bit.
+tests/helpers/numerics.py's tolerance and on every greedy token; what surgery leaves untouched is compared bit for bit.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from numerics import assert_close_logits, assert_same_greedy, differs_beyond_tolerance
-from tiny_models import FAMILIES, sample_input_ids, tiny_model
 from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import diep_hub
 from diep_hub import KeepMapError, UnsupportedModelError
 from diep_hub.families import get_family
+from tests.helpers.numerics import assert_close_logits, assert_same_greedy, differs_beyond_tolerance
+from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model
 
 # `a + b` reaches a TorchFunctionMode as TensorBase.add, not as Tensor.__add__.
 ADDITIONS = (torch.Tensor.__add__, torch.Tensor.add, torch._C.TensorBase.add, torch.add)

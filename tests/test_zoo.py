@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 import types
+from dataclasses import replace
 
 import pytest
 import torch
-from numerics import near_tie
+from transformers import AutoModelForCausalLM
 
-from diep_hub.errors import ConfigError
+from diep_hub import prune_experts
+from diep_hub.errors import ConfigError, KeepMapError
+from diep_hub.families import get_family
 from diep_hub.zoo import domains, tasks, train
+from tests.helpers.numerics import near_tie
 
 
 def test_domains_are_deterministic_disjoint_and_unequal():
@@ -89,6 +93,75 @@ def test_smoke_build_is_deterministic_and_cached(tmp_path):
     assert train.weights_hash(fresh) != digest
 
 
+# Held-out entries (issue 12): model type, MoE layer indices, experts, top-k, per-layer floor, router activation,
+# and a 75% keep map (a quarter of the experts a layer) that the family's routing rules accept.
+HELDOUT_SHAPES = {
+    "mixtral-32e-top4-8l": ("mixtral", list(range(8)), 32, 4, 4, "softmax", list(range(0, 32, 4))),
+    "deepseek-v3-16e-groups": ("deepseek_v3", [1, 2, 3], 16, 2, 4, "sigmoid", [0, 5, 8, 13]),
+}
+
+
+def test_heldout_entries_are_apart_from_the_tuning_models():
+    assert sorted(train.HELDOUT) == sorted(HELDOUT_SHAPES)
+    assert not set(train.HELDOUT) & (set(train.ZOO) | set(train.EXTRA))
+    for name in train.HELDOUT:
+        assert train.get_entry(name) is train.HELDOUT[name]
+    tok = domains.build_tokenizer()
+    count = {}
+    for name in ("mixtral-8e", *train.HELDOUT):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(train.model_config(train.get_entry(name), tok))
+        count[name] = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    # As many expert weights as mixtral-8e (32 x 16 x 8 layers = 8 x 128 x 4), or fewer: sizes stay comparable.
+    assert count["mixtral-32e-top4-8l"] == count["mixtral-8e"] == 8 * 4 * 3 * 96 * 128
+    assert count["deepseek-v3-16e-groups"] == 16 * 3 * 3 * 96 * 64
+
+
+@pytest.mark.parametrize("name", sorted(HELDOUT_SHAPES))
+def test_heldout_entry_builds_routes_and_prunes(name):
+    """Two training steps on small batches (not the entry's recipe), then the family adapter's view, a forward, a
+    group rule refused and a 75% prune that runs."""
+    model_type, indices, experts, top_k, floor, activation, keep = HELDOUT_SHAPES[name]
+    model, tok, log = train.train_model(replace(train.get_entry(name), batch_size=2, seq_len=16), seed=0, steps=2)
+    assert [row["step"] for row in log] == [0, 1] and all(math.isfinite(row["loss"]) for row in log)
+    family = get_family(model)
+    layers = family.moe_layers(model)
+    assert (model.config.model_type, family.router_activation) == (model_type, activation)
+    assert [(m.index, m.num_experts, m.top_k) for m in layers] == [(i, experts, top_k) for i in indices]
+    assert {family.routing_rules(m, model.config).floor() for m in layers} == {floor}
+    ids = torch.tensor([tok("add 1+2=03\nrev abcd>dcba", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all()
+    if family.routing_rules(layers[0], model.config).grouped:
+        with pytest.raises(KeepMapError, match="group"):  # all four from group 0: grouped routing refuses it
+            prune_experts(model, {indices[0]: [0, 1, 2, 3]})
+    prune_experts(model, {i: keep for i in indices})
+    assert [m.num_experts for m in family.moe_layers(model)] == [len(keep)] * len(indices)
+    with torch.no_grad():
+        pruned = model(input_ids=ids).logits
+    assert pruned.shape == logits.shape and torch.isfinite(pruned).all()
+    assert not torch.equal(pruned, logits)  # three quarters of the experts are gone: the output moved
+
+
+def test_tiny_model_is_the_zoo_entry_tiny():
+    """The README's tiny model keeps its shape: diep_hub.tiny builds it from the zoo's TINY entry."""
+    from diep_hub.tiny import build_tiny_tokenizer, tiny_config
+
+    cfg = tiny_config()
+    assert cfg.to_dict() == train.model_config(train.TINY, build_tiny_tokenizer()).to_dict()
+    assert (cfg.model_type, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (
+        "mixtral", 36, 64, 96, 4
+    )
+    assert (cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+        8, 2, 4, 2
+    )
+    assert (cfg.max_position_embeddings, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (512, 0, 1, 2)
+    assert (cfg.tie_word_embeddings, cfg.router_aux_loss_coef) == (False, 0.01)
+    with pytest.raises(ConfigError, match="available"):  # not a diep-hub/zoo-<entry>: it has its own corpus
+        train.get_entry(train.TINY.name)
+
+
 def _all_items(num_mc=100, num_em=50, num_loss=100, seed=0):
     return [
         tasks.eval_items(num_mc, seed=seed),
@@ -140,8 +213,6 @@ def test_model_scorer_on_a_flat_model_matches_the_uniform_scorer():
 def test_model_scorer_loglikelihood_matches_a_manual_forward():
     tok = domains.build_tokenizer()
     torch.manual_seed(0)
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_config(train.model_config(train.SMOKE, tok)).eval()
     scorer = tasks.ModelScorer(model, tok, batch_size=2)
     pairs = [("add 1+2=", "03"), ("kv a=1;a?", "1"), ("rev abcd>", "dcba")]

@@ -11,6 +11,7 @@ from . import (  # noqa: F401  (importing registers each criterion)
     naee,
     random_scores,
     reap,
+    removal,
     soft_frequency,
 )
 from .base import (

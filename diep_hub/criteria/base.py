@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from ..errors import ConfigError
 from ..families import MoEFamily, MoELayer
+from ..options import CriterionOptions, NoOptions, problems
 from ..selection import MODES as SELECTION_MODES
 
 #: Selection modes whose per-layer kept counts are fixed before scoring (they do not depend on the scores), so a
@@ -36,7 +38,9 @@ class ScoringContext:
         seed: for anything random.
         num_to_keep: experts each layer will keep, when the criterion needs it (NAEE searches subsets of that
             size); None when not known in advance.
-        options: criterion-specific settings (e.g. DiEP's search hyper-parameters), already validated.
+        sparsity: the run's target sparsity, for criteria whose search depends on it (``needs_sparsity``).
+        options: the fields of the criterion's options model (``Criterion.options``, e.g. DiEP's search
+            hyper-parameters) plus the run settings it reads (``progress``); read with ``parse_options``.
     """
 
     model: nn.Module
@@ -46,6 +50,7 @@ class ScoringContext:
     batch_size: int = 8
     seed: int = 0
     num_to_keep: dict[int, int] | None = None
+    sparsity: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,6 +70,11 @@ class ScoreResult:
 class Criterion(ABC):
     """Base class: subclasses set ``name``, ``reference`` (paper URL) and implement ``score``.
 
+    ``options`` is the criterion's typed options model (``diep_hub.options.CriterionOptions``: defaults, ranges,
+    one-line docs), registered with it as PEFT pairs a method with its config class: ``DiEPPruner`` and the recipe
+    validate a method's options with it. A new criterion is one module here (its options model, its class with
+    ``@register_criterion``) plus its import line in ``diep_hub/criteria/__init__.py``.
+
     ``selections`` declares the selection modes (``diep_hub.selection.MODES``) whose keep map is the one the
     criterion's scores mean; the first is the default when none is asked for. A criterion that searches subsets of
     given sizes (``needs_target_counts``) may only declare modes in ``COUNTS_BEFORE_SCORING``: any other mode would
@@ -74,8 +84,12 @@ class Criterion(ABC):
 
     name: ClassVar[str]
     reference: ClassVar[str] = ""
+    #: the typed options model (``diep_hub.options.CriterionOptions``): defaults, ranges, one-line docs
+    options: ClassVar[type[CriterionOptions]] = NoOptions
     #: whether ``score`` needs ``ScoringContext.num_to_keep``
     needs_target_counts: ClassVar[bool] = False
+    #: whether ``score`` needs ``ScoringContext.sparsity`` (its scores then hold for that sparsity only)
+    needs_sparsity: ClassVar[bool] = False
     #: the selection modes this criterion supports, the default first
     selections: ClassVar[tuple[str, ...]] = ("global", "uniform")
     #: why some selection modes are not supported (empty when all are)
@@ -121,11 +135,37 @@ def register_criterion(cls: type[Criterion]) -> type[Criterion]:
             f"criterion {cls.name!r} searches subsets of given sizes (needs_target_counts) but declares "
             f"selections={declared!r}; only {list(COUNTS_BEFORE_SCORING)} fix the per-layer counts before scoring"
         )
+    if not (isinstance(cls.options, type) and issubclass(cls.options, CriterionOptions)):
+        raise ValueError(
+            f"criterion {cls.name!r} declares options={cls.options!r}; expected a subclass of "
+            "diep_hub.options.CriterionOptions (NoOptions when it takes none)"
+        )
     _CRITERIA[cls.name] = cls
     return cls
 
 
+def parse_options(cls: type[Criterion], options: dict[str, Any] | None, runtime: dict[str, Any]):
+    """A criterion's options from ``ScoringContext.options``: (its options model, the run settings).
+
+    ``runtime`` names the run settings a criterion also reads from the dict, with their defaults (``progress``;
+    NAEE also ``regroup``); any other key must be a field of ``cls.options``. Errors are ConfigErrors in the
+    ``field: value -> allowed`` words of the API and the recipe.
+    """
+    options = dict(options or {})
+    fields = {f.alias or n for n, f in cls.options.model_fields.items()} | set(cls.options.model_fields)
+    unknown = sorted(set(options) - fields - set(runtime))
+    if unknown:
+        allowed = sorted(set(cls.options.model_fields) | set(runtime))
+        raise ConfigError(f"unknown {cls.name} option(s) {unknown}; allowed: {allowed}")
+    settings = {k: options.pop(k, default) for k, default in runtime.items()}
+    try:
+        return cls.options.model_validate(options), settings
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {cls.name} options: " + "; ".join(problems(exc, cls.options))) from None
+
+
 def available_criteria() -> list[str]:
+    """The registered method names (importing ``diep_hub.criteria``, this module's package, registers them all)."""
     return sorted(_CRITERIA)
 
 

@@ -8,7 +8,7 @@ Parameters (model weights frozen, only these train; about 0.01% of the model):
     alpha^(l) in R^{N_l}   one logit per routed expert of MoE layer l, initialised to 0;
     beta^(l) = exp(b^(l))  one positive scale per layer, b initialised to 0 so beta = 1 exactly.
 
-Search-time MoE output (``options["mode"]``):
+Search-time MoE output (``DiEPOptions.mode``, ``diep_hub.options``):
     "dense" (paper Eq. 5)  y = beta^(l) * sum_{i=1..N_l} softmax(alpha^(l))_i * FFN_i(x), over ALL experts; the
                            router's choice is ignored (it still runs, its output is discarded). Shared experts and
                            the rest of the block are unchanged.
@@ -60,26 +60,13 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..families import MoELayer
-from .base import Criterion, ScoreResult, ScoringContext, register_criterion
+from ..options import DiEPOptions
+from .base import Criterion, ScoreResult, ScoringContext, parse_options, register_criterion
 from .capture import eval_mode, input_device
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "dense", "gated")
 RANKINGS = {"softmax": "softmax(alpha)*beta", "raw": "alpha*beta"}
-
-#: default search hyper-parameters: the paper's (diep-method.md section 1) except the search mode, which the
-#: quality benchmark chose (benchmarks/RESULTS.md, "Defaults the pruner ships")
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "mode": "auto",
-    "lr": 5e-3,
-    "epochs": 10,
-    "recon_weight": 0.01,
-    "alpha_steps": 3,
-    "beta_steps": 1,
-    "ranking": "softmax",
-    "progress": True,
-}
 
 
 def resolve_mode(mode: str, layer: MoELayer, config) -> str:
@@ -91,35 +78,23 @@ def resolve_mode(mode: str, layer: MoELayer, config) -> str:
 
 
 def validate_search_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    """Fill defaults and check every DiEP option; raises ConfigError naming the field and the allowed range."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown DiEP search option(s) {unknown}; allowed: {sorted(DEFAULT_OPTIONS)}")
-    merged = {**DEFAULT_OPTIONS, **options}
-    if merged["mode"] not in MODES:
-        raise ConfigError(f"mode={merged['mode']!r} is not a DiEP search mode; choose one of {list(MODES)}")
-    if merged["ranking"] not in RANKINGS:
-        raise ConfigError(f"ranking={merged['ranking']!r} is not allowed; choose one of {list(RANKINGS)}")
-    _positive_number("lr", merged["lr"])
-    _non_negative_number("recon_weight", merged["recon_weight"])
-    for name, minimum in (("epochs", 1), ("alpha_steps", 0), ("beta_steps", 0)):
-        value = merged[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
-    if merged["alpha_steps"] + merged["beta_steps"] == 0:
-        raise ConfigError("alpha_steps=0 and beta_steps=0: at least one of them must be >= 1")
-    return merged
+    """The search settings from ``ScoringContext.options`` (the fields of :class:`~diep_hub.options.DiEPOptions`
+    plus ``progress``), checked by that model; raises ConfigError naming the field and what is allowed.
 
-
-def _positive_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name}={value!r} must be a finite number > 0")
-
-
-def _non_negative_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name}={value!r} must be a finite number >= 0")
+    Returns the names the search below uses (``recon_weight`` = lambda, ``alpha_steps``/``beta_steps`` =
+    alternation).
+    """
+    opts, run = parse_options(DiEPCriterion, options, {"progress": True})
+    return {
+        "mode": opts.mode,
+        "lr": opts.lr,
+        "epochs": opts.epochs,
+        "recon_weight": opts.lambda_,
+        "alpha_steps": opts.alternation[0],
+        "beta_steps": opts.alternation[1],
+        "ranking": opts.ranking,
+        "progress": run["progress"],
+    }
 
 
 class SearchParameters(nn.Module):
@@ -248,6 +223,7 @@ class DiEPCriterion(Criterion):
 
     name = "diep"
     reference = "https://arxiv.org/abs/2509.16105"
+    options = DiEPOptions
 
     def score(self, context: ScoringContext) -> ScoreResult:
         opts = validate_search_options(context.options)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Criterion, ScoreResult, ScoringContext, register_criterion
-from .capture import RoutingRecord, criterion_options, routing_pass
+from .base import Criterion, ScoreResult, ScoringContext, parse_options, register_criterion
+from .capture import RoutingRecord, routing_pass
 
 
 @register_criterion
@@ -22,7 +22,7 @@ class FrequencyCriterion(Criterion):
     reference = "https://arxiv.org/abs/2402.14800"
 
     def score(self, context: ScoringContext) -> ScoreResult:
-        opts = criterion_options(self.name, context.options, {"progress": True})
+        _, opts = parse_options(type(self), context.options, {"progress": True})  # no options of its own
         counts = {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in context.layers}
 
         def accumulate(record: RoutingRecord) -> None:

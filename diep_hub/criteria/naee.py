@@ -40,20 +40,15 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..families import MoELayer
+from ..options import NAEEOptions
 from ..surgery import count_group_subsets, group_subsets, plan_surgery
-from .base import Criterion, ScoreResult, ScoringContext, register_criterion
-from .capture import capture_block_inputs, criterion_options, input_device
+from .base import Criterion, ScoreResult, ScoringContext, parse_options, register_criterion
+from .capture import capture_block_inputs, input_device
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_COMBINATIONS = 10_000
-
-DEFAULT_OPTIONS = {
-    "max_combinations": DEFAULT_MAX_COMBINATIONS,
-    "regroup": False,
-    "chunk_tokens": 4096,
-    "progress": True,
-}
+#: run settings the pruner hands NAEE beside its options (:class:`~diep_hub.options.NAEEOptions`), with defaults
+RUN_SETTINGS = {"regroup": False, "progress": True}
 
 
 def restricted_router(layer: MoELayer, keep_ids: list[int], regroup: bool = False) -> nn.Module:
@@ -164,6 +159,7 @@ class NAEECriterion(Criterion):
 
     name = "naee"
     reference = "https://arxiv.org/abs/2402.14800"
+    options = NAEEOptions
     needs_target_counts = True
     selections = ("uniform",)
     selection_reason = (
@@ -171,16 +167,19 @@ class NAEECriterion(Criterion):
         "change those counts after the search and keep subsets naee never evaluated"
     )
 
+    @classmethod
+    def _options(cls, options) -> dict:
+        """Options and run settings as one dict (the names the search below uses), validated by NAEEOptions."""
+        opts, run = parse_options(cls, options, RUN_SETTINGS)
+        return {**opts.model_dump(), **run}
+
     def check_feasible(self, context: ScoringContext) -> None:
-        opts = criterion_options(self.name, context.options, DEFAULT_OPTIONS)
+        opts = self._options(context.options)
         check_feasible(context, opts["max_combinations"], bool(opts["regroup"]))
 
     def score(self, context: ScoringContext) -> ScoreResult:
-        opts = criterion_options(self.name, context.options, DEFAULT_OPTIONS)
+        opts = self._options(context.options)
         limit, chunk = opts["max_combinations"], opts["chunk_tokens"]
-        for name, value in (("max_combinations", limit), ("chunk_tokens", chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"naee option {name}={value!r} must be an integer >= 1")
         targets = check_feasible(context, limit, bool(opts["regroup"]))
 
         scores, details = {}, {"best_error": {}, "kept": {}, "subsets": {}, "regroup": bool(opts["regroup"])}

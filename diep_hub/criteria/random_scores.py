@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Criterion, ScoreResult, ScoringContext, register_criterion
-from .capture import criterion_options
+from .base import Criterion, ScoreResult, ScoringContext, parse_options, register_criterion
 
 
 @register_criterion
@@ -22,7 +21,7 @@ class RandomCriterion(Criterion):
     reference = "https://arxiv.org/abs/2402.14800"
 
     def score(self, context: ScoringContext) -> ScoreResult:
-        criterion_options(self.name, context.options, {"progress": True})
+        parse_options(type(self), context.options, {"progress": True})  # no options of its own
         generator = torch.Generator().manual_seed(int(context.seed))
         scores = {
             layer.index: torch.rand(layer.num_experts, generator=generator, dtype=torch.float32)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Criterion, ScoreResult, ScoringContext, register_criterion
-from .capture import RoutingRecord, criterion_options, routing_pass
+from .base import Criterion, ScoreResult, ScoringContext, parse_options, register_criterion
+from .capture import RoutingRecord, routing_pass
 
 
 def routed_expert_outputs(record: RoutingRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,7 +47,7 @@ class REAPCriterion(Criterion):
     reference = "https://arxiv.org/abs/2510.13999"
 
     def score(self, context: ScoringContext) -> ScoreResult:
-        opts = criterion_options(self.name, context.options, {"progress": True})
+        _, opts = parse_options(type(self), context.options, {"progress": True})  # no options of its own
         sums = {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in context.layers}
         counts = {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in context.layers}
 

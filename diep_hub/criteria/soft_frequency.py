@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from ..families import ROUTER_ACTIVATIONS
-from .base import Criterion, ScoreResult, ScoringContext, register_criterion
-from .capture import RoutingRecord, criterion_options, routing_pass
+from .base import Criterion, ScoreResult, ScoringContext, parse_options, register_criterion
+from .capture import RoutingRecord, routing_pass
 
 
 def router_probabilities(logits: torch.Tensor, activation: str) -> torch.Tensor:
@@ -38,7 +38,7 @@ class SoftFrequencyCriterion(Criterion):
     reference = "https://arxiv.org/abs/2406.02500"
 
     def score(self, context: ScoringContext) -> ScoreResult:
-        opts = criterion_options(self.name, context.options, {"progress": True})
+        _, opts = parse_options(type(self), context.options, {"progress": True})  # no options of its own
         activation = context.family.router_activation
         sums = {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in context.layers}
 

@@ -16,9 +16,11 @@ from typing import Any
 
 from torch import nn
 
+from ..checkpoint.layout import EVAL_FILE
+from ..files import read_json_object
 from ..jsonable import to_jsonable
 
-RESULTS_FILE = "evaluation.json"
+RESULTS_FILE = EVAL_FILE  # the name diep_hub.evaluation exports; the checkpoint layout defines it
 TRACKED_PACKAGES = ("diep_hub", "torch", "transformers", "huggingface_hub", "datasets", "lm_eval", "evaluate",
                     "accelerate")
 
@@ -60,8 +62,9 @@ def save_results(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
-    """Read results written by :func:`save_results` (a file or a checkpoint folder)."""
+    """Read results written by :func:`save_results` (a file or a checkpoint folder); a damaged file is a
+    CorruptFileError naming it, its line and column."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_object(path, RESULTS_FILE)

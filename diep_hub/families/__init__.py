@@ -1,7 +1,7 @@
 """Family adapters: one module a family, each registering itself by ``model_type``.
 
 Adding a family is one file here (imported below) plus the remote-code classes in diep_hub/modeling/ and a row in
-the tests' family tables (tests/tiny_models.py FAMILY_CONFIGS, tests/test_families.py ROUTING_CASES,
+the tests' family tables (tests/helpers/tiny_models.py FAMILY_CONFIGS, tests/test_families.py ROUTING_CASES,
 tests/test_faults_loading.py LAYOUT); see docs/architecture.md.
 """
 

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from .train import EXTRA, ZOO, build_record, build_zoo_model
+from .train import EXTRA, HELDOUT, ZOO, build_record, build_zoo_model
 
 logger = logging.getLogger(__name__)
 NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the tables are regenerated -->"
@@ -21,7 +21,10 @@ NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the tables a
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diep_hub.zoo.build", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "names", nargs="*", default=list(ZOO), help=f"zoo entries (default: {list(ZOO)}; also {list(EXTRA)})"
+        "names",
+        nargs="*",
+        default=list(ZOO),
+        help=f"zoo entries (default: {list(ZOO)}; also {list(EXTRA)} and the held-out {list(HELDOUT)})",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None)

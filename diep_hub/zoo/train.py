@@ -27,6 +27,7 @@ import torch
 from ..errors import ConfigError
 from ..machine import machine_description
 from . import domains
+from .configs import family_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -63,24 +64,25 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "mixtral-8e",
             "mixtral",
-            dict(intermediate_size=128, num_local_experts=8, num_experts_per_tok=2),
+            family_kwargs("mixtral", experts=8, top_k=2, expert_ffn=128),
             description="Mixtral type, 8 experts top-2, 4 layers",
         ),
         ZooEntry(
             "olmoe-16e",
             "olmoe",
-            dict(intermediate_size=64, num_experts=16, num_experts_per_tok=2, norm_topk_prob=False),
+            family_kwargs("olmoe", experts=16, top_k=2, expert_ffn=64, norm_topk_prob=False),
             description="OLMoE type, 16 experts top-2, 4 layers",
         ),
         ZooEntry(
             "qwen2moe-8e-shared",
             "qwen2_moe",
-            dict(
+            family_kwargs(
+                "qwen2_moe",
+                experts=8,
+                top_k=2,
+                expert_ffn=96,
                 intermediate_size=128,
-                moe_intermediate_size=96,
                 shared_expert_intermediate_size=64,
-                num_experts=8,
-                num_experts_per_tok=2,
                 norm_topk_prob=False,
             ),
             description="Qwen2-MoE type, 8 routed experts top-2 plus a gated shared expert, 4 layers",
@@ -97,8 +99,41 @@ EXTRA: dict[str, ZooEntry] = {
         ZooEntry(
             "mixtral-8e-wide",
             "mixtral",
-            dict(intermediate_size=512, num_local_experts=8, num_experts_per_tok=2),
+            family_kwargs("mixtral", experts=8, top_k=2, expert_ffn=512),
             description="Mixtral type, 8 wide experts (FFN 512) top-2, 4 layers",
+        ),
+    )
+}
+
+# Held out (issue 12): shapes no default is chosen on, to confirm the defaults picked on ZOO before they ship.
+HELDOUT: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        ZooEntry(
+            "mixtral-32e-top4-8l",
+            "mixtral",
+            # 8 layers x 32 experts of FFN 16: as many expert weights as mixtral-8e (4 x 8 x 128), cut finer.
+            family_kwargs("mixtral", experts=32, top_k=4, expert_ffn=16, num_hidden_layers=8),
+            description="Mixtral type, 32 narrow experts (FFN 16) top-4, 8 layers",
+        ),
+        ZooEntry(
+            "deepseek-v3-16e-groups",
+            "deepseek_v3",
+            # Two groups of 8, one picked a token: the group floor (2 groups x 2) allows 25%, 50% and 75%.
+            family_kwargs(
+                "deepseek_v3",
+                experts=16,
+                top_k=2,
+                expert_ffn=64,
+                attention=(_COMMON["num_attention_heads"], 16),
+                intermediate_size=256,
+                n_shared_experts=1,
+                first_k_dense_replace=1,
+                n_group=2,
+                topk_group=1,
+            ),
+            description="DeepSeek-V3 type: sigmoid routing, 16 experts top-2 in 2 groups (1 picked), a shared "
+            "expert, dense first layer, 4 layers",
         ),
     )
 }
@@ -107,11 +142,26 @@ EXTRA: dict[str, ZooEntry] = {
 SMOKE = ZooEntry(
     "smoke",
     "mixtral",
-    dict(hidden_size=32, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2),
+    family_kwargs("mixtral", experts=4, top_k=2, expert_ffn=32, hidden_size=32, num_hidden_layers=2),
     steps=8,
     batch_size=4,
     seq_len=48,
     description="tiny smoke-test entry",
+)
+
+# The README's tiny model (``diep-hub/tiny-mixtral``): its shape and training recipe live here, its word-level
+# corpus, tokenizer and (constant learning rate) training loop in diep_hub.tiny, which builds it in seconds with
+# no cache. Not a ``diep-hub/zoo-<entry>`` id: build_zoo_model would train it on the wrong corpus.
+TINY = ZooEntry(
+    "tiny-mixtral",
+    "mixtral",
+    family_kwargs("mixtral", experts=8, top_k=2, expert_ffn=96, hidden_size=64, max_position_embeddings=512),
+    steps=150,
+    batch_size=16,
+    seq_len=48,
+    lr=3e-3,
+    warmup=0,
+    description="the README's tiny model: Mixtral type, 8 experts top-2, 4 layers (built by diep_hub.tiny)",
 )
 
 
@@ -119,13 +169,13 @@ def get_entry(name: str) -> ZooEntry:
     """The zoo entry ``name`` (``"smoke"`` included), or a ConfigError listing the entries."""
     if name == SMOKE.name:
         return SMOKE
-    if name in EXTRA:
-        return EXTRA[name]
-    if name not in ZOO:
-        raise ConfigError(
-            f"unknown zoo model {name!r}; available: {sorted(ZOO) + sorted(EXTRA)} (and {SMOKE.name!r} for tests)"
-        )
-    return ZOO[name]
+    for table in (ZOO, EXTRA, HELDOUT):
+        if name in table:
+            return table[name]
+    raise ConfigError(
+        f"unknown zoo model {name!r}; available: {sorted(ZOO) + sorted(EXTRA) + sorted(HELDOUT)} "
+        f"(and {SMOKE.name!r} for tests)"
+    )
 
 
 def default_cache_dir() -> Path:

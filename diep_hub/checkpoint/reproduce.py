@@ -1,7 +1,7 @@
 """Reproducing a checkpoint: re-run the recipe it records and compare kept experts, weights, scores and results.
 
-It sits above the run (it calls :func:`~diep_hub.runner.run_recipe`), so it has a module of its own rather than
-living in runner.py, which would then import itself back. The comparisons leave out what measures the machine
+It sits above the run (it calls :func:`~diep_hub.runner.run_recipe`): nothing else in diep_hub.checkpoint imports
+it, so the run can save checkpoints without importing itself back. The comparisons leave out what measures the machine
 rather than the model (timings, memory, versions).
 """
 
@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
-from .errors import DiEPError
-from .inspection import RECIPE_FILE, local_folder, read_checkpoint_metadata
-from .recipe import load_recipe
-from .runner import run_recipe
+from ..errors import DiEPError
+from ..recipe import load_recipe
+from ..runner import run_recipe
+from .inspect import local_folder, read_checkpoint_metadata
+from .layout import CONFIG_FILE, RECIPE_FILE
+from .report import PruningReport
 
 
 def reproduce(
@@ -33,12 +35,12 @@ def reproduce(
     recipe_file = folder / RECIPE_FILE
     if not recipe_file.exists():
         raise DiEPError(f"{repo_or_dir}: no {RECIPE_FILE} -> only checkpoints made by `diep-hub run` can be reproduced")
-    if not (folder / "config.json").is_file():
-        raise DiEPError(f"{repo_or_dir}: no config.json -> not a model checkpoint")
+    if not (folder / CONFIG_FILE).is_file():
+        raise DiEPError(f"{repo_or_dir}: no {CONFIG_FILE} -> not a model checkpoint")
     recorded = read_checkpoint_metadata(folder)  # a damaged file is named before the hour-long re-run, not after
     recipe = load_recipe(recipe_file)
     recorded_config = recorded["config"]
-    recorded_report = recorded["report"] or {}
+    recorded_report = recorded["report"] or PruningReport()
     recorded_eval = recorded["evaluation"] or {}
     if not evaluate_scores:
         recipe.evaluation.enabled = False
@@ -48,11 +50,11 @@ def reproduce(
         rerun_dir = Path(tmp) / "rerun"
         summary = run_recipe(recipe, output_dir=rerun_dir, push=False)
         rerun = read_checkpoint_metadata(rerun_dir)
-        new_config, new_report = rerun["config"], rerun["report"] or {}
+        new_config, new_report = rerun["config"], rerun["report"] or PruningReport()
         checks = {
             "kept_experts": _compare_kept(recorded_config, new_config, recorded_report, new_report),
             "weights": _compare_weights(folder, rerun_dir, atol=atol),
-            "expert_scores": _compare_numbers(recorded_report.get("scores"), new_report.get("scores"), atol=1e-4),
+            "expert_scores": _compare_numbers(recorded_report.scores, new_report.scores, atol=1e-4),
         }
         if recorded_config.get("diep_skipping") or new_config.get("diep_skipping"):
             checks["skipping_tables"] = _compare_numbers(
@@ -65,20 +67,21 @@ def reproduce(
     return {"source": str(repo_or_dir), "match": all(c["match"] for c in checks.values()), "checks": checks}
 
 
-def _kept_ids(config: dict, report: dict) -> list | None:
+def _kept_ids(config: dict, report: PruningReport) -> list | None:
     """Kept original ids per decoder layer: from config.json, or (stock-format checkpoints, whose config has no
-    per-layer fields) from pruning_report.json's ``kept_original_ids``."""
+    per-layer fields) from the pruning report's ``kept_original_ids``."""
     if config.get("kept_expert_ids") is not None:
         return config["kept_expert_ids"]
-    by_layer = report.get("kept_original_ids")
+    by_layer = report.kept_original_ids
     if not by_layer:
         return None
-    layers = int(config.get("num_hidden_layers") or 1 + max(int(i) for i in by_layer))
-    return [by_layer.get(str(i)) for i in range(layers)]
+    layers = int(config.get("num_hidden_layers") or 1 + max(by_layer))
+    return [by_layer.get(i) for i in range(layers)]
 
 
-def _compare_kept(old: dict, new: dict, old_report: dict | None = None, new_report: dict | None = None):
-    a, b = _kept_ids(old, old_report or {}), _kept_ids(new, new_report or {})
+def _compare_kept(old: dict, new: dict, old_report: PruningReport | None = None,
+                  new_report: PruningReport | None = None):
+    a, b = _kept_ids(old, old_report or PruningReport()), _kept_ids(new, new_report or PruningReport())
     diffs = [
         {"layer": i, "recorded": x, "reproduced": y}
         for i, (x, y) in enumerate(zip(a or [], b or []))

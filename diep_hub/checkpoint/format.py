@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import DiEPError
-from .families import MoEFamily, get_family
-from .modeling import DIEP_CONFIG_CLASSES, DIEP_MODEL_CLASSES
+from ..errors import DiEPError
+from ..families import MoEFamily, get_family
+from ..modeling import DIEP_CONFIG_CLASSES, DIEP_MODEL_CLASSES
 
 PER_LAYER_FIELDS = ("num_experts_per_layer", "original_num_experts", "kept_expert_ids")
 GROUP_FIELDS = ("n_group_per_layer", "topk_group_per_layer")

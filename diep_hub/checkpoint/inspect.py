@@ -3,51 +3,20 @@ made, its recorded results.
 
 Shared by ``diep-hub inspect``, ``push`` (which reads the recorded publish settings), ``eval --save`` and the
 reproduction, which all read the same small files; every one of them is parsed here, so a damaged file is named with
-its line and column before anything is uploaded or re-run. The names of those files are defined here too.
+its line and column before anything is uploaded or re-run. The file names are :mod:`diep_hub.checkpoint.layout`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, CorruptFileError, DiEPError
-from .files import read_json_object, read_yaml
-from .hub import repo_id_problem
-from .jsonable import to_jsonable
-
-RECIPE_FILE = "recipe.yaml"
-REPORT_FILE = "pruning_report.json"
-EVAL_FILE = "evaluation.json"
-CARD_FILE = "README.md"
-
-
-def experts_table(config, report: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Per MoE layer: experts kept, originally, and the kept original ids (dense layers are left out).
-
-    From config.json's per-layer fields; where they are absent (a stock-format checkpoint, uniform counts), from
-    the pruning report's plan. A figure neither records is None. The one reading of "which experts are left",
-    for ``inspect``, the run summary and the model card.
-    """
-    cfg = config if isinstance(config, Mapping) else config.to_dict()
-    kept = cfg.get("num_experts_per_layer") or []
-    original = cfg.get("original_num_experts") or []
-    ids = cfg.get("kept_expert_ids") or []
-    rows = []
-    for i, n in enumerate(kept):
-        if n is None:
-            continue
-        rows.append({"layer": i, "kept": n, "original": original[i] if i < len(original) else None,
-                     "kept_ids": ids[i] if i < len(ids) else None})
-    if rows or not report:
-        return rows
-    before = report.get("experts_before") or {}
-    plan = report.get("kept_original_ids") or report.get("kept_ids") or {}
-    return [{"layer": int(i), "kept": len(layer_ids), "original": before.get(str(i)), "kept_ids": layer_ids}
-            for i, layer_ids in sorted(plan.items(), key=lambda kv: int(kv[0]))]
+from ..errors import ConfigError, CorruptFileError, DiEPError
+from ..files import read_json_object, read_yaml
+from ..hub import repo_id_problem
+from .layout import CARD_FILE, CONFIG_FILE, EVAL_FILE, RECIPE_FILE, REPORT_FILE
+from .report import PruningReport, experts_table
 
 
 def local_folder(repo_or_dir: str | os.PathLike, *, revision: str | None = None, weights: bool = False) -> Path:
@@ -70,18 +39,20 @@ def local_folder(repo_or_dir: str | os.PathLike, *, revision: str | None = None,
 
 
 def read_checkpoint_metadata(folder: str | os.PathLike) -> dict[str, Any]:
-    """The small files of a checkpoint folder, parsed: ``config`` (config.json), ``report`` (pruning_report.json),
-    ``evaluation`` (evaluation.json) and ``recipe`` (recipe.yaml, as plain data); None for a file that is absent.
+    """The small files of a checkpoint folder, parsed: ``config`` (config.json, a dict), ``report``
+    (pruning_report.json, a :class:`PruningReport`), ``evaluation`` (evaluation.json, a dict) and ``recipe``
+    (recipe.yaml, as plain data); None for a file that is absent.
 
     Raises:
-        CorruptFileError: a file that is not UTF-8, not valid JSON/YAML (file, line and column named), or whose top
-            level is not a mapping.
+        CorruptFileError: a file that is not UTF-8, not valid JSON/YAML (file, line and column named), whose top
+            level is not a mapping, or a report field of the wrong shape.
     """
     folder = Path(folder)
     data: dict[str, Any] = {}
-    for key, name in (("config", "config.json"), ("report", REPORT_FILE), ("evaluation", EVAL_FILE)):
-        path = folder / name
-        data[key] = read_json_object(path, name) if path.is_file() else None
+    config_path, eval_path = folder / CONFIG_FILE, folder / EVAL_FILE
+    data["config"] = read_json_object(config_path, CONFIG_FILE) if config_path.is_file() else None
+    data["report"] = PruningReport.load(folder)
+    data["evaluation"] = read_json_object(eval_path, EVAL_FILE) if eval_path.is_file() else None
     recipe_path = folder / RECIPE_FILE
     recipe = read_yaml(recipe_path, RECIPE_FILE) if recipe_path.is_file() else None
     if recipe_path.is_file() and not isinstance(recipe, dict):
@@ -96,26 +67,26 @@ def read_checkpoint_metadata(folder: str | os.PathLike) -> dict[str, Any]:
 def inspect_checkpoint(repo_or_dir: str | os.PathLike, *, revision: str | None = None) -> dict[str, Any]:
     """What a pruned checkpoint holds: experts per layer, how it was made, and its evaluation results."""
     folder = local_folder(repo_or_dir, revision=revision)
-    if not (folder / "config.json").exists():
-        raise DiEPError(f"{repo_or_dir}: no config.json -> not a model checkpoint")
+    if not (folder / CONFIG_FILE).exists():
+        raise DiEPError(f"{repo_or_dir}: no {CONFIG_FILE} -> not a model checkpoint")
     metadata = read_checkpoint_metadata(folder)
-    config, report = metadata["config"], metadata["report"]
+    config = metadata["config"]
+    report = PruningReport.for_checkpoint(config, metadata["report"])
     rows = experts_table(config, report)
     if not rows:
         raise DiEPError(
-            f"{repo_or_dir}: neither config.json (num_experts_per_layer) nor {REPORT_FILE} lists experts per layer "
-            "-> not a diep_hub pruned checkpoint"
+            f"{repo_or_dir}: neither {CONFIG_FILE} (num_experts_per_layer) nor {REPORT_FILE} lists experts per "
+            "layer -> not a diep_hub pruned checkpoint"
         )
     kept = sum(r["kept"] for r in rows)
     original = sum(r["original"] or r["kept"] for r in rows)
-    pruning = config.get("diep_pruning") or {}
     info: dict[str, Any] = {
         "source": str(repo_or_dir),
         "model_type": config.get("model_type"),
-        "base_model": pruning.get("base_model") or (report or {}).get("base_model"),
-        "method": pruning.get("method") or (report or {}).get("method"),
-        "selection": pruning.get("selection") or (report or {}).get("selection"),
-        "target_sparsity": pruning.get("sparsity") or (report or {}).get("sparsity"),
+        "base_model": report.base_model,
+        "method": report.method,
+        "selection": report.selection,
+        "target_sparsity": report.sparsity,
         "experts_kept": kept,
         "experts_original": original,
         "sparsity": round(1 - kept / original, 6) if original else None,
@@ -139,17 +110,6 @@ def inspect_checkpoint(repo_or_dir: str | os.PathLike, *, revision: str | None =
     return info
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON beside ``path`` and rename it into place: a failure never leaves a half-written file."""
-    path = Path(path)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        staging.write_text(json.dumps(to_jsonable(data), indent=2) + "\n", encoding="utf-8")
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
 def format_inspection(info: dict[str, Any]) -> str:
     """Human-readable text of :func:`inspect_checkpoint` (the CLI's default output)."""
     lines = [
@@ -171,3 +131,6 @@ def format_inspection(info: dict[str, Any]) -> str:
     else:
         lines += ["", "results: none recorded in the card"]
     return "\n".join(lines)
+
+
+__all__ = ["format_inspection", "inspect_checkpoint", "local_folder", "read_checkpoint_metadata"]

@@ -1,6 +1,6 @@
 """Tiny models of every supported family, built from configs (random weights, seeded), for mechanics tests.
 
-One row a family: adding a family to diep_hub means adding its row here, and every table-driven test covers it.
+One row a family (QUIRKS): adding a family to diep_hub means adding its row here, and every table-driven test covers it.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import itertools
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from diep_hub.zoo.configs import expert_ffn_field, family_kwargs
 
 COMMON = dict(
     vocab_size=96,
@@ -24,48 +26,31 @@ COMMON = dict(
     tie_word_embeddings=False,
 )
 
-# Per-family settings: 8 routed experts, top-2, plus each family's own quirks (shared experts, dense first
-# layer, grouped routing, router bias...).
+# Every family: 8 routed experts, top-2, experts of FFN width 24 where the family sizes them apart from the dense
+# FFN (else COMMON's 48), head size 8; plus each family's own quirks (shared experts, dense first layer, grouped
+# routing, router scaling...). The family field names come from diep_hub.zoo.configs, the zoo's own table.
+QUIRKS: dict[str, dict] = {
+    "mixtral": {},
+    "qwen2_moe": dict(shared_expert_intermediate_size=40),
+    "qwen3_moe": dict(norm_topk_prob=True),
+    "olmoe": {},
+    "deepseek_v2": dict(first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.0),
+    "deepseek_v3": dict(first_k_dense_replace=1, n_shared_experts=1, n_group=2, topk_group=1),
+    "gpt_oss": {},
+    "phimoe": {},
+    "granitemoe": {},
+}
+
 FAMILY_CONFIGS: dict[str, dict] = {
-    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40
-    ),
-    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True, head_dim=8),
-    "olmoe": dict(num_experts=8, num_experts_per_tok=2),
-    "deepseek_v2": dict(
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=24,
-        first_k_dense_replace=1,
-        n_shared_experts=1,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        num_key_value_heads=4,
-        v_head_dim=8,
-        routed_scaling_factor=1.0,
-    ),
-    "deepseek_v3": dict(
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=24,
-        first_k_dense_replace=1,
-        n_shared_experts=1,
-        n_group=2,
-        topk_group=1,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        num_key_value_heads=4,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        head_dim=8,
-    ),
-    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=16),
-    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2),
-    "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
+    model_type: family_kwargs(
+        model_type,
+        experts=8,
+        top_k=2,
+        expert_ffn=24 if expert_ffn_field(model_type) != "intermediate_size" else None,
+        attention=(COMMON["num_attention_heads"], 8),
+        **quirks,
+    )
+    for model_type, quirks in QUIRKS.items()
 }
 
 FAMILIES = sorted(FAMILY_CONFIGS)

@@ -1,0 +1,200 @@
+"""Quality over calibration seeds: every criterion x selection x sparsity on the zoo models, mean and spread.
+
+Each seed draws other calibration documents and seeds the search, so a cell's spread is what a user re-running
+with another sample would see. Models are split into tuning models (defaults are chosen on them) and held-out
+models (only used to confirm); the report says which is which. Results are written after every cell and a rerun
+skips the cells already in the JSON file, so a long run can be resumed.
+
+Usage (2-core CPU):
+    nice -n 10 python benchmarks/quality_seeds.py --models mixtral-8e olmoe-16e qwen2moe-8e-shared \
+        --heldout mixtral-8e-wide --seeds 0 1 2
+    python benchmarks/quality_seeds.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from quality import METHODS, Method, calibration_ids, evaluate_pruned, score, select, uniform_counts
+
+from diep_hub.criteria.base import get_criterion
+from diep_hub.errors import DiEPError
+from diep_hub.machine import machine_description
+from diep_hub.zoo.tasks import evaluate_zoo
+from diep_hub.zoo.train import build_zoo_model
+
+logger = logging.getLogger("benchmarks.quality_seeds")
+HERE = Path(__file__).resolve().parent
+EVAL = dict(num_mc=100, num_em=0, num_loss=50, seed=1000)
+
+
+def parse_method(label: str) -> Method:
+    """A row of quality.METHODS, or a variant spelled ``LABEL:option=value,...`` (e.g. ``diep-removal:epochs=10``)
+    whose options override that row's."""
+    base, _, spec = label.partition(":")
+    if base not in METHODS:
+        raise SystemExit(f"unknown method {base!r}; choose from {list(METHODS)} (optionally LABEL:opt=value,...)")
+    options = dict(METHODS[base].options)
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value) if value[:1].isdigit() or value[:1] in "-[{" else value
+    return Method(label, METHODS[base].criterion, options)
+
+
+def cell_key(model: str, seed: int, method: str, selection: str, sparsity: float) -> str:
+    return f"{model}|{seed}|{method}|{selection}|{sparsity:g}"
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.is_file() else {"meta": {}, "base": {}, "cells": {}}
+    data["meta"].update(machine=machine_description(), eval=EVAL, num_samples=args.num_samples, seq_len=args.seq_len)
+    data["meta"]["tuning"] = sorted(set(data["meta"].get("tuning", [])) | set(args.models))
+    data["meta"]["heldout"] = sorted(set(data["meta"].get("heldout", [])) | set(args.heldout))
+    commands = data["meta"].setdefault("commands", [])
+    command = "python benchmarks/quality_seeds.py " + " ".join(sys.argv[1:])
+    if command not in commands:
+        commands.append(command)
+    methods = [parse_method(label) for label in args.methods]
+    for name in [*args.models, *args.heldout]:
+        model, tokenizer = build_zoo_model(name, seed=0)
+        if name not in data["base"]:
+            data["base"][name] = evaluate_zoo(model, tokenizer, **EVAL)["macro"]
+        base_mc = data["base"][name]["mc_acc"]
+        for seed in args.seeds:
+            input_ids = calibration_ids(tokenizer, args.num_samples, args.seq_len, seed)
+            for method in methods:
+                _run_method(model, tokenizer, name, seed, method, input_ids, base_mc, data, args)
+                out.write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+def _run_method(model, tokenizer, name, seed, method: Method, input_ids, base_mc, data, args) -> None:
+    criterion = get_criterion(method.criterion)
+    cached = None
+    for sparsity in args.sparsities:
+        for selection in args.selections:
+            key = cell_key(name, seed, method.label, selection, sparsity)
+            if key in data["cells"]:
+                continue
+            if selection not in criterion.selections:
+                continue
+            try:
+                if criterion.needs_target_counts or criterion.needs_sparsity:
+                    result, secs = score(
+                        model,
+                        method,
+                        input_ids,
+                        seed=seed,
+                        batch_size=args.batch_size,
+                        num_to_keep=uniform_counts(model, sparsity) if criterion.needs_target_counts else None,
+                        sparsity=sparsity,
+                    )
+                else:
+                    if cached is None:
+                        cached = score(model, method, input_ids, seed=seed, batch_size=args.batch_size)
+                    result, secs = cached
+                keep = select(result.scores, model, sparsity=sparsity, mode=selection)
+            except DiEPError as exc:
+                data["cells"][key] = {"skipped": str(exc)}
+                logger.warning("%s: %s", key, exc)
+                continue
+            res = evaluate_pruned(model, tokenizer, keep, EVAL)
+            data["cells"][key] = {
+                "mc": res["macro"]["mc_acc"],
+                "loss": res["macro"]["loss"],
+                "retention": res["macro"]["mc_acc"] / base_mc,
+                "kept": [len(keep[k]) for k in sorted(keep)],
+                "score_seconds": round(secs, 2),
+            }
+            logger.info("%s  mc %.3f  kept %s  (%.1fs)", key, res["macro"]["mc_acc"], data["cells"][key]["kept"], secs)
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def report(data: dict, path: Path) -> None:
+    """RESULTS-style markdown: per model and on average, mean +- std over seeds of MC retention."""
+    cells = {tuple(k.split("|")): v for k, v in data["cells"].items() if "retention" in v}
+    models = [m for m in [*data["meta"]["tuning"], *data["meta"]["heldout"]] if any(k[0] == m for k in cells)]
+    order = list(METHODS)
+    rows = sorted({(k[2], k[3]) for k in cells}, key=lambda r: (order.index(r[0].partition(":")[0]), r[0], r[1]))
+    sparsities = sorted({float(k[4]) for k in cells})
+    seeds = sorted({int(k[1]) for k in cells})
+    meta = data["meta"]
+    lines = [
+        "# Quality over calibration seeds: mean and spread of multiple-choice retention",
+        "",
+        "Commands: " + ", ".join(f"`{c}`" for c in meta["commands"]) + "  ",
+        f"Machine: {meta['machine']}.  ",
+        f"Calibration: {meta['num_samples']} zoo documents x {meta['seq_len']} tokens per seed, drawn with the seed "
+        f"(seeds {seeds}); the seed also seeds the search. Evaluation: {EVAL['num_mc']} held-out 4-way "
+        "multiple-choice items per domain (chance 0.25), macro over the 7 domains; retention = pruned / unpruned.",
+        f"Tuning models (defaults chosen on these): {', '.join(meta['tuning'])}. "
+        f"Held-out models (never used to choose): {', '.join(meta['heldout']) or 'none'}.",
+        "",
+        "Cells: mean +- standard deviation over seeds (n = number of seeds).",
+        "",
+    ]
+
+    def table(title: str, names: list[str]) -> None:
+        lines.extend([f"## {title}", "", "| method | selection | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"])
+        lines.append("|---|---|" + "---|" * len(sparsities))
+        for method, selection in rows:
+            out = []
+            for s in sparsities:
+                # per seed: mean over the models, so the spread is that of the average a user would see
+                per_seed = []
+                for seed in seeds:
+                    vals = [cells.get((m, str(seed), method, selection, f"{s:g}")) for m in names]
+                    if all(v is not None for v in vals):
+                        per_seed.append(statistics.fmean(v["retention"] for v in vals))
+                mean, spread = _stats(per_seed) if per_seed else (0.0, 0.0)
+                out.append(f"{mean:.3f} +- {spread:.3f} (n={len(per_seed)})" if per_seed else "")
+            if any(out):
+                lines.append(f"| {method} | {selection} | " + " | ".join(out) + " |")
+        lines.append("")
+
+    tuning = [m for m in meta["tuning"] if m in models]
+    heldout = [m for m in meta["heldout"] if m in models]
+    if tuning:
+        table(f"Mean over the tuning models ({', '.join(tuning)})", tuning)
+    if heldout:
+        table(f"Mean over the held-out models ({', '.join(heldout)})", heldout)
+    for m in models:
+        table(f"{m} (unpruned MC {data['base'][m]['mc_acc']:.3f})", [m])
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=[], help="tuning models")
+    parser.add_argument("--heldout", nargs="*", default=[], help="held-out models")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="quality.METHODS rows or LABEL:opt=v,...")
+    parser.add_argument("--selections", nargs="+", default=["global", "uniform"])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default=str(HERE / "results" / "quality_seeds.json"))
+    parser.add_argument("--report", default=str(HERE / "QUALITY_SEEDS.md"))
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    start = time.perf_counter()
+    if not args.report_only:
+        run(args)
+    report(json.loads(Path(args.out).read_text()), Path(args.report))
+    logger.info("done in %.0f s", time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""The removal-aware search (criteria/removal.py): its gates act where surgery acts, and its search is sound.
+
+A gate of 0 must route exactly as surgery does (compared with the surgically pruned model within
+tests/helpers/numerics.py's tolerance and on greedy tokens: two computations of the same maths), a gate of 1 must leave
+the model as it is, and the search must leave the weights bit-identical, be deterministic for a seed and meet its
+budget's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import diep_hub
+from diep_hub.criteria.base import ScoringContext, get_criterion
+from diep_hub.criteria.removal import (
+    MIN_LOG_GATE,
+    initial_theta,
+    keep_probability,
+    router_logit_bias,
+    sample_gates,
+    theta_for_probability,
+    validate_options,
+)
+from diep_hub.errors import ConfigError
+from diep_hub.families import get_family
+from tests.helpers.numerics import assert_close_logits, assert_same_greedy
+from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model
+
+# Grouped routing: the removal keeps the same count from every group, as surgery requires.
+GROUPED = {"deepseek_v3": {"n_group": 2, "topk_group": 1}}
+
+
+def _removal_keep_map(model) -> dict[int, list[int]]:
+    """Drop a different set of experts in every MoE layer, keeping at least the family's floor (and, with groups,
+    the same count from each group)."""
+    keep = {}
+    for position, layer in enumerate(get_family(model).moe_layers(model)):
+        n = layer.num_experts
+        groups = getattr(layer.router, "num_group", 1) or 1
+        size = n // groups
+        per_group = max(2, size - 1 - position % 2) if groups > 1 else None
+        if per_group is not None:
+            keep[layer.index] = [g * size + (e + position) % size for g in range(groups) for e in range(per_group)]
+            keep[layer.index] = sorted(keep[layer.index])
+        else:
+            kept = max(get_family(model).layer_floor(model.config), n - 3 - position % 2)
+            keep[layer.index] = sorted((e * 3 + position) % n for e in range(kept))
+    return keep
+
+
+def _gated_logits(model, layers, keep, ids) -> torch.Tensor:
+    biases = []
+    for layer in layers:
+        bias = torch.full((layer.num_experts,), MIN_LOG_GATE)
+        bias[keep[layer.index]] = 0.0
+        biases.append(bias)
+    with torch.no_grad(), router_logit_bias(layers, lambda position: biases[position]):
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_gates_route_as_surgery_does(family):
+    model = tiny_model(family, **GROUPED.get(family, {}))
+    layers = get_family(model).moe_layers(model)
+    keep = _removal_keep_map(model)
+    assert all(len(keep[layer.index]) < layer.num_experts for layer in layers)
+    ids = sample_input_ids()
+
+    gated = _gated_logits(model, layers, keep, ids)
+    pruned = diep_hub.prune_experts(copy.deepcopy(model), keep)
+    with torch.no_grad():
+        reference = pruned(ids).logits
+    assert_close_logits(gated, reference, "logits with zero gates vs surgery")
+    assert_same_greedy(gated, reference)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gates_of_one_leave_the_model_unchanged(family):
+    model = tiny_model(family)
+    layers = get_family(model).moe_layers(model)
+    ids = sample_input_ids()
+    with torch.no_grad():
+        plain = model(ids).logits
+    keep_all = {layer.index: list(range(layer.num_experts)) for layer in layers}
+    assert_close_logits(_gated_logits(model, layers, keep_all, ids), plain, "logits with every gate at 1")
+
+
+def test_hard_concrete_gates_and_their_probability():
+    theta = torch.tensor([-4.0, -1.0, 0.0, 1.0, 4.0])
+    generator = torch.Generator().manual_seed(0)
+    samples = torch.stack([sample_gates(theta, generator) for _ in range(4000)])
+    assert samples.min() == 0.0 and samples.max() == 1.0
+    empirical = (samples > 0).float().mean(dim=0)
+    # 4000 Bernoulli draws: a standard error of at most 0.008; 0.04 is five of them
+    assert torch.allclose(empirical, keep_probability(theta), atol=0.04)
+    probability = torch.tensor([0.01, 0.3, 0.5, 0.9])
+    assert torch.allclose(keep_probability(theta_for_probability(probability)), probability, atol=1e-6)
+
+
+def _context(model, sparsity=0.5, seed=0, **options):
+    family = get_family(model)
+    return ScoringContext(
+        model=model,
+        family=family,
+        layers=family.moe_layers(model),
+        input_ids=sample_input_ids(batch=8, length=16, seed=3),
+        batch_size=4,
+        seed=seed,
+        sparsity=sparsity,
+        options={"progress": False, "epochs": 2, **options},
+    )
+
+
+def test_initial_keep_probabilities_follow_soft_frequency_and_sum_to_the_budget():
+    model = tiny_model("mixtral")
+    context = _context(model)
+    theta = initial_theta(context, "soft_frequency", 2.0, kept_target=16)
+    probability = torch.cat([keep_probability(t) for t in theta.values()])
+    assert probability.sum().item() == pytest.approx(16, abs=1e-3)
+    context.options = {"progress": False}
+    usage = get_criterion("soft_frequency")().score(context).scores
+    relative = torch.cat([usage[i] * len(usage[i]) / usage[i].sum() for i in sorted(usage)])
+    assert torch.equal(torch.argsort(probability, stable=True), torch.argsort(relative, stable=True))
+
+
+def test_search_leaves_weights_untouched_is_deterministic_and_reports_its_budget():
+    model = tiny_model("qwen2_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    criterion = get_criterion("diep_removal")()
+    first = criterion.score(_context(model, sparsity=0.25))
+    second = criterion.score(_context(model, sparsity=0.25))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert first.scores.keys() == second.scores.keys()
+    assert all(torch.equal(first.scores[i], second.scores[i]) for i in first.scores)
+    total = sum(len(s) for s in first.scores.values())
+    assert first.details["kept_target"] == total - round(0.25 * total)
+    assert all(((s > 0) & (s < 1)).all() for s in first.scores.values())
+    steps = 2 * math.ceil(8 / 4)
+    assert len(first.details["loss_curve"]) == steps
+    other_seed = criterion.score(_context(model, sparsity=0.25, seed=1))
+    assert any(not torch.equal(first.scores[i], other_seed.scores[i]) for i in first.scores)
+
+
+def test_the_search_needs_the_sparsity():
+    model = tiny_model("mixtral")
+    with pytest.raises(ConfigError, match=r"needs the target sparsity in \(0, 1\), got None"):
+        get_criterion("diep_removal")().score(_context(model, sparsity=None))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"epochs": 0}, "epochs=0 must be an integer >= 1"),
+        ({"lr": float("nan")}, "lr=nan must be a finite number > 0"),
+        ({"budget_weight": -1}, "budget_weight=-1 must be a finite number >= 0"),
+        ({"init": "nope"}, "init='nope' is not allowed; choose one of ['soft_frequency', 'reap', 'frequency', 'uni"),
+        ({"bogus": 1}, "unknown diep_removal option(s) ['bogus']"),
+    ],
+)
+def test_bad_options_are_refused_with_the_field_and_what_is_allowed(options, message):
+    with pytest.raises(ConfigError) as info:
+        validate_options(options)
+    assert message in str(info.value)
+
+
+def test_the_pruner_runs_the_search_at_its_own_sparsity_and_keeps_the_top_scores():
+    """End to end through DiEPPruner: the search is told the run's sparsity, and the keep map is the global top of
+    its scores (the budget's count), as selection makes it."""
+    from diep_hub.pruner import DiEPPruner
+    from diep_hub.selection import select_experts
+    from tests.helpers.word_tokenizer import pruner_texts, pruner_tokenizer
+
+    original = tiny_model("mixtral")
+    pruner = DiEPPruner(
+        sparsity=0.25, method="diep_removal", dataset=pruner_texts(), num_samples=8, seq_len=16, batch_size=4,
+        progress=False,
+    )
+    assert pruner.selection == "global"
+    model = pruner.prune_model(copy.deepcopy(original), pruner_tokenizer())
+    details = pruner.report.details
+    assert details["sparsity"] == 0.25 and details["kept_target"] == 32 - 8
+    scores = {int(i): torch.tensor(v) for i, v in pruner.report.scores.items()}
+    expected = select_experts(scores, original, sparsity=0.25, mode="global").keep
+    kept = {i: list(ids) for i, ids in enumerate(model.config.kept_expert_ids) if ids is not None}
+    assert kept == {i: sorted(ids) for i, ids in expected.items()}
+    assert sum(len(ids) for ids in kept.values()) == 24
