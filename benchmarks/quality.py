@@ -74,14 +74,14 @@ ABLATION = {
     "dense, paper settings": {"mode": "dense", **PAPER},
     "gated, raw alpha*beta": {"mode": "gated", **PAPER, "ranking": "raw"},
     "dense, raw alpha*beta": {"mode": "dense", **PAPER, "ranking": "raw"},
-    "gated, lambda=1": {"mode": "gated", **PAPER, "recon_weight": 1.0},
-    "dense, lambda=0": {"mode": "dense", **PAPER, "recon_weight": 0.0},
-    "dense, lambda=1": {"mode": "dense", **PAPER, "recon_weight": 1.0},
+    "gated, lambda=1": {"mode": "gated", **PAPER, "lambda": 1.0},
+    "dense, lambda=0": {"mode": "dense", **PAPER, "lambda": 0.0},
+    "dense, lambda=1": {"mode": "dense", **PAPER, "lambda": 1.0},
     "gated, 30 epochs": {"mode": "gated", "epochs": 30},
     "dense, 30 epochs": {"mode": "dense", "epochs": 30},
     "gated, lr=5e-2": {"mode": "gated", **PAPER, "lr": 5e-2},
     "dense, lr=5e-2": {"mode": "dense", **PAPER, "lr": 5e-2},
-    "dense, alpha only (1:0)": {"mode": "dense", **PAPER, "beta_steps": 0},
+    "dense, alpha only (1:0)": {"mode": "dense", **PAPER, "alternation": (1, 0)},
 }
 
 
@@ -185,7 +185,7 @@ def check_against_pruner(
 
 def _pruner_options(method: Method) -> dict:
     """How a method's criterion options are spelled for DiEPPruner (its search hyper-parameters)."""
-    names = {"mode": "search_mode", "recon_weight": "lambda_"}
+    names = {"mode": "search_mode", "lambda": "lambda_"}
     return {names.get(k, k): v for k, v in method.options.items()}
 
 

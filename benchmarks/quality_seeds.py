@@ -92,7 +92,7 @@ def _run_method(model, tokenizer, name, seed, method: Method, input_ids, base_mc
                         input_ids,
                         seed=seed,
                         batch_size=args.batch_size,
-                        num_to_keep=uniform_counts(model, sparsity) if criterion.needs_target_counts else None,
+                        num_to_keep=uniform_counts(model, sparsity) if selection == "uniform" else None,
                         sparsity=sparsity,
                     )
                 else:
@@ -113,6 +113,20 @@ def _run_method(model, tokenizer, name, seed, method: Method, input_ids, base_mc
                 "score_seconds": round(secs, 2),
             }
             logger.info("%s  mc %.3f  kept %s  (%.1fs)", key, res["macro"]["mc_acc"], data["cells"][key]["kept"], secs)
+
+
+def merge(parts: list[dict]) -> dict:
+    """One results dict from several runs (one file per model, so that runs in parallel never share a file)."""
+    merged: dict = {"meta": {"commands": [], "tuning": [], "heldout": []}, "base": {}, "cells": {}}
+    for part in parts:
+        meta = part["meta"]
+        for key in ("commands", "tuning", "heldout"):
+            merged["meta"][key] += [v for v in meta.get(key, []) if v not in merged["meta"][key]]
+        for key in ("machine", "eval", "num_samples", "seq_len", "note"):
+            merged["meta"].setdefault(key, meta.get(key))
+        merged["base"].update(part["base"])
+        merged["cells"].update(part["cells"])
+    return merged
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -142,6 +156,8 @@ def report(data: dict, path: Path) -> None:
         "Cells: mean +- standard deviation over seeds (n = number of seeds).",
         "",
     ]
+    if meta.get("note"):
+        lines[-1:-1] = [f"Note: {meta['note']}.", ""]
 
     def table(title: str, names: list[str]) -> None:
         lines.extend([f"## {title}", "", "| method | selection | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"])
@@ -183,15 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default=str(HERE / "results" / "quality_seeds.json"))
+    parser.add_argument("--out", default=None, help="results JSON (default: results/seeds/<first model>.json)")
     parser.add_argument("--report", default=str(HERE / "QUALITY_SEEDS.md"))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--results", nargs="*", default=None,
+                        help="result files the report merges (default: every results/seeds/*.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     start = time.perf_counter()
     if not args.report_only:
+        if args.out is None:
+            args.out = str(HERE / "results" / "seeds" / f"{[*args.models, *args.heldout][0]}.json")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         run(args)
-    report(json.loads(Path(args.out).read_text()), Path(args.report))
+    files = args.results
+    if files is None:
+        files = sorted(str(p) for p in (HERE / "results" / "seeds").glob("*.json"))
+    report(merge([json.loads(Path(f).read_text()) for f in files]), Path(args.report))
     logger.info("done in %.0f s", time.perf_counter() - start)
     return 0
 

@@ -1,9 +1,13 @@
-"""Loading a recipe's model, config, tokenizer and text sources, with loader failures turned into DiEPErrors.
+"""Loading a run's model, config, tokenizer and text sources, with loader failures turned into DiEPErrors.
 
 transformers reports a damaged checkpoint in its own terms: "not a valid JSON file", a safetensors error naming no
 file, a pickle error blaming the installed torch, an unknown ``model_type`` as a bare ValueError. This module is the
 one place that reads what a recipe's ``model.id`` names and says what went wrong in diep_hub's terms (the file, the
 field, what is allowed), so the run, the dry run and ``diep-hub eval`` all refuse a bad model with the same words.
+Its functions take the load stage's :class:`~diep_hub.pipeline.plan.LoadConfig`, not the recipe.
+
+``load_model`` is looked up here at call time by the load stage and by ``diep-hub eval``: tests that must prove no
+weights load patch ``diep_hub.model_loading.load_model``.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import ConfigError, CorruptFileError, DiEPError, UnsupportedModelError
 from .families.registry import unsupported_model_error
 from .files import read_json_object
-from .recipe import Recipe
+
+if TYPE_CHECKING:
+    from .pipeline.plan import LoadConfig
 
 logger = logging.getLogger(__name__)
 
@@ -91,25 +97,21 @@ def _transformers_value_error(model_id: str, local_config: dict | None, exc: Val
     return ConfigError(f"model.id: cannot load {model_source(model_id)}: {first}")
 
 
-def load_config(recipe: Recipe):
+def load_config(m: LoadConfig):
     """The model's config only (no weights): an offline model's, or the Hub's/local folder's via AutoConfig."""
-    if recipe.is_offline:
+    if m.offline:
         from .tiny import offline_config
 
-        return offline_config(recipe.model.id)
+        return offline_config(m.model_id)
     from transformers import AutoConfig
 
-    local_config = _read_local_config(recipe.model.id)
+    local_config = _read_local_config(m.model_id)
     try:
-        return AutoConfig.from_pretrained(
-            recipe.model.id, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-        )
+        return AutoConfig.from_pretrained(m.model_id, revision=m.revision, trust_remote_code=m.trust_remote_code)
     except OSError as exc:
-        raise DiEPError(
-            f"model.id: cannot load the config of {recipe.model.id!r} (revision {recipe.model.revision}): {exc}"
-        ) from None
+        raise DiEPError(f"model.id: cannot load the config of {m.model_id!r} (revision {m.revision}): {exc}") from None
     except ValueError as exc:
-        raise _transformers_value_error(recipe.model.id, local_config, exc) from None
+        raise _transformers_value_error(m.model_id, local_config, exc) from None
 
 
 def _weight_files(model_id: str, suffix: str) -> list[Path]:
@@ -184,49 +186,48 @@ def _weights_error(model_id: str, exc: BaseException) -> CorruptFileError | None
     )
 
 
-def _load_error(recipe: Recipe, local_config: dict | None, exc: Exception) -> DiEPError | None:
+def _load_error(m: LoadConfig, local_config: dict | None, exc: Exception) -> DiEPError | None:
     """What went wrong loading the model, as a DiEPError naming the model or file; None when it is not the
     checkpoint's fault (then it is a bug, and keeps its own traceback)."""
-    m = recipe.model
-    error = _weights_error(m.id, exc)
+    error = _weights_error(m.model_id, exc)
     if error is not None:
         return error
     if isinstance(exc, ValueError):
-        error = _transformers_value_error(m.id, local_config, exc)
+        error = _transformers_value_error(m.model_id, local_config, exc)
         return error if isinstance(error, UnsupportedModelError) else None
     if isinstance(exc, OSError):  # a Hub repo that cannot be reached, or a folder missing a file
-        return DiEPError(f"model.id: cannot load {model_source(m.id)} (revision {m.revision}): {exc}")
+        return DiEPError(f"model.id: cannot load {model_source(m.model_id)} (revision {m.revision}): {exc}")
     return None
 
 
-def load_model(recipe: Recipe):
+def load_model(m: LoadConfig):
     """Load the recipe's model and tokenizer (offline models are built locally, deterministically).
 
     Raises:
         CorruptFileError: a damaged config.json or weight file, named.
         UnsupportedModelError: a model_type transformers does not know.
     """
-    if recipe.is_offline:
+    if m.offline:
         from .tiny import build_offline_model
 
-        dtype = torch.float32 if recipe.model.dtype == "auto" else getattr(torch, recipe.model.dtype)
-        return build_offline_model(recipe.model.id, dtype=dtype)
+        dtype = torch.float32 if m.dtype == "auto" else getattr(torch, m.dtype)
+        return build_offline_model(m.model_id, dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    m = recipe.model
-    local_config = _read_local_config(m.id)
-    logger.info("loading %s (revision %s, dtype %s, device_map %s)", m.id, m.revision, m.dtype, m.device_map)
+    local_config = _read_local_config(m.model_id)
+    logger.info("loading %s (revision %s, dtype %s, device_map %s)", m.model_id, m.revision, m.dtype, m.device_map)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(m.id, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(m.model_id, revision=m.revision,
+                                                  trust_remote_code=m.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            m.id,
+            m.model_id,
             revision=m.revision,
             dtype=_torch_dtype(m.dtype),
             device_map=m.device_map,
             trust_remote_code=m.trust_remote_code,
         )
     except Exception as exc:
-        error = _load_error(recipe, local_config, exc)
+        error = _load_error(m, local_config, exc)
         if error is None:
             raise  # anything else (a bug in a model's own code...) keeps its own traceback
         raise error from exc
@@ -239,10 +240,11 @@ def _cache_dir() -> Path:
     return Path(root) / "offline-text"
 
 
-def _text_source(dataset: str | None, path: str | None, split: str, recipe: Recipe) -> tuple[str, bool]:
-    """(source for the loader, is_local): a local path, an offline corpus written as JSONL, or a Hub name."""
+def text_source(dataset: str | None, path: str | None, split: str) -> tuple[str, bool]:
+    """(source for the loader, is_local): a local path (already absolute), an offline corpus written as JSONL, or
+    a Hub name."""
     if path is not None:
-        return str(recipe.resolve_path(path)), True
+        return str(path), True
     from .tiny import offline_text_file
 
     local = offline_text_file(str(dataset), split, _cache_dir())

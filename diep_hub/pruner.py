@@ -219,7 +219,10 @@ class DiEPPruner:
         experts_before = {layer.index: layer.num_experts for layer in layers}
         previous = getattr(model.config, "diep_pruning", None)
 
-        num_to_keep = self._target_counts(dry_run) if criterion.needs_target_counts else None
+        # Counts fixed before scoring (uniform selection) are told to every criterion: NAEE needs them, the
+        # removal-aware search budgets per layer with them, the others ignore them.
+        counts_fixed = self.selection in criteria_base.COUNTS_BEFORE_SCORING
+        num_to_keep = self._target_counts(dry_run) if criterion.needs_target_counts or counts_fixed else None
         # Everything but the calibration tokens, so that the criterion can refuse before they are loaded.
         context = criteria_base.ScoringContext(
             model=model,
@@ -349,15 +352,18 @@ class DiEPPruner:
         overwrite: bool = False,
         extra_files: Mapping[str, str | bytes | dict] | None = None,
         stock_format: bool = False,
+        report: PruningReport | None = None,
     ) -> Path:
         """Write the pruned checkpoint plus ``pruning_report.json`` and ``diep_recipe.json`` (atomically).
 
         ``stock_format``: save as the family's own architecture (``save_pruned(stock_format=True)``; every layer
         must keep the same number of experts), recorded as ``format: "stock"`` in the report.
+        ``report``: the report to write instead of ``self.report`` (the run's, completed by later stages).
         """
-        if self.report is None:
+        report = report if report is not None else self.report
+        if report is None:
             raise ConfigError("nothing to save yet: call prune_model(model, tokenizer) first")
-        report = dataclasses.replace(self.report, format="stock" if stock_format else "diep")
+        report = dataclasses.replace(report, format="stock" if stock_format else "diep")
         files: dict[str, Any] = {REPORT_FILE: report.to_dict(), PRUNER_CONFIG_FILE: self.to_dict()}
         files.update(extra_files or {})
         return save_pruned(model, save_directory, tokenizer=tokenizer, overwrite=overwrite, extra_files=files,

@@ -166,12 +166,12 @@ def test_push_without_repo_id_is_refused_before_work(tmp_path, capsys):
 
 
 def test_run_with_a_rejected_token_fails_before_the_model_loads(hub_server, tmp_path, monkeypatch, capsys):
-    import diep_hub.runner
+    import diep_hub.model_loading
 
     def no_loading(recipe):
         raise AssertionError("the model must not be loaded when the push would fail")
 
-    monkeypatch.setattr(diep_hub.runner, "load_model", no_loading)
+    monkeypatch.setattr(diep_hub.model_loading, "load_model", no_loading)
     secret = "hf_not_a_real_token_0123456789"
     monkeypatch.setenv("HF_TOKEN", secret)
     out = tmp_path / "o"

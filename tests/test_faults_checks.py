@@ -443,10 +443,8 @@ def no_weights(monkeypatch, tmp_path):
     import transformers
 
     import diep_hub.model_loading
-    import diep_hub.runner
 
-    # Where each caller looks load_model up: the run (runner) and `diep-hub eval` (model_loading).
-    monkeypatch.setattr(diep_hub.runner, "load_model", refuse)
+    # Where the run's load stage and `diep-hub eval` look load_model up.
     monkeypatch.setattr(diep_hub.model_loading, "load_model", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)

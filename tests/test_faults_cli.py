@@ -608,7 +608,7 @@ def test_reproduce_mismatch_still_exits_1(run_folder, tmp_path):
 def test_preflight_runs_after_the_config_and_before_any_weights(monkeypatch, tmp_path):
     """run and the dry run hand the recipe and the model's config to preflight.check_run_inputs before weights
     load; its refusal is the command's one error line."""
-    import diep_hub.runner
+    import diep_hub.model_loading
 
     calls = []
 
@@ -621,7 +621,7 @@ def test_preflight_runs_after_the_config_and_before_any_weights(monkeypatch, tmp
 
     monkeypatch.setitem(sys.modules, "diep_hub.preflight",
                         types.SimpleNamespace(check_run_inputs=check_run_inputs))
-    monkeypatch.setattr(diep_hub.runner, "load_model", no_weights)
+    monkeypatch.setattr(diep_hub.model_loading, "load_model", no_weights)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RUN_RECIPE))
     for argv in (["run", str(recipe), "--output", str(tmp_path / "out")], ["run", str(recipe), "--dry-run"]):

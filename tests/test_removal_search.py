@@ -127,12 +127,13 @@ def test_initial_keep_probabilities_follow_soft_frequency_and_sum_to_the_budget(
     assert torch.equal(torch.argsort(probability, stable=True), torch.argsort(relative, stable=True))
 
 
-def test_search_leaves_weights_untouched_is_deterministic_and_reports_its_budget():
+@pytest.mark.parametrize("estimator", ["reinforce", "concrete"])
+def test_search_leaves_weights_untouched_is_deterministic_and_reports_its_budget(estimator):
     model = tiny_model("qwen2_moe")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     criterion = get_criterion("diep_removal")()
-    first = criterion.score(_context(model, sparsity=0.25))
-    second = criterion.score(_context(model, sparsity=0.25))
+    first = criterion.score(_context(model, sparsity=0.25, estimator=estimator))
+    second = criterion.score(_context(model, sparsity=0.25, estimator=estimator))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert first.scores.keys() == second.scores.keys()
     assert all(torch.equal(first.scores[i], second.scores[i]) for i in first.scores)
@@ -141,7 +142,7 @@ def test_search_leaves_weights_untouched_is_deterministic_and_reports_its_budget
     assert all(((s > 0) & (s < 1)).all() for s in first.scores.values())
     steps = 2 * math.ceil(8 / 4)
     assert len(first.details["loss_curve"]) == steps
-    other_seed = criterion.score(_context(model, sparsity=0.25, seed=1))
+    other_seed = criterion.score(_context(model, sparsity=0.25, seed=1, estimator=estimator))
     assert any(not torch.equal(first.scores[i], other_seed.scores[i]) for i in first.scores)
 
 
@@ -154,10 +155,12 @@ def test_the_search_needs_the_sparsity():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"epochs": 0}, "epochs=0 must be an integer >= 1"),
-        ({"lr": float("nan")}, "lr=nan must be a finite number > 0"),
-        ({"budget_weight": -1}, "budget_weight=-1 must be a finite number >= 0"),
-        ({"init": "nope"}, "init='nope' is not allowed; choose one of ['soft_frequency', 'reap', 'frequency', 'uni"),
+        ({"epochs": 0}, "invalid diep_removal options: epochs: 0 -> is out of range; allowed: [1, inf)"),
+        ({"lr": float("nan")}, "lr: nan -> must be a finite number in (0, inf)"),
+        ({"budget_weight": -1}, "budget_weight: -1 -> is out of range; allowed: [0, inf)"),
+        ({"init": "nope"}, "init: 'nope' -> Input should be 'soft_frequency', 'reap', 'frequency' or 'uniform'"),
+        ({"estimator": "x"}, "estimator: 'x' -> Input should be 'reinforce' or 'concrete'"),
+        ({"masks": 1}, "masks: 1 -> is out of range; allowed: [2, inf)"),
         ({"bogus": 1}, "unknown diep_removal option(s) ['bogus']"),
     ],
 )
@@ -188,3 +191,69 @@ def test_the_pruner_runs_the_search_at_its_own_sparsity_and_keeps_the_top_scores
     kept = {i: list(ids) for i, ids in enumerate(model.config.kept_expert_ids) if ids is not None}
     assert kept == {i: sorted(ids) for i, ids in expected.items()}
     assert sum(len(ids) for ids in kept.values()) == 24
+
+
+def test_reinforce_masks_never_leave_a_layer_below_top_k_and_follow_the_score_function():
+    """With every keep probability near 0, each mask still keeps each layer's top-k most likely experts; the
+    gradient left on theta is the leave-one-out estimate sum_i A_i (m_i - p) / M, recomputed here by hand."""
+    from diep_hub.criteria.removal import RemovalAwareCriterion, validate_options
+
+    model = tiny_model("mixtral")
+    layers = get_family(model).moe_layers(model)
+    theta = torch.nn.ParameterList(
+        [torch.nn.Parameter(torch.linspace(-12.0, -8.0, layer.num_experts)) for layer in layers]
+    )
+    ids = sample_input_ids(batch=4, length=16, seed=3)
+    gates: dict[int, torch.Tensor] = {}
+    seen: list[list[torch.Tensor]] = []
+    losses: list[float] = []
+    original = RemovalAwareCriterion.__dict__["_reinforce_step"].__func__
+
+    import diep_hub.criteria.removal as removal
+
+    real_loss = removal.DiEPCriterion._loss
+
+    def recording_loss(model_, batch, target, device):
+        seen.append([gates[p].clone() for p in range(len(layers))])
+        ce, recon = real_loss(model_, batch, target, device)
+        losses.append(float(ce) + 0.01 * float(recon))
+        return ce, recon
+
+    opts = validate_options({"masks": 3})
+    with torch.no_grad():
+        targets = torch.zeros(4, 16, model.config.hidden_size)
+    removal.DiEPCriterion._loss = staticmethod(recording_loss)
+    try:
+        with router_logit_bias(layers, lambda p: torch.log(gates[p].clamp_min(1e-12))):
+            original(theta, gates, layers, opts, model, torch.Generator().manual_seed(0), ids, targets, "cpu")
+    finally:
+        removal.DiEPCriterion._loss = staticmethod(real_loss)
+    assert len(seen) == 3
+    for mask in seen:
+        for position, layer in enumerate(layers):
+            assert int(mask[position].sum()) == layer.top_k
+            assert mask[position][-layer.top_k:].sum() == layer.top_k  # the most likely ones (largest theta)
+    total = torch.tensor(losses)
+    advantage = total - (total.sum() - total) / 2
+    for position, location in enumerate(theta):
+        p = keep_probability(location.detach())
+        expected = sum(advantage[i] * (seen[i][position] - p) for i in range(3)) / 3
+        assert torch.allclose(location.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_uniform_counts_give_a_budget_per_layer_that_the_start_already_meets():
+    """Under uniform selection the pruner passes each layer's count (num_to_keep): the start's keep probabilities
+    sum to that count in every layer, and the report says the budget was per layer."""
+    model = tiny_model("mixtral")
+    counts = {layer.index: 5 for layer in get_family(model).moe_layers(model)}
+    counts[0] = 3
+    context = _context(model, sparsity=0.5)
+    theta = initial_theta(context, "soft_frequency", 2.0, kept_target=sum(counts.values()), layer_targets=counts)
+    for index, location in theta.items():
+        assert keep_probability(location).sum().item() == pytest.approx(counts[index], abs=1e-3)
+    context.num_to_keep = counts
+    result = get_criterion("diep_removal")().score(context)
+    assert result.details["budget"] == "per layer"
+    assert result.details["kept_target"] == sum(counts.values())
+    global_result = get_criterion("diep_removal")().score(_context(model, sparsity=0.5))
+    assert global_result.details["budget"] == "global"

@@ -68,6 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..checkpoint.atomic import write_json_atomic
     from ..checkpoint.layout import EVAL_FILE
     from ..model_loading import load_model
+    from ..pipeline.plan import load_settings
     from ..recipe import Recipe
     from ..runner import evaluate, evaluation_tasks
 
@@ -86,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     def run_one(model_id: str) -> dict[str, Any]:
         recipe = recipe_for(model_id)
-        model, tokenizer = load_model(recipe)
+        model, tokenizer = load_model(load_settings(recipe))
         with tempfile.TemporaryDirectory(prefix="diep-hub-eval-") as tmp:
             names, include = evaluation_tasks(recipe, Path(tmp))  # as `run` does: tiny task files written on the fly
             return evaluate(model, tokenizer, recipe, tasks=names, include_path=include)

@@ -2,25 +2,32 @@
 
 The paper's search (``criteria/diep.py``) scales expert outputs and never shows the model an expert removed, so
 it cannot learn what a removal costs (benchmarks/RESULTS.md). This search moves the learned variable to where
-surgery acts: the router. Each routed expert e of MoE layer l has a keep gate z in [0, 1]; log z is added to the
-expert's router logit before the router's own activation, grouping, top-k and renormalisation. At z = 1 the
-layer is the unpruned one; at z = 0 the expert's tokens go to the experts that would take them after surgery
-(exactly so for softmax routers, where a -inf logit is the same as deleting the router row).
+surgery acts: the router. Each routed expert e of MoE layer l has a keep logit theta and a gate z in [0, 1];
+log z is added to the expert's router logit before the router's own activation, grouping, top-k and
+renormalisation. At z = 1 the layer is the unpruned one; at z = 0 the expert's tokens go to the experts that would
+take them after surgery (exactly so for softmax routers, where a -inf logit is the same as deleting the router row;
+tests/test_removal_search.py compares with surgery for every family).
 
-Gates (per step, for every expert of every layer): hard-concrete samples (Louizos et al. 2018, "Learning Sparse
-Neural Networks through L0 Regularization", https://arxiv.org/abs/1712.01312) with location theta:
-    s = sigmoid((log u - log(1 - u) + theta) / b),  u ~ U(0, 1),  z = clamp(s * (zeta - gamma) + gamma, 0, 1)
-with b = 2/3, gamma = -0.1, zeta = 1.1. A share of the samples is exactly 0 (the expert removed for that step),
-a share exactly 1, the rest in between carries the gradient. P(z > 0) = sigmoid(theta - b log(-gamma / zeta)).
+Loss of one model: next-token CE + lambda * || F'(x) - F(x) ||_F, DiEP's Eq. 7 with the same reconstruction target
+(the unpruned last hidden state). The search minimises its expectation over keep masks drawn with
+P(keep e) = keep_probability(theta_e), plus budget_weight * ((E[kept] - K) / K)^2, where E[kept] sums the keep
+probabilities over ALL experts of all layers and K is the number kept at the target sparsity: one global budget,
+so the allocation across layers is learned jointly (under uniform selection, whose counts are fixed before scoring,
+the budget holds per layer instead).
 
-Loss per step: next-token CE + recon_weight * || F'(x) - F(x) ||_F (DiEP's Eq. 7 with the same reconstruction
-target, the unpruned last hidden state) + budget_weight * ((E[kept] - K) / K)^2, where E[kept] is the sum of
-P(z > 0) over ALL experts of all layers and K the experts kept at the target sparsity. The budget is global, so
-the allocation across layers is learned jointly: the search spends the removals where they cost least.
+Two estimators of the gradient (option ``estimator``):
+    "reinforce" (default)  each step draws ``masks`` hard keep/remove masks (every layer keeps at least its top-k),
+                           runs each on the same batch (forward only) and uses the score-function gradient with a
+                           leave-one-out baseline: sum_i (L_i - mean_{j != i} L_j) * (m_i - p) / M. Every sampled
+                           model has experts truly removed, so the gradient is what removal costs.
+    "concrete"             hard-concrete gates (Louizos et al. 2018, https://arxiv.org/abs/1712.01312; b = 2/3,
+                           gamma = -0.1, zeta = 1.1), a share of them exactly 0 or 1, with the pathwise gradient
+                           through the gates in between.
 
-Start: theta is initialised from soft frequency (or another cheap criterion, option ``init``) so that the
-sampled models already have about the target sparsity at step 0, rather than at the trained model's stationary
-point where the paper's gated search barely moves. Scores: P(z > 0) after the search, one global ranking.
+Start: theta is initialised from soft frequency (or another cheap criterion, option ``init``) so that the sampled
+models already have about the target sparsity at step 0, rather than at the trained model's stationary point
+where the paper's gated search barely moves. Scores: keep_probability(theta) after the search, one global ranking.
+Defaults and how they compare with the other criteria: benchmarks/QUALITY_SEEDS.md and REMOVAL_TUNING.md.
 
 Needs the target sparsity (``ScoringContext.sparsity``): the budget depends on it, so scores are per sparsity.
 """
@@ -31,16 +38,18 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..families import MoELayer
-from .base import Criterion, ScoreResult, ScoringContext, get_criterion, register_criterion
-from .capture import criterion_options, eval_mode, input_device
+from ..options import Count, CriterionOptions, Number
+from .base import Criterion, ScoreResult, ScoringContext, get_criterion, parse_options, register_criterion
+from .capture import eval_mode, input_device
 from .diep import DiEPCriterion, checkpointing_mode, cosine_lr, frozen_weights
 
 logger = logging.getLogger(__name__)
@@ -49,44 +58,35 @@ logger = logging.getLogger(__name__)
 GAMMA, ZETA, TEMPERATURE = -0.1, 1.1, 2.0 / 3.0
 #: log of the smallest gate value used as a router bias: a gate of 0 adds about -27.6 to the logit (e^-27.6 ~ 1e-12)
 MIN_LOG_GATE = math.log(1e-12)
-INITS = ("soft_frequency", "reap", "frequency", "uniform")
 
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "epochs": 5,
-    "lr": 0.1,
-    "recon_weight": 0.01,
-    "budget_weight": 10.0,
-    "init": "soft_frequency",
-    "init_spread": 2.0,
-    "estimator": "reinforce",
-    "masks": 4,
-    "progress": True,
-}
-ESTIMATORS = ("reinforce", "concrete")
+
+class RemovalOptions(CriterionOptions):
+    """The removal-aware search's settings; defaults chosen on the tuning zoo models (benchmarks/QUALITY_SEEDS.md)."""
+
+    estimator: Literal["reinforce", "concrete"] = Field(
+        "reinforce", description="reinforce (hard keep/remove masks, score-function gradient) or concrete "
+                                 "(hard-concrete gates, pathwise gradient)")
+    epochs: Count = Field(5, description="search epochs over the calibration set")
+    lr: Annotated[float, Number(0, lo_open=True)] = Field(0.3, description="learning rate of the keep logits (Adam)")
+    lambda_: Annotated[float, Number(0)] = Field(0.01, alias="lambda",
+                                                 description="weight of the reconstruction loss (as DiEP's Eq. 7)")
+    budget_weight: Annotated[float, Number(0)] = Field(
+        10.0, description="weight of the squared relative gap between expected and target kept experts")
+    init: Literal["soft_frequency", "reap", "frequency", "uniform"] = Field(
+        "soft_frequency", description="the cheap criterion the keep probabilities start from")
+    init_spread: Annotated[float, Number(0, lo_open=True)] = Field(
+        2.0, description="how far apart the starting keep logits are, per standard deviation of the start scores")
+    masks: Annotated[int, Number(2, integer=True)] = Field(
+        4, description="masks per batch for the reinforce estimator (leave-one-out baseline)")
 
 
 def validate_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    """Defaults filled, every option checked; ConfigError names the field and what is allowed."""
-    opts = criterion_options("diep_removal", options, DEFAULT_OPTIONS)
-    for name in ("lr", "init_spread"):
-        value = opts[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{name}={value!r} must be a finite number > 0")
-    for name in ("recon_weight", "budget_weight"):
-        value = opts[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{name}={value!r} must be a finite number >= 0")
-    epochs = opts["epochs"]
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"epochs={epochs!r} must be an integer >= 1")
-    masks = opts["masks"]
-    if isinstance(masks, bool) or not isinstance(masks, int) or masks < 2:
-        raise ConfigError(f"masks={masks!r} must be an integer >= 2")
-    if opts["estimator"] not in ESTIMATORS:
-        raise ConfigError(f"estimator={opts['estimator']!r} is not allowed; choose one of {list(ESTIMATORS)}")
-    if opts["init"] not in INITS:
-        raise ConfigError(f"init={opts['init']!r} is not allowed; choose one of {list(INITS)}")
-    return opts
+    """The options as a plain dict (``lambda_`` as ``recon_weight``) plus ``progress``; ConfigError names the field,
+    the value and what is allowed."""
+    model, run = parse_options(RemovalAwareCriterion, options, {"progress": True})
+    opts = model.model_dump()
+    opts["recon_weight"] = opts.pop("lambda_")
+    return {**opts, **run}
 
 
 def keep_probability(theta: torch.Tensor) -> torch.Tensor:
@@ -189,12 +189,27 @@ def check_router_bias(layer: MoELayer, hidden_size: int) -> None:
         )
 
 
-def initial_theta(context: ScoringContext, init: str, spread: float, kept_target: int) -> dict[int, torch.Tensor]:
+def _shift_to_sum(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """sigmoid(logits + c) with c found by bisection so that the probabilities sum to ``target``."""
+    low, high = -30.0, 30.0
+    for _ in range(80):
+        mid = (low + high) / 2
+        if torch.sigmoid(logits + mid).sum().item() > target:
+            high = mid
+        else:
+            low = mid
+    return torch.sigmoid(logits + (low + high) / 2).clamp(1e-4, 1 - 1e-4)
+
+
+def initial_theta(
+    context: ScoringContext, init: str, spread: float, kept_target: int, layer_targets: dict[int, int] | None = None
+) -> dict[int, torch.Tensor]:
     """Gate locations whose keep probabilities follow a cheap criterion and sum to the kept target.
 
     The criterion's per-layer scores are made comparable across layers as log(score * N_l / sum(score)) (0 for an
     expert used as often as the layer's average), standardised over all experts, and mapped through
-    sigmoid(spread * u + c) with c found by bisection so that the probabilities sum to ``kept_target``.
+    sigmoid(spread * u + c), with c found by bisection so that the probabilities sum to ``kept_target``; with
+    ``layer_targets`` (uniform selection: counts fixed per layer) one c per layer, summing to that layer's count.
     """
     layers = context.layers
     if init == "uniform":
@@ -217,18 +232,15 @@ def initial_theta(context: ScoringContext, init: str, spread: float, kept_target
     flat = torch.cat([relative[layer.index] for layer in layers])
     std = flat.std() if flat.numel() > 1 else torch.tensor(0.0)
     u = (flat - flat.mean()) / std if std > 1e-8 else torch.zeros_like(flat)
-    low, high = -30.0, 30.0
-    for _ in range(80):
-        mid = (low + high) / 2
-        if torch.sigmoid(spread * u + mid).sum().item() > kept_target:
-            high = mid
-        else:
-            low = mid
-    probability = torch.sigmoid(spread * u + (low + high) / 2).clamp(1e-4, 1 - 1e-4)
-    theta = theta_for_probability(probability)
     out, start = {}, 0
+    if layer_targets is None:
+        theta = theta_for_probability(_shift_to_sum(spread * u, kept_target))
     for layer in layers:
-        out[layer.index] = theta[start : start + layer.num_experts].clone()
+        part = u[start : start + layer.num_experts]
+        if layer_targets is None:
+            out[layer.index] = theta[start : start + layer.num_experts].clone()
+        else:
+            out[layer.index] = theta_for_probability(_shift_to_sum(spread * part, layer_targets[layer.index]))
         start += layer.num_experts
     return out
 
@@ -239,6 +251,7 @@ class RemovalAwareCriterion(Criterion):
 
     name = "diep_removal"
     reference = "https://arxiv.org/abs/2509.16105"
+    options = RemovalOptions
     needs_sparsity = True
 
     def score(self, context: ScoringContext) -> ScoreResult:
@@ -262,7 +275,12 @@ class RemovalAwareCriterion(Criterion):
         device = input_device(model)
         generator = torch.Generator().manual_seed(int(context.seed))
 
-        theta0 = initial_theta(context, opts["init"], float(opts["init_spread"]), kept_target)
+        # Uniform selection fixes each layer's count before scoring (the pruner passes it as num_to_keep): the
+        # budget then holds per layer, so that the search ranks experts within the counts selection will keep.
+        layer_targets = context.num_to_keep
+        if layer_targets is not None:
+            kept_target = sum(layer_targets[layer.index] for layer in layers)
+        theta0 = initial_theta(context, opts["init"], float(opts["init_spread"]), kept_target, layer_targets)
         theta = nn.ParameterList([nn.Parameter(theta0[layer.index].clone()) for layer in layers])
         optimiser = torch.optim.Adam(theta.parameters(), lr=opts["lr"])
         gates: dict[int, torch.Tensor] = {}
@@ -290,7 +308,14 @@ class RemovalAwareCriterion(Criterion):
                                 gates[position] = sample_gates(location, generator)
                             ce, recon = DiEPCriterion._loss(model, input_ids[rows], targets[rows], device)
                         expected = sum(keep_probability(location).sum() for location in theta)
-                        budget = ((expected - kept_target) / kept_target) ** 2
+                        if layer_targets is None:
+                            budget = ((expected - kept_target) / kept_target) ** 2
+                        else:
+                            budget = sum(
+                                ((keep_probability(location).sum() - layer_targets[layer.index])
+                                 / layer_targets[layer.index]) ** 2
+                                for location, layer in zip(theta, layers)
+                            ) / len(layers)
                         loss = ce + opts["recon_weight"] * recon + opts["budget_weight"] * budget.to(ce.device)
                         loss.backward()
                         optimiser.step()
@@ -313,6 +338,7 @@ class RemovalAwareCriterion(Criterion):
                 scores[layer.index] = keep_probability(theta[position].detach().float()).cpu().contiguous()
         details = {
             "kept_target": kept_target,
+            "budget": "global" if layer_targets is None else "per layer",
             "sparsity": sparsity,
             "init": opts["init"],
             "initial_keep_probability": {
