@@ -129,6 +129,6 @@ def _feasible_selection(plan: RunPlan, model, family, layers):
             regroup=p["regroup"],
         )
     except DiEPError as exc:
-        from .pruner import unreachable_sparsity
+        from .selection_limits import unreachable_sparsity
 
         raise unreachable_sparsity(p["sparsity"], family, layers, exc) from exc

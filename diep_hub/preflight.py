@@ -88,7 +88,7 @@ def _source_problems(recipe: Recipe) -> list[tuple[str, type[DiEPError]]]:
 
 
 def _source_problem(recipe: Recipe, prefix: str, section) -> tuple[str, type[DiEPError]] | None:
-    from .calibration import check_text_file, hub_offline
+    from .calibration_sources import check_text_file, hub_offline
 
     purpose = "calibration" if prefix.startswith("pruning") else "perplexity"
     if section.path is not None:
@@ -122,7 +122,7 @@ def _source_problem(recipe: Recipe, prefix: str, section) -> tuple[str, type[DiE
 
 
 def _offline_corpus_splits(name: str) -> tuple[str, ...] | None:
-    """The splits of diep_hub's own offline corpora (model_loading._text_source writes them); None for other names."""
+    """The splits of diep_hub's own offline corpora (model_loading.text_source writes them); None for other names."""
     from .tiny import TINY_TEXT_ID, ZOO_TEXT_ID
 
     if name == TINY_TEXT_ID:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import platform
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -27,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration_sources import describe_source
+from .checkpoint.format import current_layer_plans
 from .checkpoint.layout import PRUNER_CONFIG_FILE, REPORT_FILE
 from .checkpoint.report import Calibration, PruningReport
 from .checkpoint.saving import save_pruned
@@ -36,11 +37,15 @@ from .families import get_family
 from .jsonable import to_jsonable
 from .memory import PeakMemory
 from .options import OPTION_KEYWORDS, DiEPOptions, NAEEOptions, PrunerSettings, check_pruner_keywords
+from .selection_limits import unreachable_sparsity
 from .surgery import prune_experts
 
 logger = logging.getLogger(__name__)
 
 _SETTINGS, _DIEP = PrunerSettings.model_fields, DiEPOptions.model_fields
+#: the package versions a pruning report records, in this order (from ``evaluation.results.package_versions``)
+REPORT_VERSIONS = ("python", "diep_hub", "torch", "transformers", "accelerate", "datasets")
+
 
 @dataclass
 class DiEPPruner:
@@ -130,10 +135,7 @@ class DiEPPruner:
         """The configuration as JSON-able data (``from_dict`` restores it). A non-string dataset is described."""
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         data["alternation"] = list(self.alternation)
-        if not isinstance(self.dataset, (str, os.PathLike)):
-            data["dataset"] = _describe_dataset(self.dataset)
-        elif isinstance(self.dataset, os.PathLike):
-            data["dataset"] = os.fspath(self.dataset)
+        data["dataset"] = describe_source(self.dataset)
         return data
 
     @classmethod
@@ -210,6 +212,7 @@ class DiEPPruner:
         :class:`~diep_hub.checkpoint.report.PruningReport`) holds what ``pruning_report.json`` will contain.
         """
         from .calibration import load_calibration_data, vocab_size_of
+        from .evaluation.results import package_versions
 
         started = time.perf_counter()
         family = get_family(model)
@@ -275,6 +278,8 @@ class DiEPPruner:
             model = prune_experts(model, selection.keep, regroup=bool(selection.regroup))
             skipping_summary = self._skip(model, input_ids) if self.skipping else None
 
+        installed = package_versions()
+        versions = {name: installed[name] for name in REPORT_VERSIONS}
         record = {
             "method": self.method,
             "sparsity": self.sparsity,
@@ -289,7 +294,7 @@ class DiEPPruner:
                 "seq_len": self.seq_len,
             },
             "criterion_options": self.criterion_options(),
-            "diep_hub_version": _version("diep_hub"),
+            "diep_hub_version": versions["diep_hub"],
         }
         if previous:
             record["previous"] = previous
@@ -311,7 +316,7 @@ class DiEPPruner:
             selection_plan=selection.to_dict(),
             experts_before=experts_before,
             kept_ids={k: [int(i) for i in v] for k, v in selection.keep.items()},
-            kept_original_ids=_kept_original_ids(model),
+            kept_original_ids={i: list(plan.kept_original_ids) for i, plan in current_layer_plans(model).items()},
             per_layer_kept={k: int(v) for k, v in selection.per_layer_kept.items()},
             scores={k: [float(x) for x in v.tolist()] for k, v in result.scores.items()},
             details={k: v for k, v in result.details.items() if k not in searched},
@@ -321,7 +326,7 @@ class DiEPPruner:
             wall_seconds=round(time.perf_counter() - started, 3),
             scoring_seconds=round(score_seconds, 3),
             peak_memory=memory.summary(),
-            versions=_versions(),
+            versions=versions,
             previous_pruning=previous,
             alpha=result.details.get("alpha"),
             beta=result.details.get("beta"),
@@ -368,44 +373,6 @@ class DiEPPruner:
         files.update(extra_files or {})
         return save_pruned(model, save_directory, tokenizer=tokenizer, overwrite=overwrite, extra_files=files,
                            stock_format=stock_format)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Helpers
-def unreachable_sparsity(sparsity, family, layers, exc: Exception) -> ConfigError:
-    """The one wording of "this sparsity cannot be reached here", for the pruner and the dry run."""
-    total = sum(layer.num_experts for layer in layers)
-    return ConfigError(
-        f"sparsity={sparsity} cannot be reached on this {family.model_type} model "
-        f"({len(layers)} MoE layers, {total} routed experts): {exc}"
-    )
-
-
-def _describe_dataset(dataset) -> str:
-    if isinstance(dataset, list):
-        return f"<list of {len(dataset)} strings>"
-    return f"<{type(dataset).__name__}>"
-
-
-def _kept_original_ids(model: nn.Module) -> dict[int, list[int]]:
-    kept = getattr(model.config, "kept_expert_ids", None) or []
-    return {i: list(ids) for i, ids in enumerate(kept) if ids is not None}
-
-
-def _version(package: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(package)
-    except Exception:  # noqa: BLE001 - a missing distribution is reported as None
-        return None
-
-
-def _versions() -> dict[str, str | None]:
-    return {
-        "python": platform.python_version(),
-        **{name: _version(name) for name in ("diep_hub", "torch", "transformers", "accelerate", "datasets")},
-    }
 
 
 __all__ = ["DiEPPruner", "OPTION_KEYWORDS", "unreachable_sparsity"]

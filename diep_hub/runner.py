@@ -168,9 +168,8 @@ def run_recipe(
     """
     recipe_path = None if isinstance(recipe, Recipe) else _recipe_file(recipe)
     recipe = load_recipe(recipe) if not isinstance(recipe, Recipe) else recipe.model_copy(deep=True)
-    if repo_id is not None:
-        recipe.publish.repo_id = repo_id  # the saved recipe.yaml names the repo the checkpoint was pushed to
-    plan = resolve_plan(recipe, output_dir=output_dir, push=push, overwrite=overwrite, recipe_path=recipe_path)
+    plan = resolve_plan(recipe, output_dir=output_dir, push=push, repo_id=repo_id, overwrite=overwrite,
+                        recipe_path=recipe_path)
     if dry_run:
         config = _check_model(recipe, plan)
         return {"dry_run": True, "output_dir": str(plan.save.out), "push": plan.push.enabled,

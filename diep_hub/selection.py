@@ -22,6 +22,8 @@ Per-layer constraints (checked here so that surgery never refuses a selection):
     keeping everything is always allowed.
 When no distribution satisfies them with exactly K removed, a ConfigError names the requested sparsity and the
 largest feasible one.
+
+Per-layer limits, rounding and the feasibility messages are in ``diep_hub.selection_limits`` (importable from here).
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ from torch import nn
 
 from .errors import ConfigError
 from .families import MoELayer, get_family
+from .selection_limits import (
+    LayerLimits,
+    infeasible,
+    layer_limits,
+    reachable,
+    round_half_up,
+    uniform_infeasible,
+    unreachable_sparsity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +55,8 @@ MODES = ("global", "uniform")
 
 
 @dataclass
+
+
 class Selection:
     """A keep map and how it was reached; plain data for reports, cards and ``prune_experts``.
 
@@ -91,71 +104,6 @@ class Selection:
         return cls(**data)
 
 
-@dataclass(frozen=True)
-class LayerLimits:
-    """What one layer allows: its expert count, floor, and the removal counts it accepts."""
-
-    index: int
-    num_experts: int
-    floor: int
-    allowed_removals: tuple[int, ...]
-    why: str
-    n_group: int = 1  # > 1: grouped routing, which removes the same number of experts from every group
-
-    @property
-    def max_removal(self) -> int:
-        return max(self.allowed_removals)
-
-
-def round_half_up(value: float) -> int:
-    """Round to the nearest integer, halves up (Python's round() sends 2.5 to 2); 1e-9 absorbs float noise."""
-    return int(math.floor(value + 0.5 + 1e-9))
-
-
-def layer_limits(
-    layer: MoELayer,
-    config,
-    *,
-    max_layer_sparsity: float | None = None,
-    min_experts_per_layer: int | None = None,
-    regroup: bool = False,
-) -> LayerLimits:
-    """The constraints of one layer, read from the live router (a pruned layer may have its own top-k/groups).
-
-    The routing rules (top-k, family minimum, groups) come from the family adapter; this adds the user's floor and
-    cap and lists the removal counts they all allow.
-    """
-    family, n = layer.family, layer.num_experts
-    rules = family.routing_rules(layer, config, regroup=regroup)
-    reasons = [f"top-k {rules.top_k}"]
-    floor = rules.top_k
-    if rules.min_experts > floor:
-        floor = rules.min_experts
-        reasons.append(f"{family.model_type} minimum {rules.min_experts}")
-    if rules.grouped:
-        floor = max(floor, rules.group_floor)
-        reasons.append(f"grouped routing: a multiple of n_group={rules.n_group}, >= {rules.min_per_group} a group")
-    if min_experts_per_layer is not None and min_experts_per_layer > floor:
-        floor = min_experts_per_layer
-        reasons.append(f"min_experts_per_layer {min_experts_per_layer}")
-    floor = min(floor, n)
-    max_removal = n - floor
-    if max_layer_sparsity is not None:
-        cap = int(math.floor(max_layer_sparsity * n + 1e-9))
-        if cap < max_removal:
-            max_removal = cap
-            reasons.append(f"max_layer_sparsity {max_layer_sparsity} (at most {cap} removed)")
-    allowed = [0] + [removed for removed in range(1, max_removal + 1) if rules.accepts(n - removed)]
-    return LayerLimits(
-        index=layer.index,
-        num_experts=n,
-        floor=floor,
-        allowed_removals=tuple(allowed),
-        why=", ".join(reasons),
-        n_group=rules.n_group,
-    )
-
-
 def _check_number(name: str, value, low: float, high: float, high_inclusive: bool) -> float:
     bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
     if not bad:
@@ -190,37 +138,6 @@ def _check_scores(scores, layers: list[MoELayer]) -> dict[int, np.ndarray]:
             raise ConfigError(f"scores[{index}] has non-finite values at experts {bad}")
         checked[index] = array
     return checked
-
-
-def _reachable(limits: list[LayerLimits]) -> int:
-    """Bitset (Python int) of every total removal count the layers allow together."""
-    reach = 1
-    for lim in limits:
-        step = 0
-        for removed in lim.allowed_removals:
-            step |= reach << removed
-        reach = step
-    return reach
-
-
-def _infeasible(sparsity: float, target: int, total: int, limits: list[LayerLimits], mode: str, extra: str = ""):
-    reach = _reachable(limits)
-    counts = [t for t in range(reach.bit_length()) if reach >> t & 1]
-    below = max((t for t in counts if t < target), default=0)
-    above = min((t for t in counts if t > target), default=None)
-    largest = max(counts)
-    nearest = f"nearest feasible counts: {below} ({below / total:.4f})" + (
-        f" and {above} ({above / total:.4f})" if above is not None else ""
-    )
-    per_layer = "; ".join(
-        f"layer {lim.index}: removes one of {list(lim.allowed_removals)} ({lim.why})" for lim in limits
-    )
-    return ConfigError(
-        f"sparsity={sparsity} asks to remove {target} of {total} routed experts ({mode} selection), which the "
-        f"per-layer constraints do not allow{extra}; the largest feasible sparsity is {largest / total:.4f} "
-        f"({largest} experts); {nearest}. Constraints: {per_layer}. Lower the sparsity, relax "
-        "max_layer_sparsity / min_experts_per_layer, or pass regroup=True for grouped-routing layers."
-    )
 
 
 def _global_removals(arrays: dict[int, np.ndarray], limits: list[LayerLimits], target: int) -> dict[int, int]:
@@ -341,8 +258,8 @@ def select_experts(
     if mode == "global":
         exact = sparsity * total
         target = round_half_up(exact)
-        if not _reachable(limits) >> target & 1:
-            raise _infeasible(sparsity, target, total, limits, mode)
+        if not reachable(limits) >> target & 1:
+            raise infeasible(sparsity, target, total, limits, mode)
         removals = _global_removals(arrays, limits, target)
         rounding = (
             f"K = round_half_up({sparsity} x {total} routed experts = {exact:.4f}) = {target} removed in total, "
@@ -351,14 +268,9 @@ def select_experts(
         )
     else:
         removals = {lim.index: round_half_up(sparsity * lim.num_experts) for lim in limits}
-        bad = [lim for lim in limits if removals[lim.index] not in lim.allowed_removals]
-        if bad:
-            lim = bad[0]
-            raise ConfigError(
-                f"sparsity={sparsity} in uniform mode removes {removals[lim.index]} of layer {lim.index}'s "
-                f"{lim.num_experts} experts, which it does not allow (it removes one of {list(lim.allowed_removals)}: "
-                f"{lim.why}); the largest feasible uniform sparsity is {_largest_uniform(limits):.4f}"
-            )
+        error = uniform_infeasible(sparsity, removals, limits)
+        if error is not None:
+            raise error
         target = sum(removals.values())
         counts = sorted(set(removals.values()))
         per_layer = counts if len(counts) > 1 else counts[0]
@@ -389,15 +301,6 @@ def select_experts(
     return selection
 
 
-def _largest_uniform(limits: list[LayerLimits]) -> float:
-    """Largest sparsity s whose uniform removals round_half_up(s * N_l) every layer accepts."""
-    candidates = sorted({m / lim.num_experts for lim in limits for m in lim.allowed_removals}, reverse=True)
-    for s in candidates:
-        if all(round_half_up(s * lim.num_experts) in lim.allowed_removals for lim in limits):
-            return s
-    return 0.0
-
-
 def uniform_keep_counts(
     model: nn.Module,
     *,
@@ -423,3 +326,15 @@ def uniform_keep_counts(
         regroup=regroup,
     )
     return selection.per_layer_kept
+
+
+__all__ = [
+    "MODES",
+    "LayerLimits",
+    "Selection",
+    "layer_limits",
+    "round_half_up",
+    "select_experts",
+    "uniform_keep_counts",
+    "unreachable_sparsity",
+]

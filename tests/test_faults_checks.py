@@ -31,6 +31,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import diep_hub.calibration
+import diep_hub.calibration_sources
 import diep_hub.evaluation.lm_eval_runner as lm_eval_runner
 from diep_hub.calibration import load_calibration_data
 from diep_hub.criteria import base as criteria_base
@@ -410,8 +411,8 @@ def test_a_checked_file_is_read_once_until_it_changes(tmp_path, monkeypatch):
     path = tmp_path / "c.jsonl"
     path.write_bytes(_jsonl())
     reads = []
-    original = diep_hub.calibration._check_json
-    monkeypatch.setattr(diep_hub.calibration, "_check_json", lambda *a: (reads.append(a[0]), original(*a)))
+    original = diep_hub.calibration_sources._check_json
+    monkeypatch.setattr(diep_hub.calibration_sources, "_check_json", lambda *a: (reads.append(a[0]), original(*a)))
     diep_hub.calibration.check_text_file(path)
     diep_hub.calibration.check_text_file(path)
     assert reads == [path]

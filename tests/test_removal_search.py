@@ -17,14 +17,13 @@ import torch
 import diep_hub
 from diep_hub.criteria.base import ScoringContext, get_criterion
 from diep_hub.criteria.removal import (
-    MIN_LOG_GATE,
     initial_theta,
     keep_probability,
-    router_logit_bias,
     sample_gates,
     theta_for_probability,
     validate_options,
 )
+from diep_hub.criteria.router_bias import MIN_LOG_GATE, router_logit_bias
 from diep_hub.errors import ConfigError
 from diep_hub.families import get_family
 from tests.helpers.numerics import assert_close_logits, assert_same_greedy

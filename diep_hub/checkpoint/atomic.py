@@ -154,18 +154,19 @@ def atomic_directory(
         staging = Path(tempfile.mkdtemp(prefix=work_folder_prefix(target, "tmp"), dir=parent))
     except OSError as exc:
         raise _write_error(target, exc) from exc
-    try:
+    with _discard_on_error(staging, target):
         yield staging
         _apply_default_modes(staging)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        error = _write_error(target, exc)
-        if error is not None:
-            raise error from exc
-        raise
+    with _discard_on_error(staging, target), _commit_lock(target):
+        _commit(staging, target, overwrite=overwrite, inputs=inputs)
+
+
+@contextmanager
+def _discard_on_error(staging: Path, target: Path):
+    """Whatever fails (Ctrl-C included), remove the staging folder; an I/O error becomes a DiEPError naming
+    ``target``, any other exception propagates unchanged."""
     try:
-        with _commit_lock(target):
-            _commit(staging, target, overwrite=overwrite, inputs=inputs)
+        yield
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         error = _write_error(target, exc)

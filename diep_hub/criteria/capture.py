@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..families import MoELayer
+from .base import Criterion, ScoringContext, parse_options
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,28 @@ def routing_pass(
         for handle in handles:
             handle.remove()
     return int(input_ids.numel())
+
+
+def expert_accumulators(context: ScoringContext) -> dict[int, torch.Tensor]:
+    """A float64 zero per expert of each scored layer (layer index -> [E]): what the routing criteria sum into."""
+    return {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in context.layers}
+
+
+def criterion_routing_pass(
+    criterion: type[Criterion], context: ScoringContext, callback: Callable[[RoutingRecord], None], desc: str
+) -> int:
+    """``routing_pass`` over the context's calibration data for a criterion with no options of its own (only the
+    run setting ``progress``; any other key is refused by ``parse_options`` before the pass). Returns the tokens."""
+    _, run = parse_options(criterion, context.options, {"progress": True})
+    return routing_pass(
+        context.model,
+        context.layers,
+        context.input_ids,
+        context.batch_size,
+        callback,
+        desc=desc,
+        progress=run["progress"],
+    )
 
 
 class _StopForward(Exception):

@@ -207,6 +207,15 @@ def _next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1))
 
 
+def check_search_inputs(layers: list[MoELayer], input_ids: torch.Tensor) -> None:
+    """What every gradient search needs: MoE layers to search and [num_samples, seq_len >= 2] tokens (the
+    next-token loss needs two positions)."""
+    if not layers:
+        raise ConfigError("the model has no MoE layers to search")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ConfigError(f"input_ids must be [num_samples, seq_len >= 2], got shape {tuple(input_ids.shape)}")
+
+
 def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
     """Cosine decay from base_lr (step 0) towards 0 (after the last step)."""
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
@@ -228,10 +237,7 @@ class DiEPCriterion(Criterion):
     def score(self, context: ScoringContext) -> ScoreResult:
         opts = validate_search_options(context.options)
         model, layers, input_ids = context.model, context.layers, context.input_ids
-        if not layers:
-            raise ConfigError("the model has no MoE layers to search")
-        if input_ids.dim() != 2 or input_ids.shape[1] < 2:
-            raise ConfigError(f"input_ids must be [num_samples, seq_len >= 2], got shape {tuple(input_ids.shape)}")
+        check_search_inputs(layers, input_ids)
         batch_size = int(context.batch_size)
         num_samples = input_ids.shape[0]
         steps_per_epoch = math.ceil(num_samples / batch_size)

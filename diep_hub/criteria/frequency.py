@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Criterion, ScoreResult, ScoringContext, parse_options, register_criterion
-from .capture import RoutingRecord, routing_pass
+from .base import Criterion, ScoreResult, ScoringContext, register_criterion
+from .capture import RoutingRecord, criterion_routing_pass, expert_accumulators
 
 
 @register_criterion
@@ -22,8 +22,7 @@ class FrequencyCriterion(Criterion):
     reference = "https://arxiv.org/abs/2402.14800"
 
     def score(self, context: ScoringContext) -> ScoreResult:
-        _, opts = parse_options(type(self), context.options, {"progress": True})  # no options of its own
-        counts = {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in context.layers}
+        counts = expert_accumulators(context)
 
         def accumulate(record: RoutingRecord) -> None:
             num_experts = counts[record.layer.index].shape[0]
@@ -31,14 +30,6 @@ class FrequencyCriterion(Criterion):
             index = index[index < num_experts]  # a skipped slot (index == num_experts) is no selection
             counts[record.layer.index] += torch.bincount(index, minlength=num_experts).to(torch.float64)
 
-        tokens = routing_pass(
-            context.model,
-            context.layers,
-            context.input_ids,
-            context.batch_size,
-            accumulate,
-            desc="frequency",
-            progress=opts["progress"],
-        )
+        tokens = criterion_routing_pass(type(self), context, accumulate, "frequency")
         scores = {index: c.to(torch.float32) for index, c in counts.items()}
         return ScoreResult(scores=scores, ranking="top-k selection count", details={"tokens": tokens})

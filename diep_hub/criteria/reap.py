@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Criterion, ScoreResult, ScoringContext, parse_options, register_criterion
-from .capture import RoutingRecord, routing_pass
+from .base import Criterion, ScoreResult, ScoringContext, register_criterion
+from .capture import RoutingRecord, criterion_routing_pass, expert_accumulators
 
 
 def routed_expert_outputs(record: RoutingRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,9 +47,7 @@ class REAPCriterion(Criterion):
     reference = "https://arxiv.org/abs/2510.13999"
 
     def score(self, context: ScoringContext) -> ScoreResult:
-        _, opts = parse_options(type(self), context.options, {"progress": True})  # no options of its own
-        sums = {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in context.layers}
-        counts = {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in context.layers}
+        sums, counts = expert_accumulators(context), expert_accumulators(context)
 
         def accumulate(record: RoutingRecord) -> None:
             index, weights, outputs = routed_expert_outputs(record)
@@ -59,15 +57,7 @@ class REAPCriterion(Criterion):
             sums[record.layer.index].index_add_(0, index, contribution)
             counts[record.layer.index].index_add_(0, index, torch.ones_like(contribution))
 
-        tokens = routing_pass(
-            context.model,
-            context.layers,
-            context.input_ids,
-            context.batch_size,
-            accumulate,
-            desc="REAP",
-            progress=opts["progress"],
-        )
+        tokens = criterion_routing_pass(type(self), context, accumulate, "REAP")
         scores = {
             index: torch.where(counts[index] > 0, sums[index] / counts[index].clamp_min(1), 0.0).to(torch.float32)
             for index in sums

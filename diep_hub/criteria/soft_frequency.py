@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from ..families import ROUTER_ACTIVATIONS
-from .base import Criterion, ScoreResult, ScoringContext, parse_options, register_criterion
-from .capture import RoutingRecord, routing_pass
+from .base import Criterion, ScoreResult, ScoringContext, register_criterion
+from .capture import RoutingRecord, criterion_routing_pass, expert_accumulators
 
 
 def router_probabilities(logits: torch.Tensor, activation: str) -> torch.Tensor:
@@ -38,23 +38,14 @@ class SoftFrequencyCriterion(Criterion):
     reference = "https://arxiv.org/abs/2406.02500"
 
     def score(self, context: ScoringContext) -> ScoreResult:
-        _, opts = parse_options(type(self), context.options, {"progress": True})  # no options of its own
         activation = context.family.router_activation
-        sums = {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in context.layers}
+        sums = expert_accumulators(context)
 
         def accumulate(record: RoutingRecord) -> None:
             probs = router_probabilities(record.router_logits, activation)
             sums[record.layer.index] += probs.sum(dim=0).to("cpu", torch.float64)
 
-        tokens = routing_pass(
-            context.model,
-            context.layers,
-            context.input_ids,
-            context.batch_size,
-            accumulate,
-            desc="soft frequency",
-            progress=opts["progress"],
-        )
+        tokens = criterion_routing_pass(type(self), context, accumulate, "soft frequency")
         scores = {index: (s / tokens).to(torch.float32) for index, s in sums.items()}
         sigmoid = activation == "sigmoid"
         ranking = "mean normalised sigmoid router score" if sigmoid else "mean softmax router probability"

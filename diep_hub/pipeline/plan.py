@@ -245,8 +245,12 @@ def resolve_plan(
     recipe_path: str | os.PathLike | None = None,
 ) -> RunPlan:
     """Every stage's config from ``recipe`` and the command line's overrides (``None``: the recipe's value)."""
+    if repo_id is not None:
+        # the saved recipe.yaml names the repo the checkpoint is pushed to, not the one the file said
+        recipe = recipe.model_copy(deep=True)
+        recipe.publish.repo_id = repo_id
     p, cal, pub = recipe.pruning, recipe.pruning.calibration, recipe.publish
-    repo = repo_id if repo_id is not None else pub.repo_id
+    repo = pub.repo_id
     recipe_yaml = recipe.to_yaml(resolve_paths=True)
     kwargs = recipe.to_pruner_kwargs()
     kwargs.pop("dataset"), kwargs.pop("dataset_config"), kwargs.pop("split")  # the TextSource resolves them
