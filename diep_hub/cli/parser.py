@@ -142,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _command(sub, "env", commands.cmd_env, help="versions, platform and Hub settings, for bug reports",
-                       epilog=ENV_EPILOG, description="Print what a bug report needs (never the token itself).")
+                 epilog=ENV_EPILOG, description="Print what a bug report needs (never the token itself).")
     _common(p)
 
     p = _command(sub, "run", commands.cmd_run, help="run a recipe: prune, evaluate, card, save, push",
-                       epilog=RUN_EPILOG.format(sections=recipe_sections()), description="Run a YAML recipe end to end.")
+                 epilog=RUN_EPILOG.format(sections=recipe_sections()), description="Run a YAML recipe end to end.")
     p.add_argument("recipe", help="recipe file (YAML), or the name of a shipped recipe such as 'tiny'")
     p.add_argument("--dry-run", action="store_true", help="estimate memory and time from the config; load no weights")
     p.add_argument("--push", dest="push", action="store_true", default=None,
@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     _common(p)
 
-    p = _command(sub, "prune", commands.cmd_prune, help="prune a model (no evaluation)", epilog=PRUNE_EPILOG, formatter_class=_Help,
-                       description="Prune a model from command-line options and save the checkpoint.")
+    p = _command(sub, "prune", commands.cmd_prune, help="prune a model (no evaluation)", epilog=PRUNE_EPILOG,
+                 formatter_class=_Help, description="Prune a model from command-line options and save the checkpoint.")
     p.add_argument("model", help="Hub model id, local folder, or diep-hub/tiny-mixtral")
     p.add_argument("--output", required=True, help="output folder")
     _option_flags(p)
@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _common(p)
 
-    p = _command(sub, "eval", commands.cmd_eval, help="evaluate a model or a pruned checkpoint", epilog=EVAL_EPILOG, description="Evaluate with lm-eval tasks, speed and memory probes.")
+    p = _command(sub, "eval", commands.cmd_eval, help="evaluate a model or a pruned checkpoint", epilog=EVAL_EPILOG,
+                 description="Evaluate with lm-eval tasks, speed and memory probes.")
     p.add_argument("model", help="checkpoint folder, Hub model id, or diep-hub/tiny-mixtral")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval task names")
     p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAML files")
@@ -182,13 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the results into MODEL/evaluation.json, where `diep-hub card` reads them")
     _model_args(p)
 
-    p = _command(sub, "card", commands.cmd_card, help="(re)write the model card of a checkpoint folder", epilog=CARD_EPILOG, description="Build README.md from the report, evaluation and recipe.")
+    p = _command(sub, "card", commands.cmd_card, help="(re)write the model card of a checkpoint folder",
+                 epilog=CARD_EPILOG, description="Build README.md from the report, evaluation and recipe.")
     p.add_argument("folder", help="checkpoint folder written by `diep-hub run` or `prune`")
     p.add_argument("--stdout", action="store_true", help="print the card instead of writing README.md")
     _common(p)
 
     p = _command(sub, "push", commands.cmd_push, help="push a checkpoint folder to the Hub", epilog=PUSH_EPILOG,
-                       description="Upload a checkpoint folder to a Hub model repository in one commit.")
+                 description="Upload a checkpoint folder to a Hub model repository in one commit.")
     p.add_argument("folder", help="checkpoint folder")
     p.add_argument("repo_id", help="namespace/name")
     p.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
@@ -201,12 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "pickle can run arbitrary code")
     _common(p)
 
-    p = _command(sub, "inspect", commands.cmd_inspect, help="show experts per layer, method and results", epilog=INSPECT_EPILOG, description="Describe a pruned checkpoint (folder or Hub repo).")
+    p = _command(sub, "inspect", commands.cmd_inspect, help="show experts per layer, method and results",
+                 epilog=INSPECT_EPILOG, description="Describe a pruned checkpoint (folder or Hub repo).")
     p.add_argument("target", help="checkpoint folder or Hub repo id")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     _common(p)
 
-    p = _command(sub, "reproduce", commands.cmd_reproduce, help="re-run the recorded recipe and compare", epilog=REPRODUCE_EPILOG, description="Check that a checkpoint is what its recipe produces.")
+    p = _command(sub, "reproduce", commands.cmd_reproduce, help="re-run the recorded recipe and compare",
+                 epilog=REPRODUCE_EPILOG, description="Check that a checkpoint is what its recipe produces.")
     p.add_argument("target", help="checkpoint folder or Hub repo id")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--no-eval", action="store_true", help="compare experts, weights and scores only (faster)")

@@ -58,85 +58,81 @@ _COMMON = dict(
     output_router_logits=False,
 )
 
-ZOO: dict[str, ZooEntry] = {
-    e.name: e
-    for e in (
-        ZooEntry(
-            "mixtral-8e",
-            "mixtral",
-            family_kwargs("mixtral", experts=8, top_k=2, expert_ffn=128),
-            description="Mixtral type, 8 experts top-2, 4 layers",
-        ),
-        ZooEntry(
-            "olmoe-16e",
-            "olmoe",
-            family_kwargs("olmoe", experts=16, top_k=2, expert_ffn=64, norm_topk_prob=False),
-            description="OLMoE type, 16 experts top-2, 4 layers",
-        ),
-        ZooEntry(
-            "qwen2moe-8e-shared",
+def _by_name(*entries: ZooEntry) -> dict[str, ZooEntry]:
+    """A table of entries keyed by name: the name given to ``python -m diep_hub.zoo.build`` and to ``zoo:NAME``."""
+    return {e.name: e for e in entries}
+
+
+ZOO: dict[str, ZooEntry] = _by_name(
+    ZooEntry(
+        "mixtral-8e",
+        "mixtral",
+        family_kwargs("mixtral", experts=8, top_k=2, expert_ffn=128),
+        description="Mixtral type, 8 experts top-2, 4 layers",
+    ),
+    ZooEntry(
+        "olmoe-16e",
+        "olmoe",
+        family_kwargs("olmoe", experts=16, top_k=2, expert_ffn=64, norm_topk_prob=False),
+        description="OLMoE type, 16 experts top-2, 4 layers",
+    ),
+    ZooEntry(
+        "qwen2moe-8e-shared",
+        "qwen2_moe",
+        family_kwargs(
             "qwen2_moe",
-            family_kwargs(
-                "qwen2_moe",
-                experts=8,
-                top_k=2,
-                expert_ffn=96,
-                intermediate_size=128,
-                shared_expert_intermediate_size=64,
-                norm_topk_prob=False,
-            ),
-            description="Qwen2-MoE type, 8 routed experts top-2 plus a gated shared expert, 4 layers",
+            experts=8,
+            top_k=2,
+            expert_ffn=96,
+            intermediate_size=128,
+            shared_expert_intermediate_size=64,
+            norm_topk_prob=False,
         ),
-    )
-}
+        description="Qwen2-MoE type, 8 routed experts top-2 plus a gated shared expert, 4 layers",
+    ),
+)
 
 # Built on request, not part of the quality benchmark's default set: experts 4x wider than mixtral-8e, so that
 # expert GEMMs dominate a forward pass on CPU and expert skipping's saved compute shows up as speed
 # (benchmarks/skipping_speed.py --model zoo:mixtral-8e-wide), on a model whose accuracy means something.
-EXTRA: dict[str, ZooEntry] = {
-    e.name: e
-    for e in (
-        ZooEntry(
-            "mixtral-8e-wide",
-            "mixtral",
-            family_kwargs("mixtral", experts=8, top_k=2, expert_ffn=512),
-            description="Mixtral type, 8 wide experts (FFN 512) top-2, 4 layers",
-        ),
-    )
-}
+EXTRA: dict[str, ZooEntry] = _by_name(
+    ZooEntry(
+        "mixtral-8e-wide",
+        "mixtral",
+        family_kwargs("mixtral", experts=8, top_k=2, expert_ffn=512),
+        description="Mixtral type, 8 wide experts (FFN 512) top-2, 4 layers",
+    ),
+)
 
 # Held out (issue 12): shapes no default is chosen on, to confirm the defaults picked on ZOO before they ship.
-HELDOUT: dict[str, ZooEntry] = {
-    e.name: e
-    for e in (
-        ZooEntry(
-            "mixtral-32e-top4-8l",
-            "mixtral",
-            # 8 layers x 32 experts of FFN 16: as many expert weights as mixtral-8e (4 x 8 x 128), cut finer.
-            family_kwargs("mixtral", experts=32, top_k=4, expert_ffn=16, num_hidden_layers=8),
-            description="Mixtral type, 32 narrow experts (FFN 16) top-4, 8 layers",
-        ),
-        ZooEntry(
-            "deepseek-v3-16e-groups",
+HELDOUT: dict[str, ZooEntry] = _by_name(
+    ZooEntry(
+        "mixtral-32e-top4-8l",
+        "mixtral",
+        # 8 layers x 32 experts of FFN 16: as many expert weights as mixtral-8e (4 x 8 x 128), cut finer.
+        family_kwargs("mixtral", experts=32, top_k=4, expert_ffn=16, num_hidden_layers=8),
+        description="Mixtral type, 32 narrow experts (FFN 16) top-4, 8 layers",
+    ),
+    ZooEntry(
+        "deepseek-v3-16e-groups",
+        "deepseek_v3",
+        # Two groups of 8, one picked a token: the group floor (2 groups x 2) allows 25%, 50% and 75%.
+        family_kwargs(
             "deepseek_v3",
-            # Two groups of 8, one picked a token: the group floor (2 groups x 2) allows 25%, 50% and 75%.
-            family_kwargs(
-                "deepseek_v3",
-                experts=16,
-                top_k=2,
-                expert_ffn=64,
-                attention=(_COMMON["num_attention_heads"], 16),
-                intermediate_size=256,
-                n_shared_experts=1,
-                first_k_dense_replace=1,
-                n_group=2,
-                topk_group=1,
-            ),
-            description="DeepSeek-V3 type: sigmoid routing, 16 experts top-2 in 2 groups (1 picked), a shared "
-            "expert, dense first layer, 4 layers",
+            experts=16,
+            top_k=2,
+            expert_ffn=64,
+            attention=(_COMMON["num_attention_heads"], 16),
+            intermediate_size=256,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
         ),
-    )
-}
+        description="DeepSeek-V3 type: sigmoid routing, 16 experts top-2 in 2 groups (1 picked), a shared "
+        "expert, dense first layer, 4 layers",
+    ),
+)
 
 # A seconds-long entry for tests and CI (tiny dims, few steps): checks the build, not the quality.
 SMOKE = ZooEntry(
