@@ -31,6 +31,7 @@ from diep_hub.zoo.train import build_zoo_model
 
 logger = logging.getLogger("benchmarks.quality_seeds")
 HERE = Path(__file__).resolve().parent
+NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the tables are regenerated -->"
 EVAL = dict(num_mc=100, num_em=0, num_loss=50, seed=1000)
 
 
@@ -185,7 +186,10 @@ def report(data: dict, path: Path) -> None:
         table(f"Mean over the held-out models ({', '.join(heldout)})", heldout)
     for m in models:
         table(f"{m} (unpruned MC {data['base'][m]['mc_acc']:.3f})", [m])
-    path.write_text("\n".join(lines), encoding="utf-8")
+    notes = ""
+    if path.is_file() and NOTES_MARKER in (old := path.read_text(encoding="utf-8")):
+        notes = old[old.index(NOTES_MARKER):]
+    path.write_text("\n".join(lines) + ("\n" + notes if notes else ""), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -541,3 +541,31 @@ def test_stock_format_run_reproduces_and_its_card_says_stock(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     kept = json.loads(proc.stdout)["checks"]["kept_experts"]
     assert kept == {"match": True, "differences": []}
+
+
+def test_every_help_example_parses_with_the_flags_it_shows():
+    """Each `diep-hub ...` example of every epilog (main and subcommands) is accepted by the parser as written: an
+    example naming a flag that does not exist (`eval ... --json` once) fails here."""
+    import argparse
+    import shlex
+
+    from diep_hub.cli.parser import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    texts = [parser.epilog or ""] + [p.epilog or "" for p in sub.choices.values()]
+    examples = []
+    for text in texts:
+        for line in text.replace("\\\n", " ").splitlines():  # join shell continuation lines
+            for command in line.split("&&"):
+                command = command.split("#")[0].strip()
+                if command.startswith("diep-hub ") and "<" not in command and "|" not in command:
+                    examples.append(shlex.split(command)[1:])
+    assert len(examples) >= 15
+    for argv in examples:
+        if argv in (["--version"], ["--help"]):
+            continue
+        namespace = parser.parse_args(argv)  # exits (SystemExit) on an unknown flag or a bad value
+        assert callable(namespace.func), argv
+    commands = {argv[0] for argv in examples if not argv[0].startswith("-")}
+    assert {"run", "prune", "eval", "card", "push", "inspect", "reproduce", "env"} <= commands

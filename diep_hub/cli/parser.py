@@ -60,7 +60,7 @@ examples:
   diep-hub eval out/tiny --tasks diep_tiny_arith
   diep-hub eval out/tiny --tasks diep_tiny_arith --base diep-hub/tiny-mixtral --save && diep-hub card out/tiny
   diep-hub eval mistralai/Mixtral-8x7B-v0.1 --tasks mmlu,boolq,openbookqa,rte --dtype bfloat16 --device-map auto
-  diep-hub eval out/my-model --tasks my_task --include-path tasks/ --limit 100 --json
+  diep-hub eval out/my-model --tasks my_task --include-path tasks/ --limit 100
 """
 
 ENV_EPILOG = """\
