@@ -12,6 +12,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
+from ..checkpoint.layout import CARD_FILE, EVAL_FILE, RECIPE_FILE, REPORT_FILE
 from ..options import field_help
 from ..recipe import ModelSection, Recipe
 from . import commands
@@ -38,8 +39,8 @@ examples:
   diep-hub run recipes/olmoe-1b-7b-diep-50.yaml --push --repo-id my-user/OLMoE-1B-7B-DiEP-50
 
 The flow: load the model -> evaluate it -> prune (score, select, surgery) -> skipping (if enabled) -> evaluate the
-pruned model -> model card -> save (weights, config, remote code, pruning_report.json, evaluation.json,
-recipe.yaml, README.md) -> push (if asked). Recipe problems are all reported at once, before anything loads.
+pruned model -> model card -> save (weights, config, remote code, {report}, {evaluation},
+{recipe}, {card}) -> push (if asked). Recipe problems are all reported at once, before anything loads.
 
 recipe sections (unknown keys are errors):
 {sections}
@@ -146,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = _command(sub, "run", commands.cmd_run, help="run a recipe: prune, evaluate, card, save, push",
-                 epilog=RUN_EPILOG.format(sections=recipe_sections()), description="Run a YAML recipe end to end.")
+                 epilog=RUN_EPILOG.format(sections=recipe_sections(), report=REPORT_FILE, evaluation=EVAL_FILE,
+                                          recipe=RECIPE_FILE, card=CARD_FILE),
+                 description="Run a YAML recipe end to end.")
     p.add_argument("recipe", help="recipe file (YAML), or the name of a shipped recipe such as 'tiny'")
     p.add_argument("--dry-run", action="store_true", help="estimate memory and time from the config; load no weights")
     p.add_argument("--push", dest="push", action="store_true", default=None,
@@ -180,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None,
                    help="also evaluate this base model (Hub id or folder) and report retention = pruned / base")
     p.add_argument("--save", action="store_true",
-                   help="write the results into MODEL/evaluation.json, where `diep-hub card` reads them")
+                   help=f"write the results into MODEL/{EVAL_FILE}, where `diep-hub card` reads them")
     _model_args(p)
 
     p = _command(sub, "card", commands.cmd_card, help="(re)write the model card of a checkpoint folder",
