@@ -245,13 +245,13 @@ def check_pruner_keywords(values: Mapping[str, Any]) -> str:
         except ValidationError as exc:
             lines += problems(exc, model, names=shown)
     if not lines and values.get("options") is not None:
-        lines += _criterion_options_problems(values["method"], values["options"])
+        lines += criterion_options_problems(values["method"], values["options"])
     if lines:
         raise ConfigError("invalid DiEPPruner configuration: " + "; ".join(lines))
     return settings.selection
 
 
-def _criterion_options_problems(method: str, options: Any) -> list[str]:
+def criterion_options_problems(method: str, options: Any) -> list[str]:
     """``options`` is for a criterion without keywords of its own: refused for diep/naee, checked otherwise."""
     own = [kw for kw, (criterion, _, _) in OPTION_KEYWORDS.items() if criterion == method]
     if own:

@@ -132,6 +132,22 @@ class PruningSection(TargetOptions):
     calibration: CalibrationSection = CalibrationSection()
     search: SearchSection = SearchSection()
     floors: FloorsOptions = FloorsOptions()
+    options: dict[str, Any] | None = Field(
+        None, description="options of a method without keys of its own here (e.g. diep_removal: {lr: 0.3})")
+
+    @field_validator("options")
+    @classmethod
+    def _options_of_the_method(cls, value: dict[str, Any] | None, info) -> dict[str, Any] | None:
+        """Checked against the method's own options model (``Criterion.options``), in the API's words."""
+        method = info.data.get("method")
+        if value is None or method is None:
+            return value
+        from .options import criterion_options_problems
+
+        found = criterion_options_problems(method, value)
+        if found:
+            raise ValueError("; ".join(found))
+        return value
 
 
 class SkippingSection(OptionsModel):
@@ -325,6 +341,7 @@ class Recipe(OptionsModel):
             "num_samples": cal.num_samples,
             "seq_len": cal.seq_len,
             "batch_size": p.search.batch_size,
+            "options": p.options,
             # Skipping is calibrated by the runner, which honours skipping.kernel and skipping.num_samples.
             "skipping": False,
         }

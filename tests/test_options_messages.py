@@ -123,3 +123,66 @@ def test_every_problem_of_a_command_line_is_named_by_its_flag(tmp_path, monkeypa
                "--epochs: 0 -> is out of range; allowed: [1, inf)"],
     )
     check_cli_fault(cli, tmp_path, monkeypatch)
+
+
+# A criterion with no keywords of its own (diep_removal) takes its options as a mapping: DiEPPruner(options=...),
+# the recipe's pruning.options and `prune --option KEY=VALUE`, checked against its options model in one wording.
+REMOVAL_SHARED = "options.lr: -1 -> is out of range; allowed: (0, inf)"
+
+
+def test_a_criterion_options_mapping_gets_one_message_from_api_recipe_and_cli(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError) as api:
+        DiEPPruner(method="diep_removal", options={"lr": -1})
+    assert str(api.value) == f"invalid DiEPPruner configuration: {REMOVAL_SHARED}"
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"model": {"id": "diep-hub/tiny-mixtral"},
+                                    "pruning": {"method": "diep_removal", "options": {"lr": -1}}}), encoding="utf-8")
+    with pytest.raises(RecipeError) as recipe:
+        load_recipe(path)
+    (line,) = recipe.value.problems
+    assert line == f"pruning.options: {{'lr': -1}} -> {REMOVAL_SHARED}"
+
+    out = tmp_path / "out"
+    cli = CliFault(
+        id="removal-option",
+        setup=lambda tmp: {},
+        argv=lambda ctx: ["prune", "diep-hub/tiny-mixtral", "--output", str(out), "--method", "diep_removal",
+                          "--option", "lr=-1"],
+        words=["--option: ", REMOVAL_SHARED],
+        on_disk=lambda ctx: None,
+    )
+    result = check_cli_fault(cli, tmp_path, monkeypatch)
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("diep-hub prune: error:")]
+    assert error == f"diep-hub prune: error: invalid options (1 problem(s)): --option: {{'lr': -1}} -> {REMOVAL_SHARED}"
+    assert not out.exists()
+
+
+def test_recipe_options_reach_the_criterion_as_typed_values(tmp_path):
+    from diep_hub.criteria.removal import RemovalOptions
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"model": {"id": "diep-hub/tiny-mixtral"},
+                                    "pruning": {"method": "diep_removal", "options": {"lr": 0.5, "masks": 8}}}),
+                    encoding="utf-8")
+    kwargs = load_recipe(path).to_pruner_kwargs()
+    assert kwargs["options"] == {"lr": 0.5, "masks": 8}
+    settings = DiEPPruner(**kwargs).criterion_settings()
+    assert settings == RemovalOptions(lr=0.5, masks=8)
+    assert DiEPPruner(**kwargs).criterion_options()["masks"] == 8
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("lr", "--option: 'lr' -> expected KEY=VALUE, e.g. --option lr=0.5"),
+    ("=3", "--option: '=3' -> expected KEY=VALUE, e.g. --option lr=0.5"),
+    ("bogus=1", "--option: {'bogus': 1} -> options.bogus: unknown key -> allowed keys: estimator, epochs, lr"),
+])
+def test_a_malformed_or_unknown_option_flag_is_one_line(flag, message, tmp_path, monkeypatch):
+    cli = CliFault(
+        id="option-flag",
+        setup=lambda tmp: {},
+        argv=lambda ctx: ["prune", "diep-hub/tiny-mixtral", "--output", str(tmp_path / "o"), "--method",
+                          "diep_removal", "--option", flag],
+        words=[message],
+    )
+    check_cli_fault(cli, tmp_path, monkeypatch)

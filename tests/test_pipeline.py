@@ -101,7 +101,7 @@ def test_resolve_plan_gives_every_stage_its_exact_config_and_writes_nothing(tmp_
         "min_experts_per_layer": 2, "max_layer_sparsity": 0.5, "regroup": False,
         "search_mode": "gated", "lr": 0.01, "epochs": 3, "lambda_": 0.02, "alternation": (2, 1),
         "ranking": "softmax", "text_field": "body", "num_samples": 16, "seq_len": 32, "batch_size": 4,
-        "skipping": False,
+        "skipping": False, "options": None,
     }
     recipe_kwargs = recipe.to_pruner_kwargs()
     assert {k: v for k, v in recipe_kwargs.items() if k not in ("dataset", "dataset_config", "split")} == \

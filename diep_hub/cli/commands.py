@@ -30,6 +30,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _key_values(items: list[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` flags as a mapping; VALUE is read as YAML (0.5 a number, true a boolean)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option: {item!r} -> expected KEY=VALUE, e.g. --option lr=0.5")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            options[key.strip()] = value
+    return options
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..recipe import Recipe, RecipeError
     from ..runner import run_recipe
@@ -52,10 +68,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             node[key] = value
     if args.data_file:
         data["pruning"]["calibration"]["dataset"] = None  # a local file replaces the Hub dataset
+    if args.option:
+        data["pruning"]["options"] = _key_values(args.option)
     try:
         recipe = Recipe.from_dict(data, source="command line", base_dir=".")
     except RecipeError as exc:  # the recipe's lines, named by the flag that set the field
-        flags = {path: flag for flag, path in PRUNE_FLAGS.items()}
+        flags = {path: flag for flag, path in PRUNE_FLAGS.items()} | {"pruning.options": "--option"}
         lines = [flags[line.split(":", 1)[0]] + ":" + line.split(":", 1)[1] if line.split(":", 1)[0] in flags
                  else line for line in exc.problems]
         raise ConfigError(f"invalid options ({len(lines)} problem(s)): " + "; ".join(lines)) from None

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hub model id, local folder, or diep-hub/tiny-mixtral")
     p.add_argument("--output", required=True, help="output folder")
     _option_flags(p)
+    p.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an option of a method that has no flags of its own, e.g. --method diep_removal --option "
+                        "lr=0.5 (repeatable; the recipe's pruning.options)")
     p.add_argument("--stock-format", action="store_true", help="save as the stock architecture (uniform counts)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     _model_args(p)
