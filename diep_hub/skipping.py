@@ -15,7 +15,8 @@ Top-k > 2 (the paper only treats top-2): every non-primary expert e_j is tested 
 weights are rescaled to keep their original sum (top-2: the primary's weight becomes w_e0 + w_e1).
 
 The thresholds live in ``config.diep_skipping`` and the rule runs in the checkpoint's remote code
-(``modeling_diep.DiepExpertSkipping``), so a published checkpoint skips the same tokens without diep_hub.
+(``skipping_diep.DiepExpertSkipping``, shipped beside modeling_diep.py), so a published checkpoint skips the same
+tokens without diep_hub.
 """
 
 from __future__ import annotations

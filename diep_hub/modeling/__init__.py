@@ -6,7 +6,7 @@ from ..errors import CheckpointLoadError
 from .configuration_diep import DIEP_CONFIG_CLASSES, DiepCheckpointError, DiepConfigMixin
 from .modeling_diep import DIEP_MODEL_CLASSES, DiepForCausalLMMixin, per_layer_load_balancing_loss
 
-REMOTE_CODE_FILES = ("configuration_diep.py", "modeling_diep.py")
+REMOTE_CODE_FILES = ("configuration_diep.py", "modeling_diep.py", "skipping_diep.py", "loading_diep.py")
 
 
 class DiepCheckpointLoadError(CheckpointLoadError, DiepCheckpointError):

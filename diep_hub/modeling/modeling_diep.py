@@ -9,26 +9,11 @@ fast experts backends (grouped_mm by default) serve them. Imports only torch and
 Why the causal-LM forward is redefined here: the stock heads compute the router auxiliary loss with one
 global expert count, which fails when layers differ; ``per_layer_load_balancing_loss`` computes it per layer.
 
-Adaptive expert skipping (DiEP section 3.3), applied when ``config.diep_skipping["enabled"]`` is true: a forward
-pre-hook on each MoE layer's experts (``DiepExpertSkipping``) sees the routing (indices, weights) the family
-computed, takes the highest-weight expert e0 as primary, and skips every other selected expert e with
-``w_e < gamma1 * cka_ratio[e0][e] * w_e0``; skipped weights become 0 and the kept weights are rescaled to keep
-their original sum (top-2: the primary gets w_e0 + w_e1). For top-k > 2 each non-primary expert is tested
-against the primary. Turn it off at load time with ``from_pretrained(..., diep_skipping_enabled=False)`` or on a
-live model with ``model.config.diep_skipping["enabled"] = False; model.diep_configure_skipping()``.
-
-How a skipped expert saves compute, on every family and every experts backend (grouped_mm, eager, batched_mm,
-GPT-OSS included, so no family falls back to zero weights): the pre-hook hands the experts only the routing slots
-that remain, as a top-1 call over [kept slots, H]; a forward hook puts the rows back in [T, k] and sums over k.
-We tried the sentinel route first (index ``num_experts`` with ``experts._is_expert_parallel = True`` in
-grouped_mm): it is correct, but grouped_mm's expert-parallel masking copies the [slots, 2 x intermediate]
-activations, which on CPU cost more than the skipped GEMMs saved; and GPT-OSS's eager loop has no sentinel class.
-Cost of the compaction: one host sync per MoE layer (to size the kept rows), as the eager backend already has.
+Adaptive expert skipping (DiEP section 3.3): ``skipping_diep.DiepExpertSkipping``. Loading checks (a checkpoint
+must hold exactly the tensors its config describes): ``loading_diep``. Both travel with this file.
 """
 
 import copy
-import json
-import re
 
 import torch
 from transformers import (
@@ -56,6 +41,8 @@ from .configuration_diep import (
     DiepQwen2MoeConfig,
     DiepQwen3MoeConfig,
 )
+from .loading_diep import MAX_LISTED, loading_problems, per_expert_problems, safetensors_names
+from .skipping_diep import DiepExpertSkipping
 
 # transformers lets a model switch experts backend (eager / batched_mm / grouped_mm) only when the model's
 # module source contains the text "@use_experts_implementation" (it greps for it). Our experts are the
@@ -85,168 +72,6 @@ def per_layer_load_balancing_loss(router_logits, attention_mask=None, top_k: int
     return torch.stack(losses).mean()
 
 
-class DiepExpertSkipping:
-    """The skip rule of one MoE layer, run by two hooks on that layer's experts module.
-
-    ``before`` (forward pre-hook) decides which routing slots to skip and hands the experts only the slots that
-    remain, one per row (top-1 calls on [kept slots, H]), so skipped experts cost nothing on any backend;
-    ``after`` (forward hook) scatters the rows back to [T, k] and sums over k as the backends do. A batch with
-    nothing skipped passes through untouched (bit-identical to no skipping).
-
-    ``gamma[e0][e] = gamma1 * cka_ratio[e0][e]`` is built once per device from the config's lists (so a live model
-    and one reloaded from disk use the very same float32 values). Counters: ``skipped`` non-primary routing slots
-    out of ``slots`` seen since ``reset()``. Setting ``record`` to a list appends each call's skip mask [T, k].
-    """
-
-    def __init__(self, layer_idx: int, gamma1: float, cka_ratio):
-        self.layer_idx = layer_idx
-        self.gamma1 = float(gamma1)
-        self.cka_ratio = [[float(v) for v in row] for row in cka_ratio]
-        self.active = True
-        self.record = None
-        self._gamma = {}
-        self._pending = None
-        self.reset()
-
-    def reset(self):
-        self.skipped = 0
-        self.slots = 0
-
-    def gamma(self, device) -> torch.Tensor:
-        if device not in self._gamma:
-            table = torch.tensor(self.cka_ratio, dtype=torch.float32) * self.gamma1
-            self._gamma[device] = table.to(device)
-        return self._gamma[device]
-
-    def decide(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Boolean [T, k]: True where a non-primary slot is skipped. Ties: the first slot of the max is primary."""
-        weights = top_k_weights.detach().float()
-        primary = weights.argmax(dim=-1, keepdim=True)
-        w0 = weights.gather(-1, primary)
-        e0 = top_k_index.gather(-1, primary)
-        skip = weights < self.gamma(top_k_index.device)[e0, top_k_index] * w0
-        return skip.scatter(-1, primary, False)
-
-    def reweight(self, top_k_weights: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """Zero the skipped weights and rescale the kept ones to the original sum (top-2: primary = w0 + w1)."""
-        kept = top_k_weights.masked_fill(skip, 0)
-        total = top_k_weights.sum(dim=-1, keepdim=True)
-        rescaled = kept * (total / kept.sum(dim=-1, keepdim=True))
-        # a row left with its primary only (always, for top-2) gives the primary the original sum exactly
-        alone = (skip.sum(dim=-1, keepdim=True) == skip.shape[-1] - 1) & ~skip
-        rescaled = torch.where(alone, total.expand_as(kept), rescaled)
-        return torch.where(skip.any(dim=-1, keepdim=True), rescaled, top_k_weights)
-
-    def before(self, experts, args):
-        self._pending = None
-        if not self.active or len(args) != 3 or args[1].dim() != 2 or args[1].shape[-1] < 2:
-            return None
-        if len(self.cka_ratio) != experts.num_experts:
-            raise ValueError(
-                f"layer {self.layer_idx}: the skipping table covers {len(self.cka_ratio)} experts but the layer has "
-                f"{experts.num_experts}; recalibrate skipping after pruning"
-            )
-        hidden_states, top_k_index, top_k_weights = args
-        with torch.no_grad():
-            skip = self.decide(top_k_index, top_k_weights)
-        num_tokens, k = skip.shape
-        self.skipped = self.skipped + skip.sum()
-        self.slots += num_tokens * (k - 1)
-        if self.record is not None:
-            self.record.append(skip.cpu())
-        if not bool(skip.any()):
-            return None
-        rows = (~skip).reshape(-1).nonzero().squeeze(-1)  # kept slots, token-major
-        weights = self.reweight(top_k_weights, skip).reshape(-1)[rows]
-        self._pending = (rows, num_tokens, k)
-        return hidden_states[rows // k], top_k_index.reshape(-1)[rows].unsqueeze(-1), weights.unsqueeze(-1)
-
-    def after(self, experts, args, output):
-        if self._pending is None:
-            return None
-        rows, num_tokens, k = self._pending
-        self._pending = None
-        slots = output.new_zeros(num_tokens * k, output.shape[-1]).index_copy_(0, rows, output)
-        return slots.view(num_tokens, k, -1).sum(dim=1)
-
-
-# ---------------------------------------------------------------------------------------------- loading checks
-# A pruned checkpoint must hold exactly the tensors its config describes. transformers only logs a report for a
-# missing or unexpected tensor and initialises the missing one at random (a missing router weight would route
-# tokens at random with no error); the mixin below turns every such problem into a DiepCheckpointError.
-
-_PER_EXPERT_KEY = re.compile(
-    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:[^.]+\.)*experts)\.(?P<idx>\d+)\.(?P<leaf>.+)$"
-)
-_MAX_LISTED = 8
-
-
-def _safetensors_names(files):
-    """Tensor names in the checkpoint's safetensors files (read from their headers), or None if unreadable."""
-    names = set()
-    for path in files:
-        if not str(path).endswith(".safetensors"):
-            return None
-        try:
-            with open(path, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(size))
-        except (OSError, ValueError):
-            return None
-        names.update(name for name in header if name != "__metadata__")
-    return names
-
-
-def _per_expert_problems(names, counts) -> list:
-    """Per-expert tensors (``...experts.<i>.<leaf>``) missing or beyond each layer's kept count, as named on disk.
-
-    transformers stacks these into fused tensors, so a missing one only shows up as a shape mismatch or a failed
-    conversion of the fused tensor; naming the file's own key tells the user which expert is absent.
-    """
-    groups = {}
-    for name in names:
-        match = _PER_EXPERT_KEY.match(name)
-        if match is None:
-            continue
-        layer = int(match["layer"])
-        if layer >= len(counts) or counts[layer] is None:
-            continue
-        leaves = groups.setdefault((match["prefix"], layer), {})
-        leaves.setdefault(match["leaf"], set()).add(int(match["idx"]))
-    problems = []
-    for (prefix, layer), leaves in sorted(groups.items()):
-        count = counts[layer]
-        for leaf, present in sorted(leaves.items()):
-            for idx in sorted(set(range(count)) - present):
-                problems.append(f"{prefix}.{idx}.{leaf} is missing (layer {layer} keeps {count} experts)")
-            for idx in sorted(i for i in present if i >= count):
-                problems.append(f"{prefix}.{idx}.{leaf} is unexpected (layer {layer} keeps {count} experts)")
-    return problems
-
-
-def _conversion_summary(message) -> str:
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    chosen = next((line for line in reversed(lines) if line.startswith("Error")), lines[-1] if lines else "")
-    return chosen[:200]
-
-
-def _loading_problems(info, *, ignore_mismatched_sizes: bool, include_missing: bool = True) -> list:
-    """One line per missing, unexpected, mis-shaped or unconvertible tensor in a transformers loading report."""
-    get = info.get if isinstance(info, dict) else lambda key, default=None: getattr(info, key, default)
-    problems = []
-    if include_missing:
-        problems += [f"{key} is missing" for key in sorted(get("missing_keys") or ())]
-        problems += [f"{key} is unexpected" for key in sorted(get("unexpected_keys") or ())]
-    if not ignore_mismatched_sizes:
-        for key, on_disk, expected in sorted(get("mismatched_keys") or (), key=lambda item: item[0]):
-            problems.append(
-                f"{key} has shape {list(on_disk)} in the checkpoint but the config gives {list(expected)}"
-            )
-    for key, message in sorted((get("conversion_errors") or {}).items()):
-        problems.append(f"{key} could not be assembled from the checkpoint ({_conversion_summary(message)})")
-    return problems
-
-
 class DiepForCausalLMMixin:
     """Rebuilds every MoE block with its layer's expert count before weights are initialised or loaded."""
 
@@ -269,7 +94,7 @@ class DiepForCausalLMMixin:
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
         ignore = bool(kwargs.get("ignore_mismatched_sizes", False))
-        problems = _loading_problems(info, ignore_mismatched_sizes=ignore)
+        problems = loading_problems(info, ignore_mismatched_sizes=ignore)
         if problems:
             cls._diep_raise(pretrained_model_name_or_path, problems)
         return (model, info) if want_info else model
@@ -281,9 +106,9 @@ class DiepForCausalLMMixin:
         # the list rides on the loading report to _finalize_model_loading. Adapters (expected_keys) are skipped.
         counts = getattr(model.config, "num_experts_per_layer", None)
         if checkpoint_files and counts is not None and kwargs.get("expected_keys") is None:
-            names = _safetensors_names(checkpoint_files)
+            names = safetensors_names(checkpoint_files)
             if names is not None:
-                result[0].diep_disk_problems = _per_expert_problems(names, counts)
+                result[0].diep_disk_problems = per_expert_problems(names, counts)
         return result
 
     @classmethod
@@ -297,19 +122,19 @@ class DiepForCausalLMMixin:
         source = load_config.pretrained_model_name_or_path
         ignore = bool(load_config.ignore_mismatched_sizes)
         problems = list(getattr(loading_info, "diep_disk_problems", ()))
-        problems += _loading_problems(loading_info, ignore_mismatched_sizes=ignore, include_missing=False)
+        problems += loading_problems(loading_info, ignore_mismatched_sizes=ignore, include_missing=False)
         if problems:
             cls._diep_raise(source, problems)
         loading_info = super()._finalize_model_loading(model, load_config, loading_info)
-        problems = _loading_problems(loading_info, ignore_mismatched_sizes=ignore)
+        problems = loading_problems(loading_info, ignore_mismatched_sizes=ignore)
         if problems:
             cls._diep_raise(source, problems)
         return loading_info
 
     @classmethod
     def _diep_raise(cls, source, problems):
-        listed = "; ".join(problems[:_MAX_LISTED])
-        more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        listed = "; ".join(problems[:MAX_LISTED])
+        more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise cls._diep_error(
             f"checkpoint {source} is incomplete or corrupt: its tensors do not match its config.json "
             f"({len(problems)} problem(s): {listed}{more}). Loading it anyway would leave these weights randomly "
