@@ -47,7 +47,7 @@ def environment_report() -> dict[str, object]:
     from .evaluation.results import package_versions
 
     versions = package_versions()
-    for name in ("optimum", "safetensors", "pydantic", "jinja2"):
+    for name in ("safetensors", "pydantic", "jinja2"):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
