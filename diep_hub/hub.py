@@ -21,11 +21,12 @@ import fnmatch
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
 from .checkpoint.layout import CONFIG_FILE, EVAL_RESULTS_DIR
@@ -66,13 +67,29 @@ def _check_repo_id(repo_id: str) -> None:
     if problem is not None:
         raise PushError(f"repo_id={repo_id!r} is not a valid Hub model id ({problem}); use {REPO_ID_ALLOWED}")
 
+
+def cache_folder(name: str) -> Path:
+    """diep_hub's cache folder ``name`` (offline corpora, trained zoo models), created if missing.
+
+    ``$DIEP_HUB_CACHE/<name>`` when that is set; otherwise beside huggingface_hub's own caches, in its assets cache
+    for libraries: ``$HF_ASSETS_CACHE/diep_hub/<name>``, where ``HF_ASSETS_CACHE`` defaults to ``$HF_HOME/assets``
+    and ``HF_HOME`` to ``$XDG_CACHE_HOME/huggingface`` (``~/.cache/huggingface``), as every Hugging Face library
+    resolves them (read from ``huggingface_hub.constants``).
+    """
+    root = os.environ.get("DIEP_HUB_CACHE")
+    base = Path(root).expanduser() if root else Path(constants.HF_ASSETS_CACHE).expanduser() / "diep_hub"
+    folder = base / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _resolve_token(token: str | None) -> str:
     if token is not None and (not isinstance(token, str) or not token.strip()):
         raise PushError("token must be a non-empty string (a Hugging Face access token with write access)")
     token = token or get_token()
     if not token:
         raise PushError(
-            "no Hugging Face token found: pass token=..., set HF_TOKEN, or run `hf auth login` "
+            "no Hugging Face token found: set HF_TOKEN, run `hf auth login`, or pass token=... "
             "(a token with write access is needed to push)"
         )
     return token
@@ -155,6 +172,7 @@ def push(
     commit_message: str | None = None,
     tokenizer=None,
     allow_pickle: bool = False,
+    revision: str | None = None,
 ):
     """Publish a pruned checkpoint folder (or a pruned model, saved first) to the Hub in one commit.
 
@@ -171,6 +189,8 @@ def push(
         tokenizer: saved with a model (ignored for a folder).
         allow_pickle: also upload pickle files (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``); refused by default
             because loading a pickle runs arbitrary code.
+        revision: the branch to commit to (default: main), as ``hf upload --revision``: created from main when
+            missing; with ``create_pr`` the pull request targets it (then it must exist).
 
     Returns:
         huggingface_hub's ``CommitInfo`` (``commit_url``, ``oid``, ``pr_url``). When nothing changed since the last
@@ -188,8 +208,11 @@ def push(
             raise PushError(f"{name}={value!r} must be True or False")
     if commit_message is not None and (not isinstance(commit_message, str) or not commit_message.strip()):
         raise PushError("commit_message must be a non-empty string (or None for the default)")
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise PushError(f"revision={revision!r} must be a non-empty branch name (or None for main)")
+    settings = _PushSettings(token, private, create_pr, commit_message, allow_pickle, revision or "main")
     if isinstance(folder_or_model, (str, os.PathLike)):
-        return _push_folder(Path(folder_or_model), repo_id, token, private, create_pr, commit_message, allow_pickle)
+        return _push_folder(Path(folder_or_model), repo_id, settings)
     from .checkpoint.saving import save_pruned
 
     with tempfile.TemporaryDirectory(prefix="diep-hub-push-") as tmp:
@@ -198,7 +221,7 @@ def push(
         from .card import build_model_card, write_card
 
         write_card(folder, build_model_card(folder, repo_id=repo_id))
-        return _push_folder(folder, repo_id, token, private, create_pr, commit_message, allow_pickle)
+        return _push_folder(folder, repo_id, settings)
 
 
 def check_write_token(token: str | None = None) -> str:
@@ -218,11 +241,11 @@ def _repo_state(repo_id: str, created: bool, had_files: bool) -> str:
 
 
 def _after_failed_commit(api: HfApi, repo_id: str, token: str, head: str | None, created: bool, had_files: bool,
-                         create_pr: bool) -> str:
+                         create_pr: bool, branch: str = "main") -> str:
     """What is on the Hub after a failed commit, read back from it (a gateway error or a dropped connection can
     hide a commit that was made)."""
     try:
-        now = api.model_info(repo_id, token=token).sha
+        now = api.model_info(repo_id, token=token, revision=branch).sha
     except Exception as exc:  # noqa: BLE001 - best effort: the message then says it could not check
         logger.debug("could not read %s back after the failed commit: %s", repo_id, type(exc).__name__)
         now = None
@@ -230,27 +253,56 @@ def _after_failed_commit(api: HfApi, repo_id: str, token: str, head: str | None,
         return (f"could not read {repo_id} back to check it; a commit is all-or-nothing, so {repo_id} either has "
                 "the whole upload or none of it")
     if now != head:
-        return (f"main of {repo_id} moved from {str(head)[:8]} to {now[:8]} meanwhile: the commit may have been "
-                f"made before the error; check {api.endpoint}/{repo_id}/commits/main")
+        return (f"{branch} of {repo_id} moved from {str(head)[:8]} to {now[:8]} meanwhile: the commit may have been "
+                f"made before the error; check {api.endpoint}/{repo_id}/commits/{branch}")
     state = _repo_state(repo_id, created, had_files)
     if create_pr:
-        return (f"{state} on main; no pull request was opened unless the Hub received the commit before the "
+        return (f"{state} on {branch}; no pull request was opened unless the Hub received the commit before the "
                 f"error (check {api.endpoint}/{repo_id}/discussions: a re-run opens a new pull request)")
-    return f"{state} (main still at {now[:8]})"
+    return f"{state} ({branch} still at {now[:8]})"
 
 
-def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool, create_pr: bool, message: str | None,
-                 allow_pickle: bool):
-    files = check_folder(folder, allow_pickle=allow_pickle)
-    message = message or default_commit_message(folder)
+def _branch_info(api: HfApi, repo_id: str, token: str, branch: str, create_pr: bool):
+    """The model info at ``branch``; a missing branch is created from main (as ``hf upload --revision`` does),
+    except for a pull request, which needs an existing branch to target."""
+    try:
+        return api.model_info(repo_id, token=token, revision=branch)
+    except RevisionNotFoundError:
+        if create_pr:
+            raise PushError(
+                f"{repo_id} has no branch {branch!r}: a pull request needs an existing branch to target; push to "
+                f"revision={branch!r} without create_pr=True first (that creates the branch from main), or open the "
+                "pull request against main (revision=None); nothing was uploaded"
+            ) from None
+    logger.info("creating the branch %s of %s from main", branch, repo_id)
+    api.create_branch(repo_id, branch=branch, token=token, exist_ok=True)
+    return api.model_info(repo_id, token=token, revision=branch)
+
+
+@dataclass(frozen=True)
+class _PushSettings:
+    """What ``push`` was asked, checked: the token (None: HF_TOKEN or the saved login) and the commit's options."""
+
+    token: str | None
+    private: bool
+    create_pr: bool
+    message: str | None
+    allow_pickle: bool
+    branch: str
+
+
+def _push_folder(folder: Path, repo_id: str, settings: _PushSettings):
+    files = check_folder(folder, allow_pickle=settings.allow_pickle)
+    message = settings.message or default_commit_message(folder)
     if constants.is_offline_mode():
         raise PushError("HF_HUB_OFFLINE is set: pushing needs the Hub; unset HF_HUB_OFFLINE and run again")
-    token = _resolve_token(token)
+    token = _resolve_token(settings.token)
     api = HfApi()
     user = _check_token(api, token)
     check_no_token_sent(folder, files, token, message)
-    logger.info("pushing %d files from %s to %s as %s%s", len(files), folder, repo_id, user,
-                " (pull request)" if create_pr else "")
+    private, create_pr, branch = settings.private, settings.create_pr, settings.branch
+    logger.info("pushing %d files from %s to %s%s as %s%s", len(files), folder, repo_id,
+                "" if branch == "main" else f" (branch {branch})", user, " (pull request)" if create_pr else "")
 
     created, step = False, "reading it"
     try:
@@ -266,8 +318,11 @@ def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool, c
                 "%s already exists and is public: private=True only applies to a new repository, so this push is "
                 "public; change the visibility in the repository settings first if it must not be", repo_id
             )
+        if branch != "main":
+            step = f"reading (or creating) its branch {branch}"
+            info = _branch_info(api, repo_id, token, branch, create_pr)
         head, step = info.sha, "listing its files"
-        remote = set(api.list_repo_files(repo_id, token=token, repo_type="model"))
+        remote = set(api.list_repo_files(repo_id, token=token, repo_type="model", revision=branch))
     except Exception as exc:
         if not isinstance(exc, HfHubHTTPError) and not _is_connection_error(exc):
             raise
@@ -290,16 +345,16 @@ def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool, c
     try:
         info = api.create_commit(
             repo_id, operations, commit_message=message, token=token, repo_type="model", create_pr=create_pr,
-            commit_description=f"Pushed with diep_hub from a local checkpoint ({len(files)} files).",
+            revision=branch, commit_description=f"Pushed with diep_hub from a local checkpoint ({len(files)} files).",
         )
     except Exception as exc:  # noqa: BLE001 - any failure of the commit: say what is on the Hub and how to go on
         cause = _cause(exc, token)
-        state = _after_failed_commit(api, repo_id, token, head, created, bool(remote), create_pr)
+        state = _after_failed_commit(api, repo_id, token, head, created, bool(remote), create_pr, branch)
         raise PushError(f"the commit to {repo_id} failed ({cause}); {state}; {_RETRY}") from None
 
     if create_pr and info.pr_url is None:
-        logger.warning("no pull request was opened on %s: nothing changed, every file is identical to main (%s)",
-                       repo_id, info.commit_url)
+        logger.warning("no pull request was opened on %s: nothing changed, every file is identical to %s (%s)",
+                       repo_id, branch, info.commit_url)
     elif not create_pr and info.oid == head:
         logger.info("nothing changed since the last push: no new commit, %s stays at %s", repo_id, head[:8])
     else:
@@ -307,4 +362,4 @@ def _push_folder(folder: Path, repo_id: str, token: str | None, private: bool, c
     return info
 
 
-__all__ = ["PushError", "check_folder", "check_write_token", "default_commit_message", "push"]
+__all__ = ["PushError", "cache_folder", "check_folder", "check_write_token", "default_commit_message", "push"]

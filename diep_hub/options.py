@@ -11,6 +11,7 @@ This module imports pydantic only (no torch): the CLI parser is built from it in
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -303,8 +304,10 @@ def problems(exc: ValidationError, root: type[BaseModel], *, prefix: str = "",
         shown = ((names or {}).get(loc[0], loc[0]), *loc[1:]) if loc else loc
         path = prefix + ".".join(shown) if shown else (prefix.rstrip(".") or "<top level>")
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(_keys(_model_at(root, loc[:-1]))) or "none"
-            lines.append(f"{path}: unknown key -> allowed keys: {allowed}")
+            keys = _keys(_model_at(root, loc[:-1]))
+            close = difflib.get_close_matches(loc[-1], keys, n=1, cutoff=0.6) if loc else []
+            guess = f"did you mean {close[0]!r}? " if close else ""
+            lines.append(f"{path}: unknown key -> {guess}allowed keys: {', '.join(keys) or 'none'}")
         elif err["type"] == "missing":
             lines.append(f"{path}: missing -> required")
         else:

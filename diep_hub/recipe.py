@@ -56,7 +56,7 @@ from .options import (
     TargetOptions,
     problems,
 )
-from .recipe_yaml import RecipeError, read_recipe_file, shipped_recipes
+from .recipe_yaml import RecipeError, line_of, read_recipe_with_lines, shipped_recipes
 
 logger = logging.getLogger(__name__)
 
@@ -260,14 +260,22 @@ class Recipe(OptionsModel):
         return self
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "<recipe>", base_dir: str | os.PathLike | None = None) -> Recipe:
-        """Validate a parsed recipe, raising one :class:`RecipeError` listing every problem."""
+    def from_dict(cls, data: Any, *, source: str = "<recipe>", base_dir: str | os.PathLike | None = None,
+                  lines: dict[tuple[str, ...], int] | None = None) -> Recipe:
+        """Validate a parsed recipe, raising one :class:`RecipeError` listing every problem.
+
+        ``lines`` (field path -> line of its key, from :func:`~diep_hub.recipe_yaml.read_recipe_with_lines`) adds
+        "(line N)" to each problem the file can place.
+        """
         if not isinstance(data, dict):
             raise RecipeError(source, [f"<top level>: {type(data).__name__} -> a mapping with a 'model' section"])
         try:
             recipe = cls.model_validate(data)
         except ValidationError as exc:
-            raise RecipeError(source, problems(exc, cls)) from None
+            found = problems(exc, cls)
+            if lines:
+                found = [_with_line(problem, lines) for problem in found]
+            raise RecipeError(source, found) from None
         recipe._base_dir = str(base_dir or "")
         return recipe
 
@@ -347,6 +355,12 @@ class Recipe(OptionsModel):
         }
 
 
+def _with_line(problem: str, lines: dict[tuple[str, ...], int]) -> str:
+    """``field.path: value -> allowed (line N)``."""
+    line = line_of(problem.split(":", 1)[0], lines)
+    return problem if line is None else f"{problem} (line {line})"
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate a recipe file; a bare name (``tiny``) finds a recipe shipped with the package.
 
@@ -355,8 +369,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             invalid field (all of them listed at once).
         CorruptFileError: the file is not UTF-8 text (the message names the byte and line).
     """
-    data, file = read_recipe_file(path)
-    recipe = Recipe.from_dict(data, source=str(path), base_dir=file.resolve().parent)
+    data, file, lines = read_recipe_with_lines(path)
+    recipe = Recipe.from_dict(data, source=str(path), base_dir=file.resolve().parent, lines=lines)
     logger.info("loaded recipe %s: %s, %s at %.0f%% sparsity", file, recipe.model.id, recipe.pruning.method,
                 100 * recipe.pruning.sparsity)
     return recipe

@@ -49,8 +49,12 @@ class UniqueKeyLoader(yaml.SafeLoader):
     would run with settings its author never saw. Merge keys (``<<: *anchor``) may still be overridden.
     """
 
+    #: field path (``("pruning", "search", "lr")``) -> line (1-based) of its key, filled while parsing
+    lines: dict[tuple[str, ...], int]
+
     def get_single_data(self):
         node = self.get_single_node()
+        self.lines = {}
         if node is None:
             return None
         self._paths: dict[int, tuple[str, ...]] = {}
@@ -58,16 +62,20 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return self.construct_document(node)
 
     def _index(self, node, path: tuple[str, ...]) -> None:
-        """Remember each mapping's field path (``pruning.search``) so a duplicate is named in full."""
+        """Remember each mapping's field path (``pruning.search``) so a duplicate is named in full, and the line
+        of every key, so a validation problem is named with its line."""
         if id(node) in self._paths:
             return  # an alias of a node already seen (or a recursive anchor)
         if isinstance(node, yaml.MappingNode):
             self._paths[id(node)] = path
             for key, value in node.value:
-                self._index(value, (*path, str(key.value)) if isinstance(key, yaml.ScalarNode) else path)
+                child = (*path, str(key.value)) if isinstance(key, yaml.ScalarNode) else path
+                self.lines.setdefault(child, key.start_mark.line + 1)
+                self._index(value, child)
         elif isinstance(node, yaml.SequenceNode):
             self._paths[id(node)] = path
             for i, value in enumerate(node.value):
+                self.lines.setdefault((*path, str(i)), value.start_mark.line + 1)
                 self._index(value, (*path, str(i)))
 
     def construct_mapping(self, node, deep=False):
@@ -90,8 +98,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 def parse_recipe_text(text: str, source: str = "<recipe>") -> Any:
     """Parse recipe YAML with :class:`UniqueKeyLoader`; syntax errors and duplicate keys name the line."""
+    return parse_recipe_lines(text, source)[0]
+
+
+def parse_recipe_lines(text: str, source: str = "<recipe>") -> tuple[Any, dict[tuple[str, ...], int]]:
+    """:func:`parse_recipe_text`, and the line of every key by its field path (:attr:`UniqueKeyLoader.lines`)."""
+    loader = UniqueKeyLoader(text)
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return loader.get_single_data(), loader.lines
     except _DuplicateKey as exc:
         raise RecipeError(
             source,
@@ -106,10 +120,32 @@ def parse_recipe_text(text: str, source: str = "<recipe>") -> Any:
         context = getattr(exc, "context", None)
         detail = f"{problem} ({context})" if context else problem
         raise RecipeError(source, [f"yaml: {detail}{where}"], title=f"cannot parse recipe {source}") from None
+    finally:
+        loader.dispose()
+
+
+def line_of(path: str, lines: dict[tuple[str, ...], int]) -> int | None:
+    """The line of a problem's field path (``pruning.search.lr``): its own key's, else the nearest enclosing
+    section's that the file has (a missing key is reported at its section)."""
+    parts = tuple(path.split("."))
+    while parts:
+        if parts in lines:
+            return lines[parts]
+        parts = parts[:-1]
+    return None
 
 
 def read_recipe_file(path: str | os.PathLike) -> tuple[Any, Path]:
     """The parsed YAML of a recipe file and the file it came from; a bare name (``tiny``) finds a shipped recipe.
+
+    :func:`read_recipe_with_lines` also gives the line of every key.
+    """
+    data, file, _ = read_recipe_with_lines(path)
+    return data, file
+
+
+def read_recipe_with_lines(path: str | os.PathLike) -> tuple[Any, Path, dict[tuple[str, ...], int]]:
+    """:func:`read_recipe_file`, and the line of every key by its field path (for the problems' line numbers).
 
     Raises:
         RecipeError: a missing file, a folder, an unreadable file, malformed YAML, a duplicated key or an empty
@@ -137,10 +173,11 @@ def read_recipe_file(path: str | os.PathLike) -> tuple[Any, Path]:
     except OSError as exc:
         raise RecipeError(str(path), [f"file: {str(path)!r} cannot be read ({exc.strerror or exc})"],
                           title=f"cannot read recipe {path}") from None
-    data = parse_recipe_text(text, str(path))
+    data, lines = parse_recipe_lines(text, str(path))
     if data is None:
         raise RecipeError(str(path), ["<top level>: the file is empty -> a mapping with a 'model' section"])
-    return data, file
+    return data, file, lines
 
 
-__all__ = ["RecipeError", "UniqueKeyLoader", "parse_recipe_text", "read_recipe_file", "shipped_recipes"]
+__all__ = ["RecipeError", "UniqueKeyLoader", "line_of", "parse_recipe_lines", "parse_recipe_text", "read_recipe_file",
+           "read_recipe_with_lines", "shipped_recipes"]

@@ -52,7 +52,8 @@ __all__ = [
     "evaluation_tasks",
     "inspect_checkpoint",  # lives in diep_hub.checkpoint.inspect
     "rebuild_card",
-    "resolve_output_dir",  # lives in diep_hub.pipeline.plan
+    "resolve_output_dir",
+    "retention_summary",  # lives in diep_hub.pipeline.plan
     "run_inputs",  # lives in diep_hub.pipeline.plan
     "run_recipe",
 ]
@@ -164,7 +165,9 @@ def run_recipe(
         overwrite: replace a non-empty output folder.
 
     Returns:
-        A JSON-able summary (output folder, kept experts per layer, evaluation, timings, push URL).
+        A JSON-able summary: output folder, kept experts per layer, retention with its standard error
+        (:func:`retention_summary`), the perplexity comparison, weight bytes before and after, the evaluation,
+        wall time, the push URLs and the next commands (inspect, push).
     """
     recipe_path = None if isinstance(recipe, Recipe) else _recipe_file(recipe)
     recipe = load_recipe(recipe) if not isinstance(recipe, Recipe) else recipe.model_copy(deep=True)
@@ -178,21 +181,78 @@ def run_recipe(
     _check_model(recipe, plan)
 
     started = time.perf_counter()
+    loading = tuple(stage for stage in stages.STAGES if stage.name == "load")
     with tempfile.TemporaryDirectory(prefix="diep-hub-run-") as tmp:
-        state = stages.run_stages(plan, stages.RunState(work=Path(tmp)))
+        state = stages.run_stages(plan, stages.RunState(work=Path(tmp)), loading)
+        bytes_before = _weight_bytes(state.model)  # the base model, before any stage cuts it
+        stages.run_stages(plan, state, tuple(stage for stage in stages.STAGES if stage not in loading))
+    evaluation = stages.evaluation_results(state)
+    out = str(state.require(stages.SaveResult, "summary").path)
     summary: dict[str, Any] = {
-        "output_dir": str(state.require(stages.SaveResult, "summary").path),
+        "output_dir": out,
         "model": plan.load.model_id,
         "method": plan.prune.method,
         "sparsity": plan.prune.sparsity,
         "experts": experts_table(state.model.config),
-        "evaluation": stages.evaluation_results(state),
+        "retention": retention_summary(evaluation),
+        "perplexity": (evaluation.get("comparison") or {}).get("perplexity"),
+        "weight_bytes": {"before": bytes_before, "after": _weight_bytes(state.model)},
+        "evaluation": evaluation,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     stages.run_stages(plan, state, stages.PUBLISH_STAGES)
     if (pushed := state.get(stages.PushResult)) is not None:
         summary["pushed"] = {"repo_id": pushed.repo_id, "commit_url": pushed.commit_url, "pr_url": pushed.pr_url}
+    summary["next_commands"] = _next_commands(out, plan.push.repo_id, pushed=pushed is not None)
     return to_jsonable(summary)
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the model's parameters, as ``evaluation.memory.parameter_bytes`` counts them."""
+    from .evaluation import parameter_bytes
+
+    return parameter_bytes(model)["parameter_bytes"]
+
+
+def retention_summary(evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """Average retention of the tasks' primary metrics with its standard error and the item count; None without
+    a base and a pruned lm-eval result.
+
+    The average is ``comparison.average_retention``. Its standard error propagates lm-eval's standard errors of
+    both scores through each ratio (delta method: se(p/b) = (p/b) * sqrt((se_p/p)^2 + (se_b/b)^2), treating the two
+    runs as independent), then through the mean of the tasks (sqrt(sum se_i^2) / k); None where a score is 0 or
+    lm-eval gave no standard error.
+    """
+    comparison = evaluation.get("comparison") or {}
+    average = comparison.get("average_retention")
+    if average is None:
+        return None
+    tasks = {side: ((evaluation.get(side) or {}).get("lm_eval") or {}).get("tasks", {}) for side in ("base", "pruned")}
+    errors: list[float | None] = []
+    items = 0
+    for name, row in comparison.get("tasks", {}).items():
+        primary, base_row = row.get("primary_metric"), tasks["base"].get(name, {})
+        entry = row.get("metrics", {}).get(primary)
+        if entry is None or entry.get("retention") is None or not base_row.get("requested", True):
+            continue
+        items += int(base_row.get("num_samples") or 0)
+        ratio, parts = entry["retention"], []
+        for side, value in (("base", entry["base"]), ("pruned", entry["pruned"])):
+            se = tasks[side].get(name, {}).get("metrics", {}).get(f"{primary}_stderr")
+            parts.append(None if not isinstance(se, (int, float)) or not value else se / value)
+        errors.append(None if None in parts else abs(ratio) * (parts[0] ** 2 + parts[1] ** 2) ** 0.5)
+    stderr = None if not errors or None in errors else sum(e * e for e in errors) ** 0.5 / len(errors)
+    return {"average": average, "stderr": stderr, "tasks": len(errors), "items": items}
+
+
+def _next_commands(folder: str, repo_id: str | None, *, pushed: bool) -> list[str]:
+    """What to run next on the folder: look at it, then publish it (or look at the published repo)."""
+    import shlex
+
+    where = shlex.quote(folder)
+    if pushed and repo_id:
+        return [f"diep-hub inspect {where}", f"diep-hub inspect {repo_id}"]
+    return [f"diep-hub inspect {where}", f"diep-hub push {repo_id or 'REPO_ID'} {where}"]
 
 
 def _recipe_file(path: str | os.PathLike) -> Path | None:

@@ -286,13 +286,13 @@ def test_card_rebuilds_the_readme_from_the_folder(hand_pruned, tmp_path, capsys)
 
 
 def test_push_then_inspect_the_hub_repo(hand_pruned, hub_server, tmp_path, monkeypatch, capsys):
-    """`push DIR REPO_ID` through the real client to the local Hub; `inspect REPO_ID` reads it back from there."""
+    """`push REPO_ID DIR` through the real client to the local Hub; `inspect REPO_ID` reads it back from there."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     repo = f"{hub_server.user}/tiny-cli"
     monkeypatch.setenv("HF_TOKEN", hub_server.token)
-    assert main(["push", str(hand_pruned), repo, "--json"]) == 0
+    assert main(["push", repo, str(hand_pruned), "--json"]) == 0
     pushed = json.loads(capsys.readouterr().out)
     assert pushed["repo_id"] == repo and pushed["commit_url"]
     assert hub_server.token not in pushed["commit_url"]
@@ -305,9 +305,80 @@ def test_push_then_inspect_the_hub_repo(hand_pruned, hub_server, tmp_path, monke
 
 
 def test_push_without_token_is_a_message(hand_pruned, hub_server, capsys):
-    assert main(["push", str(hand_pruned), f"{hub_server.user}/x"]) == 2
+    assert main(["push", f"{hub_server.user}/x", str(hand_pruned)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diep-hub push: error: ") and "Traceback" not in err and "token" in err.lower()
+
+
+def test_push_in_the_old_order_is_answered_with_the_command_in_the_new_one(hand_pruned, hub_server, capsys):
+    """`push DIR REPO_ID` (before `hf upload`'s order): refused before any request, with the corrected command,
+    which parses back to the same folder, repo and options (the token is never echoed)."""
+    import shlex
+
+    argv = ["push", str(hand_pruned), "me/tiny-diep", "--private", "--commit-message", "DiEP 50%", "--token", "hf_x"]
+    assert main(argv) == EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    command = f"diep-hub push me/tiny-diep {shlex.quote(str(hand_pruned))} --private --commit-message 'DiEP 50%'"
+    assert err == (f"diep-hub push: error: push takes REPO_ID PATH, in the order of `hf upload`; {str(hand_pruned)!r} "
+                   f"is a folder and 'me/tiny-diep' is not, so the two are swapped: run `{command}`")
+    fixed = build_parser().parse_args(shlex.split(command)[1:])
+    assert (fixed.repo_id, fixed.path, fixed.private, fixed.commit_message) == (
+        "me/tiny-diep", str(hand_pruned), True, "DiEP 50%")
+    assert hub_server.requests == [] and "hf_x" not in err
+
+
+def test_push_to_a_revision_with_the_token_flag(hand_pruned, hub_server, tmp_path, monkeypatch, capsys):
+    """`--revision BRANCH` as `hf upload` has it: a missing branch is created from main and the commit lands on it,
+    main stays where it was; `--token` authenticates without HF_TOKEN (with a warning) and is never printed."""
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+    branches = []
+
+    def create_branch(self, repo_id, *, branch, token=None, exist_ok=False, **kwargs):
+        # the fake Hub has no branch endpoint: make the ref as the Hub does, from main
+        assert token == hub_server.token and exist_ok
+        branches.append(branch)
+        refs = hub_server.repos[repo_id].refs
+        refs.setdefault(branch, refs["main"])
+
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    repo = f"{hub_server.user}/tiny-branch"
+    token = ["--token", hub_server.token]
+    assert main(["push", repo, str(hand_pruned), "--json", *token]) == 0
+    main_head = hub_server.repos[repo].refs["main"]
+    folder = tmp_path / "edited"
+    shutil.copytree(hand_pruned, folder)
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\nAn experiment.\n")
+    capsys.readouterr()
+    argv = ["push", repo, str(folder), "--revision", "experiments", "--commit-message", "Try it", "--json", *token]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    pushed = json.loads(captured.out)
+    refs = hub_server.repos[repo].refs
+    assert branches == ["experiments"] and refs["main"] == main_head and refs["experiments"] != main_head
+    assert pushed["revision"] == "experiments" and pushed["commit_url"].endswith(refs["experiments"])
+    commit = hub_server.repos[repo].commits[refs["experiments"]]
+    assert commit.title == "Try it" and commit.parent == main_head
+    assert "--token leaves your token in your shell history" in captured.err
+    assert hub_server.token not in captured.out + captured.err
+
+
+@pytest.mark.parametrize(("flag", "level"), [("-q", "ERROR"), ("-v", "INFO"), ("-vv", "DEBUG")])
+def test_verbosity_flags_set_transformers_and_huggingface_hub_too(flag, level, monkeypatch):
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    try:
+        assert main([flag, "env", "--json"]) == 0
+        assert hub_logging.get_verbosity() == transformers_logging.get_verbosity() == getattr(logging, level)
+    finally:
+        hub_logging.set_verbosity_warning()
+        transformers_logging.set_verbosity_warning()
 
 
 def test_reproduce_needs_a_recorded_recipe(hand_pruned, capsys):
@@ -569,3 +640,64 @@ def test_every_help_example_parses_with_the_flags_it_shows():
         assert callable(namespace.func), argv
     commands = {argv[0] for argv in examples if not argv[0].startswith("-")}
     assert {"run", "prune", "eval", "card", "push", "inspect", "reproduce", "env"} <= commands
+
+
+# ------------------------------------------------------------------------------------------------ run summary
+SUMMARY_RECIPE = {  # the tiny flow with small settings: frequency scoring, 20 items, 4 perplexity windows
+    "model": {"id": "diep-hub/tiny-mixtral", "dtype": "float32"},
+    "pruning": {"method": "frequency", "sparsity": 0.5, "seed": 0,
+                "calibration": {"dataset": "diep-hub/tiny-text", "config": None, "num_samples": 8, "seq_len": 32},
+                "search": {"batch_size": 8}},
+    "skipping": {"enabled": False},
+    "evaluation": {"tasks": ["diep_tiny_arith"], "limit": 20, "batch_size": 16, "memory": True,
+                   "perplexity": {"dataset": "diep-hub/tiny-text", "config": None, "split": "test", "num_samples": 4,
+                                  "seq_len": 32}},
+}
+
+
+def test_run_ends_with_a_summary_of_the_saved_values(tmp_path, monkeypatch):
+    """`diep-hub run` prints kept experts per layer, retention with its standard error, the perplexity ratio,
+    weight bytes before and after, the folder and the next commands; every value is the one saved in the folder
+    (config.json, evaluation.json), and the next command runs."""
+    import math
+
+    import diep_hub.tiny
+    from tests.helpers.fault_catalogue import run_cli
+
+    monkeypatch.setattr(diep_hub.tiny, "build_offline_model",  # untrained: the summary, not the pruning, is tested
+                        lambda model_id, *, dtype=torch.float32: build_tiny_model(seed=0, train_steps=0, dtype=dtype))
+    recipe, out = tmp_path / "recipe.yaml", tmp_path / "out"
+    recipe.write_text(yaml.safe_dump(SUMMARY_RECIPE))
+    result = run_cli(["run", str(recipe), "--output", str(out)], monkeypatch)
+    assert result.code == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+
+    config = json.loads((out / "config.json").read_text())
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    kept = config["num_experts_per_layer"]
+    assert lines[0].startswith(f"saved {out} (frequency, sparsity 0.5) in ")
+    assert lines[1] == f"experts kept per layer: {' '.join(map(str, kept))} ({sum(kept)} of 32)"
+
+    # retention = pruned / base accuracy; its standard error from lm-eval's two standard errors (delta method)
+    base, pruned = (evaluation[side]["lm_eval"]["tasks"]["diep_tiny_arith"] for side in ("base", "pruned"))
+    b, p = base["metrics"]["acc"], pruned["metrics"]["acc"]
+    retention = evaluation["comparison"]["average_retention"]
+    assert retention == pytest.approx(p / b)
+    se = retention * math.hypot(base["metrics"]["acc_stderr"] / b, pruned["metrics"]["acc_stderr"] / p)
+    assert lines[2] == (f"retention: {100 * retention:.2f}% ± {100 * se:.2f}% (standard error; 1 task(s), "
+                        f"{base['num_samples']} items)")
+    assert base["num_samples"] == 20
+
+    ppl = evaluation["comparison"]["perplexity"]
+    assert ppl["ratio"] == pytest.approx(evaluation["pruned"]["perplexity"]["perplexity"]
+                                         / evaluation["base"]["perplexity"]["perplexity"])
+    assert lines[3] == f"perplexity: {ppl['base']:.4g} -> {ppl['pruned']:.4g} (ratio {ppl['ratio']:.3f})"
+
+    before, after = (evaluation[side]["memory"]["parameter_bytes"] for side in ("base", "pruned"))
+    assert lines[4] == f"weights: {before:,} -> {after:,} bytes ({100 * (after / before - 1):+.1f}%)"
+    weights_file = (out / "model.safetensors").stat().st_size
+    assert after < weights_file < after + 64 * 1024  # the tensors, plus the safetensors header
+
+    assert lines[5:] == ["next:", f"  diep-hub inspect {out}", f"  diep-hub push REPO_ID {out}"]
+    inspected = run_cli(["inspect", str(out), "--json"], monkeypatch)
+    assert inspected.code == 0 and [r["kept"] for r in json.loads(inspected.stdout)["layers"]] == kept

@@ -50,3 +50,29 @@ def test_env_text_says_no_token_when_none_is_configured(monkeypatch, tmp_path):
     assert lines["token configured"] == "no"
     assert lines["transformers"] == version("transformers")
     assert lines["offline"] == "yes"
+
+
+CACHE_SCRIPT = "from diep_hub.hub import cache_folder; print(cache_folder('offline-text'))"
+
+
+def test_the_cache_follows_hf_home_and_xdg_cache_home(tmp_path):
+    """diep_hub's cache lies where huggingface_hub puts its own: HF_HOME, else XDG_CACHE_HOME/huggingface (its
+    assets cache for libraries); DIEP_HUB_CACHE still wins. Fresh processes: huggingface_hub reads them at import."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("DIEP_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_ASSETS_CACHE")}
+
+    def folder(**env: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], env={**base, **env}, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.strip()
+
+    hf_home, xdg, own = tmp_path / "hf-home", tmp_path / "xdg", tmp_path / "own"
+    assert folder(HF_HOME=str(hf_home)) == str(hf_home / "assets" / "diep_hub" / "offline-text")
+    assert folder(XDG_CACHE_HOME=str(xdg)) == str(xdg / "huggingface" / "assets" / "diep_hub" / "offline-text")
+    assert folder(HF_HOME=str(hf_home), DIEP_HUB_CACHE=str(own)) == str(own / "offline-text")
+    assert (hf_home / "assets" / "diep_hub" / "offline-text").is_dir()

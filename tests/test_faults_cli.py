@@ -95,6 +95,14 @@ class PatchedCliFault(CliFault):
     patch: Callable[[pytest.MonkeyPatch, Path], None] | None = None
 
 
+@dataclass(frozen=True)
+class AdviceCliFault(CliFault):
+    """A row whose message must give the command's advice (the flag, the recipe field) and never the Python API's:
+    none of ``absent`` may be in the error line."""
+
+    absent: tuple[str, ...] = ()
+
+
 def _copy_run(tmp_path: Path, name: str = "ckpt") -> Path:
     folder = tmp_path / name
     shutil.copytree(_BUILT["run"], folder)
@@ -113,8 +121,8 @@ def _damaged(file_name: str, content: bytes):
 
 
 def _folder_argv(command: str) -> Callable[[dict], list[str]]:
-    """``diep-hub <command> FOLDER`` (``push`` also takes a repo id)."""
-    return lambda c: [command, str(c["folder"]), *([c["repo"]] if command == "push" else [])]
+    """``diep-hub <command> FOLDER`` (``push REPO_ID FOLDER``, in the order of ``hf upload``)."""
+    return lambda c: [command, *([c["repo"]] if command == "push" else []), str(c["folder"])]
 
 
 def _truncated(file_name: str):
@@ -309,18 +317,19 @@ ROWS: list[CliFault] = [
         words=["no-such-model", "not a folder on this machine, nor a Hub repo id"],
         on_disk=_nothing_written,
     ),
-    # --- the dry run refuses what the run would refuse
+    # --- the dry run refuses what the run would refuse, in the words of the command: the recipe field for `run`,
+    # the flag for `prune` (the library says sparsity=0.9, the Python keyword)
     CliFault(
         id="dry-run-infeasible-sparsity",
         setup=_recipe_file({**RUN_RECIPE, "pruning": {**RUN_RECIPE["pruning"], "sparsity": 0.9}}),
         argv=lambda c: ["run", str(c["recipe"]), "--dry-run"],
-        words=["sparsity=0.9 cannot be reached", "largest feasible sparsity is 0.7500", "top-k 2"],
+        words=["pruning.sparsity: 0.9 cannot be reached", "largest feasible sparsity is 0.7500", "top-k 2"],
     ),
     CliFault(
-        id="prune-infeasible-sparsity",  # the same words as the dry run above
+        id="prune-infeasible-sparsity",  # the same words as the dry run above, with the flag
         setup=_out_only,
         argv=lambda c: [*_prune_tiny(c), "--sparsity", "0.9"],
-        words=["sparsity=0.9 cannot be reached", "largest feasible sparsity is 0.7500", "top-k 2"],
+        words=["--sparsity 0.9 cannot be reached", "largest feasible sparsity is 0.7500", "top-k 2"],
         on_disk=_nothing_written,
     ),
     # --- recipes (recipe.py converts these)
@@ -420,7 +429,7 @@ ROWS: list[CliFault] = [
     CliFault(
         id="push-config-not-utf8",
         setup=_damaged("config.json", b'{"model_type": "caf\xe9"}'),
-        argv=lambda c: ["push", str(c["folder"]), c["repo"]],
+        argv=lambda c: ["push", c["repo"], str(c["folder"])],
         words=["config.json", "not UTF-8"],
     ),
     # --- a full disk while saving (saving.py converts the safetensors error)
@@ -488,6 +497,48 @@ ROWS: list[CliFault] = [
         words=["recipe.yaml", "out"],
         on_disk=lambda c: c["recipe"].is_file() or pytest.fail("the recipe was deleted"),
     ),
+    # --- CLI advice, not Python advice: the flag (or for `run`, the recipe field), never the API's keyword
+    AdviceCliFault(
+        id="prune-calibration-too-short-names-the-flags",
+        setup=_calibration_file("calib.txt", b"the cat sees a dog .\n" * 3),
+        argv=_prune_data_file,
+        words=["calib.txt", "--num-samples 8 x --seq-len 32 needs 256", "lower --num-samples / --seq-len"],
+        on_disk=_nothing_written,
+        absent=("num_samples", "seq_len"),
+    ),
+    AdviceCliFault(
+        id="prune-floor-infeasible-names-the-flags",
+        setup=_out_only,
+        argv=lambda c: [*_prune_tiny(c), "--max-layer-sparsity", "0.25"],
+        words=["--sparsity 0.5", "relax --max-layer-sparsity / --min-experts-per-layer", "pass --regroup"],
+        on_disk=_nothing_written,
+        absent=("sparsity=", "max_layer_sparsity", "regroup=True"),
+    ),
+    AdviceCliFault(
+        id="dry-run-floor-infeasible-names-the-recipe-fields",
+        setup=_recipe_file({**RUN_RECIPE,
+                            "pruning": {**RUN_RECIPE["pruning"], "floors": {"max_layer_sparsity": 0.25}}}),
+        argv=lambda c: ["run", str(c["recipe"]), "--dry-run"],
+        words=["pruning.sparsity: 0.5",
+               "relax pruning.floors.max_layer_sparsity / pruning.floors.min_experts_per_layer",
+               "set pruning.floors.regroup: true in the recipe"],
+        absent=("sparsity=", "regroup=True"),
+    ),
+    AdviceCliFault(
+        id="run-overwrite-of-a-non-checkpoint-names-the-flag",
+        setup=lambda tmp: {**_run_recipe_setup(tmp), "out": _write(tmp / "data" / "table.csv", "a,b\n").parent},
+        argv=lambda c: ["run", str(c["recipe"]), "--output", str(c["out"]), "--overwrite"],
+        words=["does not look like a checkpoint folder, so --overwrite will not replace it", "table.csv"],
+        on_disk=lambda c: (c["out"] / "table.csv").read_text() == "a,b\n" or pytest.fail("table.csv changed"),
+        absent=("overwrite=True",),
+    ),
+    AdviceCliFault(
+        id="run-recipe-typo-did-you-mean-with-its-line",
+        setup=_recipe_file(b"model:\n  id: diep-hub/tiny-mixtral\npruning:\n  sparsity: 0.5\n  serach:\n    lr: 0.1\n"),
+        argv=lambda c: ["run", str(c["recipe"]), "--output", str(c["out"])],
+        words=["pruning.serach: unknown key -> did you mean 'search'? allowed keys: method, sparsity", "(line 5)"],
+        on_disk=_nothing_written,
+    ),
     # --- not an expected error: a bug is still one line, and says so
     PatchedCliFault(
         id="bug-is-one-line-and-says-so",
@@ -533,7 +584,10 @@ def test_cli_fault(row, request, tmp_path, monkeypatch):
         request.getfixturevalue("run_folder")
     if isinstance(row, PatchedCliFault) and row.patch is not None:
         row.patch(monkeypatch, tmp_path)
-    check_cli_fault(row, tmp_path, monkeypatch)
+    result = check_cli_fault(row, tmp_path, monkeypatch)
+    if isinstance(row, AdviceCliFault):
+        line = error_lines(result.stderr)[0]
+        assert not [word for word in row.absent if word in line], f"[{row.id}] Python advice in: {line}"
 
 
 def test_push_connection_dropped_mid_commit(run_folder, hub_server, tmp_path, monkeypatch):
@@ -543,13 +597,56 @@ def test_push_connection_dropped_mid_commit(run_folder, hub_server, tmp_path, mo
     row = CliFault(
         id="push-connection-dropped-mid-commit",
         setup=lambda tmp: {"folder": _copy_run(tmp)},
-        argv=lambda c: ["push", str(c["folder"]), repo],
+        argv=lambda c: ["push", repo, str(c["folder"])],
         words=[repo, "commit"],
         env={"HF_TOKEN": hub_server.token},
     )
     check_cli_fault(row, tmp_path, monkeypatch)
     assert ("commit", "drop") in hub_server.fault_hits
     assert hub_server.token not in repr(hub_server.fault_hits)
+
+
+def test_push_without_a_token_names_the_flag(run_folder, hub_server, tmp_path, monkeypatch):
+    """No token anywhere: the one line says HF_TOKEN, `hf auth login` or --token, never the API's token=..."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+    row = AdviceCliFault(
+        id="push-without-a-token",
+        setup=lambda tmp: {"folder": _copy_run(tmp)},
+        argv=lambda c: ["push", f"{hub_server.user}/tiny-no-token", str(c["folder"])],
+        words=["no Hugging Face token found", "set HF_TOKEN", "`hf auth login`", "pass --token TOKEN"],
+        absent=("token=",),
+    )
+    line = error_lines(check_cli_fault(row, tmp_path, monkeypatch).stderr)[0]
+    assert "token=" not in line
+    assert hub_server.requests == []
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("prune", "give a local file instead: --data-file FILE (.json, .jsonl, .parquet or .txt)"),
+    ("run", "give a local file instead: the recipe's path key (pruning.calibration.path, evaluation.perplexity.path; "
+            ".json, .jsonl, .parquet or .txt)"),
+])
+def test_local_data_advice_is_a_flag_not_a_function_call(command, expected):
+    """The calibration loader's Python advice (``load_calibration_data(...)``) becomes --data-file / the recipe key."""
+    from diep_hub.calibration_sources import LOCAL_DATA_HINT
+    from diep_hub.cli.advice import cli_message
+
+    head = "calibration source 'someone/text' cannot be read offline; "
+    assert cli_message(head + LOCAL_DATA_HINT, {"command": command}) == head + expected
+
+
+def test_run_names_the_flag_that_overrode_a_recipe_field():
+    """`run --output DIR`: a message about output.dir names --output; without the flag, the recipe field stays."""
+    from diep_hub.cli.advice import cli_message
+
+    message = "output.dir: 'x' -> a folder path; publish.repo_id: 'a b' -> namespace/name"
+    assert cli_message(message, {"command": "run", "output": "x", "repo_id": "a b"}) == (
+        "--output: 'x' -> a folder path; --repo-id: 'a b' -> namespace/name")
+    assert cli_message(message, {"command": "run", "output": None, "repo_id": None}) == message
 
 
 # ------------------------------------------------------------------------------------------ around the table

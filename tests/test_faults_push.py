@@ -284,7 +284,7 @@ PUSH_FAULTS = [
           ["assets-copy", "links to directories are not followed"], _nothing_sent),
     # --- pickles
     Fault("stray-pickles-next-to-safetensors", _stray_pickles, _push(), PushError,
-          ["pytorch_model.bin", "optimizer.pt", "arbitrary code", "allow_pickle=True", "--allow-pickle"],
+          ["pytorch_model.bin", "optimizer.pt", "arbitrary code", "allow_pickle=True"],
           _nothing_sent),
     Fault("only-pickle-weights", _only_pickle_weights, _push(), PushError,
           ["pytorch_model.bin", "no *.safetensors", "arbitrary code", "allow_pickle=True"], _nothing_sent),
@@ -418,8 +418,8 @@ def test_pull_request_with_nothing_changed_opens_none_and_says_so(hub, folder, c
 
 def test_cli_pull_request_with_nothing_changed_warns_on_stderr(hub, folder, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", hub.token)
-    assert run_cli(["push", str(folder), REPO], monkeypatch).code == 0
-    result = run_cli(["push", str(folder), REPO, "--create-pr"], monkeypatch)
+    assert run_cli(["push", REPO, str(folder)], monkeypatch).code == 0
+    result = run_cli(["push", REPO, str(folder), "--create-pr"], monkeypatch)
     assert result.code == 0, result.stderr
     assert "no pull request was opened" in result.stderr and "nothing changed" in result.stderr
     assert result.stdout.startswith(f"no pull request opened on {REPO}: nothing changed"), result.stdout
@@ -430,10 +430,12 @@ def test_cli_pull_request_with_nothing_changed_warns_on_stderr(hub, folder, monk
 def test_cli_push_refuses_pickles_unless_allowed(hub, folder, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", hub.token)
     (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
-    refused = run_cli(["push", str(folder), REPO], monkeypatch)
-    assert refused.code == 2 and "allow-pickle" in refused.stderr.replace("allow_pickle", "allow-pickle")
+    refused = run_cli(["push", REPO, str(folder)], monkeypatch)
+    # the flag to use, not the Python keyword of the API's message
+    assert refused.code == 2 and "pass --allow-pickle to upload them anyway" in refused.stderr
+    assert "allow_pickle" not in refused.stderr
     assert REPO not in hub.repos
-    allowed = run_cli(["push", str(folder), REPO, "--allow-pickle"], monkeypatch)
+    allowed = run_cli(["push", REPO, str(folder), "--allow-pickle"], monkeypatch)
     assert allowed.code == 0, allowed.stderr
     assert "pytorch_model.bin" in hub.repos[REPO].history()[0].files
 
@@ -441,7 +443,7 @@ def test_cli_push_refuses_pickles_unless_allowed(hub, folder, monkeypatch):
 def test_cli_maps_a_dropped_commit_to_one_error_line(hub, folder, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", hub.token)
     hub.faults["commit"] = "drop"
-    result = run_cli(["push", str(folder), REPO], monkeypatch)
+    result = run_cli(["push", REPO, str(folder)], monkeypatch)
     assert result.code == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]

@@ -285,15 +285,41 @@ def test_wrong_namespace_is_a_clear_error(hub, pruned):
         push(pruned[1], "someone-else/x", token=hub.token)
 
 
+def test_push_to_an_existing_branch_leaves_main_alone(hub, pruned):
+    """``revision=`` commits to that branch (its files are what "unchanged" is compared with); main stays."""
+    _, folder = pruned
+    first = push(folder, REPO, token=hub.token)
+    repo = hub.repos[REPO]
+    repo.refs["dev"] = first.oid  # a branch made on the Hub
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\nOn dev.\n")
+    info = push(folder, REPO, token=hub.token, revision="dev", commit_message="dev card")
+    assert repo.refs["main"] == first.oid and repo.refs["dev"] == info.oid != first.oid
+    assert repo.commits[info.oid].title == "dev card" and repo.commits[info.oid].parent == first.oid
+    again = push(folder, REPO, token=hub.token, revision="dev")  # identical to dev: no new commit
+    assert again.oid == info.oid and len(repo.history("dev")) == len(_history(hub)) + 1
+
+
+def test_pull_request_against_a_missing_branch_is_refused_before_upload(hub, pruned):
+    _, folder = pruned
+    first = push(folder, REPO, token=hub.token)
+    with pytest.raises(PushError, match=r"has no branch 'nope': a pull request needs an existing branch") as info:
+        push(folder, REPO, token=hub.token, revision="nope", create_pr=True)
+    assert "nothing was uploaded" in str(info.value)
+    repo = hub.repos[REPO]
+    assert repo.prs == [] and set(repo.refs) == {"main"} and repo.refs["main"] == first.oid
+    with pytest.raises(PushError, match="revision='' must be a non-empty branch name"):
+        push(folder, REPO, token=hub.token, revision="")
+
+
 def test_cli_push_uses_the_environment_token_and_maps_errors(hub, pruned, monkeypatch, capsys):
     from diep_hub.cli import main
 
     _, folder = pruned
-    assert main(["push", str(folder), REPO]) == 2  # no token anywhere
+    assert main(["push", REPO, str(folder)]) == 2  # no token anywhere
     err = capsys.readouterr().err
     assert "no Hugging Face token found" in err and hub.requests == []
     monkeypatch.setenv("HF_TOKEN", hub.token)
-    assert main(["push", str(folder), REPO, "--message", "CLI upload"]) == 0
+    assert main(["push", REPO, str(folder), "--commit-message", "CLI upload"]) == 0
     out = capsys.readouterr()
     assert hub.token not in out.out + out.err
     head = _history(hub)[0]
@@ -310,12 +336,12 @@ def test_cli_push_follows_the_folder_recipe_unless_told_otherwise(hub, pruned, m
     publish = {"private": True, "create_pr": True, "commit_message": "From the recipe"}
     (copy / "recipe.yaml").write_text(yaml.safe_dump({"model": {"id": "org/m"}, "publish": publish}))
     monkeypatch.setenv("HF_TOKEN", hub.token)
-    assert main(["push", str(copy), "tester/from-recipe"]) == 0
+    assert main(["push", "tester/from-recipe", str(copy)]) == 0
     repo = hub.repos["tester/from-recipe"]
     assert repo.private is True and "refs/pr/1" in repo.refs
     assert repo.commits[repo.refs["refs/pr/1"]].title == "From the recipe"
     # flags win over the recipe
-    assert main(["push", str(copy), "tester/flags-win", "--no-private", "--no-create-pr", "--message", "x"]) == 0
+    assert main(["push", "tester/flags-win", str(copy), "--no-private", "--no-create-pr", "--message", "x"]) == 0
     repo = hub.repos["tester/flags-win"]
     assert repo.private is False and "refs/pr/1" not in repo.refs and repo.history("main")[0].title == "x"
 

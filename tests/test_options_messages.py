@@ -82,6 +82,12 @@ def _recipe(tmp_path, row: Same):
     return path
 
 
+def _line_of_key(path, key: str) -> str:
+    """`` (line N)``: the line of the first ``key:`` in the recipe file, as a recipe problem ends."""
+    lines = path.read_text().splitlines()
+    return f" (line {next(i for i, text in enumerate(lines, 1) if text.strip().startswith(key + ':'))})"
+
+
 @pytest.mark.parametrize("row", ROWS, ids=str)
 def test_api_recipe_and_cli_give_the_same_message(row, tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as api:
@@ -93,9 +99,10 @@ def test_api_recipe_and_cli_give_the_same_message(row, tmp_path, monkeypatch):
     assert row.shared in api_message
 
     with pytest.raises(RecipeError) as recipe:
-        load_recipe(_recipe(tmp_path, row))
+        load_recipe(path := _recipe(tmp_path, row))
     (line,) = recipe.value.problems
-    assert line == f"pruning.{row.recipe_path}: {row.value!r} -> " + row.shared.split(" -> ", 1)[1]
+    where = _line_of_key(path, row.recipe_path.split(".")[-1])
+    assert line == f"pruning.{row.recipe_path}: {row.value!r} -> " + row.shared.split(" -> ", 1)[1] + where
     assert row.shared in line
 
     out = tmp_path / "out"
@@ -141,7 +148,7 @@ def test_a_criterion_options_mapping_gets_one_message_from_api_recipe_and_cli(tm
     with pytest.raises(RecipeError) as recipe:
         load_recipe(path)
     (line,) = recipe.value.problems
-    assert line == f"pruning.options: {{'lr': -1}} -> {REMOVAL_SHARED}"
+    assert line == f"pruning.options: {{'lr': -1}} -> {REMOVAL_SHARED}" + _line_of_key(path, "options")
 
     out = tmp_path / "out"
     cli = CliFault(

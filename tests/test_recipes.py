@@ -139,16 +139,34 @@ def test_perplexity_takes_one_source():
 def test_unknown_key_names_the_key_and_lists_the_allowed_ones():
     problems = _problems({"model": {"id": "a/b", "revison": "main"}})
     assert problems == [
-        "model.revison: unknown key -> allowed keys: id, revision, dtype, device_map, trust_remote_code"
+        "model.revison: unknown key -> did you mean 'revision'? allowed keys: id, revision, dtype, device_map, "
+        "trust_remote_code"
     ]
     problems = _problems({"model": {"id": "a/b"}, "pruning": {"search": {"learning_rate": 0.1}}})
     assert problems == [
         # DiEPOptions' fields (the pruner's model), then the search's batch size
         "pruning.search.learning_rate: unknown key -> allowed keys: mode, lr, epochs, lambda, alternation, ranking, "
-        "batch_size"
+        "batch_size"  # nothing close enough to guess
     ]
     problems = _problems({"model": {"id": "a/b"}, "prunning": {}})
-    assert problems[0].startswith("prunning: unknown key -> allowed keys: model, pruning, skipping, evaluation")
+    assert problems[0].startswith("prunning: unknown key -> did you mean 'pruning'? allowed keys: model, pruning, "
+                                  "skipping, evaluation")
+
+
+def test_a_recipe_file_names_the_line_of_each_problem(tmp_path):
+    """Problems read from a file end with the line of their key (a missing key: its section's line)."""
+    path = tmp_path / "r.yaml"
+    path.write_text("# my recipe\nmodel:\n  dtype: float32\npruning:\n  sparsity: 0.5\n  search:\n"
+                    "    epocs: 3\nskiping:\n  enabled: true\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems == [
+        "model.id: missing -> required (line 2)",
+        "pruning.search.epocs: unknown key -> did you mean 'epochs'? allowed keys: mode, lr, epochs, lambda, "
+        "alternation, ranking, batch_size (line 7)",
+        "skiping: unknown key -> did you mean 'skipping'? allowed keys: model, pruning, skipping, evaluation, output, "
+        "publish (line 8)",
+    ]
 
 
 def test_sparsity_out_of_range():

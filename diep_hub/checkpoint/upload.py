@@ -118,7 +118,7 @@ def _check_pickles(folder: Path, files: list[str], allow_pickle: bool) -> None:
             raise PushError(f"{folder} has no weights (*.safetensors or pickled *.bin); the upload would not load")
         return
     why = ("pickle files run arbitrary code when loaded (torch.load / pickle.load), so diep_hub does not upload "
-           "them unless asked: pass allow_pickle=True (diep-hub push --allow-pickle) to upload them anyway")
+           "them unless asked: pass allow_pickle=True to upload them anyway")
     if has_safetensors:
         raise PushError(
             f"{folder} has pickle files {pickles} next to the *.safetensors weights; {why}, or delete them "

@@ -3,9 +3,11 @@
 Data goes to stdout (JSON with ``--json``), logs and progress bars to stderr. Every failure ends in exactly one
 stderr line ``diep-hub <command>: error: <message>`` and exit code 2, decided in :func:`main` only: errors raised on
 purpose by the library (:class:`~diep_hub.errors.DiEPError`) and operating-system errors (a missing file, a full
-disk) give their message; anything else is a bug, said as such. ``-v`` adds the traceback. A reproduction that ran
+disk) give their message, the library's Python advice put in the command's words (:mod:`.advice`: the flag, not
+the keyword); anything else is a bug, said as such. ``-v`` adds the traceback. A reproduction that ran
 and does not match exits with 1; Ctrl-C exits with 130. Log records are prefixed ``LEVEL name:`` on every line,
-so they are never mistaken for the error line.
+so they are never mistaken for the error line. ``-q`` / ``-v`` also set transformers' and huggingface_hub's
+verbosity.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import DiEPError
+from .advice import cli_message
 from .output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_MISMATCH, EXIT_OK
 from .parser import build_parser
 
@@ -45,6 +48,19 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+def _library_verbosity(verbose: int, quiet: bool) -> None:
+    """``-q`` / ``-v`` / ``-vv`` for transformers and huggingface_hub too (error / info / debug; their own default,
+    warning, without a flag). Imported here, after parsing, and only for a flag: ``--help`` stays cheap."""
+    if not verbose and not quiet:
+        return
+    level = "error" if quiet else ("debug" if verbose > 1 else "info")
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (hub_logging, transformers_logging):
+        getattr(library, f"set_verbosity_{level}")()
 
 
 def one_line(message: object) -> str:
@@ -117,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stderr = sys.stderr = _LineTrackingStream(sys.stderr)
     try:
         _setup_logging(verbose, bool(args.quiet))
+        _library_verbosity(verbose, bool(args.quiet))
         return _run(args, stderr, verbose)
     finally:
         sys.stderr = stderr._stream
@@ -135,7 +152,7 @@ def _run(args: argparse.Namespace, stderr: _LineTrackingStream, verbose: int) ->
         _final_line(stderr, f"diep-hub {args.command}: interrupted")
         return EXIT_INTERRUPTED
     except DiEPError as exc:
-        return fail(str(exc))
+        return fail(cli_message(str(exc), args))
     except OSError as exc:  # missing files, unreachable or unknown Hub repos (transformers raises OSError), full disks
         return fail(_os_error_message(exc))
     except Exception as exc:  # a bug: still one line, and it says so

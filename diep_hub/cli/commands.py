@@ -150,22 +150,49 @@ def _recorded_publish_settings(folder: str) -> dict[str, Any]:
     return publish if isinstance(publish, dict) else {}
 
 
+def _check_argument_order(args: argparse.Namespace) -> None:
+    """Refuse the order of diep-hub before 0.2 (PATH REPO_ID), answered with the command in `hf upload`'s order.
+
+    Detectable when the first argument is an existing folder and the second is no path at all (``out/tiny`` is
+    also a well-formed repo id, so the order alone cannot tell).
+    """
+    import shlex
+
+    if not Path(args.repo_id).is_dir() or Path(args.path).exists():
+        return
+    options = [f"--revision {shlex.quote(args.revision)}" if args.revision else "",
+               {True: "--private", False: "--no-private"}.get(args.private, ""),
+               {True: "--create-pr", False: "--no-create-pr"}.get(args.create_pr, ""),
+               f"--commit-message {shlex.quote(args.commit_message)}" if args.commit_message else "",
+               "--allow-pickle" if args.allow_pickle else "", "--json" if args.json else ""]
+    command = " ".join(["diep-hub push", shlex.quote(args.path), shlex.quote(args.repo_id), *filter(None, options)])
+    raise ConfigError(
+        f"push takes REPO_ID PATH, in the order of `hf upload`; {args.repo_id!r} is a folder and {args.path!r} is "
+        f"not, so the two are swapped: run `{command}`"
+    )
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from ..hub import push
 
-    recorded = _recorded_publish_settings(args.folder)
+    _check_argument_order(args)
+    if args.token is not None:
+        logger.warning("--token leaves your token in your shell history and in process listings; run `hf auth "
+                       "login` once, or export HF_TOKEN, and drop the flag")
+    recorded = _recorded_publish_settings(args.path)
     private = args.private if args.private is not None else bool(recorded.get("private", False))
     create_pr = args.create_pr if args.create_pr is not None else bool(recorded.get("create_pr", False))
-    message = args.message if args.message is not None else recorded.get("commit_message")
-    info = push(args.folder, args.repo_id, private=private, create_pr=create_pr, commit_message=message,
-                allow_pickle=args.allow_pickle)
-    data = {"repo_id": args.repo_id, "commit_url": getattr(info, "commit_url", str(info)),
-            "pr_url": getattr(info, "pr_url", None)}
+    message = args.commit_message if args.commit_message is not None else recorded.get("commit_message")
+    info = push(args.path, args.repo_id, token=args.token, private=private, create_pr=create_pr,
+                commit_message=message, allow_pickle=args.allow_pickle, revision=args.revision)
+    data = {"repo_id": args.repo_id, "revision": args.revision or "main",
+            "commit_url": getattr(info, "commit_url", str(info)), "pr_url": getattr(info, "pr_url", None)}
     data["pull_request_opened"] = bool(create_pr and data["pr_url"])
 
     def text(d: dict) -> str:
         if create_pr and not d["pr_url"]:
-            return f"no pull request opened on {d['repo_id']}: nothing changed compared with main ({d['commit_url']})"
+            return (f"no pull request opened on {d['repo_id']}: nothing changed compared with {d['revision']} "
+                    f"({d['commit_url']})")
         return f"pushed {d['repo_id']}: {d['pr_url'] or d['commit_url']}"
 
     emit(data, args.json, text)

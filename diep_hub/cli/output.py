@@ -46,11 +46,30 @@ def run_text(summary: dict) -> str:
             f"  output would go to {summary['output_dir']}; push: {summary['push']}",
         ]
         return "\n".join(lines)
-    kept = " ".join(str(r["kept"]) for r in summary["experts"])
-    lines = [f"saved {summary['output_dir']} ({summary['method']}, sparsity {summary['sparsity']})",
-             f"experts kept per layer: {kept}", f"wall time {summary['wall_seconds']} s"]
+    experts = summary["experts"]
+    kept = " ".join(str(r["kept"]) for r in experts)
+    total = sum(r["original"] or 0 for r in experts)
+    lines = [f"saved {summary['output_dir']} ({summary['method']}, sparsity {summary['sparsity']}) in "
+             f"{_duration(summary['wall_seconds'])}",
+             f"experts kept per layer: {kept} ({sum(r['kept'] for r in experts)} of {total})"]
+    retention = summary.get("retention")
+    if retention:
+        error = "" if retention["stderr"] is None else f" ± {100 * retention['stderr']:.2f}%"
+        lines.append(f"retention: {100 * retention['average']:.2f}%{error} (standard error; "
+                     f"{retention['tasks']} task(s), {retention['items']} items)")
+    else:
+        lines.append("retention: not measured (evaluation.tasks and evaluation.base give it)")
+    ppl = summary.get("perplexity")
+    if ppl and ppl.get("ratio") is not None:
+        lines.append(f"perplexity: {ppl['base']:.4g} -> {ppl['pruned']:.4g} (ratio {ppl['ratio']:.3f})")
+    size = summary.get("weight_bytes")
+    if size:
+        change = f" ({100 * (size['after'] / size['before'] - 1):+.1f}%)" if size["before"] else ""
+        lines.append(f"weights: {size['before']:,} -> {size['after']:,} bytes{change}")
     if summary.get("pushed"):
-        lines.append(f"pushed: {summary['pushed']['commit_url']}")
+        lines.append(f"pushed: {summary['pushed']['pr_url'] or summary['pushed']['commit_url']}")
+    if summary.get("next_commands"):
+        lines += ["next:", *(f"  {command}" for command in summary["next_commands"])]
     return "\n".join(lines)
 
 

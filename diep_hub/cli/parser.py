@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from typing import Any, get_args
+from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -23,7 +23,7 @@ examples:
   diep-hub run recipes/mixtral-8x7b-diep-50.yaml --dry-run  # memory and time estimate, no weights loaded
   diep-hub inspect out/tiny                                  # experts per layer, method, results
   diep-hub reproduce out/tiny                                # re-run the recorded recipe and compare
-  diep-hub push out/tiny my-user/tiny-mixtral-diep-50        # publish (needs HF_TOKEN)
+  diep-hub push my-user/tiny-mixtral-diep-50 out/tiny        # publish, as `hf upload REPO_ID PATH` (needs HF_TOKEN)
   diep-hub env                                               # versions and platform for a bug report
 
 A recipe is a YAML file (see recipes/); `diep-hub run tiny` finds a recipe shipped with the package by name.
@@ -78,10 +78,13 @@ examples:
 
 PUSH_EPILOG = """\
 examples:
-  diep-hub push out/tiny my-user/tiny-mixtral-diep-50
-  diep-hub push out/mixtral my-org/Mixtral-8x7B-DiEP-50 --private --create-pr --message "DiEP 50%"
+  diep-hub push my-user/tiny-mixtral-diep-50 out/tiny
+  diep-hub push my-org/Mixtral-8x7B-DiEP-50 out/mixtral --private --create-pr --commit-message "DiEP 50%"
+  diep-hub push my-user/tiny-mixtral-diep-50 out/tiny --revision experiments
 
-The token comes from HF_TOKEN or `hf auth login`; it is checked before any upload and never printed.
+REPO_ID PATH, in the order of `hf upload`. The token comes from HF_TOKEN, `hf auth login` or --token (a token on
+the command line stays in the shell history); it is checked before any upload and never printed. Unset options take
+the folder recipe's publish section (private, create_pr, commit_message).
 """
 
 INSPECT_EPILOG = """\
@@ -197,13 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "push", commands.cmd_push, help="push a checkpoint folder to the Hub", epilog=PUSH_EPILOG,
                  description="Upload a checkpoint folder to a Hub model repository in one commit.")
-    p.add_argument("folder", help="checkpoint folder")
-    p.add_argument("repo_id", help="namespace/name")
+    p.add_argument("repo_id", help="the Hub repository, namespace/name (created if missing)")
+    p.add_argument("path", help="checkpoint folder written by `diep-hub run` or `prune`")
+    p.add_argument("--revision", default=None,
+                   help="branch to commit to (default: main); created from main when missing")
+    p.add_argument("--token", default=None,
+                   help="a User Access Token with write access (default: HF_TOKEN or the `hf auth login` token)")
     p.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
-                   help="create the repository as private (default: the folder recipe's publish.private, else no)")
+                   help="create the repository as private (default: the folder recipe's publish.private, else no); "
+                        "an existing repository keeps its visibility")
     p.add_argument("--create-pr", action=argparse.BooleanOptionalAction, default=None,
-                   help="open a pull request instead of committing to main (default: publish.create_pr, else no)")
-    p.add_argument("--message", default=None, help="commit message (default: publish.commit_message, else generated)")
+                   help="open a pull request instead of committing (default: publish.create_pr, else no)")
+    p.add_argument("--commit-message", "--message", dest="commit_message", default=None,
+                   help="the commit's title (default: publish.commit_message, else method and experts kept)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also upload pickle weights (*.bin, *.pt, *.pth, *.pkl); refused by default: loading a "
                    "pickle can run arbitrary code")
@@ -243,6 +252,9 @@ PRUNE_FLAGS = {
     "--epochs": "pruning.search.epochs",
     "--batch-size": "pruning.search.batch_size",
     "--seed": "pruning.seed",
+    "--min-experts-per-layer": "pruning.floors.min_experts_per_layer",
+    "--max-layer-sparsity": "pruning.floors.max_layer_sparsity",
+    "--regroup": "pruning.floors.regroup",
 }
 #: flags left unset by default, so that the recipe's own default applies (the search's hyper-parameters)
 UNSET_BY_DEFAULT = ("--search-mode", "--lr", "--epochs")
@@ -268,15 +280,26 @@ def _number_or_text(text: str) -> Any:
     return text
 
 
+def _plain_types(annotation: Any) -> list[Any]:
+    """The types inside a field's annotation, through unions and ``Annotated`` (``Fraction | None`` -> float, None)."""
+    if get_origin(annotation) is Annotated:
+        return _plain_types(get_args(annotation)[0])
+    args = get_args(annotation)
+    return [t for arg in args for t in _plain_types(arg)] if args else [annotation]
+
+
 def _option_flags(p: argparse.ArgumentParser) -> None:
     for flag, path in PRUNE_FLAGS.items():
         model, name = recipe_field(path)
         info = model.model_fields[name]
-        numeric = any(t in (int, float) for t in (info.annotation, *get_args(info.annotation)))
+        numeric = any(t in (int, float) for t in _plain_types(info.annotation))
         default = None if flag in UNSET_BY_DEFAULT else info.default
         text = field_help(model, name).replace("%", "%%")
         if name == "method":
             text = text.replace(" (default:", "; one of: {methods} (default:")
+        if info.annotation is bool:  # a switch: given means true
+            p.add_argument(flag, action="store_true", default=default, help=text)
+            continue
         p.add_argument(flag, default=default, type=_number_or_text if numeric else str, help=text)
 
 
