@@ -5,15 +5,23 @@ with another sample would see. Models are split into tuning models (defaults are
 models (only used to confirm); the report says which is which. Results are written after every cell and a rerun
 skips the cells already in the JSON file, so a long run can be resumed.
 
+Variants (``--variants``): what is done with a keep map besides surgery. ``plain`` is surgery alone;
+``merged`` folds each removed expert into its most similar kept one first (``diep_hub.merging``); ``recalibrated``
+distils the pruned layers' routers towards the unpruned model afterwards (``diep_hub.recalibration``);
+``merged+recalibrated`` does both. A plain cell keeps the key it always had; the others add ``|<variant>``.
+
 Usage (2-core CPU):
     nice -n 10 python benchmarks/quality_seeds.py --models mixtral-8e olmoe-16e qwen2moe-8e-shared \
         --heldout mixtral-8e-wide --seeds 0 1 2
+    python benchmarks/quality_seeds.py --models mixtral-8e --variants plain merged recalibrated \
+        --out benchmarks/results/variants/mixtral-8e.json --report benchmarks/QUALITY_VARIANTS.md
     python benchmarks/quality_seeds.py --report-only
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import statistics
@@ -23,9 +31,12 @@ from pathlib import Path
 
 from quality import METHODS, Method, calibration_ids, evaluate_pruned, score, select, uniform_counts
 
+from diep_hub import prune_experts
 from diep_hub.criteria.base import get_criterion
 from diep_hub.errors import DiEPError
 from diep_hub.machine import machine_description
+from diep_hub.merging import merge_removed_experts
+from diep_hub.recalibration import recalibrate_routers, teacher_hidden_states
 from diep_hub.zoo.tasks import evaluate_zoo
 from diep_hub.zoo.train import build_zoo_model
 
@@ -33,6 +44,7 @@ logger = logging.getLogger("benchmarks.quality_seeds")
 HERE = Path(__file__).resolve().parent
 NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the tables are regenerated -->"
 EVAL = dict(num_mc=100, num_em=0, num_loss=50, seed=1000)
+VARIANTS = ("plain", "merged", "recalibrated", "merged+recalibrated")
 
 
 def parse_method(label: str) -> Method:
@@ -48,14 +60,55 @@ def parse_method(label: str) -> Method:
     return Method(label, METHODS[base].criterion, options)
 
 
-def cell_key(model: str, seed: int, method: str, selection: str, sparsity: float) -> str:
-    return f"{model}|{seed}|{method}|{selection}|{sparsity:g}"
+def cell_key(model: str, seed: int, method: str, selection: str, sparsity: float, variant: str = "plain") -> str:
+    """``model|seed|method|selection|sparsity``, plus ``|variant`` for anything but plain surgery (so the keys of
+    earlier runs stay valid)."""
+    key = f"{model}|{seed}|{method}|{selection}|{sparsity:g}"
+    return key if variant == "plain" else f"{key}|{variant}"
+
+
+def split_key(key: str) -> tuple[str, ...]:
+    """(model, seed, method, selection, sparsity, variant) of a cell key; old keys are plain."""
+    parts = tuple(key.split("|"))
+    return parts if len(parts) == 6 else (*parts, "plain")
+
+
+def prune_variant(model, keep, variant: str, input_ids, teacher, args) -> tuple[object, dict]:
+    """A pruned copy of ``model`` for one variant, and what the variant did (for the cell)."""
+    work = copy.deepcopy(model)
+    info: dict = {}
+    if "merged" in variant:
+        record = merge_removed_experts(
+            work, keep, input_ids, batch_size=args.batch_size, similarity=args.merge_similarity
+        )
+        info["merged"] = record.num_merged
+    pruned = prune_experts(work, keep)
+    if "recalibrated" in variant:
+        record = recalibrate_routers(
+            pruned, teacher, input_ids, batch_size=args.batch_size, steps=args.recal_steps, lr=args.recal_lr,
+            seed=args.recal_seed,
+        )
+        info["recalibration"] = {
+            "kl_before": round(record.loss_before, 6),
+            "kl_after": round(record.loss_after, 6),
+            "applied": record.applied,
+            "seconds": round(record.seconds, 1),
+        }
+    return pruned, info
 
 
 def run(args) -> None:
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {"meta": {}, "base": {}, "cells": {}}
     data["meta"].update(machine=machine_description(), eval=EVAL, num_samples=args.num_samples, seq_len=args.seq_len)
+    if args.variants != ["plain"]:
+        data["meta"]["variant_settings"] = {
+            "merge_similarity": args.merge_similarity,
+            "recal_steps": args.recal_steps,
+            "recal_lr": args.recal_lr,
+            "recal_seed": args.recal_seed,
+            "batch_size": args.batch_size,
+        }
     data["meta"]["tuning"] = sorted(set(data["meta"].get("tuning", [])) | set(args.models))
     data["meta"]["heldout"] = sorted(set(data["meta"].get("heldout", [])) | set(args.heldout))
     commands = data["meta"].setdefault("commands", [])
@@ -70,18 +123,22 @@ def run(args) -> None:
         base_mc = data["base"][name]["mc_acc"]
         for seed in args.seeds:
             input_ids = calibration_ids(tokenizer, args.num_samples, args.seq_len, seed)
+            teacher = None
+            if any("recalibrated" in v for v in args.variants):
+                teacher = teacher_hidden_states(model, input_ids, batch_size=args.batch_size)
             for method in methods:
-                _run_method(model, tokenizer, name, seed, method, input_ids, base_mc, data, args)
+                _run_method(model, tokenizer, name, seed, method, input_ids, base_mc, data, args, teacher)
                 out.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
-def _run_method(model, tokenizer, name, seed, method: Method, input_ids, base_mc, data, args) -> None:
+def _run_method(model, tokenizer, name, seed, method: Method, input_ids, base_mc, data, args, teacher=None) -> None:
     criterion = get_criterion(method.criterion)
     cached = None
     for sparsity in args.sparsities:
         for selection in args.selections:
-            key = cell_key(name, seed, method.label, selection, sparsity)
-            if key in data["cells"]:
+            keys = {v: cell_key(name, seed, method.label, selection, sparsity, v) for v in args.variants}
+            todo = [v for v, key in keys.items() if key not in data["cells"]]
+            if not todo:
                 continue
             if selection not in criterion.selections:
                 continue
@@ -102,18 +159,27 @@ def _run_method(model, tokenizer, name, seed, method: Method, input_ids, base_mc
                     result, secs = cached
                 keep = select(result.scores, model, sparsity=sparsity, mode=selection)
             except DiEPError as exc:
-                data["cells"][key] = {"skipped": str(exc)}
-                logger.warning("%s: %s", key, exc)
+                for v in todo:
+                    data["cells"][keys[v]] = {"skipped": str(exc)}
+                logger.warning("%s: %s", keys[todo[0]], exc)
                 continue
-            res = evaluate_pruned(model, tokenizer, keep, EVAL)
-            data["cells"][key] = {
-                "mc": res["macro"]["mc_acc"],
-                "loss": res["macro"]["loss"],
-                "retention": res["macro"]["mc_acc"] / base_mc,
-                "kept": [len(keep[k]) for k in sorted(keep)],
-                "score_seconds": round(secs, 2),
-            }
-            logger.info("%s  mc %.3f  kept %s  (%.1fs)", key, res["macro"]["mc_acc"], data["cells"][key]["kept"], secs)
+            for variant in todo:
+                key = keys[variant]
+                if variant == "plain":
+                    res, info = evaluate_pruned(model, tokenizer, keep, EVAL), {}
+                else:
+                    pruned, info = prune_variant(model, keep, variant, input_ids, teacher, args)
+                    res = evaluate_zoo(pruned, tokenizer, **EVAL)
+                data["cells"][key] = {
+                    "mc": res["macro"]["mc_acc"],
+                    "loss": res["macro"]["loss"],
+                    "retention": res["macro"]["mc_acc"] / base_mc,
+                    "kept": [len(keep[k]) for k in sorted(keep)],
+                    "score_seconds": round(secs, 2),
+                    **info,
+                }
+                logger.info("%s  mc %.3f  kept %s  (%.1fs) %s", key, res["macro"]["mc_acc"],
+                            data["cells"][key]["kept"], secs, info or "")
 
 
 def merge(parts: list[dict]) -> dict:
@@ -123,7 +189,7 @@ def merge(parts: list[dict]) -> dict:
         meta = part["meta"]
         for key in ("commands", "tuning", "heldout"):
             merged["meta"][key] += [v for v in meta.get(key, []) if v not in merged["meta"][key]]
-        for key in ("machine", "eval", "num_samples", "seq_len", "note"):
+        for key in ("machine", "eval", "num_samples", "seq_len", "note", "variant_settings"):
             merged["meta"].setdefault(key, meta.get(key))
         merged["base"].update(part["base"])
         merged["cells"].update(part["cells"])
@@ -136,10 +202,15 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 def report(data: dict, path: Path) -> None:
     """RESULTS-style markdown: per model and on average, mean +- std over seeds of MC retention."""
-    cells = {tuple(k.split("|")): v for k, v in data["cells"].items() if "retention" in v}
+    cells = {split_key(k): v for k, v in data["cells"].items() if "retention" in v}
     models = [m for m in [*data["meta"]["tuning"], *data["meta"]["heldout"]] if any(k[0] == m for k in cells)]
     order = list(METHODS)
-    rows = sorted({(k[2], k[3]) for k in cells}, key=lambda r: (order.index(r[0].partition(":")[0]), r[0], r[1]))
+    variant_order = list(VARIANTS)
+    rows = sorted(
+        {(k[2], k[3], k[5]) for k in cells},
+        key=lambda r: (order.index(r[0].partition(":")[0]), r[0], r[1], variant_order.index(r[2])),
+    )
+    with_variants = any(r[2] != "plain" for r in rows)
     sparsities = sorted({float(k[4]) for k in cells})
     seeds = sorted({int(k[1]) for k in cells})
     meta = data["meta"]
@@ -157,25 +228,32 @@ def report(data: dict, path: Path) -> None:
         "Cells: mean +- standard deviation over seeds (n = number of seeds).",
         "",
     ]
+    if meta.get("variant_settings"):
+        settings = ", ".join(f"{k} {v}" for k, v in meta["variant_settings"].items())
+        lines[-1:-1] = [f"Variants: plain = surgery alone; merged = diep_hub.merging before surgery; recalibrated = "
+                        f"diep_hub.recalibration after it ({settings}).", ""]
     if meta.get("note"):
         lines[-1:-1] = [f"Note: {meta['note']}.", ""]
 
     def table(title: str, names: list[str]) -> None:
-        lines.extend([f"## {title}", "", "| method | selection | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"])
-        lines.append("|---|---|" + "---|" * len(sparsities))
-        for method, selection in rows:
+        variant_column = "variant | " if with_variants else ""
+        lines.extend([f"## {title}", "", f"| method | selection | {variant_column}"
+                      + " | ".join(f"{s:.0%}" for s in sparsities) + " |"])
+        lines.append("|---|---|" + ("---|" if with_variants else "") + "---|" * len(sparsities))
+        for method, selection, variant in rows:
             out = []
             for s in sparsities:
                 # per seed: mean over the models, so the spread is that of the average a user would see
                 per_seed = []
                 for seed in seeds:
-                    vals = [cells.get((m, str(seed), method, selection, f"{s:g}")) for m in names]
+                    vals = [cells.get((m, str(seed), method, selection, f"{s:g}", variant)) for m in names]
                     if all(v is not None for v in vals):
                         per_seed.append(statistics.fmean(v["retention"] for v in vals))
                 mean, spread = _stats(per_seed) if per_seed else (0.0, 0.0)
                 out.append(f"{mean:.3f} +- {spread:.3f} (n={len(per_seed)})" if per_seed else "")
             if any(out):
-                lines.append(f"| {method} | {selection} | " + " | ".join(out) + " |")
+                shown = f"{variant} | " if with_variants else ""
+                lines.append(f"| {method} | {selection} | {shown}" + " | ".join(out) + " |")
         lines.append("")
 
     tuning = [m for m in meta["tuning"] if m in models]
@@ -203,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--variants", nargs="+", default=["plain"], choices=VARIANTS,
+                        help="what follows selection: plain surgery, merging first, router recalibration after, both")
+    parser.add_argument("--merge-similarity", default="output_cosine", help="merged variants: diep_hub.merging")
+    parser.add_argument("--recal-steps", type=int, default=32, help="recalibrated variants: optimiser steps")
+    parser.add_argument("--recal-lr", type=float, default=1e-3, help="recalibrated variants: Adam learning rate")
+    parser.add_argument("--recal-seed", type=int, default=0, help="recalibrated variants: batch order")
     parser.add_argument("--out", default=None, help="results JSON (default: results/seeds/<first model>.json)")
     parser.add_argument("--report", default=str(HERE / "QUALITY_SEEDS.md"))
     parser.add_argument("--report-only", action="store_true")

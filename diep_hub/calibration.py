@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
 from .calibration_sources import DEFAULT_DATASET, check_text_file, hub_offline, read_documents
 from .errors import ConfigError

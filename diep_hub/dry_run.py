@@ -1,70 +1,334 @@
-"""The dry run: what a recipe would cost, from the model's config alone, and whether its sparsity is reachable.
+"""The dry run: whether a recipe can run, and what it would cost, from the model's config alone (no weights).
 
-Kept apart from the run because it must never load weights: the model is built on the meta device, so even the
-largest MoE is estimated in seconds, and a sparsity the real run would refuse is refused here with the same message.
-It reads the run's own :class:`~diep_hub.pipeline.plan.RunPlan` (the prune stage's settings, the load stage's
-model), after the runner's checks (config, family, preflight) have passed.
+No weight is loaded or allocated, so even the largest MoE is estimated in seconds. Three things are told:
+
+1. **Feasibility, as ``prune`` decides it.** The pruner is built from the run's own settings (the same validation)
+   and :func:`check_feasible` calls what ``DiEPPruner.prune_model`` calls before calibration:
+   ``DiEPPruner.check_feasible`` (the real selection with floors, caps and group rules, on placeholder scores) and
+   the criterion's ``check_feasible`` (NAEE's subset count and surgery plan). The model is built with FakeTensors
+   (shapes and devices, no memory), so those checks run unchanged. A request ``prune`` refuses is refused here with
+   its message, and the command exits non-zero.
+2. **Cost, from a stated model** (:func:`cost_model`, constants :data:`DEVICE_COSTS` measured on real runs; how
+   close it came is in docs/dry-run.md)::
+
+       seconds = T0 [+ Tb] + Te x evaluations + 2 x (N_search x tokens_cal x passes
+                                             + N_active x (tokens_eval x evaluations + tokens_skip)) / R
+       peak    = M0 + k x weight_bytes + max(search activations, evaluation logits) + 4 x 4 B x search parameters
+
+   ``N_active`` is the parameters a token passes through (top-k experts), ``N_search`` the same in the search
+   (every expert in dense mode); ``passes`` is 1 reference pass plus 3 a search step (forward and backward) x
+   epochs for the searching criteria, 1 for the others; ``R`` the effective FLOP/s of the device kind, ``T0`` the
+   fixed time (imports, lm-eval set-up, card, save), ``Tb`` the training of diep-hub/tiny-mixtral at load time
+   (that model only), ``Te`` one evaluation's lm-eval overhead; ``M0`` the process's
+   resident memory with torch, transformers and lm-eval loaded, ``k`` the copies of the weights alive at the peak.
+3. **The config it read**: a Hub id while the Hub cannot be reached fails at once (:mod:`diep_hub.preflight`), or
+   uses the copy of the config shipped beside the recipes (``recipes/configs/<org>--<name>.json``, with its source
+   in ``<org>--<name>.source.json``) and says so.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from .errors import DiEPError, UnsupportedModelError
+from .errors import ConfigError
 from .families import get_family
-from .model_loading import load_config
 from .pipeline.plan import RunPlan
+from .tiny import TINY_MODEL_ID
+
+logger = logging.getLogger(__name__)
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-# Effective throughput used for the search-time estimate of a dry run: a stated assumption, not a measurement.
-_ASSUMED_FLOPS = {"cuda": 200e12, "cpu": 0.3e12}
+#: criteria that search with gradients: 1 reference pass, then forward + backward (~3 forward passes) a step
+_SEARCHING = {"diep": "epochs", "diep_removal": "epochs"}
+
+
+# ------------------------------------------------------------------------------------------------ cost model
+@dataclass(frozen=True)
+class DeviceCosts:
+    """The measured constants of :func:`cost_model` for one device kind."""
+
+    kind: str
+    flops_per_second: float  # R: effective throughput of the run's torch work
+    fixed_seconds: float  # T0: process start and imports, lm-eval task index, card figures, saving
+    seconds_per_evaluation: float  # Te: lm-eval's own overhead per evaluated model (tasks, requests, metrics)
+    baseline_bytes: float  # M0: resident memory with torch, transformers, lm-eval and datasets imported
+    weight_copies: float  # k: copies of the weights alive at the peak
+    measured: str  # where the constants come from
+    build_seconds: float = 0.0  # Tb: building diep-hub/tiny-mixtral (trained at load time) instead of reading it
+
+
+#: Constants per device kind. CPU: fitted on `diep-hub run` of three recipe sizes (:data:`CALIBRATION`: 0.65 M,
+#: 13 M and 107 M parameters) with OMP_NUM_THREADS=1 on a shared 2-core machine, CPU time (user + sys) and maximum
+#: RSS from /usr/bin/time -v, each measured twice; Te from the evaluation stage times (docs/dry-run.md).
+#: CUDA: not measured on a GPU; the values are an assumption and the output says so.
+DEVICE_COSTS: dict[str, DeviceCosts] = {
+    "cpu": DeviceCosts(
+        kind="cpu", flops_per_second=39e9, fixed_seconds=16.3, seconds_per_evaluation=3.3,
+        baseline_bytes=568 * 2**20, weight_copies=2.0, build_seconds=12.5,
+        measured="measured on 1 CPU thread, CPU time (user + sys), 3 recipe sizes (docs/dry-run.md)",
+    ),
+    "cuda": DeviceCosts(
+        kind="cuda", flops_per_second=100e12, fixed_seconds=30.0, seconds_per_evaluation=10.0,
+        baseline_bytes=0, weight_copies=1.2,
+        measured="NOT measured: assumed 100 TFLOP/s effective; the peak is GPU memory without the process",
+    ),
+}
+
+#: How far the CPU constants may put a calibration run's estimate from its measurement (docs/dry-run.md).
+TIME_TOLERANCE, MEMORY_TOLERANCE = 0.15, 0.08
+
+_SMALL = dict(bytes_per_param=4, search_tokens=2048, search_passes=13, eval_tokens=1024, evaluations=2,
+              skipping_tokens=512, batch_size=8, seq_len=64, vocab_size=36, eval_batch_size=16, eval_seq_len=64)
+#: The measured runs behind the CPU constants: recipes/tiny.yaml, and the same recipe on random Mixtral-type models
+#: (hidden 256 / intermediate 512 / 4 layers and 512 / 1024 / 8 layers, 8 experts top-2). CPU seconds and maximum
+#: RSS are the means of two runs; tests/test_dry_run.py checks the model against them.
+CALIBRATION: tuple[dict[str, Any], ...] = (
+    {"name": "tiny (0.65 M parameters)", "cpu_seconds": 35.7, "max_rss_bytes": 617_022 * 1024,
+     "inputs": dict(_SMALL, params_total=646_208, params_active=203_840, params_search=203_840, num_layers=4,
+                    hidden_size=64, expert_width=192, search_parameters=64, builds_model=True)},
+    {"name": "mid (13.4 M parameters)", "cpu_seconds": 28.8, "max_rss_bytes": 714_498 * 1024,
+     "inputs": dict(_SMALL, params_total=13_398_272, params_active=3_961_088, params_search=3_961_088, num_layers=4,
+                    hidden_size=256, expert_width=1024, search_parameters=64)},
+    {"name": "large (107 M parameters)", "cpu_seconds": 69.8, "max_rss_bytes": 1_631_508 * 1024,
+     "inputs": dict(_SMALL, params_total=107_033_088, params_active=31_535_616, params_search=31_535_616,
+                    num_layers=8, hidden_size=512, expert_width=2048, search_parameters=128)},
+)
+
+
+@dataclass(frozen=True)
+class CostInputs:
+    """What the cost model reads, all taken from the config and the run's settings."""
+
+    params_total: int
+    params_active: int  # per token: top-k experts, attention, embeddings, head
+    params_search: int  # per token during the search (all experts in dense mode)
+    bytes_per_param: int
+    search_tokens: int
+    search_passes: int
+    eval_tokens: int  # perplexity tokens of one evaluation
+    evaluations: int  # 0, 1 (pruned) or 2 (base and pruned)
+    skipping_tokens: int
+    batch_size: int
+    seq_len: int
+    num_layers: int
+    hidden_size: int
+    expert_width: int  # FFN width a token passes through per layer (top-k or all experts x intermediate)
+    vocab_size: int
+    eval_batch_size: int
+    eval_seq_len: int
+    search_parameters: int  # the search's own trainable parameters (DiEP's alpha and beta)
+    builds_model: bool = False  # the load stage trains the model (diep-hub/tiny-mixtral) rather than reading it
+
+
+#: activation values a decoder layer keeps per token for the backward pass, in units of hidden_size (norms,
+#: q/k/v/o, residuals), on top of 3 x the expert width (gate, up, act) - a stated approximation.
+ACT_HIDDEN_UNITS = 12
+
+
+def cost_model(x: CostInputs, c: DeviceCosts) -> dict[str, float]:
+    """Time (seconds) and peak memory (bytes) of a run, by the formula in this module's docstring."""
+    search_flops = 2.0 * x.params_search * x.search_tokens * x.search_passes
+    other_flops = 2.0 * x.params_active * (x.eval_tokens * x.evaluations + x.skipping_tokens)
+    compute = (search_flops + other_flops) / c.flops_per_second
+    build = c.build_seconds if x.builds_model else 0.0
+    seconds = c.fixed_seconds + build + c.seconds_per_evaluation * x.evaluations + compute
+    weights = x.params_total * x.bytes_per_param
+    search_act = x.batch_size * x.seq_len * (
+        x.num_layers * (ACT_HIDDEN_UNITS * x.hidden_size + 3 * x.expert_width) + 2 * x.vocab_size) * 4
+    eval_act = x.eval_batch_size * x.eval_seq_len * 2 * x.vocab_size * 4  # logits and their log-softmax
+    optimizer = 4 * 4 * x.search_parameters  # value, gradient, Adam's two moments, fp32
+    peak = c.baseline_bytes + c.weight_copies * weights + max(search_act, eval_act) + optimizer
+    return {
+        "seconds": seconds,
+        "search_seconds": search_flops / c.flops_per_second,
+        "flops": search_flops + other_flops,
+        "peak_bytes": peak,
+        "weight_bytes": weights,
+        "activation_bytes": max(search_act, eval_act),
+        "optimizer_bytes": optimizer,
+    }
+
+
+def describe_cost_model(c: DeviceCosts, x: CostInputs) -> str:
+    """The formula with this run's numbers, for the dry run's output."""
+    build = f" + Tb {c.build_seconds:g} s" if x.builds_model else ""
+    return (
+        f"time = T0 {c.fixed_seconds:g} s{build} + Te {c.seconds_per_evaluation:g} s x {x.evaluations} evaluations + "
+        f"2 x (N_search {x.params_search:,} x {x.search_tokens:,} calibration tokens x {x.search_passes} passes + "
+        f"N_active {x.params_active:,} x {x.eval_tokens * x.evaluations + x.skipping_tokens:,} evaluation/skipping "
+        f"tokens) / R {c.flops_per_second / 1e9:g} GFLOP/s; peak = M0 {c.baseline_bytes / 2**20:.0f} MiB + "
+        f"{c.weight_copies:g} x weights + max(search activations, evaluation logits) + search optimizer state; "
+        f"{c.kind} constants {c.measured}; lm-eval compute on large tasks is not counted"
+    )
+
+
+# ------------------------------------------------------------------------------------------- shipped configs
+def shipped_configs_folder() -> Path:
+    """``recipes/configs`` (``diep_hub.recipes`` in a wheel): verified copies of real models' config.json."""
+    return Path(str(resources.files("diep_hub.recipes"))) / "configs"
+
+
+def shipped_config_path(model_id: str) -> Path | None:
+    """The shipped copy of ``model_id``'s config.json (``<org>--<name>.json``), when there is one with its source."""
+    folder = shipped_configs_folder()
+    name = model_id.replace("/", "--")
+    path, source = folder / f"{name}.json", folder / f"{name}.source.json"
+    return path if path.is_file() and source.is_file() else None
+
+
+def _shipped_config(model_id: str, path: Path):
+    """The config from a shipped copy, and a description naming the file and where the copy was taken from."""
+    from transformers import AutoConfig
+
+    from .files import read_json_object
+
+    data = read_json_object(path, "shipped model config")
+    source = read_json_object(path.with_name(path.name.removesuffix(".json") + ".source.json"), "config source")
+    if "model_type" not in data:
+        raise ConfigError(f"{path}: no model_type -> a shipped config must be a verbatim config.json")
+    missing = [k for k in ("repo", "path", "commit") if not source.get(k)]
+    if missing:
+        raise ConfigError(f"{path}: its source record lacks {missing} -> a shipped config names the stored copy it "
+                          "was taken from (repo, path, commit)")
+    config = AutoConfig.for_model(**data)
+    where = ", ".join(f"{k} {source[k]}" for k in ("repo", "path", "commit"))
+    return config, f"shipped copy {path} (of {model_id}; taken from {where})"
+
+
+def dry_run_config(plan: RunPlan):
+    """The model's config for a dry run, and where it came from.
+
+    A built-in or local model is read as the run reads it. A Hub id is read from the Hub (or its cache) when that
+    works without the network or the Hub answers; otherwise from the shipped copy, when there is one; otherwise the
+    offline error of :func:`diep_hub.preflight.check_model_reachable` is raised at once (no retries).
+    """
+    from . import model_loading
+    from .preflight import check_model_reachable
+
+    load = plan.load
+    if load.offline:
+        return model_loading.load_config(load), f"built offline by diep_hub ({load.model_id})"
+    if model_loading._local_model_folder(load.model_id) is not None:
+        return model_loading.load_config(load), f"folder {load.model_id}"
+    shipped = shipped_config_path(load.model_id)
+    try:
+        check_model_reachable(load)
+    except ConfigError as exc:
+        if shipped is None:
+            raise ConfigError(f"{exc}; no verified copy of this model's config ships with diep_hub "
+                              f"({shipped_configs_folder()}), so the dry run needs the Hub too") from None
+        config, described = _shipped_config(load.model_id, shipped)
+        logger.warning("the Hub cannot be reached (%s); the dry run uses the %s", exc, described)
+        return config, described
+    return model_loading.load_config(load), f"Hub repo {load.model_id} (revision {load.revision or 'main'})"
+
+
+def dry_run_summary(recipe, plan: RunPlan) -> dict[str, Any]:
+    """What ``diep-hub run --dry-run`` returns: the config (no weights), family and preflight checks as the run
+    makes them, then :func:`estimate`. Raises what ``prune`` would raise for an infeasible request."""
+    from .preflight import check_dry_run_inputs
+
+    config, source = dry_run_config(plan)
+    get_family(config, source=plan.load.source)
+    notes = check_dry_run_inputs(recipe, model_config=config)
+    result = estimate(plan, config)
+    result["config_source"] = source
+    result["notes"] = notes
+    return {"dry_run": True, "output_dir": str(plan.save.out), "push": plan.push.enabled,
+            "recipe": recipe.to_dict(), "estimate": result}
+
+
+# ---------------------------------------------------------------------------------------------- feasibility
+def dry_run_pruner(plan: RunPlan):
+    """The run's pruner without resolving its data (a dry run writes nothing): same settings, same validation."""
+    from .pruner import DiEPPruner
+
+    return DiEPPruner(**{**plan.prune.pruner_kwargs, "dataset": plan.prune.calibration.named, "progress": False})
+
+
+def shape_only_model(config, trust_remote_code: bool = False):
+    """The model with every tensor a FakeTensor on the CPU: real shapes and devices, no memory, no values.
+
+    Built on the meta device first (accelerate's ``init_empty_weights``), then given fake CPU storage, so that the
+    checks ``prune`` makes (which refuse meta tensors: offloaded weights cannot be sliced) run on it unchanged.
+    """
+    from accelerate import init_empty_weights
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+    return model
+
+
+def check_feasible(pruner, model):
+    """The checks ``prune`` makes before calibration (``DiEPPruner.prune_model``): ``pruner.check_feasible`` (the
+    real selection on placeholder scores, worded by ``unreachable_sparsity``), then the criterion's
+    ``check_feasible`` with the counts the real run gives it. Returns the placeholder selection."""
+    from .criteria import base as criteria_base
+
+    selection = pruner.check_feasible(model)
+    family = get_family(model)
+    criterion = criteria_base.get_criterion(pruner.method)()
+    counts_fixed = pruner.selection in criteria_base.COUNTS_BEFORE_SCORING
+    num_to_keep = dict(selection.per_layer_kept) if criterion.needs_target_counts or counts_fixed else None
+    criterion.check_feasible(criteria_base.ScoringContext(
+        model=model, family=family, layers=family.moe_layers(model), input_ids=None, batch_size=pruner.batch_size,
+        seed=pruner.seed, num_to_keep=num_to_keep, sparsity=pruner.sparsity, options=pruner.criterion_options(),
+    ))
+    return selection
+
+
+# ------------------------------------------------------------------------------------------------- estimate
+def _device_kind(plan: RunPlan) -> str:
+    return "cuda" if plan.load.device_map not in (None, "cpu") else "cpu"
+
+
+def _search_passes(pruner) -> int:
+    """1 reference pass, plus 3 a step (forward + backward) x epochs for a searching criterion."""
+    if pruner.method not in _SEARCHING:
+        return 1
+    epochs = pruner.epochs if pruner.method == "diep" else int(pruner.criterion_settings().epochs)
+    return 1 + 3 * epochs
 
 
 def estimate(plan: RunPlan, config=None) -> dict[str, Any]:
-    """Parameter counts, weight bytes and a search-time estimate from the config alone (no weights loaded).
+    """Parameter counts, weights, feasibility, time and peak memory of the run, from the config alone.
 
-    The model is instantiated under accelerate's ``init_empty_weights`` (meta tensors), so even Mixtral-8x22B
-    costs nothing; the family adapter finds the experts exactly as the real run will, and the real selection
-    (``select_experts``, group rules included) runs on placeholder scores with the run's floors and caps, so a
-    sparsity the real run would refuse is refused here. ``config``: the model's config when already read.
+    ``config``: the model's config when already read (else :func:`dry_run_config`).
 
     Raises:
-        ConfigError: the sparsity cannot be reached (the message is the one ``prune`` gives).
+        ConfigError: the request cannot be served (the message is the one ``prune`` gives).
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    load, p = plan.load, plan.prune.pruner_kwargs
-    config = config if config is not None else load_config(load)
+    load = plan.load
+    if config is None:
+        config, _ = dry_run_config(plan)
     family = get_family(config, source=load.source)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=load.trust_remote_code)
+    pruner = dry_run_pruner(plan)
+    model = shape_only_model(config, load.trust_remote_code)
     layers = family.moe_layers(model)
-    selection = _feasible_selection(plan, model, family, layers)
+    selection = check_feasible(pruner, model)
     total = sum(p.numel() for p in model.parameters())
-    hidden = int(config.hidden_size)
+    text = config.get_text_config()
     per_layer = []
     for layer in layers:
         expert_params = sum(p.numel() for p in layer.experts.parameters())
-        per_layer.append(
-            {
-                "layer": layer.index,
-                "num_experts": layer.num_experts,
-                "top_k": layer.top_k,
-                "params_per_expert": expert_params // layer.num_experts,
-                # Router rows go with their experts.
-                "router_params_per_expert": layer.router.weight.shape[1],
-            }
-        )
+        per_layer.append({
+            "layer": layer.index, "num_experts": layer.num_experts, "top_k": layer.top_k,
+            "params_per_expert": expert_params // layer.num_experts,
+            "router_params_per_expert": layer.router.weight.shape[1],  # router rows go with their experts
+        })
     num_experts = sum(x["num_experts"] for x in per_layer)
     expert_params = sum(x["num_experts"] * x["params_per_expert"] for x in per_layer)
     to_remove = selection.num_removed
     mean_expert = sum(x["num_experts"] * (x["params_per_expert"] + x["router_params_per_expert"]) for x in per_layer)
-    mean_expert = mean_expert / max(num_experts, 1)
-    removed_params = round(to_remove * mean_expert)
-    after = total - removed_params
+    after = total - round(to_remove * mean_expert / max(num_experts, 1))
 
     dtype = load.dtype
     if dtype == "auto":
@@ -72,18 +336,29 @@ def estimate(plan: RunPlan, config=None) -> dict[str, Any]:
         dtype = dtype.removeprefix("torch.")
     bytes_per = _DTYPE_BYTES.get(dtype, 2)
 
-    # Search cost: one reference pass, then epochs x (forward + backward ~ 3 forwards) over the calibration tokens.
-    seq_len = p["seq_len"]
-    tokens = p["num_samples"] * seq_len
+    p = plan.prune.pruner_kwargs
     inactive = sum((x["num_experts"] - x["top_k"]) * x["params_per_expert"] for x in per_layer)
     active = total - inactive
-    search_active = total if p["search_mode"] == "dense" else active
-    passes = 1 + (3 * p["epochs"] if p["method"] == "diep" else 0)
-    flops = 2 * search_active * tokens * passes
-    device = "cuda" if load.device_map not in (None, "cpu") else "cpu"
-    seconds = flops / _ASSUMED_FLOPS[device]
-    activations = p["batch_size"] * seq_len * hidden * int(config.num_hidden_layers) * 2 * 4
-    result = {
+    dense = pruner.method == "diep" and pruner.search_mode == "dense"
+    ev = plan.evaluation
+    evaluations = (int(ev.base) + 1) if ev.enabled else 0
+    width = max((x["params_per_expert"] // (3 * int(text.hidden_size))) for x in per_layer)
+    k_eff = max(x["num_experts"] if dense else x["top_k"] for x in per_layer)
+    inputs = CostInputs(
+        params_total=total, params_active=active, params_search=total if dense else active,
+        bytes_per_param=bytes_per, search_tokens=p["num_samples"] * p["seq_len"], search_passes=_search_passes(pruner),
+        eval_tokens=(ev.perplexity_samples * ev.perplexity_seq_len) if ev.enabled and ev.perplexity else 0,
+        evaluations=evaluations,
+        skipping_tokens=(plan.skipping.num_samples * plan.skipping.seq_len) if plan.skipping.enabled else 0,
+        batch_size=p["batch_size"], seq_len=p["seq_len"], num_layers=int(text.num_hidden_layers),
+        hidden_size=int(text.hidden_size), expert_width=k_eff * width, vocab_size=int(text.vocab_size),
+        eval_batch_size=ev.batch_size if ev.enabled else 0, eval_seq_len=ev.perplexity_seq_len if ev.enabled else 0,
+        search_parameters=2 * num_experts if pruner.method in _SEARCHING else 0,
+        builds_model=load.model_id == TINY_MODEL_ID,
+    )
+    costs = DEVICE_COSTS[_device_kind(plan)]
+    cost = cost_model(inputs, costs)
+    return {
         "model": load.model_id,
         "family": family.model_type,
         "dtype": dtype,
@@ -96,39 +371,32 @@ def estimate(plan: RunPlan, config=None) -> dict[str, Any]:
         "experts_total": num_experts,
         "experts_removed": to_remove,
         "experts_kept": num_experts - to_remove,
+        "kept_per_layer": {str(k): v for k, v in selection.per_layer_kept.items()},
         "params_after_pruning": after,
         "weight_bytes": total * bytes_per,
         "weight_bytes_after_pruning": after * bytes_per,
-        "search_flops": flops,
-        "search_seconds_estimate": seconds,
-        "search_peak_bytes_estimate": int(total * bytes_per * 1.2 + activations),
-        "assumptions": (
-            f"{_ASSUMED_FLOPS[device] / 1e12:.1f} TFLOP/s effective on {device}; search = 1 reference pass + "
-            f"{p['epochs']} epochs x 3 passes over {tokens} tokens "
-            f"({'all experts' if p['search_mode'] == 'dense' else 'top-k experts'} active); removal "
-            "assumes the mean expert size; peak = 1.2 x weights + one batch of activations"
-        ),
+        "device": costs.kind,
+        "search_flops": 2 * inputs.params_search * inputs.search_tokens * inputs.search_passes,
+        "search_seconds_estimate": cost["search_seconds"],
+        "run_seconds_estimate": cost["seconds"],
+        # the run's peak (kept under its old name, which the CLI prints)
+        "search_peak_bytes_estimate": int(cost["peak_bytes"]),
+        "peak_bytes_estimate": int(cost["peak_bytes"]),
+        "cost_inputs": asdict(inputs),
+        "assumptions": describe_cost_model(costs, inputs),
     }
-    return result
 
 
-def _feasible_selection(plan: RunPlan, model, family, layers):
-    """The selection ``DiEPPruner.check_feasible`` makes before a real run (placeholder scores, the prune stage's
-    floors and caps), with its error message; the dry run's model is on the meta device, which check_feasible
-    itself refuses, so the same call is made here."""
-    from .selection import select_experts
-
-    p = plan.prune.pruner_kwargs
-    if not layers:
-        raise UnsupportedModelError(f"{plan.load.source} ({family.model_type}) has no MoE layers to prune")
-    placeholder = {layer.index: torch.linspace(1.0, 2.0, layer.num_experts) for layer in layers}
-    try:
-        return select_experts(
-            placeholder, model, sparsity=p["sparsity"], mode=p["selection"],
-            max_layer_sparsity=p["max_layer_sparsity"], min_experts_per_layer=p["min_experts_per_layer"],
-            regroup=p["regroup"],
-        )
-    except DiEPError as exc:
-        from .selection_limits import unreachable_sparsity
-
-        raise unreachable_sparsity(p["sparsity"], family, layers, exc) from exc
+__all__ = [
+    "CALIBRATION",
+    "DEVICE_COSTS",
+    "CostInputs",
+    "DeviceCosts",
+    "check_feasible",
+    "cost_model",
+    "dry_run_config",
+    "dry_run_summary",
+    "estimate",
+    "shape_only_model",
+    "shipped_config_path",
+]

@@ -29,14 +29,15 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, co
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from .checkpoint.layout import CONFIG_FILE, EVAL_RESULTS_DIR
+from .checkpoint.layout import CONFIG_FILE, EVAL_RESULTS_DIR, LM_EVAL_RESULTS_DIR
 from .checkpoint.upload import PushError, check_folder, check_no_token_sent
 from .files import read_json_object
 
 logger = logging.getLogger(__name__)
 
 # Remote files a new push may replace by different names (sharding, eval entries): stale ones are deleted.
-REPLACEABLE = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", f"{EVAL_RESULTS_DIR}/*.yaml")
+REPLACEABLE = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", f"{EVAL_RESULTS_DIR}/*.yaml",
+               f"{LM_EVAL_RESULTS_DIR}/*.json")
 WRITE_ROLES = ("write", "admin", "fineGrained")
 _RETRY = "retry: the push is idempotent (files already on the Hub are skipped, so a re-run makes at most one commit)"
 

@@ -235,9 +235,36 @@ def load_model(m: LoadConfig):
     return model, tokenizer
 
 
+# A snapshot folder of the Hugging Face cache: ``.../models--<namespace>--<name>/snapshots/<revision>[/...]``.
+_HF_CACHE_SNAPSHOT = re.compile(r"(?:^|[/\\])(?:models|datasets|spaces)--(?P<repo>[^/\\]+)[/\\]snapshots[/\\]")
+
+
+def source_name(name: str | os.PathLike | None) -> str | None:
+    """How checkpoint files record a model or data source: the Hub id or the name as the user gave it.
+
+    A snapshot folder of the Hugging Face cache is recorded as its repo id (``models--org--name`` -> ``org/name``;
+    the Hub forbids ``--`` in names, so the mapping is exact). Any other absolute or home-relative path is None:
+    it names a folder of this machine (often the user's home), which says nothing on another one. A relative path
+    is kept as given.
+    """
+    if name is None:
+        return None
+    text = os.fspath(name)
+    if not text:
+        return None
+    match = _HF_CACHE_SNAPSHOT.search(text)
+    if match is not None:
+        return match["repo"].replace("--", "/")
+    if os.path.isabs(text) or text.startswith("~"):
+        return None
+    return text
+
+
 def _cache_dir() -> Path:
-    root = os.environ.get("DIEP_HUB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diep_hub")
-    return Path(root) / "offline-text"
+    """Where offline corpora are written: ``$DIEP_HUB_CACHE``, else beside huggingface_hub's caches (HF_HOME)."""
+    from .hub import cache_folder
+
+    return cache_folder("offline-text")
 
 
 def text_source(dataset: str | None, path: str | None, split: str) -> tuple[str, bool]:

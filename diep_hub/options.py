@@ -206,6 +206,14 @@ class PrunerSettings(TargetOptions, FloorsOptions):
     seq_len: SeqLength = 2048
     batch_size: BatchSize = 16
     skipping: Flag = Field(False, description="calibrate adaptive expert skipping after pruning")
+    merge: Literal["none", "output_cosine", "output_cka"] = Field(
+        "none", description="fold each removed expert into its most similar kept expert before surgery "
+                            "(diep_hub.merging: output cosine or CKA, frequency-weighted, neuron-aligned)")
+    recalibrate_router: Flag = Field(False, description="distil the pruned layers' router rows towards the unpruned "
+                                                        "model after surgery (diep_hub.recalibration)")
+    recalibration_steps: Count = Field(32, description="router recalibration: optimiser steps")
+    recalibration_lr: Annotated[float, Number(0, 1, lo_open=True, hi_open=True)] = Field(
+        1e-3, description="router recalibration: Adam learning rate (cosine decay)")
     progress: Flag = Field(True, description="show progress bars")
 
     @_field_validator("dataset")

@@ -13,6 +13,10 @@ with problems raises; every problem of that class is in the one message):
    the index is kept for the evaluation itself (:func:`diep_hub.evaluation.lm_eval_runner.cached_task_manager`).
 
 Nothing is written (offline corpora are only recognised by name) and nothing is downloaded.
+
+:func:`check_model_reachable` runs before the model's config is read: a Hub model id while the Hub cannot be
+reached (offline mode on, or one connection attempt failing within :data:`CONNECT_TIMEOUT` seconds) is refused at
+once, rather than after huggingface_hub's retries (5 attempts, about 30 s).
 """
 
 from __future__ import annotations
@@ -30,6 +34,66 @@ from .recipe import Recipe
 logger = logging.getLogger(__name__)
 
 OFFLINE_SWITCHES = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE"
+#: seconds the one connection attempt to the Hub may take before the Hub counts as unreachable
+CONNECT_TIMEOUT = 3.0
+
+
+def hub_unreachable_reason(timeout: float = CONNECT_TIMEOUT) -> str | None:
+    """Why the Hub cannot be used now, or None: offline mode is on, or ONE TCP connection to the endpoint's host
+    fails within ``timeout`` seconds (no retries; a proxy in the environment is not consulted)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    from .calibration_sources import hub_offline
+
+    if hub_offline():
+        return f"offline mode is on ({OFFLINE_SWITCHES} is set)"
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}:{port} cannot be reached ({exc.strerror or type(exc).__name__}, one attempt, {timeout:g} s)"
+    return None
+
+
+def _config_in_cache(model_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id: AutoConfig words that error itself
+        return False
+    return isinstance(found, str)
+
+
+def check_model_reachable(load: Any) -> None:
+    """Refuse at once a Hub model whose config cannot be had: the Hub is unreachable and the config is not in the
+    local Hub cache (or is, but offline mode is off, so transformers would still retry the network first).
+
+    Args:
+        load: the load stage's :class:`~diep_hub.pipeline.plan.LoadConfig`. Offline models and local folders pass.
+
+    Raises:
+        ConfigError: naming the model, why the Hub is unreachable, and what to do.
+    """
+    from .calibration_sources import hub_offline
+    from .model_loading import _local_model_folder
+
+    if load.offline or _local_model_folder(load.model_id) is not None:
+        return
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return
+    cached = _config_in_cache(load.model_id, load.revision)
+    if cached and hub_offline():
+        return  # transformers reads the cache without touching the network
+    advice = ("its config is in the local Hub cache: set HF_HUB_OFFLINE=1 to use it" if cached else
+              "it is not in the local Hub cache -> run where the Hub is reachable, or give model.id as a local "
+              "folder holding the checkpoint")
+    raise ConfigError(f"model.id: {load.model_id!r} is a Hub repo, but the Hub cannot be used: {reason}; {advice}")
 
 
 def check_run_inputs(recipe: Recipe, model_config: Any = None) -> None:
@@ -43,10 +107,27 @@ def check_run_inputs(recipe: Recipe, model_config: Any = None) -> None:
         ConfigError: the problems of the first failing class, one ``field: value -> what is allowed`` each.
         CorruptFileError: when every problem of that class is a damaged local data file.
     """
-    _raise(_source_problems(recipe))
+    _check(recipe, model_config, dry_run=False)
+
+
+def check_dry_run_inputs(recipe: Recipe, model_config: Any = None) -> list[str]:
+    """:func:`check_run_inputs` for a dry run, which reads no data: a Hub dataset that offline mode keeps out of
+    reach is returned as a note (the run will need it) instead of refused. Everything else raises the same."""
+    return _check(recipe, model_config, dry_run=True)
+
+
+def _check(recipe: Recipe, model_config: Any, *, dry_run: bool) -> list[str]:
+    problems = _source_problems(recipe)
+    notes = [text for text, kind in problems if kind is _OfflineHubData] if dry_run else []
+    _raise([(text, ConfigError if kind is _OfflineHubData else kind) for text, kind in problems if text not in notes])
     if model_config is not None:
         _raise(_length_problems(recipe, model_config))
     _raise(_task_problems(recipe))
+    return notes
+
+
+class _OfflineHubData(ConfigError):
+    """Marks a Hub dataset that offline mode keeps out of reach (a ConfigError for a run, a note for a dry run)."""
 
 
 def _raise(problems: list[tuple[str, type[DiEPError]]]) -> None:
@@ -116,7 +197,7 @@ def _source_problem(recipe: Recipe, prefix: str, section) -> tuple[str, type[DiE
             f"{prefix}.dataset: {name!r} is a Hub dataset, but offline mode is on ({OFFLINE_SWITCHES} is set) and "
             f"it is not in the local datasets cache -> give {prefix}.path (a local json/jsonl/parquet/txt file) "
             "instead, or unset the offline switches",
-            ConfigError,
+            _OfflineHubData,
         )
     return None
 
@@ -197,13 +278,19 @@ def _offline_task_names(tasks: list[str]) -> set[str]:
 
     The task files are written exactly as the run writes them, into a temporary folder removed at once.
     """
-    from .tiny import TINY_TASK, write_offline_tasks
+    from .tiny import is_offline_task, write_offline_tasks
 
-    if not any(t == TINY_TASK or t.startswith("zoo_") for t in tasks):
+    if not any(is_offline_task(t) for t in tasks):
         return set()
     with tempfile.TemporaryDirectory(prefix="diep-hub-tasks-") as tmp:
         folder = write_offline_tasks(tasks, tmp)
         return {p.stem for p in Path(folder).glob("*.yaml")} if folder is not None else set()
 
 
-__all__ = ["check_run_inputs"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "check_dry_run_inputs",
+    "check_model_reachable",
+    "check_run_inputs",
+    "hub_unreachable_reason",
+]

@@ -36,6 +36,7 @@ from .errors import ConfigError, DiEPError, UnsupportedModelError
 from .families import get_family
 from .jsonable import to_jsonable
 from .memory import PeakMemory
+from .model_loading import source_name
 from .options import OPTION_KEYWORDS, DiEPOptions, NAEEOptions, PrunerSettings, check_pruner_keywords
 from .selection_limits import unreachable_sparsity
 from .surgery import prune_experts
@@ -74,6 +75,11 @@ class DiEPPruner:
             divisible by n_group.
         naee_max_combinations: NAEE refuses a layer with more subsets than this.
         skipping: calibrate and enable adaptive expert skipping after pruning (``diep_hub.skipping``).
+        merge: "none" (default), or fold each removed expert into its most similar kept expert before surgery,
+            by "output_cosine" or "output_cka" (``diep_hub.merging``); recorded in the report's ``merging``.
+        recalibrate_router: after surgery, distil the pruned layers' router rows towards the unpruned model's
+            next-token distribution on the calibration tokens for ``recalibration_steps`` Adam steps at
+            ``recalibration_lr`` (``diep_hub.recalibration``); recorded in the report's ``recalibration``.
         progress: show tqdm progress bars.
         options: the options of a criterion that has no keyword here (a dict of its options model's fields, e.g.
             a newly registered criterion); diep and naee take theirs as the keywords above.
@@ -104,6 +110,10 @@ class DiEPPruner:
     regroup: bool = False
     naee_max_combinations: int = NAEEOptions.model_fields["max_combinations"].default
     skipping: bool = False
+    merge: str = _SETTINGS["merge"].default
+    recalibrate_router: bool = False
+    recalibration_steps: int = _SETTINGS["recalibration_steps"].default
+    recalibration_lr: float = _SETTINGS["recalibration_lr"].default
     progress: bool = True
     options: dict[str, Any] | None = None
     report: PruningReport | None = field(default=None, init=False, repr=False, compare=False)
@@ -157,6 +167,21 @@ class DiEPPruner:
             data["regroup"] = self.regroup
         return data
 
+    def calibration_source(self) -> tuple[Any, str | None, str]:
+        """(source, dataset config, split) the calibration loader reads.
+
+        An offline corpus name (``diep-hub/tiny-text``) is written to diep_hub's cache and read from there as a
+        local file; anything else is read as given. The settings keep the name, so ``to_dict`` (and so
+        ``diep_recipe.json``, the report and ``config.json``) never records a cache path of this machine.
+        """
+        if isinstance(self.dataset, str):
+            from .model_loading import text_source
+
+            source, local = text_source(self.dataset, None, self.split)
+            if local:
+                return source, None, "train"
+        return self.dataset, self.dataset_config, self.split
+
     def _select(self, scores: dict[int, torch.Tensor], model: nn.Module):
         from .selection import select_experts
 
@@ -205,11 +230,13 @@ class DiEPPruner:
         logger.info("%s searches subsets of these sizes per layer: %s", self.method, counts)
         return counts
 
-    def prune_model(self, model: nn.Module, tokenizer) -> nn.Module:
+    def prune_model(self, model: nn.Module, tokenizer, *, base_model: str | None = None) -> nn.Module:
         """Score, select and remove experts in place; return the ``diep_<family>`` model.
 
         The configuration used is recorded in ``model.config.diep_pruning``; ``self.report`` (a
         :class:`~diep_hub.checkpoint.report.PruningReport`) holds what ``pruning_report.json`` will contain.
+        ``base_model``: the name the model goes by (a Hub id), recorded in both; by default the id it was loaded
+        from (``model.name_or_path``), never a local path.
         """
         from .calibration import load_calibration_data, vocab_size_of
         from .evaluation.results import package_versions
@@ -241,14 +268,15 @@ class DiEPPruner:
         criterion.check_feasible(context)
 
         with PeakMemory() as memory:
+            source, config_name, split = self.calibration_source()
             input_ids = load_calibration_data(
-                self.dataset,
+                source,
                 tokenizer,
                 num_samples=self.num_samples,
                 seq_len=self.seq_len,
                 seed=self.seed,
-                config_name=self.dataset_config,
-                split=self.split,
+                config_name=config_name,
+                split=split,
                 text_field=self.text_field,
                 progress=self.progress,
                 # A tokenizer of another model gives ids past the embedding: refuse them here, not as an
@@ -275,12 +303,37 @@ class DiEPPruner:
                     f"{self.method} scored subsets of sizes {num_to_keep} per layer but {self.selection} selection "
                     f"keeps {dict(selection.per_layer_kept)}; refusing a keep map the criterion did not evaluate"
                 )
+            teacher = None
+            if self.recalibrate_router:  # the unpruned model's outputs, cached before merging and surgery
+                from .recalibration import teacher_hidden_states
+
+                teacher = teacher_hidden_states(model, input_ids, batch_size=self.batch_size, progress=self.progress)
+            merging = None
+            if self.merge != "none":
+                from .merging import merge_removed_experts
+
+                merging = merge_removed_experts(
+                    model, selection.keep, input_ids, batch_size=self.batch_size, similarity=self.merge,
+                    regroup=bool(selection.regroup), progress=self.progress,
+                ).to_dict()
             model = prune_experts(model, selection.keep, regroup=bool(selection.regroup))
+            recalibration = None
+            if self.recalibrate_router:
+                from .recalibration import recalibrate_routers
+
+                recalibration = recalibrate_routers(
+                    model, teacher, input_ids, batch_size=self.batch_size, steps=self.recalibration_steps,
+                    lr=self.recalibration_lr, seed=self.seed, progress=self.progress,
+                ).to_dict()
+                del teacher
+            memory.measure()
             skipping_summary = self._skip(model, input_ids) if self.skipping else None
 
         installed = package_versions()
         versions = {name: installed[name] for name in REPORT_VERSIONS}
+        base_model = source_name(base_model) if base_model is not None else base_model_name(model)
         record = {
+            "base_model": base_model,
             "method": self.method,
             "sparsity": self.sparsity,
             "selection": self.selection,
@@ -294,6 +347,8 @@ class DiEPPruner:
                 "seq_len": self.seq_len,
             },
             "criterion_options": self.criterion_options(),
+            "merge": self.merge,
+            "recalibrate_router": self.recalibrate_router,
             "diep_hub_version": versions["diep_hub"],
         }
         if previous:
@@ -302,6 +357,7 @@ class DiEPPruner:
         searched = ("alpha", "beta", "loss_curve")  # DiEP's search record: fields of their own in the report
         self.report = PruningReport(
             pruner_config=self.to_dict(),
+            base_model=base_model,
             family=family.model_type,
             format="diep",
             method=self.method,
@@ -332,6 +388,8 @@ class DiEPPruner:
             beta=result.details.get("beta"),
             loss_curve=result.details.get("loss_curve"),
             skipping=skipping_summary,
+            merging=merging,
+            recalibration=recalibration,
         )
         logger.info(
             "removed %d of %d routed experts (%s selection); kept per layer: %s",
@@ -368,11 +426,27 @@ class DiEPPruner:
         report = report if report is not None else self.report
         if report is None:
             raise ConfigError("nothing to save yet: call prune_model(model, tokenizer) first")
-        report = dataclasses.replace(report, format="stock" if stock_format else "diep")
-        files: dict[str, Any] = {REPORT_FILE: report.to_dict(), PRUNER_CONFIG_FILE: self.to_dict()}
+        # ``skipping`` as the saved model has it: the run's skipping stage (or enable/disable_skipping after
+        # pruning) may have switched it since these settings were made, and config.json records the model's state.
+        settings = {**self.to_dict(), "skipping": skipping_enabled(model)}
+        report = dataclasses.replace(report, format="stock" if stock_format else "diep",
+                                     pruner_config={**(report.pruner_config or {}), "skipping": settings["skipping"]})
+        files: dict[str, Any] = {REPORT_FILE: report.to_dict(), PRUNER_CONFIG_FILE: settings}
         files.update(extra_files or {})
         return save_pruned(model, save_directory, tokenizer=tokenizer, overwrite=overwrite, extra_files=files,
                            stock_format=stock_format)
 
 
-__all__ = ["DiEPPruner", "OPTION_KEYWORDS", "unreachable_sparsity"]
+def skipping_enabled(model: nn.Module) -> bool:
+    """Whether adaptive expert skipping is on in ``model`` (``config.diep_skipping["enabled"]``)."""
+    settings = getattr(model.config, "diep_skipping", None)
+    return bool(isinstance(settings, Mapping) and settings.get("enabled"))
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """The pruned model as its files record it: the Hub id (or name) it was loaded from, never a local path
+    (:func:`diep_hub.model_loading.source_name`); None for a model built in memory."""
+    return source_name(getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None))
+
+
+__all__ = ["DiEPPruner", "OPTION_KEYWORDS", "base_model_name", "skipping_enabled", "unreachable_sparsity"]

@@ -118,10 +118,11 @@ def _check_before_work(plan: RunPlan) -> None:
 def _check_model(recipe: Recipe, plan: RunPlan):
     """The model's config (no weights), its family, then preflight (data sources, seq_len, task names): the last
     refusals before the run loads anything. Returns the config."""
+    from .preflight import check_model_reachable, check_run_inputs  # looked up at call time: tests replace the module
+
+    check_model_reachable(plan.load)  # a Hub id while the Hub is unreachable: refused now, not after 5 retries
     config = load_config(plan.load)
     get_family(config, source=plan.load.source)
-    from .preflight import check_run_inputs  # looked up at call time: tests replace the module
-
     check_run_inputs(recipe, model_config=config)
     return config
 
@@ -174,9 +175,9 @@ def run_recipe(
     plan = resolve_plan(recipe, output_dir=output_dir, push=push, repo_id=repo_id, overwrite=overwrite,
                         recipe_path=recipe_path)
     if dry_run:
-        config = _check_model(recipe, plan)
-        return {"dry_run": True, "output_dir": str(plan.save.out), "push": plan.push.enabled,
-                "recipe": recipe.to_dict(), "estimate": estimate(plan, config)}
+        from .dry_run import dry_run_summary
+
+        return dry_run_summary(recipe, plan)
     _check_before_work(plan)
     _check_model(recipe, plan)
 

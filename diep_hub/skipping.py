@@ -25,8 +25,8 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 from torch import nn
-from tqdm.auto import tqdm
 
 from .checkpoint.format import is_pruned
 from .cka import CKA_KERNELS, centered_gram_vector, cka_matrix, mean_off_diagonal

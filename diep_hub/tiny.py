@@ -1,34 +1,63 @@
 """The offline tiny model behind ``model.id: diep-hub/tiny-mixtral`` (recipes/tiny.yaml, the README, CI).
 
 Nothing can be downloaded in CI, yet the whole recipe flow (load, calibrate, search, prune, evaluate, card, save)
-must run end to end. This module builds everything that flow needs from code, deterministically for a seed:
+must run end to end on a model that is good at something, or the card would show pruning noise. This module builds
+everything that flow needs from code, deterministically for a seed:
 
-- a small generated corpus of four rule-based "domains" (arithmetic, reversal, sorting, a tiny grammar of prose),
-  rare and common, so that perplexity and the multiple-choice task measure something;
+- a generated corpus of four rule-based "domains" (addition of two digits, reversal and sorting of digit
+  sequences, a tiny grammar of prose), common and rare, so that experts specialise and perplexity measures
+  something;
 - a word-level tokenizer over that corpus (``tokenizers`` WordLevel wrapped in ``PreTrainedTokenizerFast``);
-- a Mixtral-type MoE (8 experts, top-2, 4 layers; its shape and training settings are the zoo entry
-  ``diep_hub.zoo.train.TINY``) briefly trained on the corpus (a few seconds on CPU), so that experts are not
-  interchangeable and pruning changes the scores;
-- an lm-eval multiple-choice task over held-out arithmetic, written as local files (no Hub).
+- a Mixtral-type MoE (8 experts, top-2, 4 layers: :data:`TINY`) trained on the corpus once (about a minute on one
+  CPU core), then kept in the user's cache folder under a fingerprint of everything that decides its weights;
+- two lm-eval multiple-choice tasks (:data:`TINY_TASKS`), written as local files (no Hub): the addition table
+  (``diep_tiny_arith``; all 100 facts are in the corpus, the task asks whether the model still knows them) and
+  reversal of digit sequences never seen in training (``diep_tiny_reverse``; the rule, not a table).
 
 The calibration/perplexity source name ``diep-hub/tiny-text`` selects this corpus in a recipe.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import logging
+import math
 import os
 import random
+import time
+import zlib
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+
+from .zoo.configs import family_kwargs
+from .zoo.train import ZooEntry
 
 logger = logging.getLogger(__name__)
 
 TINY_MODEL_ID = "diep-hub/tiny-mixtral"
 TINY_TEXT_ID = "diep-hub/tiny-text"
 TINY_TASK = "diep_tiny_arith"
+TINY_REVERSE_TASK = "diep_tiny_reverse"
+TINY_TASKS = (TINY_TASK, TINY_REVERSE_TASK)
+TASK_ITEMS = 200  # items a task: a standard error of about 0.02 at 90% accuracy
+
+# The tiny model: its shape and its training recipe (warmup, then cosine decay to 5% of ``lr``). Its own corpus
+# and tokenizer (below), so not a ``diep-hub/zoo-<entry>`` id.
+TINY = ZooEntry(
+    "tiny-mixtral",
+    "mixtral",
+    family_kwargs("mixtral", experts=8, top_k=2, expert_ffn=96, hidden_size=64, max_position_embeddings=512),
+    steps=600,
+    batch_size=16,
+    seq_len=48,
+    lr=3e-3,
+    warmup=30,
+    description="the README's tiny model: Mixtral type, 8 experts top-2, 4 layers (built by diep_hub.tiny)",
+)
 
 _WORDS = {
     "det": ["the", "a"],
@@ -37,16 +66,29 @@ _WORDS = {
     "adj": ["big", "small", "red", "green"],
 }
 _SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
-# Domain weights: prose and arithmetic are common, sorting is rare.
-_DOMAINS = (("prose", 4), ("arith", 3), ("reverse", 2), ("sort", 1))
+# Domain weights: reversal (the rule takes the most steps to learn), arithmetic and prose are common, sorting is rare.
+_DOMAINS = (("prose", 2), ("arith", 3), ("reverse", 4), ("sort", 1))
+_DIGITS = [str(d) for d in range(10)]
+
+
+def is_held_out(digits: list[str]) -> bool:
+    """One digit sequence in eight (by checksum) never appears in the corpus: ``diep_tiny_reverse`` asks only these."""
+    return zlib.crc32(" ".join(digits).encode()) % 8 == 0
+
+
+def _reversal_input(rng: random.Random, *, held_out: bool) -> list[str]:
+    while True:
+        xs = [rng.choice(_DIGITS) for _ in range(rng.randint(3, 5))]
+        if is_held_out(xs) == held_out:
+            return xs
 
 
 def _line(rng: random.Random, domain: str) -> str:
     if domain == "arith":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"add {a} {b} = {' '.join(str(a + b))} ."
+        return f"add {a} {b} = {' '.join(f'{a + b:02d}')} ."  # two digits: every answer has the same length
     if domain == "reverse":
-        xs = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 5))]
+        xs = _reversal_input(rng, held_out=False)
         return f"rev {' '.join(xs)} > {' '.join(reversed(xs))} ."
     if domain == "sort":
         xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
@@ -55,19 +97,21 @@ def _line(rng: random.Random, domain: str) -> str:
     return f"{w['det']} {w['adj']} {w['noun']} {w['verb']} {rng.choice(_WORDS['det'])} {rng.choice(_WORDS['noun'])} ."
 
 
+def _domain(rng: random.Random) -> str:
+    return rng.choices([d for d, _ in _DOMAINS], [w for _, w in _DOMAINS])[0]
+
+
 def tiny_texts(split: str = "train", num: int = 256, *, seed: int = 0) -> list[str]:
-    """Generated documents of several lines each; "train" and "test" use disjoint random streams."""
+    """Generated documents of eight lines each; "train" and "test" use disjoint random streams."""
     if split not in ("train", "test"):
         raise ValueError(f"split {split!r} is not available for {TINY_TEXT_ID}; use 'train' or 'test'")
     rng = random.Random(f"{seed}-{split}")
-    names = [d for d, _ in _DOMAINS]
-    weights = [w for _, w in _DOMAINS]
-    return [" ".join(_line(rng, d) for d in rng.choices(names, weights, k=8)) for _ in range(num)]
+    return [" ".join(_line(rng, _domain(rng)) for _ in range(8)) for _ in range(num)]
 
 
 def _vocab() -> list[str]:
     words = [w for group in _WORDS.values() for w in group]
-    return _SPECIAL + [str(d) for d in range(10)] + ["add", "rev", "sort", "=", ">", "."] + words
+    return _SPECIAL + _DIGITS + ["add", "rev", "sort", "=", ">", "."] + words
 
 
 def build_tiny_tokenizer():
@@ -86,102 +130,245 @@ def build_tiny_tokenizer():
 
 
 def tiny_config():
-    """The tiny Mixtral configuration (8 experts, top-2): the zoo entry ``TINY`` over this module's vocabulary."""
-    from .zoo.train import TINY, model_config
+    """The tiny Mixtral configuration (8 experts, top-2): :data:`TINY` over this module's vocabulary."""
+    from .zoo.train import model_config
 
     return model_config(TINY, build_tiny_tokenizer())
 
 
-def build_tiny_model(*, seed: int = 0, train_steps: int | None = None, dtype: torch.dtype = torch.float32):
-    """The tiny Mixtral and its tokenizer, trained for ``train_steps`` steps (default: the zoo entry's 150).
+# ------------------------------------------------------------------------------------------------- the model
+def tiny_cache_dir() -> Path:
+    """``$DIEP_HUB_TINY_CACHE``, else ``tiny-mixtral`` in diep_hub's cache folder (``hub.cache_folder``:
+    ``$DIEP_HUB_CACHE``, else beside huggingface_hub's caches under ``HF_HOME``), where the offline corpora are too."""
+    if env := os.environ.get("DIEP_HUB_TINY_CACHE"):
+        return Path(env)
+    from .hub import cache_folder
 
-    Deterministic for a seed (single-threaded-equivalent CPU ops are used), so that ``diep-hub reproduce`` can
-    rebuild exactly the same base model.
+    return cache_folder("tiny-mixtral")
+
+
+def build_tiny_model(
+    *,
+    seed: int = 0,
+    train_steps: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+    rebuild: bool = False,
+):
+    """The tiny Mixtral and its tokenizer, trained for ``train_steps`` steps (default :data:`TINY`'s).
+
+    Trained once, then loaded from ``cache_dir`` (default :func:`tiny_cache_dir`): the file is named by
+    :func:`tiny_cache_key`, so a change to anything that decides the weights trains a new one. Training is
+    deterministic for a seed (one thread, deterministic algorithms), so that ``diep-hub reproduce`` rebuilds the
+    same base model from a cold cache. ``train_steps=0`` gives the seeded, untrained model (no cache).
     """
-    from transformers import AutoModelForCausalLM
-
-    from .zoo.train import TINY
+    from safetensors.torch import load_file
 
     tokenizer = build_tiny_tokenizer()
+    entry = TINY if train_steps is None else replace(TINY, steps=train_steps)
+    if entry.steps < 0:
+        raise ValueError(f"train_steps={entry.steps} must be >= 0")
+    if entry.steps == 0:
+        return _initial_model(seed).eval().to(dtype), tokenizer
+    path = tiny_cache_file(entry, seed, cache_dir=cache_dir)
+    if path.is_file() and not rebuild:
+        logger.info("loading %s from %s", TINY_MODEL_ID, path)
+        model = _initial_model(seed)
+        model.load_state_dict(load_file(path), strict=True)
+    else:
+        model = _train_and_cache(entry, seed, path)
+    # No name_or_path: the tiny model is not a Hub repository (nor is the cache file), so cards must not name it.
+    return model.eval().to(dtype), tokenizer
+
+
+def tiny_cache_file(entry: ZooEntry = TINY, seed: int = 0, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the build of ``entry`` for ``seed`` is kept: if the file exists, loading the model trains nothing."""
+    folder = Path(cache_dir) if cache_dir is not None else tiny_cache_dir()
+    return folder / f"{tiny_cache_key(entry, seed)}.safetensors"
+
+
+def _initial_model(seed: int):
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
-    # No name_or_path: the tiny model is not a Hub repository, so cards must not name it as a base model.
-    model = AutoModelForCausalLM.from_config(tiny_config())
-    steps = TINY.steps if train_steps is None else train_steps
-    if steps:
-        _train(model, tokenizer, steps=steps, seed=seed, batch=TINY.batch_size, seq_len=TINY.seq_len, lr=TINY.lr)
-    model.eval()
-    return model.to(dtype), tokenizer
+    return AutoModelForCausalLM.from_config(tiny_config())
 
 
-def _train(model, tokenizer, *, steps: int, seed: int, batch: int, seq_len: int, lr: float) -> None:
-    """A short language-model training run at a constant learning rate: enough for experts to specialise.
+def _train_and_cache(entry: ZooEntry, seed: int, path: Path):
+    """Train, then write the weights next to ``path`` and move them in place (a reader never sees half a file)."""
+    from safetensors.torch import save_file
 
-    Runs on one thread: CPU reductions depend on the thread count, and ``reproduce`` must rebuild the same weights
-    on any machine.
+    from .zoo.train import weights_hash
+
+    logger.info("training %s once (seed %d, %d steps; about a minute on one CPU core), cached at %s",
+                TINY_MODEL_ID, seed, entry.steps, path)
+    started = time.perf_counter()
+    model, log = train_tiny_model(entry, seed=seed)
+    seconds = time.perf_counter() - started
+    logger.info("trained %s in %.1f s (loss %.3f -> %.3f)", TINY_MODEL_ID, seconds, log[0]["loss"], log[-1]["loss"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    metadata = {"format": "pt", "entry": json.dumps(asdict(entry)), "seed": str(seed),
+                "weights_sha256": weights_hash(model), "train_seconds": f"{seconds:.1f}",
+                "torch": torch.__version__, "training_log": json.dumps(log)}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return model
+
+
+def tiny_cache_key(entry: ZooEntry = TINY, seed: int = 0) -> str:
+    """The cache file's name: entry, seed, steps and a hash of what decides the weights.
+
+    Hashed: the entry (shape and training recipe), the full model config, the vocabulary, the first eight training
+    batches (the data by what it generates, not by the generators' source), the training loop's source, and the
+    torch and transformers versions (initialisation and kernels).
     """
-    from tqdm.auto import tqdm
+    import transformers
 
-    ids = [t for text in tiny_texts("train", 512, seed=seed) for t in tokenizer(text)["input_ids"]]
-    data = torch.tensor(ids[: (len(ids) // seq_len) * seq_len]).view(-1, seq_len)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    threads = torch.get_num_threads()
+    tokenizer = build_tiny_tokenizer()
+    h = hashlib.sha256()
+    h.update(json.dumps(asdict(entry), sort_keys=True).encode())
+    h.update(tiny_config().to_json_string().encode())
+    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    rng = random.Random(f"{seed}-train-stream")
+    for _ in range(8):
+        h.update(json.dumps(training_batch(rng, tokenizer, entry.batch_size, entry.seq_len).tolist()).encode())
+    for fn in (train_tiny_model, training_batch, _lr_factor):
+        h.update(inspect.getsource(fn).encode())
+    h.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    return f"{entry.name}-seed{seed}-steps{entry.steps}-{h.hexdigest()[:12]}"
+
+
+def training_batch(rng: random.Random, tokenizer, batch_size: int, seq_len: int) -> torch.LongTensor:
+    """``batch_size`` rows of ``seq_len`` tokens: ``<s>`` then corpus lines, as lm-eval presents a task item."""
+    vocab = tokenizer.get_vocab()
+    rows = []
+    for _ in range(batch_size):
+        ids = [tokenizer.bos_token_id]
+        while len(ids) < seq_len:
+            ids += [vocab[w] for w in _line(rng, _domain(rng)).split()]
+        rows.append(ids[:seq_len])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _lr_factor(step: int, entry: ZooEntry) -> float:
+    """Linear warmup, then cosine decay to 5% of the peak."""
+    if step < entry.warmup:
+        return (step + 1) / entry.warmup
+    progress = (step - entry.warmup) / max(1, entry.steps - entry.warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_tiny_model(entry: ZooEntry = TINY, *, seed: int = 0):
+    """Train the tiny model from its seeded initialisation (no cache); returns ``(model, loss log)``.
+
+    One thread and deterministic algorithms: CPU reductions depend on the thread count, and ``reproduce`` must
+    rebuild the same weights on any machine with the same torch build. Fresh lines every step (no epochs).
+    """
+    from huggingface_hub.utils import tqdm
+
+    tokenizer = build_tiny_tokenizer()
+    previous_threads = torch.get_num_threads()
+    previous_det = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
-    model.train()
+    torch.use_deterministic_algorithms(True)
     try:
-        for _ in tqdm(range(steps), desc="training tiny-mixtral", leave=False):
-            rows = torch.randint(0, data.shape[0], (batch,), generator=generator)
-            out = model(input_ids=data[rows], labels=data[rows], output_router_logits=True)
+        model = _initial_model(seed)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=entry.lr, weight_decay=0.0, betas=(0.9, 0.98))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, entry))
+        rng = random.Random(f"{seed}-train-stream")
+        log = []
+        for step in tqdm(range(entry.steps), desc=f"training {TINY_MODEL_ID} (once)", leave=False):
+            batch = training_batch(rng, tokenizer, entry.batch_size, entry.seq_len)
+            out = model(input_ids=batch, labels=batch, output_router_logits=True)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            scheduler.step()
+            if step % 50 == 0 or step == entry.steps - 1:
+                log.append({"step": step, "loss": round(out.loss.item(), 4)})
+        model.eval()
     finally:
-        torch.set_num_threads(threads)
-    logger.info("trained %s for %d steps (last loss %.3f)", TINY_MODEL_ID, steps, out.loss.item())
+        torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_det)
+    return model, log
 
 
-def write_tiny_tasks(folder: str | os.PathLike, *, num: int = 60, seed: int = 0) -> Path:
-    """Write the ``diep_tiny_arith`` lm-eval task (4-way multiple choice on held-out sums) into ``folder``.
+# ------------------------------------------------------------------------------------------------- the tasks
+def tiny_task_items(task: str, num: int = TASK_ITEMS, *, seed: int = 0) -> list[dict]:
+    """The items of a tiny task: ``{"query", "choices", "gold"}``, four choices of equal length, one right.
+
+    ``diep_tiny_arith``: ``add A B =`` and two-digit sums (the distractors are other sums of two digits).
+    ``diep_tiny_reverse``: ``rev X Y Z >`` on held-out sequences; the distractors are other orders of the same
+    digits (or other digits where too few orders exist).
+    """
+    if task not in TINY_TASKS:
+        raise ValueError(f"{task!r} is not a tiny task; available: {', '.join(TINY_TASKS)}")
+    rng = random.Random(f"{seed}-task-{task}")
+    rows = []
+    for _ in range(num):
+        if task == TINY_TASK:
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            sums = [a + b, *rng.sample([s for s in range(19) if s != a + b], 3)]
+            rng.shuffle(sums)
+            choices = [" ".join(f"{s:02d}") for s in sums]
+            query, answer = f"add {a} {b} =", " ".join(f"{a + b:02d}")
+        else:
+            xs = _reversal_input(rng, held_out=True)
+            answer = " ".join(reversed(xs))
+            wrong = {" ".join(rng.sample(xs, len(xs))) for _ in range(24)} - {answer}
+            while len(wrong) < 3:
+                wrong.add(" ".join(rng.choice(_DIGITS) for _ in xs))
+                wrong.discard(answer)
+            choices = [answer, *rng.sample(sorted(wrong), 3)]
+            rng.shuffle(choices)
+            query = f"rev {' '.join(xs)} >"
+        rows.append({"query": query, "choices": choices, "gold": choices.index(answer)})
+    return rows
+
+
+def write_tiny_tasks(folder: str | os.PathLike, *, num: int = TASK_ITEMS, seed: int = 0) -> Path:
+    """Write the lm-eval tasks :data:`TINY_TASKS` (4-way multiple choice) into ``folder``.
 
     Returns the folder, to pass as lm-eval's ``include_path``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"{seed}-task")
-    rows = []
-    for _ in range(num):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        wrong = rng.sample([s for s in range(19) if s != a + b], 3)
-        choices = [a + b, *wrong]
-        rng.shuffle(choices)
-        rows.append({"query": f"add {a} {b} =", "choices": [" ".join(str(c)) for c in choices],
-                     "gold": choices.index(a + b)})
-    data = folder / f"{TINY_TASK}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    yaml_text = (
-        f"task: {TINY_TASK}\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "{{query}}"\n'
-        'doc_to_choice: "{{choices}}"\n'
-        'doc_to_target: "{{gold}}"\n'
-        'target_delimiter: " "\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  version: 1.0\n"
-    )
-    (folder / f"{TINY_TASK}.yaml").write_text(yaml_text, encoding="utf-8")
+    for task in TINY_TASKS:
+        data = folder / f"{task}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in tiny_task_items(task, num, seed=seed)), encoding="utf-8")
+        yaml_text = (
+            f"task: {task}\n"
+            "dataset_path: json\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
+            "test_split: test\n"
+            "output_type: multiple_choice\n"
+            'doc_to_text: "{{query}}"\n'
+            'doc_to_choice: "{{choices}}"\n'
+            'doc_to_target: "{{gold}}"\n'
+            'target_delimiter: " "\n'
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "metadata:\n  version: 2.0\n"
+        )
+        (folder / f"{task}.yaml").write_text(yaml_text, encoding="utf-8")
     return folder
+
+
+def is_offline_task(name: str) -> bool:
+    """True for the task names written on the fly (the tiny tasks, ``zoo_*``): no include_path needed."""
+    return name in TINY_TASKS or name.startswith("zoo_")
 
 
 # ------------------------------------------------------------------------------------------ offline sources
 # Recipes name offline models, texts and tasks with reserved ids, resolved here and nowhere else:
-#   model.id           diep-hub/tiny-mixtral      this module's tiny model (seconds to build)
+#   model.id           diep-hub/tiny-mixtral      this module's tiny model (a minute to train once, cached)
 #                      diep-hub/zoo-<entry>       a trained model of diep_hub.zoo (minutes to train once, cached)
 #   calibration/ppl    diep-hub/tiny-text         this module's corpus
 #                      diep-hub/zoo-text          the zoo's domain corpus
-#   evaluation.tasks   diep_tiny_arith, zoo_*     task files written on the fly (no include_path needed)
+#   evaluation.tasks   diep_tiny_arith,           task files written on the fly (no include_path needed)
+#                      diep_tiny_reverse, zoo_*
 ZOO_PREFIX = "diep-hub/zoo-"
 ZOO_TEXT_ID = "diep-hub/zoo-text"
 
@@ -236,7 +423,7 @@ def offline_text_file(name: str, split: str, folder: str | os.PathLike) -> Path 
 def write_offline_tasks(tasks: list[str], folder: str | os.PathLike) -> Path | None:
     """Write the task files of offline tasks named in ``tasks`` into ``folder``; None when there are none."""
     wanted = False
-    if TINY_TASK in tasks:
+    if any(t in TINY_TASKS for t in tasks):
         write_tiny_tasks(folder)
         wanted = True
     if any(t.startswith("zoo_") for t in tasks):

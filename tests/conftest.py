@@ -20,6 +20,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def _pin_tiny_cache() -> None:
+    """The README's tiny model is trained once (about a minute) and cached: pin its cache to the user's before a
+    test points DIEP_HUB_CACHE at a temporary folder (for the offline corpora), so that every test, and every
+    `diep-hub` process a test starts, loads that one build instead of training again. Cache tests pass cache_dir."""
+    from diep_hub.tiny import tiny_cache_dir  # after the offline switches above
+
+    os.environ.setdefault("DIEP_HUB_TINY_CACHE", str(tiny_cache_dir()))
+
+
+_pin_tiny_cache()
+
+
 @pytest.fixture(autouse=True)
 def _library_logging_restored():
     """`diep_hub.cli.main` configures the "diep_hub" logger for a terminal (own handler, no propagation). Undo it

@@ -19,6 +19,7 @@ from tests.helpers.tiny_models import FAMILIES, tiny_model
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("DIEP_UPDATE_GOLDEN") == "1"
 PNG = b"\x89PNG\r\n\x1a\n"
+FORWARD_METHOD = "bytes live in malloc, read after every aten op of the forward, above those live before it"
 
 REPORT = {
     "method": "diep",
@@ -59,15 +60,22 @@ def _results(acc_base: float, acc_pruned: float, boolq_p: float) -> dict:
     def side(acc, boolq, speed, params, ppl):
         return {
             "lm_eval": {"tasks": {
+                # dataset fields as lm-eval 0.4.13's task objects give them (test_evaluation.py checks that)
                 "openbookqa": {"metrics": {"acc": acc, "acc_stderr": 0.02, "acc_norm": acc + 0.01},
-                               "primary_metric": "acc", "version": 1.0, "num_fewshot": 0, "num_samples": 500,
-                               "dataset_path": "allenai/openbookqa", "requested": True},
-                "boolq": {"metrics": {"acc": boolq, "acc_stderr": 0.01}, "primary_metric": "acc", "version": 2.0,
-                          "num_fewshot": 0, "num_samples": 3270, "dataset_path": "super_glue", "requested": True},
-            }, "lm_eval_version": "0.4.13", "limit": None, "batch_size": 8, "num_fewshot": 0},
+                               "filter": "none", "primary_metric": "acc", "version": 1.0, "num_fewshot": 0,
+                               "num_samples": 500, "dataset_path": "allenai/openbookqa", "dataset_name": "main",
+                               "split": "test", "dataset_revision": None, "requested": True},
+                "boolq": {"metrics": {"acc": boolq, "acc_stderr": 0.01}, "filter": "none", "primary_metric": "acc",
+                          "version": 2.0, "num_fewshot": 0, "num_samples": 3270, "dataset_path": "aps/super_glue",
+                          "dataset_name": "boolq", "split": "validation", "dataset_revision": None,
+                          "requested": True},
+            }, "lm_eval_version": "0.4.13", "date": "2026-01-15T10:30:00Z", "limit": None, "batch_size": 8,
+                "num_fewshot": 0},
             "perplexity": {"perplexity": ppl, "mean_nll": 2.0, "tokens": 8192, "source": "wikitext"},
             "speed": {"prefill_tokens_per_s": speed * 10, "decode_tokens_per_s": speed},
-            "memory": {"parameter_bytes": params, "routed_expert_bytes": params // 2, "peak_bytes": params * 2},
+            "memory": {"parameter_bytes": params, "routed_expert_bytes": params // 2,
+                       "forward_peak_bytes": params // 50, "peak_bytes": None, "peak_method": FORWARD_METHOD,
+                       "batch_size": 1, "seq_len": 128, "device": "cpu"},
             "environment": {"versions": {"lm_eval": "0.4.13"}},
         }
 
@@ -144,10 +152,11 @@ def test_card_for_every_family_parses_back(family, tmp_path):
     assert get_family(model).notes in loaded.text
     assert "trust_remote_code=True" in loaded.text and "import diep_hub" in loaded.text
     assert "cannot load" in loaded.text  # serving-engine limitation
-    # Benchmarks the Hub tracks get .eval_results entries; others do not.
-    entries = parse_eval_result_entries(yaml.safe_load((tmp_path / ".eval_results" / "openbookqa.yaml").read_text()))
-    assert [(e.dataset_id, e.task_id, e.value) for e in entries] == [(*HUB_BENCHMARKS["openbookqa"], 0.36)]
-    assert sorted(p.name for p in (tmp_path / ".eval_results").iterdir()) == ["boolq.yaml", "openbookqa.yaml"]
+    # the datasets lm-eval named; neither is a Hub benchmark, so no .eval_results entry (model-index only)
+    datasets = {r.dataset_name: (r.dataset_type, r.dataset_config, r.dataset_split) for r in loaded.data.eval_results}
+    assert datasets == {"openbookqa": ("allenai/openbookqa", "main", "test"),
+                        "boolq": ("aps/super_glue", "boolq", "validation")}
+    assert card.eval_entries == {} and not (tmp_path / ".eval_results").exists()
     assert (tmp_path / "assets" / "experts_per_layer.png").read_bytes().startswith(PNG)
 
 
@@ -365,11 +374,11 @@ def test_retention_is_shown_with_its_error_and_items_beside_perplexity():
     card = build_model_card(tiny_model("mixtral"), eval_results=evaluation, license="mit")
     section = _evaluation_section(str(card))
     assert "**" not in section  # no bold single-number headline
-    rows = {r[0]: r for r in _table(section, "| Task | Metric | Base | Pruned | Standard error")}
+    rows = {r[0]: r for r in _table(section, "| Task | Dataset (config, split) | Metric | Base | Pruned |")}
     expected = {"openbookqa": (0.40, 0.38, 0.02, 0.02, 500), "boolq": (0.85, 0.80, 0.01, 0.01, 3270)}
     errors = []
     for task, (base, pruned, se_b, se_p, items) in expected.items():
-        _, metric, b, p, se, retention, n = rows[task]
+        _, _, metric, b, p, se, retention, n = rows[task]
         r = pruned / base
         r_se = r * math.sqrt((se_p / pruned) ** 2 + (se_b / base) ** 2)
         errors.append(r_se)
@@ -391,8 +400,8 @@ def test_missing_standard_errors_are_stated_not_invented():
     evaluation["base"]["lm_eval"]["tasks"]["boolq"]["metrics"]["acc_stderr"] = "N/A"  # what lm-eval writes
     card = build_model_card(tiny_model("mixtral"), eval_results=evaluation, license="mit")
     section = _evaluation_section(str(card))
-    boolq = {r[0]: r for r in _table(section, "| Task | Metric |")}["boolq"]
-    assert boolq[4:6] == ["n/a / 0.0100", f"{100 * 0.80 / 0.85:.2f}%"]
+    boolq = {r[0]: r for r in _table(section, "| Task | Dataset (config, split) |")}["boolq"]
+    assert boolq[5:7] == ["n/a / 0.0100", f"{100 * 0.80 / 0.85:.2f}%"]
     assert "(standard error not recorded)" in section
     assert card.inputs.retention.stderr is None and card.inputs.results[1].retention_stderr is None
 
@@ -538,3 +547,147 @@ def test_front_matter_lists_the_calibration_dataset_when_it_is_on_the_hub(tmp_pa
     report = {**REPORT, "calibration": {"dataset": str(local), "num_samples": 4, "seq_len": 8}}
     card = ModelCard(str(build_model_card(model, report=report, license="mit")))
     assert card.data.datasets is None and "datasets" not in card.data.to_dict()
+
+
+# -------------------------------------------------------------- issue 14: datasets and metrics as lm-eval names them
+def _gpqa_and_gsm8k() -> dict:
+    """A gsm8k row as lm-eval 0.4.13 reports it (filtered metric), a gpqa_diamond row (a Hub benchmark), and a
+    gsm8k row written by an older diep_hub (``exact_match,strict-match`` as the metric name)."""
+    revision = "a" * 40
+    tasks = {
+        "gsm8k": {"metrics": {"exact_match": 0.3, "exact_match_stderr": 0.012}, "filter": "strict-match",
+                  "metrics_by_filter": {"strict-match": {"exact_match": 0.3}, "flexible-extract": {"exact_match": 0.4}},
+                  "primary_metric": "exact_match", "num_fewshot": 5, "num_samples": 1319,
+                  "dataset_path": "openai/gsm8k", "dataset_name": "main", "split": "test",
+                  "dataset_revision": "b" * 40, "requested": True},
+        "gpqa_diamond_zeroshot": {"metrics": {"acc": 0.31, "acc_stderr": 0.03}, "filter": "none",
+                                  "primary_metric": "acc", "num_fewshot": 0, "num_samples": 198,
+                                  "dataset_path": "Idavidrein/gpqa", "dataset_name": "gpqa_diamond", "split": "train",
+                                  "dataset_revision": revision, "requested": True},
+        "gsm8k_old": {"metrics": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.01},
+                      "primary_metric": "exact_match,strict-match", "num_fewshot": 5, "requested": True},
+    }
+    return {"lm_eval": {"tasks": tasks, "lm_eval_version": "0.4.13", "date": "2026-01-15T10:30:00Z",
+                        "batch_size": 8, "limit": None, "num_fewshot": 0}}
+
+
+def test_model_index_takes_dataset_ids_from_lm_eval_and_metrics_without_filters(tmp_path):
+    card = build_model_card(tiny_model("mixtral"), eval_results=_gpqa_and_gsm8k(), license="mit",
+                            repo_id="tester/mx-50")
+    write_card(tmp_path, card)
+    loaded = ModelCard.load(tmp_path / "README.md")
+    got = {r.dataset_name: (r.dataset_type, r.dataset_config, r.dataset_split, r.dataset_revision, r.metric_type,
+                            r.metric_config, r.metric_name, r.metric_value) for r in loaded.data.eval_results}
+    assert got == {
+        "gsm8k": ("openai/gsm8k", "main", "test", "b" * 40, "exact_match", "strict-match",
+                  "exact_match (5-shot, strict-match)", 0.3),
+        "gpqa_diamond_zeroshot": ("Idavidrein/gpqa", "gpqa_diamond", "train", "a" * 40, "acc", None, "acc (0-shot)",
+                                  0.31),
+        # no dataset recorded: the task name stands in, as before; the legacy name is split all the same
+        "gsm8k_old": ("gsm8k_old", None, None, None, "exact_match", "strict-match",
+                      "exact_match (5-shot, strict-match)", 0.25),
+    }
+    assert not any("," in r.metric_type for r in loaded.data.eval_results)
+    rows = {r[0]: r for r in _table(loaded.text, "| Task | Dataset (config, split) |")}
+    assert rows["gsm8k"][1:3] == ["openai/gsm8k (main, test)", "exact_match (5-shot, filter strict-match)"]
+    assert rows["gsm8k_old"][1:3] == ["n/a", "exact_match (5-shot, filter strict-match)"]
+
+
+def test_eval_results_only_for_hub_benchmarks_with_date_source_and_revision(tmp_path):
+    card = build_model_card(tiny_model("mixtral"), eval_results=_gpqa_and_gsm8k(), license="mit",
+                            repo_id="tester/mx-50")
+    write_card(tmp_path, card)
+    assert sorted(p.name for p in (tmp_path / ".eval_results").iterdir()) == ["gpqa_diamond_zeroshot.yaml"]
+    [entry] = parse_eval_result_entries(
+        yaml.safe_load((tmp_path / ".eval_results" / "gpqa_diamond_zeroshot.yaml").read_text()))
+    assert (entry.dataset_id, entry.task_id) == ("Idavidrein/gpqa", HUB_BENCHMARKS[("Idavidrein/gpqa", "gpqa_diamond")])
+    assert (entry.value, entry.dataset_revision, entry.date) == (0.31, "a" * 40, "2026-01-15T10:30:00Z")
+    assert (entry.source_url, entry.source_name) == ("https://huggingface.co/tester/mx-50",
+                                                     "diep_hub evaluation (lm-eval 0.4.13)")
+    assert entry.notes == "lm-eval 0.4.13 task gpqa_diamond_zeroshot: acc, 0-shot, after DiEP expert pruning"
+    # a caller may name a benchmark the table does not know, by task
+    extra = build_model_card(tiny_model("mixtral"), eval_results=_gpqa_and_gsm8k(), license="mit",
+                             benchmarks={"gsm8k": ("openai/gsm8k", "gsm8k")})
+    assert sorted(extra.eval_entries) == ["gpqa_diamond_zeroshot", "gsm8k"]
+    [gsm] = extra.eval_entries["gsm8k"]
+    assert (gsm.dataset_revision, gsm.source_url, gsm.source_name) == ("b" * 40, None, None)  # no repo: no source
+
+
+# ---------------------------------------------------------------------------- issue 14: the title names the base
+@pytest.mark.parametrize("kind", ["hub id", "local folder", "hub cache folder", "report only"])
+def test_title_names_the_base_model(kind, tmp_path):
+    model, _ = _pruned("mixtral")
+    folder = tmp_path / "models" / "Mixtral-8x7B-v0.1"
+    cache = tmp_path / "hub" / "models--mistralai--Mixtral-8x7B-v0.1" / "snapshots" / ("c" * 40)
+    for path in (folder, cache):
+        path.mkdir(parents=True)
+    base, report = {
+        "hub id": ("mistralai/Mixtral-8x7B-v0.1", REPORT),
+        "local folder": (str(folder) + "/", REPORT),
+        "hub cache folder": (str(cache), REPORT),
+        "report only": (None, {**REPORT, "base_model": "mistralai/Mixtral-8x7B-v0.1"}),
+    }[kind]
+    evaluation = _results(0.4, 0.38, 0.8)
+    card = build_model_card(model, base_model=base, report=report, license="mit", eval_results=evaluation)
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    title = next(line for line in loaded.text.splitlines() if line.startswith("# "))
+    assert title == "# Mixtral-8x7B-v0.1-DiEP-50"
+    [index] = loaded.data.to_dict()["model-index"]
+    assert index["name"] == "Mixtral-8x7B-v0.1-DiEP-50"
+    if kind == "local folder":  # a path is no Hub id: named, not linked, not in the front matter
+        assert loaded.data.base_model is None
+        assert "This is `Mixtral-8x7B-v0.1` (a local copy, not a Hub id)" in loaded.text
+        assert str(tmp_path) not in str(loaded)
+    else:
+        assert loaded.data.base_model == "mistralai/Mixtral-8x7B-v0.1"
+        assert "[mistralai/Mixtral-8x7B-v0.1](https://huggingface.co/mistralai/Mixtral-8x7B-v0.1)" in loaded.text
+    # a repo name is the model-index name; the title still names the base
+    named = ModelCard(str(build_model_card(model, base_model=base, report=report, license="mit",
+                                           eval_results=evaluation, repo_id="me/mx-half")))
+    assert named.text.splitlines()[1] == "# Mixtral-8x7B-v0.1-DiEP-50"
+    assert named.data.to_dict()["model-index"][0]["name"] == "mx-half"
+
+
+def test_title_without_any_base_names_the_family_not_model():
+    card = build_model_card(tiny_model("mixtral"), report={"method": "diep", "sparsity": 0.5}, license="mit")
+    assert card.text.splitlines()[1] == "# mixtral-DiEP-50"
+
+
+# ------------------------------------------------------------------------- issue 14: memory the model itself needs
+def test_memory_rows_are_weights_and_the_isolated_forward_peak():
+    evaluation = _results(0.40, 0.38, 0.80)
+    section = _evaluation_section(str(build_model_card(tiny_model("mixtral"), eval_results=evaluation, license="mit")))
+    ratio = f"{49 / 93:.3f}"  # every row scales with the parameters in this fixture
+    assert _table(section, "| Memory |") == [
+        ["Weights (all parameters)", "86.6 GiB", "45.6 GiB", ratio],
+        ["Routed-expert weights", "43.3 GiB", "22.8 GiB", ratio],
+        ["One forward: peak above the weights", "1.7 GiB", "934.6 MiB", ratio],
+    ]
+    assert f"from the rest of the process: {FORWARD_METHOD}; one forward over 1 x 128 tokens on cpu." in section
+    assert "(RSS) is not reported" in section
+    # results written before: peak_bytes was the process RSS; only the weights are shown from them
+    for side in ("base", "pruned"):
+        memory = evaluation[side]["memory"]
+        for key in ("forward_peak_bytes", "peak_method", "batch_size", "seq_len", "device"):
+            memory.pop(key)
+        memory["peak_bytes"], memory["peak_method"] = 10**9, "process RSS, sampled"
+    old = _evaluation_section(str(build_model_card(tiny_model("mixtral"), eval_results=evaluation, license="mit")))
+    assert [r[0] for r in _table(old, "| Memory |")] == ["Weights (all parameters)", "Routed-expert weights"]
+    assert "RSS, sampled" not in old and "isolates the model" not in old
+
+
+# ------------------------------------------------------------------------------ issue 14: the card's own figures
+def test_card_figures_are_2x_and_mark_the_floor_layers():
+    from diep_hub.card.figures import DPI, experts_per_layer_png
+
+    model = diep_hub.prune_experts(tiny_model("mixtral"), {0: [0, 1, 2, 5], 1: [3, 6], 2: [0, 2, 3], 3: [1, 4]})
+    card = build_model_card(model, report=REPORT, license="mit")
+    assert card.inputs.top_k == 2 and card.inputs.floor_layers == [1, 3]
+    for path, png in card.figures.items():
+        width, _, dpi = _png_size_and_dpi(png)
+        assert round(dpi) == DPI and width >= 800, (path, width)  # sharp at ~400 CSS px; 110 dpi gave 430 px
+    rows = [{"layer": r.layer, "kept": r.kept, "original": r.original} for r in card.inputs.layers]
+    # the card's bar chart is the one drawn with top-k (floor colour, dashed top-k line), not the plain one
+    assert card.figures["assets/experts_per_layer.png"] == experts_per_layer_png(rows, top_k=2)
+    assert card.figures["assets/experts_per_layer.png"] != experts_per_layer_png(rows, top_k=None)

@@ -455,7 +455,7 @@ def test_run_tiny_card_parses_and_carries_the_evaluation(tiny_run):
     tasks = evaluation["pruned"]["lm_eval"]["tasks"]
     for result in card.data.eval_results:
         assert result.metric_value == tasks[result.dataset_name]["metrics"][result.metric_type], result
-    assert {r.dataset_name for r in card.data.eval_results} == {"diep_tiny_arith"}
+    assert {r.dataset_name for r in card.data.eval_results} == {"diep_tiny_arith", "diep_tiny_reverse"}
     # Skipping: calibrated per layer, rates measured while the pruned model was evaluated, shown in the card.
     report = json.loads((out / "pruning_report.json").read_text())
     layers = report["skipping"]["layers"]

@@ -136,7 +136,9 @@ def test_results_record_versions_dtype_device_and_seed(evaluated, tmp_path):
     assert env["versions"]["lm_eval"] == results["lm_eval"]["lm_eval_version"] == "0.4.13"
     path = save_results(results, tmp_path)
     assert path.name == "evaluation.json"
-    assert load_results(tmp_path) == json.loads(json.dumps(results))
+    # lm-eval's raw results go beside evaluation.json (lm_eval_results/model.json), everything else inside it
+    slim = {**results, "lm_eval": {k: v for k, v in results["lm_eval"].items() if k != "raw"}}
+    assert load_results(tmp_path) == json.loads(json.dumps(slim))
 
 
 def test_memory_probe_counts_exact_bytes(evaluated):
@@ -149,7 +151,14 @@ def test_memory_probe_counts_exact_bytes(evaluated):
     assert base["routed_expert_bytes"] == 4 * 8 * per_expert
     assert pruned["routed_expert_bytes"] == sum(len(v) for v in KEEP.values()) * per_expert
     assert base["parameter_bytes"] - pruned["parameter_bytes"] == (32 - 14) * per_expert + (32 - 14) * 32 * 4
-    assert pruned["peak_bytes"] > 0 and pruned["peak_method"] == "process RSS, sampled"
+    # the forward's own peak, not the process RSS: at least the float32 logits of the 1 x 8 token probe
+    from diep_hub.evaluation.probes import ForwardMemoryMeter
+
+    logits = 1 * 8 * model.config.vocab_size * 4
+    for side in (base, pruned):
+        assert side["forward_peak_bytes"] >= logits, side
+        assert side["peak_bytes"] is None and side["peak_method"] == ForwardMemoryMeter.METHOD
+        assert (side["batch_size"], side["seq_len"], side["device"]) == (1, 8, "cpu")
 
 
 def test_speed_probe_reports_consistent_throughput():
@@ -234,7 +243,8 @@ def test_lm_eval_numbers_reach_the_card_unchanged(evaluated, tmp_path):
     [bench] = parse_eval_result_entries(yaml.safe_load((folder / ".eval_results" / f"{TASK}.yaml").read_text()))
     assert (bench.dataset_id, bench.task_id, bench.value) == ("tester/tiny-bench", "mc", pruned_acc)
     base_acc = evaluated["base"]["lm_eval"]["tasks"][TASK]["metrics"]["acc"]
-    assert f"| {TASK} | acc (0-shot) | {base_acc:.4f} | {pruned_acc:.4f}" in loaded.text
+    assert f"| {TASK} | json (test) | acc (0-shot) | {base_acc:.4f} | {pruned_acc:.4f}" in loaded.text
+    assert (entry.dataset_config, entry.dataset_split, entry.dataset_revision) == (None, "test", None)
 
 
 def test_bad_arguments_are_refused_before_work(tmp_path):
@@ -318,3 +328,140 @@ def test_peak_memory_is_one_meter_for_report_and_probe():
     assert summary["cpu_rss_peak_bytes"] == peak.peak_rss and "cuda_max_memory_allocated_bytes" not in summary
     if peak.heap_increase is not None:
         assert summary["cpu_heap_peak_increase_bytes"] >= size * 0.9
+
+
+# ------------------------------------------------------------------- issue 14: what lm-eval names, as lm-eval names it
+def test_dataset_ids_come_from_lm_evals_task_objects(tmp_path):
+    """The tiny task's real lm-eval task object (built offline from diep_hub.tiny's task files) names its data."""
+    from lm_eval.tasks import TaskManager
+
+    from diep_hub.evaluation.lm_eval_runner import task_datasets
+    from diep_hub.tiny import TINY_TASK, write_tiny_tasks
+
+    folder = write_tiny_tasks(tmp_path / "tasks")
+    loaded = TaskManager(include_path=str(folder), include_defaults=False).load([TINY_TASK])
+    assert task_datasets(loaded) == {TINY_TASK: {"dataset_path": "json", "dataset_name": None, "split": "test",
+                                                 "dataset_revision": None}}
+
+
+def _fake_hub_boolq(monkeypatch, tmp_path) -> str:
+    """``datasets.load_dataset`` answering lm-eval's boolq task offline: 4 documents in an arrow file at the place
+    ``datasets`` caches a Hub dataset (``<ns>___<name>/<config>/<version>/<commit>/``); other calls are refused."""
+    import datasets
+
+    commit = "3de24cf8022e94f4eb449e4ee1c4c6a5d9dc0d84"
+    cache = tmp_path / "aps___super_glue" / "boolq" / "0.0.0" / commit
+    cache.mkdir(parents=True)
+    docs = {"passage": ["the cat sees the dog", "add 2 3 is 5", "the tree is green", "a bird likes fish"],
+            "question": ["is it a dog", "is it 6", "is it green", "is it a tree"], "label": [1, 0, 1, 0],
+            "idx": [0, 1, 2, 3]}
+    from datasets.arrow_writer import ArrowWriter
+
+    for split in ("train", "validation"):  # lm-eval's boolq YAML names both (train for few-shot examples)
+        with ArrowWriter(path=str(cache / f"super_glue-{split}.arrow")) as writer:  # the file name datasets gives it
+            writer.write_batch(docs)
+            writer.finalize()
+
+    def load_dataset(path, name=None, **kwargs):
+        assert (path, name) == ("aps/super_glue", "boolq"), (path, name)
+        return datasets.DatasetDict({split: datasets.Dataset.from_file(str(cache / f"super_glue-{split}.arrow"))
+                                     for split in ("train", "validation")})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return commit
+
+
+def test_lm_evals_own_boolq_names_its_hub_dataset_on_the_card(monkeypatch, tmp_path, caplog):
+    """lm-eval's shipped boolq YAML, its data served offline: the result and the card's model-index name
+    aps/super_glue, config boolq, the validation split and the commit loaded; HFLM is built as a causal LM."""
+    import logging
+    from pathlib import Path
+
+    import lm_eval
+
+    commit = _fake_hub_boolq(monkeypatch, tmp_path)
+    boolq_tasks = Path(lm_eval.__file__).parent / "tasks" / "super_glue" / "boolq"
+    caplog.set_level(logging.INFO, logger="lm_eval")
+    model = tiny_model("mixtral")
+    out = run_lm_eval(model, tiny_tokenizer(), ["boolq"], include_path=boolq_tasks, limit=4, batch_size=4)
+    row = out["tasks"]["boolq"]
+    assert (row["dataset_path"], row["dataset_name"], row["split"], row["dataset_revision"]) == (
+        "aps/super_glue", "boolq", "validation", commit)
+    assert row["filter"] == "none" and set(row["metrics"]) == {"acc", "acc_stderr"}
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("neither marked as CausalLM" in m for m in messages)
+    assert any("using type 'causal'" in m for m in messages), messages
+    card = build_model_card(model, eval_results={"pruned": {"lm_eval": out}}, license="mit")
+    card.save(tmp_path / "README.md")
+    [result] = ModelCard.load(tmp_path / "README.md").data.eval_results
+    assert (result.dataset_type, result.dataset_name, result.dataset_config, result.dataset_split,
+            result.dataset_revision) == ("aps/super_glue", "boolq", "boolq", "validation", commit)
+    assert (result.metric_type, result.metric_value) == ("acc", row["metrics"]["acc"])
+
+
+def test_metric_names_lose_the_filter_suffix():
+    """lm-eval's gsm8k results (two filters, the first as the task lists it) as the results file records them."""
+    from diep_hub.evaluation.lm_eval_runner import _summarise
+
+    raw = {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25,
+                                 "exact_match_stderr,strict-match": 0.012, "exact_match,flexible-extract": 0.5,
+                                 "exact_match_stderr,flexible-extract": 0.014}},
+           "configs": {"gsm8k": {"dataset_path": "openai/gsm8k", "dataset_name": "main"}},
+           "n-shot": {"gsm8k": 5}, "n-samples": {"gsm8k": {"original": 1319, "effective": 1319}},
+           "versions": {"gsm8k": 3.0}, "higher_is_better": {"gsm8k": {"exact_match": True}}, "date": 1768473000.0,
+           "lm_eval_version": "0.4.13"}
+    out = _summarise(raw, ["gsm8k"], {})
+    row = out["tasks"]["gsm8k"]
+    assert row["metrics"] == {"exact_match": 0.25, "exact_match_stderr": 0.012}
+    assert (row["filter"], row["primary_metric"]) == ("strict-match", "exact_match")
+    assert row["metrics_by_filter"]["flexible-extract"] == {"exact_match": 0.5, "exact_match_stderr": 0.014}
+    assert (row["dataset_path"], row["dataset_name"]) == ("openai/gsm8k", "main")
+    assert out["date"] == "2026-01-15T10:30:00Z"
+    assert out["raw"]["results"]["gsm8k"]["exact_match,strict-match"] == 0.25  # lm-eval's own names kept there
+
+
+def test_lm_evals_raw_results_are_kept_and_saved_beside_evaluation_json(evaluated, tmp_path):
+    from diep_hub.evaluation import LM_EVAL_RESULTS_DIR, evaluation_files
+
+    results = {"base": evaluated["base"], "pruned": evaluated["pruned"],
+               "comparison": compare(evaluated["base"], evaluated["pruned"])}
+    path = save_results(results, tmp_path)
+    saved = json.loads(path.read_text())
+    assert "raw" not in saved["base"]["lm_eval"] and "raw" not in saved["pruned"]["lm_eval"]
+    assert saved["pruned"]["lm_eval"]["tasks"] == evaluated["pruned"]["lm_eval"]["tasks"]
+    assert sorted(p.name for p in (tmp_path / LM_EVAL_RESULTS_DIR).iterdir()) == ["base.json", "pruned.json"]
+    for side in ("base", "pruned"):
+        raw = json.loads((tmp_path / LM_EVAL_RESULTS_DIR / f"{side}.json").read_text())
+        assert raw == evaluated[side]["lm_eval"]["raw"]
+        assert raw["results"][TASK]["acc,none"] == evaluated[side]["lm_eval"]["tasks"][TASK]["metrics"]["acc"]
+        assert raw["configs"][TASK]["dataset_path"] == "json" and raw["lm_eval_version"] == "0.4.13"
+        assert raw["n-samples"][TASK]["effective"] == len(DOCS)
+    assert set(evaluation_files(results)) == {"evaluation.json", f"{LM_EVAL_RESULTS_DIR}/base.json",
+                                              f"{LM_EVAL_RESULTS_DIR}/pruned.json"}
+    single = save_results(evaluated["pruned"], tmp_path / "one")  # one model's results: lm_eval_results/model.json
+    assert single.parent == tmp_path and single.name == "one"
+    assert json.loads((tmp_path / LM_EVAL_RESULTS_DIR / "model.json").read_text()) == evaluated["pruned"]["lm_eval"][
+        "raw"]
+
+
+def test_forward_meter_counts_what_the_block_allocates_at_its_peak():
+    """12 MB live at the peak (4 + 8 MB, then 4 freed and 2 allocated): the meter reads it after every op."""
+    from diep_hub.evaluation.probes import ForwardMemoryMeter
+    from diep_hub.memory import live_heap_bytes
+
+    if live_heap_bytes is None:
+        pytest.skip("malloc's live bytes are readable on glibc only")
+
+    def block():
+        a = torch.ones(1_000_000)
+        b = torch.ones(2_000_000)
+        del a
+        c = torch.ones(500_000)
+        return float(b.sum() + c.sum())
+
+    with torch.inference_mode():
+        with ForwardMemoryMeter():  # warm-up: the dispatch machinery's one-time allocations
+            block()
+        with ForwardMemoryMeter() as meter:
+            block()
+    assert 12_000_000 <= meter.peak_increase <= 12_000_000 + 256 * 1024, meter.peak_increase

@@ -319,7 +319,8 @@ def test_a_bad_recipe_value_is_refused_before_anything_loads(tmp_path, cache, mo
     with pytest.raises(RecipeError) as info:
         run_recipe(bad, output_dir=out)
     assert isinstance(info.value, ConfigError)
-    assert info.value.problems == ["pruning.sparsity: 1.5 -> is out of range; allowed: (0, 1)"]
+    # (the recipe file's line of the value, since issue 14 point 10)
+    assert info.value.problems == ["pruning.sparsity: 1.5 -> is out of range; allowed: (0, 1) (line 4)"]
     # A bad value cannot reach resolve_plan through the Recipe object either: assignment is validated.
     recipe = Recipe.from_dict({"model": {"id": "org/model"}})
     with pytest.raises(ValueError, match="sparsity"):

@@ -332,3 +332,78 @@ def test_naee_refusal_names_the_limit_before_calibration(calibration_calls):
         _pruner(sparsity=0.5, method="naee", naee_max_combinations=10).prune_model(model, pruner_tokenizer())
     assert calibration_calls == []
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What the saved files record: names, not this machine's paths; skipping as the model has it (issue 14, point 5)
+def _saved_records(folder) -> dict:
+    config = json.loads((folder / "config.json").read_text())
+    return {
+        "config": config,
+        "report": json.loads((folder / REPORT_FILE).read_text()),
+        "settings": json.loads((folder / PRUNER_CONFIG_FILE).read_text()),
+    }
+
+
+def test_offline_corpus_is_recorded_by_its_name_and_the_settings_reproduce(tmp_path, monkeypatch):
+    from diep_hub.tiny import TINY_TEXT_ID, build_tiny_tokenizer
+
+    cache = tmp_path / "diep-hub-cache"
+    monkeypatch.setenv("DIEP_HUB_CACHE", str(cache))
+    tokenizer = build_tiny_tokenizer()
+    pruner = _pruner(dataset=TINY_TEXT_ID, method="frequency", sparsity=0.25)
+    model = pruner.prune_model(tiny_model("mixtral"), tokenizer)
+    assert any(cache.rglob("*.jsonl")), "the corpus was not read from diep_hub's cache: the test proves nothing"
+    pruner.save(model, tmp_path / "out", tokenizer=tokenizer)
+    saved = _saved_records(tmp_path / "out")
+    assert saved["settings"]["dataset"] == TINY_TEXT_ID
+    assert saved["report"]["config"]["dataset"] == TINY_TEXT_ID
+    assert saved["report"]["calibration"]["dataset"] == TINY_TEXT_ID
+    assert saved["config"]["diep_pruning"]["calibration"]["dataset"] == TINY_TEXT_ID
+    for name in ("config.json", REPORT_FILE, PRUNER_CONFIG_FILE):
+        assert str(tmp_path) not in (tmp_path / "out" / name).read_text(), name
+    # the recorded settings are enough to prune again: the same corpus, the same experts
+    again = DiEPPruner.from_dict(saved["settings"])
+    again.prune_model(tiny_model("mixtral"), tokenizer)
+    assert again.report.kept_ids == pruner.report.kept_ids
+
+
+@pytest.mark.parametrize(
+    "name_or_path, keyword, expected",
+    [
+        ("/root/.cache/huggingface/hub/models--org--tiny-moe/snapshots/0123abcd", None, "org/tiny-moe"),
+        ("org/tiny-moe", None, "org/tiny-moe"),
+        ("/srv/models/tiny-moe", None, None),  # a folder of this machine names nothing elsewhere
+        ("~/models/tiny-moe", None, None),
+        ("", "org/given", "org/given"),  # built in memory: the caller names it
+        ("/srv/models/tiny-moe", "/home/me/.cache/huggingface/hub/models--org--given/snapshots/1", "org/given"),
+    ],
+)
+def test_base_model_is_recorded_as_a_hub_id_never_a_local_path(name_or_path, keyword, expected):
+    model = tiny_model("mixtral")
+    model.name_or_path = name_or_path
+    pruner = _pruner(method="frequency", sparsity=0.25)
+    model = pruner.prune_model(model, pruner_tokenizer(), base_model=keyword)
+    assert pruner.report.base_model == expected
+    assert model.config.diep_pruning["base_model"] == expected
+
+
+@pytest.mark.parametrize("pruner_skips", [False, True])
+def test_saved_skipping_flag_follows_the_model(pruner_skips, tmp_path):
+    """``skipping`` in diep_recipe.json and the report's settings is the saved model's state, as in config.json,
+    whether the pruner calibrated it or it was switched on or off after pruning (the run's skipping stage)."""
+    from diep_hub.skipping import calibrate_skipping, disable_skipping, enable_skipping
+
+    pruner = _pruner(method="frequency", sparsity=0.25, skipping=pruner_skips)
+    model = pruner.prune_model(tiny_model("mixtral"), pruner_tokenizer())
+    if pruner_skips:
+        disable_skipping(model)
+    else:
+        enable_skipping(model, calibrate_skipping(model, sample_input_ids(4, 16)))
+    pruner.save(model, tmp_path / "switched")
+    saved = _saved_records(tmp_path / "switched")
+    expected = not pruner_skips
+    assert saved["config"]["diep_skipping"]["enabled"] is expected
+    assert saved["settings"]["skipping"] is expected
+    assert saved["report"]["config"]["skipping"] is expected
+    assert pruner.skipping is pruner_skips  # the pruner's own settings are left as they were

@@ -93,7 +93,7 @@ def test_tiny_recipe_is_offline():
     r = load_recipe(RECIPES / "tiny.yaml")
     assert r.is_offline
     assert r.pruning.calibration.dataset == "diep-hub/tiny-text"
-    assert r.evaluation.include_path is None and r.evaluation.tasks == ["diep_tiny_arith"]
+    assert r.evaluation.include_path is None and r.evaluation.tasks == ["diep_tiny_arith", "diep_tiny_reverse"]
 
 
 def test_shipped_recipes_are_found_by_name_through_the_package():

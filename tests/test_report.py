@@ -63,6 +63,8 @@ def _full_report() -> PruningReport:
         beta={0: 0.5, 1: 2.0},
         loss_curve=[{"total": 2.0, "ce": 1.5, "recon": 0.5}],
         skipping={"kernel": "linear", "layers": {"0": {"gamma1": 0.4375}}},
+        merging={"num_merged": 1, "layers": {"0": {"0": {"weight": 0.75, "merged": [{"id": 1, "weight": 0.25}]}}}},
+        recalibration={"steps": 4, "layers": [0, 1], "loss_before": 0.5, "loss_after": 0.25, "applied": True},
         extra={"future_field": {"kept": True}},
     )
 

@@ -569,3 +569,54 @@ def test_load_time_switch_in_process(skipping_checkpoints):
     assert_same_skipping_run(got, expected["mixtral"], model.config.diep_skipping)
     assert skip_rates(model) == {i: skipped / slots for i, (skipped, slots) in got["counts"].items()}
     assert all(0 < rate < 1 and not math.isnan(rate) for rate in skip_rates(model).values())
+
+
+GENERATE_SCRIPT = """
+import json, sys, warnings
+import torch
+from transformers import AutoModelForCausalLM
+
+root, families, ids = sys.argv[1], json.loads(sys.argv[2]), torch.tensor(json.loads(sys.argv[3]))
+out = {}
+for family in families:
+    model = AutoModelForCausalLM.from_pretrained(root + "/" + family, trust_remote_code=True).eval()
+    skippers = [m.diep_skipping for m in model.modules() if "diep_skipping" in m.__dict__]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+            cached = model(ids, use_cache=True)
+            model(ids[:, -1:], past_key_values=cached.cache)  # the old name, as callers before 5.24 pass it
+    out[family] = {
+        "class_module": type(model).__module__,
+        "generated": generated.tolist(),
+        "skipped": sum(int(s.skipped) for s in skippers),
+        "warnings": [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+                     if issubclass(w.category, (FutureWarning, DeprecationWarning))],
+    }
+out["diep_hub_imported"] = any(name.startswith("diep_hub") for name in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def test_generation_through_remote_code_with_skipping_warns_nothing(skipping_checkpoints):
+    """Issue 14 point 7: the remote code hands transformers the KV cache as ``cache`` (5.24 deprecates
+    ``past_key_values``), so generating (and a forward given the cache under either name) raises neither
+    "`past_key_values` is deprecated" nor "Both `past_key_values` and `cache` are set", with skipping on."""
+    root, _, _ = skipping_checkpoints
+    prompt = IDS[:2, :6].tolist()
+    env = {**os.environ, "PYTHONPATH": "", "PYTHONWARNINGS": "default"}
+    result = subprocess.run([sys.executable, "-c", GENERATE_SCRIPT, str(root), json.dumps(FAMILIES),
+                             json.dumps(prompt)], cwd=root, env=env, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["diep_hub_imported"] is False
+    assert "past_key_values" not in result.stderr  # transformers' logged deprecation of the old name
+    for family in FAMILIES:
+        got = out[family]
+        assert got["class_module"].startswith("transformers_modules"), family
+        assert got["warnings"] == [], family
+        assert got["skipped"] > 0, f"{family}: no expert was skipped, so the skipping path did not run"
+        assert [row[:6] for row in got["generated"]] == prompt, family
+        assert all(len(row) == 10 and all(isinstance(t, int) for t in row) for row in got["generated"]), family

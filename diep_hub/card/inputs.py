@@ -8,15 +8,26 @@ arguments from a live model or a checkpoint folder. The template only formats wh
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from ..checkpoint.layout import EXPERTS_FIGURE, PRUNER_CONFIG_FILE, RECIPE_FILE, SCORES_FIGURE
 from ..checkpoint.report import PruningReport, experts_table
-from .tables import ResultRow, RetentionSummary, pair, perplexity_row, retention_summary, split_evaluation, task_rows
+from .tables import (
+    ResultRow,
+    RetentionSummary,
+    memory_rows,
+    pair,
+    perplexity_row,
+    retention_summary,
+    split_evaluation,
+    task_rows,
+)
 
 SKIP_LAYER_FIELDS = ("gamma1", "mean_pairwise_cka", "calibration_skip_rate", "measured_skip_rate")
 
@@ -35,15 +46,18 @@ class LayerRow:
 
 @dataclass
 class CardInputs:
-    """Everything the card states, as plain typed data (the template only formats it)."""
+    """Everything the card states, as plain typed data (the template only formats it). ``title`` names the base
+    model; ``model_name`` is the model-index name (the repo's name when there is one)."""
 
     model_name: str
+    title: str
     repo_id: str | None
     base_model: str | None
     license: str | None
     tags: list[str]
     model_type: str
     family: str
+    base_name: str | None = None  # the base's name when it is a local folder (no Hub id to link)
     license_name: str | None = None
     license_link: str | None = None
     pipeline_tag: str = "text-generation"
@@ -62,6 +76,8 @@ class CardInputs:
     layers: list[LayerRow] = field(default_factory=list)
     scores: dict[int, list[float]] | None = None
     skipping: dict[str, Any] | None = None
+    merging: dict[str, Any] | None = None
+    recalibration: dict[str, Any] | None = None
     results: list[ResultRow] = field(default_factory=list)
     average_retention: float | None = None
     retention: RetentionSummary | None = None
@@ -118,13 +134,19 @@ def card_inputs_from_report(
     family = get_family(str(config.get("model_type", "unknown")))
     # the live model is diep_<family> while it may be saved as the stock architecture
     model_type = family.model_type if stock_format else str(config.get("model_type", "unknown"))
-    base_model = base_model or _hub_id(view.base_model)
+    # The base as given (a Hub id, or a local folder), else as the report recorded it; only a Hub id goes into the
+    # front matter and gets a link, while the title names the model either way (a local folder by its name).
+    named_base = base_model or view.base_model
+    hub_base = hub_model_id(named_base)
+    # The config's name_or_path only names the card: as base_model it could point at a local or offline id.
+    stem = model_stem(named_base) or model_stem(config.get("_name_or_path") or config.get("name_or_path"))
     top_k = _top_k(family, config)
     base, pruned, comparison = split_evaluation(evaluation)
     layers = layer_rows(config, view, top_k)
-    # The config's name_or_path only names the card: as base_model it could point at a local or offline id.
-    stem = base_model or _hub_id(config.get("_name_or_path") or config.get("name_or_path"))
-    name = model_name or (repo_id.split("/")[-1] if repo_id else None) or _default_name(stem, view.sparsity)
+    repo_name = repo_id.split("/")[-1] if repo_id else None
+    name = model_name or repo_name or _default_name(stem or family.model_type, view.sparsity)
+    # The title names the base model ("Mixtral-8x7B-v0.1-DiEP-50"); the repo's name only when the base is unknown.
+    title = model_name or (_default_name(stem, view.sparsity) if stem else None) or repo_name or name
     recipe_format = "json" if recipe_text and recipe_text.lstrip().startswith("{") else "yaml"
     settings = (pruned or base or {}).get("lm_eval") or {}
     versions = dict(view.versions or {})
@@ -140,8 +162,10 @@ def card_inputs_from_report(
         figures["scores"] = SCORES_FIGURE
     return CardInputs(
         model_name=name,
+        title=title,
         repo_id=repo_id,
-        base_model=base_model,
+        base_model=hub_base,
+        base_name=stem if not hub_base else None,
         license=licensing.get("license"),
         license_name=licensing.get("license_name") if other else None,
         license_link=licensing.get("license_link") if other else None,
@@ -163,15 +187,17 @@ def card_inputs_from_report(
         layers=layers,
         scores=view.scores or None,
         skipping=skipping_section(view.skipping, config.get("diep_skipping") or {}),
+        merging=view.merging or None,
+        recalibration=view.recalibration or None,
         results=results,
         average_retention=average,
         retention=retention_summary(results, average),
         perplexity=perplexity_row(base, pruned),
         speed=pair(base, pruned, "speed", ("prefill_tokens_per_s", "decode_tokens_per_s")),
-        memory=pair(base, pruned, "memory", ("parameter_bytes", "routed_expert_bytes", "peak_bytes")),
-        memory_method=((pruned or base or {}).get("memory") or {}).get("peak_method"),
-        evaluation_settings={k: settings.get(k) for k in ("lm_eval_version", "limit", "num_fewshot", "batch_size")}
-        if settings else None,
+        memory=memory_rows(base, pruned),
+        memory_method=_memory_method(base, pruned),
+        evaluation_settings={k: settings.get(k) for k in ("lm_eval_version", "limit", "num_fewshot", "batch_size",
+                                                           "date")} if settings else None,
         recipe_text=recipe_text,
         recipe_format=recipe_format,
         command=command or _default_command(recipe_text, recipe_format),
@@ -229,9 +255,42 @@ def _hub_id(name: Any) -> str | None:
     return name if looks_like_repo and not os.path.exists(name) else None
 
 
-def _default_name(base_model: str | None, sparsity: float | None) -> str:
-    stem = base_model.split("/")[-1] if base_model else "model"
+_HUB_CACHE_FOLDER = re.compile(r"(?:^|[/\\])models--([^/\\]+?)--([^/\\]+)(?:[/\\]|$)")
+
+
+def hub_model_id(name: Any) -> str | None:
+    """The Hub id a base model is known by: ``name`` itself when it is one, or the id a huggingface_hub cache
+    folder stands for (``.../models--mistralai--Mixtral-8x7B-v0.1/snapshots/<sha>``); None for other local paths."""
+    if not isinstance(name, str):
+        return None
+    if found := _HUB_CACHE_FOLDER.search(name):
+        return f"{found.group(1)}/{found.group(2)}"
+    return _hub_id(name)
+
+
+def model_stem(name: Any) -> str | None:
+    """The model's own name, for the title: the part after the namespace of a Hub id, the folder name of a local
+    path (``/models/Mixtral-8x7B-v0.1/`` -> ``Mixtral-8x7B-v0.1``)."""
+    if not isinstance(name, str) or not name.strip():
+        return None
+    hub = hub_model_id(name)
+    if hub is not None:
+        return hub.split("/")[-1]
+    return Path(os.path.expanduser(name.strip())).name or None
+
+
+def _default_name(stem: str, sparsity: float | None) -> str:
     return f"{stem}-DiEP-{round(100 * sparsity)}" if isinstance(sparsity, (int, float)) else f"{stem}-DiEP"
+
+
+def _memory_method(base: Mapping | None, pruned: Mapping | None) -> str | None:
+    """How the forward peak was read (results before the weight/forward split measured the process RSS: not
+    shown)."""
+    memory = (pruned or base or {}).get("memory") or {}
+    if "forward_peak_bytes" not in memory or not memory.get("peak_method"):
+        return None
+    return (f"{memory['peak_method']}; one forward over {memory.get('batch_size', '?')} x "
+            f"{memory.get('seq_len', '?')} tokens on {memory.get('device', '?')}")
 
 
 def _default_command(recipe_text: str | None, recipe_format: str) -> str | None:

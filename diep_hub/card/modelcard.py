@@ -26,7 +26,7 @@ from ..checkpoint.report import PruningReport
 from ..errors import ConfigError
 from .gather import card_inputs
 from .inputs import CardInputs
-from .tables import eval_result_entries, human_bytes, model_index_results
+from .tables import MEMORY_LABELS, eval_result_entries, human_bytes, model_index_results
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def template_context(inputs: CardInputs) -> dict[str, Any]:
         original_total=sum(r.original for r in inputs.layers),
         floor_layers=inputs.floor_layers,
         memory_human=human_bytes(inputs.memory),
+        memory_labels=MEMORY_LABELS,
     )
     return context
 

@@ -9,6 +9,7 @@ Everything here is computed from evaluation results (``evaluate_model`` output, 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,21 +22,13 @@ from ..evaluation.lm_eval_runner import primary_metric
 if TYPE_CHECKING:
     from .inputs import CardInputs
 
-# lm-eval task -> (Hub benchmark dataset id, task id) for `.eval_results/` entries. Only tasks listed here (or
-# passed as ``benchmarks=``) get an entry: a made-up dataset id would not link to any leaderboard.
-HUB_BENCHMARKS: dict[str, tuple[str, str]] = {
-    "mmlu": ("cais/mmlu", "mmlu"),
-    "mmlu_pro": ("TIGER-Lab/MMLU-Pro", "mmlu_pro"),
-    "gpqa_diamond_zeroshot": ("Idavidrein/gpqa", "gpqa_diamond"),
-    "boolq": ("google/boolq", "boolq"),
-    "openbookqa": ("allenai/openbookqa", "openbookqa"),
-    "rte": ("nyu-mll/glue", "rte"),
-    "hellaswag": ("Rowan/hellaswag", "hellaswag"),
-    "arc_challenge": ("allenai/ai2_arc", "arc_challenge"),
-    "arc_easy": ("allenai/ai2_arc", "arc_easy"),
-    "winogrande": ("allenai/winogrande", "winogrande"),
-    "gsm8k": ("openai/gsm8k", "gsm8k"),
-    "piqa": ("ybisk/piqa", "piqa"),
+# The Hub's registered benchmark datasets (https://huggingface.co/docs/hub/eval-results: a dataset becomes a
+# benchmark by an allow-list on the Hub, which no library exposes), keyed by (Hub dataset id, config) as lm-eval's
+# task objects name them (config None: any config), with the benchmark's task id. Only results on these get a
+# `.eval_results/` entry; every other result stays in the model-index. Callers add more with ``benchmarks=``.
+HUB_BENCHMARKS: dict[tuple[str, str | None], str] = {
+    ("Idavidrein/gpqa", "gpqa_diamond"): "gpqa_diamond",  # lm-eval gpqa_diamond_*; huggingface_hub's own example
+    ("TIGER-Lab/MMLU-Pro", None): "mmlu_pro",  # lm-eval mmlu_pro
 }
 
 
@@ -59,9 +52,18 @@ class ResultRow:
     version: Any = None
     num_fewshot: int | None = None
     num_samples: int | None = None
-    dataset: str | None = None
+    dataset: str | None = None  # lm-eval's dataset_path (a Hub dataset id, or a builder such as json)
     base_stderr: float | None = None
     retention_stderr: float | None = None
+    filter: str | None = None  # lm-eval's filter of the metric ("strict-match"); None for its "none"
+    dataset_config: str | None = None  # lm-eval's dataset_name
+    split: str | None = None  # the split lm-eval scored
+    dataset_revision: str | None = None  # the dataset commit, when lm-eval loaded it from the Hub
+
+    @property
+    def hub_dataset(self) -> str | None:
+        """``dataset`` when it names a Hub dataset, not one of datasets' file builders or a local folder."""
+        return self.dataset if is_hub_dataset(self.dataset) else None
 
 
 @dataclass
@@ -72,6 +74,16 @@ class RetentionSummary:
     stderr: float | None
     tasks: int
     num_items: int | None
+
+
+def is_hub_dataset(path: Any) -> bool:
+    """A Hub dataset id (``aps/super_glue``, or a legacy canonical name), not a builder for local files (datasets'
+    packaged modules: json, csv, parquet, ...) or a local path."""
+    if not isinstance(path, str) or not path or path.startswith((".", "/", "~")) or os.path.exists(path):
+        return False
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return path not in _PACKAGED_DATASETS_MODULES and path.count("/") <= 1
 
 
 def split_evaluation(evaluation: Mapping[str, Any] | None) -> tuple[dict | None, dict | None, dict | None]:
@@ -93,7 +105,9 @@ def retention_stderr(retention: float | None, pruned: float | None, pruned_se: f
 
 
 def task_rows(base: Mapping | None, pruned: Mapping | None) -> list[ResultRow]:
-    """One row per requested task (subtasks of a requested group stay in evaluation.json), primary metric only."""
+    """One row per requested task (subtasks of a requested group stay in evaluation.json), primary metric only.
+    Metric names are lm-eval's without the filter, which goes in its own field (older results wrote
+    ``exact_match,strict-match`` as the name: split here)."""
     base_tasks = ((base or {}).get("lm_eval") or {}).get("tasks", {})
     pruned_tasks = ((pruned or {}).get("lm_eval") or {}).get("tasks", {})
     rows = []
@@ -103,18 +117,23 @@ def task_rows(base: Mapping | None, pruned: Mapping | None) -> list[ResultRow]:
         if info.get("requested") is False:
             continue
         metrics_p, metrics_b = p.get("metrics", {}), b.get("metrics", {})
-        metric = info.get("primary_metric") or primary_metric(metrics_p or metrics_b)
-        if metric is None:
+        key = info.get("primary_metric") or primary_metric(metrics_p or metrics_b)
+        if key is None:
             continue
-        pv, bv = metrics_p.get(metric), metrics_b.get(metric)
-        retention = metric_retention(pv, bv, higher_is_better(info, metric))
-        se_p, se_b = _number(metrics_p.get(f"{metric}_stderr")), _number(metrics_b.get(f"{metric}_stderr"))
+        metric, _, legacy_filter = key.partition(",")
+        filt = info.get("filter") or legacy_filter or "none"
+        pv, bv = metrics_p.get(key), metrics_b.get(key)
+        retention = metric_retention(pv, bv, higher_is_better(info, key))
+        stderr_key = f"{metric}_stderr" + (f",{legacy_filter}" if legacy_filter else "")
+        se_p, se_b = _number(metrics_p.get(stderr_key)), _number(metrics_b.get(stderr_key))
         rows.append(ResultRow(
             task=task, metric=metric, base=bv, pruned=pv, retention=retention, stderr=se_p,
             version=info.get("version"), num_fewshot=info.get("num_fewshot"),
             num_samples=info.get("num_samples") if info.get("num_samples") is not None else b.get("num_samples"),
             dataset=info.get("dataset_path"), base_stderr=se_b,
             retention_stderr=retention_stderr(retention, _number(pv), se_p, _number(bv), se_b),
+            filter=None if filt == "none" else filt, dataset_config=info.get("dataset_name"),
+            split=info.get("split"), dataset_revision=info.get("dataset_revision"),
         ))
     return rows
 
@@ -156,6 +175,28 @@ def perplexity_row(base: Mapping | None, pruned: Mapping | None) -> dict[str, An
             "tokens": side.get("tokens"), "source": side.get("source")}
 
 
+# The memory rows of the card, in order, with what each measures (evaluation/probes.py measures them).
+MEMORY_LABELS: dict[str, str] = {
+    "parameter_bytes": "Weights (all parameters)",
+    "routed_expert_bytes": "Routed-expert weights",
+    "forward_peak_bytes": "One forward: peak above the weights",
+    "peak_bytes": "GPU peak, weights included",
+}
+
+
+def memory_rows(base: Mapping | None, pruned: Mapping | None) -> dict[str, Any] | None:
+    """Weight bytes and the forward's isolated peak, base vs pruned (:data:`MEMORY_LABELS`), rows neither side
+    measured left out. Results written before the forward peak was isolated carry a whole-process RSS as
+    ``peak_bytes``: only their weight bytes are shown."""
+    memories = [m for m in ((base or {}).get("memory"), (pruned or {}).get("memory")) if m]
+    if not memories:
+        return None
+    isolated = all("forward_peak_bytes" in m for m in memories)
+    keys = list(MEMORY_LABELS) if isolated else ["parameter_bytes", "routed_expert_bytes"]
+    rows = pair(base, pruned, "memory", keys) or {}
+    return {k: v for k, v in rows.items() if v["base"] is not None or v["pruned"] is not None} or None
+
+
 def human_bytes(memory: Mapping[str, Any] | None) -> dict[str, dict[str, str]] | None:
     """The memory pairs as "12.3 GiB" strings."""
     if not memory:
@@ -173,39 +214,67 @@ def human_bytes(memory: Mapping[str, Any] | None) -> dict[str, dict[str, str]] |
     return {k: {"base": fmt(v["base"]), "pruned": fmt(v["pruned"])} for k, v in memory.items()}
 
 
+def _shots(row: ResultRow) -> str:
+    return f"{row.num_fewshot if row.num_fewshot is not None else 0}-shot"
+
+
 def model_index_results(inputs: CardInputs) -> list[EvalResult]:
-    """``EvalResult`` rows for the front matter's model-index: the pruned model's values, unchanged."""
+    """``EvalResult`` rows for the front matter's model-index: the pruned model's values, unchanged, on the dataset
+    lm-eval's task objects named (Hub id as ``type``, config, split, revision; the task name as the dataset's
+    ``name``, and as its ``type`` too for local files, which have no Hub id); the metric without its filter, the
+    filter as the metric's config."""
     out = []
     repo_id = inputs.repo_id
     for row in inputs.results:
         if row.pruned is None:
             continue
-        dataset_id = HUB_BENCHMARKS.get(row.task, (row.task, row.task))[0]
+        hub = row.hub_dataset
         out.append(EvalResult(
-            task_type="text-generation", task_name="Text Generation", dataset_type=dataset_id,
-            dataset_name=row.task, metric_type=row.metric, metric_value=row.pruned,
-            metric_name=f"{row.metric} ({row.num_fewshot if row.num_fewshot is not None else 0}-shot)",
+            task_type="text-generation", task_name="Text Generation", dataset_type=hub or row.task,
+            dataset_name=row.task, dataset_config=row.dataset_config if hub else None,
+            dataset_split=row.split, dataset_revision=row.dataset_revision if hub else None,
+            metric_type=row.metric, metric_value=row.pruned, metric_config=row.filter,
+            metric_name=f"{row.metric} ({_shots(row)}{f', {row.filter}' if row.filter else ''})",
             source_name="diep_hub evaluation (lm-eval)" if repo_id else None,
             source_url=f"https://huggingface.co/{repo_id}" if repo_id else None,
         ))
     return out
 
 
+def benchmark_of(row: ResultRow, benchmarks: Mapping[str, tuple[str, str]] | None = None) -> tuple[str, str] | None:
+    """(Hub benchmark dataset id, task id) of a result row: the caller's ``benchmarks`` (by task name) first, then
+    :data:`HUB_BENCHMARKS` by the dataset and config lm-eval used; None for a dataset the Hub has no benchmark of."""
+    if benchmarks and row.task in benchmarks:
+        return tuple(benchmarks[row.task])
+    hub = row.hub_dataset
+    if hub is None:
+        return None
+    task_id = HUB_BENCHMARKS.get((hub, row.dataset_config)) or HUB_BENCHMARKS.get((hub, None))
+    return (hub, task_id) if task_id else None
+
+
 def eval_result_entries(
     inputs: CardInputs, benchmarks: Mapping[str, tuple[str, str]] | None = None
 ) -> dict[str, list[EvalResultEntry]]:
-    """``.eval_results/<task>.yaml`` entries for tasks that map to a Hub benchmark dataset."""
-    table = {**HUB_BENCHMARKS, **(benchmarks or {})}
-    lm_eval_version = (inputs.evaluation_settings or {}).get("lm_eval_version")
+    """``.eval_results/<task>.yaml`` entries for results on a Hub benchmark (:func:`benchmark_of`), with the date
+    lm-eval ran, the dataset revision it loaded and, when the repo is known, the model repo as source."""
+    settings = inputs.evaluation_settings or {}
+    lm_eval_version = settings.get("lm_eval_version")
+    repo_id = inputs.repo_id
     out: dict[str, list[EvalResultEntry]] = {}
     for row in inputs.results:
-        if row.pruned is None or row.task not in table:
+        found = benchmark_of(row, benchmarks) if row.pruned is not None else None
+        if found is None:
             continue
-        dataset_id, task_id = table[row.task]
-        shots = row.num_fewshot if row.num_fewshot is not None else 0
+        dataset_id, task_id = found
+        version = f"lm-eval {lm_eval_version}" if lm_eval_version else "lm-eval"
         out[row.task] = [EvalResultEntry(
             dataset_id=dataset_id, task_id=task_id, value=row.pruned,
-            notes=f"lm-eval {lm_eval_version or ''} {row.metric}, {shots}-shot, after DiEP expert pruning".replace(
-                "  ", " "),
+            dataset_revision=row.dataset_revision if dataset_id == row.hub_dataset else None,
+            date=settings.get("date"),
+            source_url=f"https://huggingface.co/{repo_id}" if repo_id else None,
+            source_name=f"diep_hub evaluation ({version})" if repo_id else None,
+            notes=f"{version} task {row.task}: {row.metric}{f' ({row.filter})' if row.filter else ''}, "
+                  f"{_shots(row)}, after DiEP expert pruning",
         )]
     return out

@@ -18,6 +18,46 @@ from ..hub import repo_id_problem
 from .layout import CARD_FILE, CONFIG_FILE, EVAL_FILE, RECIPE_FILE, REPORT_FILE
 from .report import PruningReport, experts_table
 
+# What the vLLM plugin (integrations/vllm, ``diep_hub_vllm``) serves and refuses. diep_hub cannot import the plugin
+# (it lives in a vLLM environment with an older transformers), so the lists are repeated here as plain literals;
+# integrations/vllm/tests/test_units.py parses this file and checks they equal the plugin's own (plan.py).
+VLLM_PLUGIN_SERVES = ("diep_mixtral", "diep_qwen2_moe", "diep_qwen3_moe", "diep_olmoe")
+VLLM_PLUGIN_REFUSES = {
+    "diep_deepseek_v2": (
+        "vLLM's DeepSeek model builds one model-wide expert mapping from n_routed_experts, sizes grouped routing "
+        "(n_group / topk_group) and e_score_correction_bias for one expert count, and numbers fused shared-expert "
+        "slots after the routed ones, so per-layer expert counts cannot be served faithfully"
+    ),
+    "diep_deepseek_v3": (
+        "vLLM's DeepSeek model builds one model-wide expert mapping from n_routed_experts, sizes grouped routing "
+        "(n_group / topk_group) and e_score_correction_bias for one expert count, and numbers fused shared-expert "
+        "slots after the routed ones, so per-layer expert counts cannot be served faithfully"
+    ),
+    "diep_gpt_oss": "the plugin has no per-layer GPT-OSS model",
+    "diep_phimoe": "the plugin has no per-layer PhiMoE model",
+    "diep_granitemoe": "the plugin has no per-layer GraniteMoE model",
+}
+
+
+def serving_support(config: dict[str, Any]) -> dict[str, Any]:
+    """Whether vLLM can serve a checkpoint with this config.json: ``servable``, ``needs_plugin`` and ``reason``.
+
+    A ``diep_<family>`` checkpoint needs the diep-hub-vllm plugin, which serves some families and refuses the
+    others at load; a stock-format export (the family's own architecture, the same count in every layer) is
+    plain vLLM's own model.
+    """
+    model_type = str(config.get("model_type"))
+    if not model_type.startswith("diep_"):
+        return {"servable": True, "needs_plugin": False,
+                "reason": f"stock {model_type} format: vLLM's own model, no plugin needed"}
+    if model_type in VLLM_PLUGIN_SERVES:
+        return {"servable": True, "needs_plugin": True,
+                "reason": "install the diep-hub-vllm plugin (integrations/vllm), then vllm serve DIR "
+                          "--trust-remote-code"}
+    reason = VLLM_PLUGIN_REFUSES.get(model_type, "the plugin does not know this family")
+    return {"servable": False, "needs_plugin": True,
+            "reason": f"diep-hub-vllm refuses {model_type}: {reason}; it serves {', '.join(VLLM_PLUGIN_SERVES)}"}
+
 
 def local_folder(repo_or_dir: str | os.PathLike, *, revision: str | None = None, weights: bool = False) -> Path:
     """A local folder for a checkpoint: the folder itself, or a Hub snapshot (metadata only unless ``weights``)."""
@@ -93,6 +133,7 @@ def inspect_checkpoint(repo_or_dir: str | os.PathLike, *, revision: str | None =
         "layers": rows,
         "skipping": bool(config.get("diep_skipping")),
         "has_recipe": (folder / RECIPE_FILE).exists(),
+        "serving": serving_support(config),
         "results": [],
     }
     card_file = folder / CARD_FILE
@@ -110,6 +151,16 @@ def inspect_checkpoint(repo_or_dir: str | os.PathLike, *, revision: str | None =
     return info
 
 
+def _serving_line(serving: dict[str, Any]) -> str:
+    if not serving["servable"]:
+        verdict = "not servable by vLLM"
+    elif serving["needs_plugin"]:
+        verdict = "servable by vLLM with the diep-hub-vllm plugin"
+    else:
+        verdict = "servable by vLLM without a plugin"
+    return f"serving:     {verdict} ({serving['reason']})"
+
+
 def format_inspection(info: dict[str, Any]) -> str:
     """Human-readable text of :func:`inspect_checkpoint` (the CLI's default output)."""
     lines = [
@@ -119,6 +170,7 @@ def format_inspection(info: dict[str, Any]) -> str:
         f"target sparsity {info['target_sparsity']}",
         f"experts:     {info['experts_kept']} of {info['experts_original']} kept "
         f"(sparsity {info['sparsity']:.1%}); skipping {'on' if info['skipping'] else 'off'}",
+        _serving_line(info["serving"]),
         "",
         "layer  kept/orig  kept ids",
     ]
@@ -133,4 +185,12 @@ def format_inspection(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_inspection", "inspect_checkpoint", "local_folder", "read_checkpoint_metadata"]
+__all__ = [
+    "VLLM_PLUGIN_REFUSES",
+    "VLLM_PLUGIN_SERVES",
+    "format_inspection",
+    "inspect_checkpoint",
+    "local_folder",
+    "read_checkpoint_metadata",
+    "serving_support",
+]

@@ -17,11 +17,12 @@ FIGURES_DIR = "assets"  # the card's figures
 EXPERTS_FIGURE = f"{FIGURES_DIR}/experts_per_layer.png"
 SCORES_FIGURE = f"{FIGURES_DIR}/expert_scores.png"
 EVAL_RESULTS_DIR = ".eval_results"  # huggingface_hub EvalResultEntry files, one a benchmark
+LM_EVAL_RESULTS_DIR = "lm_eval_results"  # lm-eval's own results dicts beside evaluation.json, one file a model
 
 # The files a recipe can be read back from, preferred first (a `diep-hub run` folder has both).
 RECIPE_FILES = (RECIPE_FILE, PRUNER_CONFIG_FILE)
 # The folders a save may write besides the top level (overwrite=True accepts a checkpoint holding only these).
-CHECKPOINT_SUBFOLDERS = (FIGURES_DIR, EVAL_RESULTS_DIR)
+CHECKPOINT_SUBFOLDERS = (FIGURES_DIR, EVAL_RESULTS_DIR, LM_EVAL_RESULTS_DIR)
 
 __all__ = [
     "CARD_FILE",
@@ -31,6 +32,7 @@ __all__ = [
     "EVAL_RESULTS_DIR",
     "EXPERTS_FIGURE",
     "FIGURES_DIR",
+    "LM_EVAL_RESULTS_DIR",
     "PRUNER_CONFIG_FILE",
     "RECIPE_FILE",
     "RECIPE_FILES",

@@ -53,6 +53,10 @@ class PruningReport(Mapping):
         versions: package -> version of the run.
         previous_pruning: the ``diep_pruning`` record of an earlier pruning of the same model.
         skipping: ``SkippingCalibration.summary()`` plus the rates measured during evaluation.
+        merging: ``MergeRecord.to_dict()`` when removed experts were merged into kept ones (``merges``: layer ->
+            kept id -> {weight, merged: [{expert, weight, similarity}]}, ids numbered as in ``kept_ids``).
+        recalibration: ``RecalibrationRecord.to_dict()`` when the routers were recalibrated (steps, loss before
+            and after, applied).
         extra: keys this version does not know, kept as read.
     """
 
@@ -87,6 +91,8 @@ class PruningReport(Mapping):
     beta: dict[int, float] | None = None
     loss_curve: list[dict[str, Any]] | None = None
     skipping: dict[str, Any] | None = None
+    merging: dict[str, Any] | None = None
+    recalibration: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:

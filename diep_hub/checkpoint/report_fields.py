@@ -111,8 +111,9 @@ def _json(value: Any) -> Any:
 
 @dataclass
 class Calibration:
-    """The calibration data as the run names it: ``dataset`` is the Hub id or path as written in the recipe,
-    ``loaded_from`` what was read (an offline corpus's cache file), ``num_samples`` x ``seq_len`` tokens."""
+    """The calibration data as the run names it: ``dataset`` is the Hub id, offline corpus name or path as written
+    in the recipe, ``num_samples`` x ``seq_len`` tokens. ``loaded_from`` (the cache file an offline corpus became)
+    is only read back from earlier reports: a path of the machine that ran is no longer recorded."""
 
     dataset: str | None = None
     num_samples: int | None = None
@@ -202,6 +203,8 @@ FIELDS = (
     _Field("beta", "beta", _layer_map(_number, "a number"), _encode_layer_map),
     _Field("loss_curve", "loss_curve", _objects),
     _Field("skipping", "skipping", _object),
+    _Field("merging", "merging", _object),
+    _Field("recalibration", "recalibration", _object),
 )
 BY_KEY = {f.key: f for f in FIELDS}
 

@@ -60,6 +60,15 @@ def reproduce(
             checks["skipping_tables"] = _compare_numbers(
                 recorded_config.get("diep_skipping") or {}, new_config.get("diep_skipping") or {}, atol=1e-4
             )
+        if recorded_report.merging or new_report.merging:
+            checks["merging"] = _compare_numbers(recorded_report.merging or {}, new_report.merging or {}, atol=1e-4)
+        if recorded_report.recalibration or new_report.recalibration:
+            timing = ("seconds",)  # the machine's speed, not the model's
+            checks["recalibration"] = _compare_numbers(
+                {k: v for k, v in (recorded_report.recalibration or {}).items() if k not in timing},
+                {k: v for k, v in (new_report.recalibration or {}).items() if k not in timing},
+                atol=1e-4,
+            )
         if evaluate_scores and recorded_eval:
             checks["evaluation"] = _compare_numbers(
                 _eval_numbers(recorded_eval), _eval_numbers(summary["evaluation"]), atol=1e-4

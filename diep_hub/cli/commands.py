@@ -119,10 +119,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results["base"] = run_one(args.base)
         results["comparison"] = compare(results["base"], results["pruned"])
     if args.save:
-        target = Path(args.model) / EVAL_FILE
-        write_json_atomic(target, results)
-        logger.info("wrote %s; `diep-hub card %s` puts the results in the model card", target, args.model)
-    emit(results if args.base else results["pruned"], True)
+        from ..evaluation.results import evaluation_files
+
+        for name, data in evaluation_files(results).items():  # evaluation.json + lm-eval's own results files
+            (Path(args.model) / name).parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(args.model) / name, data)
+        logger.info("wrote %s; `diep-hub card %s` puts the results in the model card", Path(args.model) / EVAL_FILE,
+                    args.model)
+    from ..evaluation.results import split_raw
+
+    slim = split_raw(results)[0]
+    emit(slim if args.base else slim["pruned"], True)
     return EXIT_OK
 
 

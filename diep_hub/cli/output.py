@@ -41,8 +41,11 @@ def run_text(summary: dict) -> str:
             f"after pruning ~{e['params_after_pruning']:,}",
             f"  experts removed {e['experts_removed']} of {e['experts_total']}",
             f"  weights {_size(e['weight_bytes'])} -> ~{_size(e['weight_bytes_after_pruning'])}",
-            f"  search ~{_duration(e['search_seconds_estimate'])}, peak ~{_size(e['search_peak_bytes_estimate'])}",
-            f"  ({e['assumptions']})",
+            f"  run ~{_duration(e['run_seconds_estimate'])} on {e['device']} "
+            f"(search ~{_duration(e['search_seconds_estimate'])}), peak ~{_size(e['peak_bytes_estimate'])}",
+            f"  cost model: {e['assumptions']}",
+            *([f"  config: {e['config_source']}"] if e.get("config_source") else []),
+            *(f"  note: {note}" for note in e.get("notes", [])),
             f"  output would go to {summary['output_dir']}; push: {summary['push']}",
         ]
         return "\n".join(lines)

@@ -55,8 +55,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..families import MoELayer

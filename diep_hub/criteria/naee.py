@@ -35,8 +35,8 @@ import copy
 import logging
 
 import torch
+from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..families import MoELayer

@@ -39,9 +39,9 @@ import math
 from typing import Annotated, Any, Literal
 
 import torch
+from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 from pydantic import Field
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..options import Count, CriterionOptions, Number

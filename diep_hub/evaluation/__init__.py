@@ -17,18 +17,29 @@ from .comparison import compare
 from .lm_eval_runner import DEFAULT_TASKS, primary_metric, run_lm_eval
 from .perplexity import perplexity, perplexity_of_ids
 from .probes import PeakMemory, measure_memory, measure_speed, parameter_bytes
-from .results import RESULTS_FILE, load_results, model_environment, package_versions, save_results
+from .results import (
+    LM_EVAL_RESULTS_DIR,
+    RESULTS_FILE,
+    evaluation_files,
+    load_results,
+    model_environment,
+    package_versions,
+    save_results,
+    split_raw,
+)
 from .suite import evaluate_model
 
 RETENTION_METRIC = str(Path(__file__).with_name("retention.py"))
 
 __all__ = [
     "DEFAULT_TASKS",
+    "LM_EVAL_RESULTS_DIR",
     "RESULTS_FILE",
     "RETENTION_METRIC",
     "PeakMemory",
     "compare",
     "evaluate_model",
+    "evaluation_files",
     "load_results",
     "measure_memory",
     "measure_speed",
@@ -40,4 +51,5 @@ __all__ = [
     "primary_metric",
     "run_lm_eval",
     "save_results",
+    "split_raw",
 ]

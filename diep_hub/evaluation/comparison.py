@@ -80,6 +80,6 @@ def compare(base_results: Mapping[str, Any], pruned_results: Mapping[str, Any]) 
     if isinstance(bm, Mapping) and isinstance(pm, Mapping):
         out["memory"] = {
             key: {"base": bm.get(key), "pruned": pm.get(key), "ratio": _ratio(pm.get(key), bm.get(key))}
-            for key in ("parameter_bytes", "routed_expert_bytes", "peak_bytes")
+            for key in ("parameter_bytes", "routed_expert_bytes", "forward_peak_bytes", "peak_bytes")
         }
     return out

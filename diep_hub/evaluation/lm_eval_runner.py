@@ -3,14 +3,22 @@
 The default task set is the paper's zero-shot suite (MMLU, BoolQ, OpenBookQA, RTE); these download their data
 from the Hub. For offline runs point ``include_path`` at a folder of task YAML files whose ``dataset_kwargs``
 name local json/jsonl files by absolute path.
+
+What a result names comes from lm-eval itself: the dataset (``dataset_path``, ``dataset_name`` as its config, the
+split evaluated and, for a Hub dataset, the commit that was loaded) is read from the task objects lm-eval built
+for the run, metric names are lm-eval's without the filter (``exact_match`` with ``filter: strict-match``), and
+lm-eval's own results dict is kept, JSON-safe, under ``raw`` (:func:`diep_hub.evaluation.save_results` writes it
+beside evaluation.json).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -168,9 +176,11 @@ def run_lm_eval(
     """Run lm-eval tasks on an in-memory model; return per-task metrics, task versions and the settings used.
 
     Returns:
-        ``{"tasks": {name: {"metrics": {"acc": .., "acc_stderr": ..}, "primary_metric": "acc", "version": ..,
-        "num_fewshot": .., "num_samples": .., "higher_is_better": {..}, "dataset_path": .., "dataset_name": ..,
-        "group": bool}}, "lm_eval_version": .., "limit": .., "batch_size": .., "num_fewshot": .., "seed": ..}``
+        ``{"tasks": {name: {"metrics": {"acc": .., "acc_stderr": ..}, "filter": "none", "metrics_by_filter": {..},
+        "primary_metric": "acc", "version": .., "num_fewshot": .., "num_samples": .., "higher_is_better": {..},
+        "dataset_path": .., "dataset_name": .., "split": .., "dataset_revision": .., "group": bool,
+        "requested": bool}}, "requested_tasks": [..], "lm_eval_version": .., "date": ISO-8601, "limit": ..,
+        "batch_size": .., "num_fewshot": .., "seed": .., "raw": lm-eval's results dict, JSON-safe}``
         Metric values are exactly lm-eval's (no rounding), so a card can show them unchanged.
     """
     tasks = validate_tasks(tasks)
@@ -182,7 +192,7 @@ def run_lm_eval(
     if not tasks:
         raise ConfigError("tasks is empty; name at least one lm-eval task, e.g. " + ", ".join(DEFAULT_TASKS))
     lm_eval, HFLM, TaskManager = _import_lm_eval()
-    manager = _task_manager(TaskManager, tasks, include_path)
+    manager = RecordingTaskManager(_task_manager(TaskManager, tasks, include_path))
     from ..criteria.capture import input_device
 
     device = str(input_device(model))
@@ -190,7 +200,8 @@ def run_lm_eval(
     model.eval()
     logger.info("lm-eval: %s on %s (limit=%s, %d-shot, batch %d)", tasks, device, limit, num_fewshot, batch_size)
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        # backend="causal": the model is in memory, so lm-eval cannot tell causal from seq2seq by its config
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, backend="causal")
         raw = lm_eval.simple_evaluate(
             model=lm,
             tasks=tasks,
@@ -205,35 +216,125 @@ def run_lm_eval(
         )
     finally:
         model.train(was_training)
-    return _summarise(raw, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed)
+    datasets = task_datasets(manager.loaded or {})
+    return _summarise(raw, tasks, datasets, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed)
 
 
-def _summarise(raw: dict[str, Any], requested: list[str], **settings) -> dict[str, Any]:
+class RecordingTaskManager:
+    """A TaskManager that keeps what its ``load`` built: the task objects ``simple_evaluate`` evaluates, read
+    afterwards for the dataset each task used (everything else is the wrapped manager's)."""
+
+    def __init__(self, manager):
+        self._manager = manager
+        self.loaded: dict[str, Any] | None = None
+
+    def load(self, task_list):
+        self.loaded = self._manager.load(task_list)
+        return self.loaded
+
+    def __getattr__(self, name: str):
+        return getattr(self._manager, name)
+
+
+_COMMIT = re.compile(r"[/\\]([0-9a-f]{40})[/\\][^/\\]+$")
+
+
+def dataset_revision(task) -> str | None:
+    """The dataset commit a task evaluated: the revision its YAML pins (``dataset_kwargs.revision``), else the commit
+    ``datasets`` resolved when loading from the Hub, which names the cache folder of the loaded files
+    (``<namespace>___<name>/<config>/<version>/<commit>/``). None for local files (json, csv, ...)."""
+    pinned = (getattr(task.config, "dataset_kwargs", None) or {}).get("revision")
+    if isinstance(pinned, str) and pinned:
+        return pinned
+    dataset = getattr(task, "dataset", None)
+    splits = dataset.values() if isinstance(dataset, Mapping) else [dataset] if dataset is not None else []
+    for split in splits:
+        for entry in getattr(split, "cache_files", None) or []:
+            found = _COMMIT.search(str(entry.get("filename", "")))
+            if found:
+                return found.group(1)
+    return None
+
+
+def task_dataset(task) -> dict[str, Any]:
+    """``dataset_path``, ``dataset_name`` (the config), ``split`` and ``dataset_revision`` of one lm-eval task object:
+    the split is the one lm-eval scores (``eval_docs``: the test split when the task has one, else validation)."""
+    config = task.config
+    split = None
+    if task.has_test_docs():
+        split = config.test_split
+    elif task.has_validation_docs():
+        split = config.validation_split
+    return {"dataset_path": config.dataset_path, "dataset_name": config.dataset_name, "split": split,
+            "dataset_revision": dataset_revision(task)}
+
+
+def task_datasets(loaded: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The dataset of every task and group ``TaskManager.load`` built. A group gets the fields its tasks share
+    (MMLU: ``cais/mmlu`` and split ``test``, no single config), None where they differ."""
+    out = {name: task_dataset(task) for name, task in (loaded.get("tasks") or {}).items()}
+    for name, group in (loaded.get("groups") or {}).items():
+        members = [out[t.task_name] for t in group.get_all_tasks() if t.task_name in out]
+        if members:
+            out[name] = {key: members[0][key] if all(m[key] == members[0][key] for m in members) else None
+                         for key in members[0]}
+    return out
+
+
+def metrics_by_filter(row: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """lm-eval's ``{"exact_match,strict-match": .., "exact_match_stderr,strict-match": ..}`` as
+    ``{"strict-match": {"exact_match": .., "exact_match_stderr": ..}}``, in lm-eval's order."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in row.items():
+        if key in ("name", "alias", "sample_len", " ") or "," not in key:
+            continue
+        metric, filt = split_metric(key)
+        out.setdefault(filt, {})[metric] = value
+    return out
+
+
+def _iso_date(timestamp: Any) -> str | None:
+    from datetime import UTC, datetime
+
+    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
+        return None
+    return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def jsonable_raw(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """lm-eval's results dict as JSON: lm-eval's own conversion (``handle_non_serializable``, as its
+    EvaluationTracker writes it), then non-finite numbers as strings."""
+    from lm_eval.utils import handle_non_serializable
+
+    return to_jsonable(json.loads(json.dumps(raw, default=handle_non_serializable)))
+
+
+def _summarise(raw: dict[str, Any], requested: list[str], datasets: Mapping[str, dict[str, Any]],
+               **settings) -> dict[str, Any]:
     results = raw.get("results", {})
     groups = set(raw.get("groups", {})) | set(raw.get("group_subtasks", {}) or {})
     configs = raw.get("configs", {})
     out: dict[str, Any] = {}
     for name, row in results.items():
-        metrics: dict[str, Any] = {}
-        for key, value in row.items():
-            if key in ("name", "alias", "sample_len", " ") or "," not in key:
-                continue
-            metric, filt = split_metric(key)
-            label = metric if filt == "none" else f"{metric},{filt}"
-            if metric.endswith("_stderr"):
-                label = f"{metric}" if filt == "none" else f"{metric},{filt}"
-            metrics[label] = value
+        by_filter = metrics_by_filter(row)
+        # the unfiltered metrics when lm-eval reports them, else the task's first filter (gsm8k: strict-match)
+        chosen = "none" if "none" in by_filter else next(iter(by_filter), "none")
+        metrics = by_filter.get(chosen, {})
         config = configs.get(name, {})
+        dataset = datasets.get(name) or {"dataset_path": config.get("dataset_path"),
+                                         "dataset_name": config.get("dataset_name"), "split": None,
+                                         "dataset_revision": None}
         samples = raw.get("n-samples", {}).get(name, {})
         out[name] = {
             "metrics": to_jsonable(metrics),
+            "filter": chosen,
+            "metrics_by_filter": to_jsonable(by_filter),
             "primary_metric": primary_metric(metrics),
             "version": raw.get("versions", {}).get(name),
             "num_fewshot": raw.get("n-shot", {}).get(name),
             "num_samples": samples.get("effective") if isinstance(samples, dict) else None,
             "higher_is_better": to_jsonable(raw.get("higher_is_better", {}).get(name, {})),
-            "dataset_path": config.get("dataset_path"),
-            "dataset_name": config.get("dataset_name"),
+            **dataset,
             "group": name in groups and name not in configs,
             "requested": name in requested,
         }
@@ -241,5 +342,7 @@ def _summarise(raw: dict[str, Any], requested: list[str], **settings) -> dict[st
         "tasks": out,
         "requested_tasks": list(requested),
         "lm_eval_version": raw.get("lm_eval_version"),
+        "date": _iso_date(raw.get("date")),
         **settings,
+        "raw": jsonable_raw(raw),
     }

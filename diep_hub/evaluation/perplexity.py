@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..criteria.capture import input_device
 from ..errors import ConfigError

@@ -1,9 +1,12 @@
 """Speed and memory probes: what pruning buys at inference, measured the same way for base and pruned models.
 
 Speed: prefill tokens/s (one forward over a prompt batch) and decode tokens/s (greedy steps with the KV cache),
-median of ``repeats`` runs after a warm-up. Memory: bytes held by parameters and buffers (total and routed
-experts) and the peak during one forward (CUDA allocator peak on GPU, sampled process RSS on CPU), read by
-:class:`diep_hub.memory.PeakMemory`, the meter the pruning report uses too.
+median of ``repeats`` runs after a warm-up. Memory: bytes held by the weights (parameters, total and routed
+experts: what the safetensors files hold), and the peak of what one forward adds on top of them, isolated from the
+rest of the process: on GPU the CUDA allocator's peak above the bytes allocated before the forward; on CPU the
+bytes live in malloc (through which torch allocates CPU tensors) read after every aten op of the forward
+(:class:`ForwardMemoryMeter`), above the bytes live before it. The process RSS is not reported: it counts the
+Python process (libraries, caches, freed pages kept by the allocator), not the model.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import nn
 
 from ..criteria.capture import input_device
 from ..errors import ConfigError
-from ..memory import PeakMemory
+from ..memory import PeakMemory, live_heap_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +69,13 @@ def measure_speed(
             out = model(input_ids=ids, use_cache=True)
             _sync(device)
             prefill = time.perf_counter() - start
-            past = out.past_key_values
+            past = out.cache  # transformers 5: `cache` (in and out), past_key_values is deprecated
             token = out.logits[:, -1:].argmax(-1)
             _sync(device)
             start = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=token, cache=past, use_cache=True)
+                past = out.cache
                 token = out.logits[:, -1:].argmax(-1)
             _sync(device)
             decode = time.perf_counter() - start
@@ -116,20 +119,84 @@ def parameter_bytes(model: nn.Module) -> dict[str, int]:
     }
 
 
+CUDA_METHOD = "torch.cuda.max_memory_allocated during the forward, above the bytes allocated before it"
+
+
+class ForwardMemoryMeter:
+    """Peak bytes live in malloc above the start, read after every aten op run inside the ``with`` block (a
+    ``TorchDispatchMode``): CPU tensors an op creates are counted when it returns, whatever their lifetime, so the
+    peak does not depend on a sampling interval. ``peak_increase`` is None where malloc cannot be read (not glibc)."""
+
+    METHOD = "bytes live in malloc, read after every aten op of the forward, above those live before it"
+
+    def __init__(self):
+        self.start = self.peak = 0
+        self._mode = None
+
+    def __enter__(self) -> ForwardMemoryMeter:
+        import gc
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        meter = self
+
+        class _AfterEveryOp(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                meter.peak = max(meter.peak, live_heap_bytes())
+                return out
+
+        gc.collect()  # objects freed by a later collection would lower the heap below the start
+        self.start = self.peak = live_heap_bytes() if live_heap_bytes is not None else 0
+        if live_heap_bytes is not None:
+            self._mode = _AfterEveryOp()
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+            self._mode = None
+
+    @property
+    def peak_increase(self) -> int | None:
+        return None if live_heap_bytes is None else int(self.peak - self.start)
+
+
+@torch.inference_mode()
+def forward_peak(model: nn.Module, ids: torch.Tensor) -> tuple[int | None, int | None, str | None]:
+    """(bytes one forward adds at its peak, peak bytes including the weights where the allocator knows them, how
+    they were read) for ``model(ids)``; a warm-up forward first, so that one-time allocations are not counted."""
+    device = ids.device
+    if device.type == "cuda":
+        model(input_ids=ids, use_cache=False)
+        with PeakMemory(device) as peak:
+            model(input_ids=ids, use_cache=False)
+        increase = int(max(peak.peak_bytes - peak.start_bytes, 0))
+        return increase, int(peak.peak_bytes), CUDA_METHOD
+    if live_heap_bytes is None:
+        return None, None, None
+    with ForwardMemoryMeter():  # warm-up, the dispatch machinery included
+        model(input_ids=ids, use_cache=False)
+    with ForwardMemoryMeter() as meter:
+        model(input_ids=ids, use_cache=False)
+    return meter.peak_increase, None, ForwardMemoryMeter.METHOD
+
+
 @torch.inference_mode()
 def measure_memory(model: nn.Module, *, batch_size: int = 1, seq_len: int = 128, seed: int = 0) -> dict[str, Any]:
-    """Parameter bytes plus the peak memory of one forward over ``batch_size`` x ``seq_len`` tokens."""
+    """Weight bytes (parameters, routed experts) and the peak memory one forward over ``batch_size`` x ``seq_len``
+    tokens adds to them (:func:`forward_peak`); on GPU also the allocator's peak including the weights."""
     _positive_int("batch_size", batch_size)
     _positive_int("seq_len", seq_len)
     device = input_device(model)
     ids = _prompt(model, batch_size, seq_len, seed, device)
-    with PeakMemory(device) as peak:
-        model(input_ids=ids, use_cache=False)
+    increase, peak, method = forward_peak(model, ids)
     result: dict[str, Any] = parameter_bytes(model)
     result.update(
-        peak_bytes=int(peak.peak_bytes),
-        peak_increase_bytes=int(max(peak.peak_bytes - peak.start_bytes, 0)),
-        peak_method="torch.cuda.max_memory_allocated" if device.type == "cuda" else "process RSS, sampled",
+        forward_peak_bytes=increase,
+        peak_bytes=peak,
+        peak_method=method,
         batch_size=batch_size,
         seq_len=seq_len,
         device=str(device),

@@ -14,6 +14,9 @@ must hold exactly the tensors its config describes): ``loading_diep``. Both trav
 """
 
 import copy
+import dataclasses
+import functools
+import inspect
 
 import torch
 from transformers import (
@@ -70,6 +73,21 @@ def per_layer_load_balancing_loss(router_logits, attention_mask=None, top_k: int
             mean_prob = probs.mean(0)
         losses.append(num_experts * torch.sum(fraction_routed * mean_prob))
     return torch.stack(losses).mean()
+
+
+@functools.cache
+def cache_argument(model_class) -> str:
+    """The name under which ``model_class.forward`` takes the KV cache: ``cache`` from transformers 5.24 (where
+    ``past_key_values`` is deprecated with a FutureWarning), ``past_key_values`` before. This file travels with
+    checkpoints loaded by any transformers the package supports, so it asks the installed one."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+# The output's field for the cache: ``cache`` from transformers 5.24 (``past_key_values`` is renamed with a warning).
+OUTPUT_CACHE_FIELD = next(
+    (f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast) if f.name in ("cache", "past_key_values")),
+    "past_key_values",
+)
 
 
 class DiepForCausalLMMixin:
@@ -218,7 +236,7 @@ class DiepForCausalLMMixin:
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
@@ -226,16 +244,28 @@ class DiepForCausalLMMixin:
         logits_to_keep=0,
         **kwargs,
     ):
+        """The family's causal-LM forward with a per-layer auxiliary loss.
+
+        The KV cache is taken as ``cache`` (transformers >= 5.24, and its ``generate``) or ``past_key_values``
+        (earlier releases and older callers) and handed to the decoder under the one name it accepts, so neither a
+        deprecation warning nor "both are set" is raised on any supported transformers.
+        """
+        past_key_values = kwargs.pop("past_key_values", None)
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the KV cache once, as `cache` (transformers >= 5.24) or `past_key_values`")
+        cache = cache if cache is not None else past_key_values
+        cache_name = cache_argument(type(self.model))
+        cache_kwarg = {cache_name: cache} if cache is not None else {}
         if output_router_logits is None:
             output_router_logits = getattr(self.config, "output_router_logits", False)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            **cache_kwarg,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -259,10 +289,10 @@ class DiepForCausalLMMixin:
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            **{OUTPUT_CACHE_FIELD: getattr(outputs, OUTPUT_CACHE_FIELD, None)},
         )
 
 

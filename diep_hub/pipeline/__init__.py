@@ -15,7 +15,8 @@
 
 ``diep_hub.runner.run_recipe`` checks everything that can fail before the load stage (output folder, push token,
 data paths, model family, preflight), then runs :data:`STAGES` and, when pushing, ``PUBLISH_STAGES``. The dry run
-(``diep_hub.dry_run.estimate``) reads the same plan and runs the real selection on a meta-device model.
+(``diep_hub.dry_run.dry_run_summary``) reads the same plan, makes the prune stage's feasibility checks on a model of
+FakeTensors (no memory) and estimates time and memory with a stated cost model.
 
 Adding a stage (e.g. expert merging or router recalibration after surgery):
 

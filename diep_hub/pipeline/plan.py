@@ -85,11 +85,14 @@ class PruneConfig:
         return self.pruner_kwargs["sparsity"]
 
     def build_pruner(self) -> DiEPPruner:
-        """The pruner, its calibration source resolved to local data where it is an offline corpus or a file."""
+        """The pruner, given the calibration data by name (a Hub dataset, an offline corpus it resolves itself when
+        it loads) or as a local file, so that its settings never record a cache path of this machine."""
         from ..pruner import DiEPPruner
 
-        source, config, split = self.calibration.loader_args()
-        return DiEPPruner(**{**self.pruner_kwargs, "dataset": source, "dataset_config": config, "split": split})
+        cal = self.calibration
+        data = ({"dataset": cal.path, "dataset_config": None, "split": "train"} if cal.path is not None
+                else {"dataset": cal.dataset, "dataset_config": cal.config, "split": cal.split})
+        return DiEPPruner(**{**self.pruner_kwargs, **data})
 
 
 @dataclass(frozen=True)
@@ -245,17 +248,24 @@ def resolve_plan(
     recipe_path: str | os.PathLike | None = None,
 ) -> RunPlan:
     """Every stage's config from ``recipe`` and the command line's overrides (``None``: the recipe's value)."""
-    if repo_id is not None:
-        # the saved recipe.yaml names the repo the checkpoint is pushed to, not the one the file said
+    if repo_id is not None or output_dir is not None:
+        # the saved recipe.yaml names the repo the checkpoint is pushed to and the folder it is written to (as the
+        # command line gave them), not the ones the file said
         recipe = recipe.model_copy(deep=True)
-        recipe.publish.repo_id = repo_id
+        if repo_id is not None:
+            recipe.publish.repo_id = repo_id
+        if output_dir is not None:
+            recipe.output.dir = os.fspath(output_dir)
     p, cal, pub = recipe.pruning, recipe.pruning.calibration, recipe.publish
     repo = pub.repo_id
     recipe_yaml = recipe.to_yaml(resolve_paths=True)
     kwargs = recipe.to_pruner_kwargs()
     kwargs.pop("dataset"), kwargs.pop("dataset_config"), kwargs.pop("split")  # the TextSource resolves them
     calibration = _text(cal, recipe)
-    base_model = None if recipe.is_offline else recipe.model.id
+    from ..model_loading import source_name
+
+    base_model = source_name(recipe.model.id)  # the id as given, never a local path; recorded in the report
+    card_base_model = None if recipe.is_offline else base_model  # the card's front matter: Hub repos only
     return RunPlan(
         load=load_settings(recipe),
         prune=PruneConfig(pruner_kwargs=kwargs, calibration=calibration, calibration_named=cal.source,
@@ -264,7 +274,7 @@ def resolve_plan(
                                 num_samples=recipe.skipping.num_samples, calibration=calibration,
                                 seq_len=cal.seq_len, batch_size=p.search.batch_size, seed=p.seed),
         evaluation=evaluation_settings(recipe),
-        card=CardConfig(base_model=base_model, recipe_yaml=recipe_yaml, license=pub.card.license,
+        card=CardConfig(base_model=card_base_model, recipe_yaml=recipe_yaml, license=pub.card.license,
                         tags=tuple(pub.card.tags), extra_markdown=pub.card.extra_markdown, repo_id=repo,
                         stock_format=recipe.output.stock_format),
         save=SaveConfig(out=resolve_output_dir(recipe, output_dir), overwrite=overwrite,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..checkpoint.layout import EVAL_FILE, RECIPE_FILE
+from ..checkpoint.layout import RECIPE_FILE
 from ..checkpoint.report import Calibration, PruningReport
 from ..jsonable import to_jsonable
 from .plan import (
@@ -185,11 +185,10 @@ def prune(config: PruneConfig, state: RunState) -> PruneResult:
     """Calibrate, score, select and cut (``DiEPPruner.prune_model``); the report names the data as the recipe does
     (a Hub name, the offline corpus's name, the path as written), not the cache file an offline corpus became."""
     pruner = config.build_pruner()
-    state.model = pruner.prune_model(state.model, state.tokenizer)
-    calibration = Calibration(dataset=config.calibration_named, loaded_from=pruner.to_dict()["dataset"],
-                              num_samples=pruner.num_samples, seq_len=pruner.seq_len)
-    report = dataclasses.replace(pruner.report, calibration=calibration,
-                                 base_model=config.base_model or pruner.report.base_model)
+    state.model = pruner.prune_model(state.model, state.tokenizer, base_model=config.base_model)
+    calibration = Calibration(dataset=config.calibration_named, num_samples=pruner.num_samples,
+                              seq_len=pruner.seq_len)
+    report = dataclasses.replace(pruner.report, calibration=calibration)
     return PruneResult(pruner=pruner, report=report)
 
 
@@ -263,7 +262,9 @@ def save(config: SaveConfig, state: RunState) -> SaveResult:
     if (made := state.get(CardResult)) is not None:
         extra.update(made.files)
     if results := evaluation_results(state):
-        extra[EVAL_FILE] = to_jsonable(results)  # as evaluation.results.write_results writes it
+        from ..evaluation.results import evaluation_files
+
+        extra.update(evaluation_files(results))  # evaluation.json + lm_eval_results/{base,pruned}.json
     saved = pruner.save(state.model, config.out, tokenizer=state.tokenizer, overwrite=config.overwrite,
                         extra_files=extra, stock_format=config.stock_format, report=final_report(state))
     return SaveResult(Path(saved) if saved is not None else config.out)

@@ -145,22 +145,6 @@ SMOKE = ZooEntry(
     description="tiny smoke-test entry",
 )
 
-# The README's tiny model (``diep-hub/tiny-mixtral``): its shape and training recipe live here, its word-level
-# corpus, tokenizer and (constant learning rate) training loop in diep_hub.tiny, which builds it in seconds with
-# no cache. Not a ``diep-hub/zoo-<entry>`` id: build_zoo_model would train it on the wrong corpus.
-TINY = ZooEntry(
-    "tiny-mixtral",
-    "mixtral",
-    family_kwargs("mixtral", experts=8, top_k=2, expert_ffn=96, hidden_size=64, max_position_embeddings=512),
-    steps=150,
-    batch_size=16,
-    seq_len=48,
-    lr=3e-3,
-    warmup=0,
-    description="the README's tiny model: Mixtral type, 8 experts top-2, 4 layers (built by diep_hub.tiny)",
-)
-
-
 def get_entry(name: str) -> ZooEntry:
     """The zoo entry ``name`` (``"smoke"`` included), or a ConfigError listing the entries."""
     if name == SMOKE.name:

@@ -1,0 +1,46 @@
+"""Expert merging and router recalibration through ``DiEPPruner``: recorded in the config, the report and the card,
+and deterministic, so that ``reproduce`` can re-check the merged and recalibrated weights bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diep_hub import ConfigError
+from diep_hub.card import build_model_card
+from diep_hub.checkpoint.layout import REPORT_FILE
+from diep_hub.checkpoint.report import PruningReport
+from diep_hub.pruner import DiEPPruner
+from tests.helpers.tiny_models import tiny_model
+from tests.helpers.word_tokenizer import pruner_texts, pruner_tokenizer
+
+FAST = dict(num_samples=8, seq_len=16, batch_size=4, progress=False, method="frequency", sparsity=0.5)
+
+
+def test_merge_and_recalibrate_through_the_pruner(tmp_path):
+    pruner = DiEPPruner(dataset=pruner_texts(), merge="output_cosine", recalibrate_router=True,
+                        recalibration_steps=4, **FAST)
+    model = pruner.prune_model(tiny_model("mixtral"), pruner_tokenizer())
+    report = pruner.report
+    assert report.merging["num_merged"] == report.num_removed == 16
+    assert report.recalibration["steps"] == 4 and report.recalibration["layers"] == [0, 1, 2, 3]
+    assert model.config.diep_pruning["merge"] == "output_cosine"
+    folder = pruner.save(model, tmp_path / "out", tokenizer=pruner_tokenizer())
+    saved = json.loads((folder / REPORT_FILE).read_text())
+    assert saved["merging"]["num_merged"] == 16 and "loss_before" in saved["recalibration"]
+    again = PruningReport.from_dict(saved)
+    assert again.merging == report.merging
+    card = str(build_model_card(folder))
+    assert "### Merged experts" in card and "### Router recalibration" in card
+    other = DiEPPruner(dataset=pruner_texts(), merge="output_cosine", recalibrate_router=True,
+                       recalibration_steps=4, **FAST)
+    second = other.prune_model(tiny_model("mixtral"), pruner_tokenizer())
+    a, b = model.state_dict(), second.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_merge_is_refused():
+    with pytest.raises(ConfigError, match="merge"):
+        DiEPPruner(merge="mean")
