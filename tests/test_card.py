@@ -691,3 +691,32 @@ def test_card_figures_are_2x_and_mark_the_floor_layers():
     # the card's bar chart is the one drawn with top-k (floor colour, dashed top-k line), not the plain one
     assert card.figures["assets/experts_per_layer.png"] == experts_per_layer_png(rows, top_k=2)
     assert card.figures["assets/experts_per_layer.png"] != experts_per_layer_png(rows, top_k=None)
+
+
+def _serving_section(text: str) -> str:
+    assert "## Serving with vLLM" in text
+    return text.split("## Serving with vLLM", 1)[1].split("\n## ", 1)[0]
+
+
+def test_card_says_how_vllm_serves_the_checkpoint(tmp_path):
+    """A diep_<family> the plugin serves: its two commands; a family it refuses: the reason; a stock export: plain
+    `vllm serve` (issue 13, point 6). The wording comes from the same table `diep-hub inspect` reports."""
+    from diep_hub.checkpoint.inspect import serving_support
+
+    mixtral, _ = _pruned("mixtral")
+    section = _serving_section(str(build_model_card(mixtral, repo_id="tester/mixtral-x")))
+    assert 'pip install "./integrations/vllm[cuda]"' in section
+    assert "vllm serve tester/mixtral-x --trust-remote-code" in section
+
+    deepseek, _ = _pruned("deepseek_v3")
+    section = _serving_section(str(build_model_card(deepseek, repo_id="tester/deepseek-x")))
+    assert "Not servable by vLLM yet" in section and "vllm serve" not in section
+    assert serving_support({"model_type": "diep_deepseek_v3"})["reason"] in section
+
+    model = tiny_model("mixtral")
+    layers = model.config.num_hidden_layers
+    uniform = diep_hub.prune_experts(model, keep={layer: [0, 2, 3] for layer in range(layers)})
+    folder = tmp_path / "stock"
+    diep_hub.save_pruned(uniform, folder, stock_format=True)
+    section = _serving_section(str(build_model_card(folder, repo_id="tester/stock-x")))
+    assert "vllm serve tester/stock-x\n" in section and "trust-remote-code" not in section

@@ -94,6 +94,7 @@ class CardInputs:
     family_notes: str = ""
     figures: dict[str, str] = field(default_factory=dict)
     extra_markdown: str | None = None
+    serving: dict[str, Any] | None = None  # checkpoint.inspect.serving_support: what vLLM needs to serve it
 
     @property
     def has_results(self) -> bool:
@@ -128,6 +129,7 @@ def card_inputs_from_report(
     ``license`` is an id, or the base card's ``{"license", "license_name", "license_link"}`` (name and link are
     kept for ``license: other`` only, as the Hub asks).
     """
+    from ..checkpoint.inspect import serving_support
     from ..families import get_family
 
     view = PruningReport.for_checkpoint(config, report)
@@ -206,6 +208,7 @@ def card_inputs_from_report(
         family_notes=family.notes,
         figures=figures,
         extra_markdown=extra_markdown,
+        serving=serving_support({"model_type": model_type}),
     )
 
 
