@@ -187,7 +187,10 @@ def run_recipe(
         state = stages.run_stages(plan, stages.RunState(work=Path(tmp)), loading)
         bytes_before = _weight_bytes(state.model)  # the base model, before any stage cuts it
         stages.run_stages(plan, state, tuple(stage for stage in stages.STAGES if stage not in loading))
-    evaluation = stages.evaluation_results(state)
+    from .evaluation.results import split_raw
+
+    # lm-eval's raw results dicts are saved beside evaluation.json (lm_eval_results/), not repeated in the summary
+    evaluation = split_raw(stages.evaluation_results(state))[0]
     out = str(state.require(stages.SaveResult, "summary").path)
     summary: dict[str, Any] = {
         "output_dir": out,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import DiEPError
+from ..evaluation.results import split_raw
 from ..recipe import load_recipe
 from ..runner import run_recipe
 from .inspect import local_folder, read_checkpoint_metadata
@@ -71,7 +72,9 @@ def reproduce(
             )
         if evaluate_scores and recorded_eval:
             checks["evaluation"] = _compare_numbers(
-                _eval_numbers(recorded_eval), _eval_numbers(summary["evaluation"]), atol=1e-4
+                # lm-eval's raw dicts (its config, timings, sizes) are not results: compare what evaluation.json holds
+                _eval_numbers(split_raw(recorded_eval)[0]), _eval_numbers(split_raw(summary["evaluation"])[0]),
+                atol=1e-4
             )
     return {"source": str(repo_or_dir), "match": all(c["match"] for c in checks.values()), "checks": checks}
 
