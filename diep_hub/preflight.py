@@ -80,10 +80,10 @@ def check_model_reachable(load: Any) -> None:
         ConfigError: naming the model, why the Hub is unreachable, and what to do.
     """
     from .calibration_sources import hub_offline
-    from .model_loading import _local_model_folder
+    from .model_loading import _HUB_ID, _local_model_folder
 
-    if load.offline or _local_model_folder(load.model_id) is not None:
-        return
+    if load.offline or _local_model_folder(load.model_id) is not None or not _HUB_ID.fullmatch(load.model_id):
+        return  # not a Hub id: the loader names what it is not (a missing folder, a malformed id)
     reason = hub_unreachable_reason()
     if reason is None:
         return

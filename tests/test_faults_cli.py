@@ -716,8 +716,12 @@ def test_preflight_runs_after_the_config_and_before_any_weights(monkeypatch, tmp
     def no_weights(recipe):
         raise AssertionError("weights must not load when preflight refuses the run")
 
-    monkeypatch.setitem(sys.modules, "diep_hub.preflight",
-                        types.SimpleNamespace(check_run_inputs=check_run_inputs))
+    import diep_hub.preflight
+
+    real = diep_hub.preflight
+    monkeypatch.setitem(sys.modules, "diep_hub.preflight",  # the dry run's variant refuses the same way
+                        types.SimpleNamespace(check_run_inputs=check_run_inputs, check_dry_run_inputs=check_run_inputs,
+                                              check_model_reachable=real.check_model_reachable))
     monkeypatch.setattr(diep_hub.model_loading, "load_model", no_weights)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RUN_RECIPE))

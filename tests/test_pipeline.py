@@ -119,10 +119,12 @@ def test_resolve_plan_gives_every_stage_its_exact_config_and_writes_nothing(tmp_
     )
     overridden = recipe.model_copy(deep=True)
     overridden.publish.repo_id = "org/from-cli"
+    overridden.output.dir = "cli-out"
     recipe_yaml = overridden.to_yaml(resolve_paths=True)
     assert yaml.safe_load(recipe_yaml)["publish"]["repo_id"] == "org/from-cli"
+    assert yaml.safe_load(recipe_yaml)["output"]["dir"] == "cli-out"  # the folder it was written to, as given
     assert recipe.publish.repo_id == "org/from-recipe"  # the caller's recipe is left as it was
-    # --repo-id wins over publish.repo_id for the card, the push and the saved recipe.yaml.
+    # --repo-id and --output win over publish.repo_id and output.dir for the card, the push and the saved recipe.yaml.
     assert plan.card == CardConfig(base_model="org/model", recipe_yaml=recipe_yaml, license="mit",
                                    tags=("moe", "test"), extra_markdown="Hello", repo_id="org/from-cli",
                                    stock_format=False, command="diep-hub run recipe.yaml")
@@ -166,11 +168,12 @@ def test_overrides_left_out_keep_the_recipe_values(tmp_path, cache, monkeypatch)
     assert list(tmp_path.iterdir()) == [], "nothing written: not the output folder, not the offline corpus"
 
 
-def test_an_offline_model_has_no_base_model():
+def test_an_offline_model_is_recorded_by_its_id_but_is_no_hub_base_model():
     plan = resolve_plan(load_recipe(TINY))
     assert plan.load == LoadConfig(model_id="diep-hub/tiny-mixtral", revision=None, dtype="float32",
                                    device_map=None, trust_remote_code=False, offline=True)
-    assert (plan.prune.base_model, plan.card.base_model) == (None, None)
+    # the report names the offline id it was built from; the card's front matter links Hub repos only
+    assert (plan.prune.base_model, plan.card.base_model) == ("diep-hub/tiny-mixtral", None)
     assert plan.save.out == Path("out/tiny")
 
 

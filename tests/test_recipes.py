@@ -73,6 +73,7 @@ def test_real_model_recipes_use_the_paper_settings(path):
 
 
 def test_offline_recipes_resolve_every_source_locally(tmp_path, monkeypatch):
+    from diep_hub.model_loading import text_source
     from diep_hub.runner import build_pruner, evaluation_tasks
 
     monkeypatch.setenv("DIEP_HUB_CACHE", str(tmp_path / "cache"))
@@ -80,8 +81,11 @@ def test_offline_recipes_resolve_every_source_locally(tmp_path, monkeypatch):
         r = load_recipe(RECIPES / f"{name}.yaml")
         assert r.is_offline
         pruner = build_pruner(r)
-        source = Path(pruner.dataset)
-        assert source.is_file() and source.suffix == ".jsonl" and tmp_path in source.parents
+        # the pruner keeps the corpus's name (its settings never hold a cache path) and resolves it when it loads
+        assert pruner.dataset == r.pruning.calibration.dataset
+        path, local = text_source(pruner.dataset, None, pruner.split)
+        source = Path(path)
+        assert local and source.is_file() and source.suffix == ".jsonl" and tmp_path in source.parents
         assert (pruner.split, pruner.dataset_config) == ("train", None)
         tasks, include = evaluation_tasks(r, tmp_path / name)
         assert include is not None
