@@ -214,6 +214,7 @@ def _handler_for(server: HubServer):
                 ("POST", r"/api/validate-yaml", self.validate_yaml),
                 ("POST", r"/api/models/([^/]+/[^/]+)/preupload/(.+)", self.preupload),
                 ("POST", r"/api/models/([^/]+/[^/]+)/commit/(.+)", self.commit),
+                ("POST", r"/api/models/([^/]+/[^/]+)/branch/(.+)", self.create_branch),
                 ("GET", r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", self.tree),
                 ("GET", r"/api/models/([^/]+/[^/]+)/commits/([^/]+)", self.commits),
                 ("GET", r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", self.model_info),
@@ -289,6 +290,20 @@ def _handler_for(server: HubServer):
             if self._writer(namespace) is None:
                 return
             server.repos.pop(f"{namespace}/{data['name']}", None)
+            self._send(200, {})
+
+        def create_branch(self, repo_id, branch, query, head):
+            """``HfApi.create_branch``: a new ref at ``startingPoint`` (default: main's head); 409 if it exists."""
+            repo = self._repo(repo_id)
+            if repo is None or self._writer(repo_id.split("/")[0]) is None:
+                return
+            data = json.loads(self._body() or b"{}")
+            start = repo.refs.get(data.get("startingPoint") or "main", data.get("startingPoint"))
+            if branch in repo.refs:
+                return self._error(409, f"Reference already exists: refs/heads/{branch}")
+            if start not in repo.commits:
+                return self._error(404, f"Revision not found: {data.get('startingPoint')}")
+            repo.refs[branch] = start
             self._send(200, {})
 
         def validate_yaml(self, query, head):
