@@ -76,3 +76,30 @@ def test_the_cache_follows_hf_home_and_xdg_cache_home(tmp_path):
     assert folder(XDG_CACHE_HOME=str(xdg)) == str(xdg / "huggingface" / "assets" / "diep_hub" / "offline-text")
     assert folder(HF_HOME=str(hf_home), DIEP_HUB_CACHE=str(own)) == str(own / "offline-text")
     assert (hf_home / "assets" / "diep_hub" / "offline-text").is_dir()
+
+
+def test_progress_bars_go_through_huggingface_hub_so_its_switch_turns_them_off(tmp_path):
+    """`HF_HUB_DISABLE_PROGRESS_BARS=1` silences diep_hub's bars as it silences `hf`'s: every module that draws one
+    uses huggingface_hub's tqdm (zoo/train.py excepted: its source is the zoo's cache key, and it trains benchmark
+    models, not the user's run). Checked on the source, then on a real bar in a fresh process."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(diep_hub.__file__).parent
+    plain = [str(p.relative_to(package)) for p in package.rglob("*.py")
+             if re.search(r"^\s*from tqdm(\.auto)? import", p.read_text(encoding="utf-8"), re.MULTILINE)]
+    assert plain == ["zoo/train.py"]
+    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                   if "from huggingface_hub.utils import tqdm" in p.read_text(encoding="utf-8"))
+    assert {"calibration.py", "skipping.py", "criteria/diep.py", "criteria/removal.py"} <= set(users)
+
+    script = ("from diep_hub.calibration import tqdm\n"
+              "for _ in tqdm(range(3), desc='calibration-bar', mininterval=0): pass\n")
+    for disabled, expect_bar in (("1", False), ("0", True)):
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+               "HF_HUB_DISABLE_PROGRESS_BARS": disabled}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert ("calibration-bar" in done.stderr) is expect_bar, done.stderr
