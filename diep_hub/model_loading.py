@@ -260,6 +260,12 @@ def source_name(name: str | os.PathLike | None) -> str | None:
     return text
 
 
+def base_model_name(model: Any) -> str | None:
+    """The pruned model as its files record it: the Hub id (or name) it was loaded from, never a local path
+    (:func:`diep_hub.model_loading.source_name`); None for a model built in memory."""
+    return source_name(getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None))
+
+
 def _cache_dir() -> Path:
     """Where offline corpora are written: ``$DIEP_HUB_CACHE``, else beside huggingface_hub's caches (HF_HOME)."""
     from .hub import cache_folder

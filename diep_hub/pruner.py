@@ -36,7 +36,7 @@ from .errors import ConfigError, DiEPError, UnsupportedModelError
 from .families import get_family
 from .jsonable import to_jsonable
 from .memory import PeakMemory
-from .model_loading import source_name
+from .model_loading import base_model_name, source_name
 from .options import OPTION_KEYWORDS, DiEPOptions, NAEEOptions, PrunerSettings, check_pruner_keywords
 from .selection_limits import unreachable_sparsity
 from .surgery import prune_experts
@@ -428,6 +428,8 @@ class DiEPPruner:
             raise ConfigError("nothing to save yet: call prune_model(model, tokenizer) first")
         # ``skipping`` as the saved model has it: the run's skipping stage (or enable/disable_skipping after
         # pruning) may have switched it since these settings were made, and config.json records the model's state.
+        from .skipping import skipping_enabled
+
         settings = {**self.to_dict(), "skipping": skipping_enabled(model)}
         report = dataclasses.replace(report, format="stock" if stock_format else "diep",
                                      pruner_config={**(report.pruner_config or {}), "skipping": settings["skipping"]})
@@ -437,16 +439,4 @@ class DiEPPruner:
                            stock_format=stock_format)
 
 
-def skipping_enabled(model: nn.Module) -> bool:
-    """Whether adaptive expert skipping is on in ``model`` (``config.diep_skipping["enabled"]``)."""
-    settings = getattr(model.config, "diep_skipping", None)
-    return bool(isinstance(settings, Mapping) and settings.get("enabled"))
-
-
-def base_model_name(model: nn.Module) -> str | None:
-    """The pruned model as its files record it: the Hub id (or name) it was loaded from, never a local path
-    (:func:`diep_hub.model_loading.source_name`); None for a model built in memory."""
-    return source_name(getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None))
-
-
-__all__ = ["DiEPPruner", "OPTION_KEYWORDS", "base_model_name", "skipping_enabled", "unreachable_sparsity"]
+__all__ = ["DiEPPruner", "OPTION_KEYWORDS", "unreachable_sparsity"]

@@ -22,6 +22,7 @@ tokens without diep_hub.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -327,3 +328,9 @@ def reset_skip_counters(model: nn.Module) -> None:
     """Zero the skip counters of every layer."""
     for skipper in _skippers(model).values():
         skipper.reset()
+
+
+def skipping_enabled(model: nn.Module) -> bool:
+    """Whether adaptive expert skipping is on in ``model`` (``config.diep_skipping["enabled"]``)."""
+    settings = getattr(model.config, "diep_skipping", None)
+    return bool(isinstance(settings, Mapping) and settings.get("enabled"))
