@@ -3,13 +3,13 @@
 No weight is loaded or allocated, so even the largest MoE is estimated in seconds. Three things are told:
 
 1. **Feasibility, as ``prune`` decides it.** The pruner is built from the run's own settings (the same validation)
-   and :func:`check_feasible` calls what ``DiEPPruner.prune_model`` calls before calibration:
-   ``DiEPPruner.check_feasible`` (the real selection with floors, caps and group rules, on placeholder scores) and
-   the criterion's ``check_feasible`` (NAEE's subset count and surgery plan). The model is built with FakeTensors
-   (shapes and devices, no memory), so those checks run unchanged. A request ``prune`` refuses is refused here with
-   its message, and the command exits non-zero.
-2. **Cost, from a stated model** (:func:`cost_model`, constants :data:`DEVICE_COSTS` measured on real runs; how
-   close it came is in docs/dry-run.md)::
+   and :func:`check_feasible` calls ``DiEPPruner.prepare_scoring``, as ``DiEPPruner.prune_model`` does before
+   calibration: ``DiEPPruner.check_feasible`` (the real selection with floors, caps and group rules, on placeholder
+   scores) and the criterion's ``check_feasible`` (NAEE's subset count and surgery plan). The model is built with
+   FakeTensors (shapes and devices, no memory), so those checks run unchanged. A request ``prune`` refuses is
+   refused here with its message, and the command exits non-zero.
+2. **Cost, from a stated model** (:mod:`diep_hub.cost_model`: :func:`cost_model`, constants :data:`DEVICE_COSTS`
+   measured on real runs; how close it came is in docs/dry-run.md)::
 
        seconds = T0 [+ Tb] + Te x evaluations + 2 x (N_search x tokens_cal x passes
                                              + N_active x (tokens_eval x evaluations + tokens_skip)) / R
@@ -29,11 +29,20 @@ No weight is loaded or allocated, so even the largest MoE is estimated in second
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .cost_model import (
+    CALIBRATION,
+    DEVICE_COSTS,
+    MEMORY_TOLERANCE,
+    TIME_TOLERANCE,
+    CostInputs,
+    cost_model,
+    describe_cost_model,
+)
 from .errors import ConfigError
 from .families import get_family
 from .pipeline.plan import RunPlan
@@ -44,127 +53,6 @@ logger = logging.getLogger(__name__)
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 #: criteria that search with gradients: 1 reference pass, then forward + backward (~3 forward passes) a step
 _SEARCHING = {"diep": "epochs", "diep_removal": "epochs"}
-
-
-# ------------------------------------------------------------------------------------------------ cost model
-@dataclass(frozen=True)
-class DeviceCosts:
-    """The measured constants of :func:`cost_model` for one device kind."""
-
-    kind: str
-    flops_per_second: float  # R: effective throughput of the run's torch work
-    fixed_seconds: float  # T0: process start and imports, lm-eval task index, card figures, saving
-    seconds_per_evaluation: float  # Te: lm-eval's own overhead per evaluated model (tasks, requests, metrics)
-    baseline_bytes: float  # M0: resident memory with torch, transformers, lm-eval and datasets imported
-    weight_copies: float  # k: copies of the weights alive at the peak
-    measured: str  # where the constants come from
-    build_seconds: float = 0.0  # Tb: building diep-hub/tiny-mixtral (trained at load time) instead of reading it
-
-
-#: Constants per device kind. CPU: fitted on `diep-hub run` of three recipe sizes (:data:`CALIBRATION`: 0.65 M,
-#: 13 M and 107 M parameters) with OMP_NUM_THREADS=1 on a shared 2-core machine, CPU time (user + sys) and maximum
-#: RSS from /usr/bin/time -v, each measured twice; Te from the evaluation stage times (docs/dry-run.md).
-#: CUDA: not measured on a GPU; the values are an assumption and the output says so.
-DEVICE_COSTS: dict[str, DeviceCosts] = {
-    "cpu": DeviceCosts(
-        kind="cpu", flops_per_second=39e9, fixed_seconds=16.3, seconds_per_evaluation=3.3,
-        baseline_bytes=568 * 2**20, weight_copies=2.0, build_seconds=41.0,
-        measured="measured on 1 CPU thread, CPU time (user + sys), 3 recipe sizes (docs/dry-run.md)",
-    ),
-    "cuda": DeviceCosts(
-        kind="cuda", flops_per_second=100e12, fixed_seconds=30.0, seconds_per_evaluation=10.0,
-        baseline_bytes=0, weight_copies=1.2,
-        measured="NOT measured: assumed 100 TFLOP/s effective; the peak is GPU memory without the process",
-    ),
-}
-
-#: How far the CPU constants may put a calibration run's estimate from its measurement (docs/dry-run.md).
-TIME_TOLERANCE, MEMORY_TOLERANCE = 0.15, 0.08
-
-_SMALL = dict(bytes_per_param=4, search_tokens=2048, search_passes=13, eval_tokens=1024, evaluations=2,
-              skipping_tokens=512, batch_size=8, seq_len=64, vocab_size=36, eval_batch_size=16, eval_seq_len=64)
-#: The measured runs behind the CPU constants: recipes/tiny.yaml, and the same recipe on random Mixtral-type models
-#: (hidden 256 / intermediate 512 / 4 layers and 512 / 1024 / 8 layers, 8 experts top-2). CPU seconds and maximum
-#: RSS are the means of two runs; tests/test_dry_run.py checks the model against them.
-CALIBRATION: tuple[dict[str, Any], ...] = (
-    # re-measured once (19:10, 2026-12-02) for the 600-step tiny model, its cache empty: training took 41 s of it
-    {"name": "tiny (0.65 M parameters)", "cpu_seconds": 60.7, "max_rss_bytes": 618_792 * 1024,
-     "inputs": dict(_SMALL, params_total=646_208, params_active=203_840, params_search=203_840, num_layers=4,
-                    hidden_size=64, expert_width=192, search_parameters=64, builds_model=True)},
-    {"name": "mid (13.4 M parameters)", "cpu_seconds": 28.8, "max_rss_bytes": 714_498 * 1024,
-     "inputs": dict(_SMALL, params_total=13_398_272, params_active=3_961_088, params_search=3_961_088, num_layers=4,
-                    hidden_size=256, expert_width=1024, search_parameters=64)},
-    {"name": "large (107 M parameters)", "cpu_seconds": 69.8, "max_rss_bytes": 1_631_508 * 1024,
-     "inputs": dict(_SMALL, params_total=107_033_088, params_active=31_535_616, params_search=31_535_616,
-                    num_layers=8, hidden_size=512, expert_width=2048, search_parameters=128)},
-)
-
-
-@dataclass(frozen=True)
-class CostInputs:
-    """What the cost model reads, all taken from the config and the run's settings."""
-
-    params_total: int
-    params_active: int  # per token: top-k experts, attention, embeddings, head
-    params_search: int  # per token during the search (all experts in dense mode)
-    bytes_per_param: int
-    search_tokens: int
-    search_passes: int
-    eval_tokens: int  # perplexity tokens of one evaluation
-    evaluations: int  # 0, 1 (pruned) or 2 (base and pruned)
-    skipping_tokens: int
-    batch_size: int
-    seq_len: int
-    num_layers: int
-    hidden_size: int
-    expert_width: int  # FFN width a token passes through per layer (top-k or all experts x intermediate)
-    vocab_size: int
-    eval_batch_size: int
-    eval_seq_len: int
-    search_parameters: int  # the search's own trainable parameters (DiEP's alpha and beta)
-    builds_model: bool = False  # the load stage trains the model (diep-hub/tiny-mixtral) rather than reading it
-
-
-#: activation values a decoder layer keeps per token for the backward pass, in units of hidden_size (norms,
-#: q/k/v/o, residuals), on top of 3 x the expert width (gate, up, act) - a stated approximation.
-ACT_HIDDEN_UNITS = 12
-
-
-def cost_model(x: CostInputs, c: DeviceCosts) -> dict[str, float]:
-    """Time (seconds) and peak memory (bytes) of a run, by the formula in this module's docstring."""
-    search_flops = 2.0 * x.params_search * x.search_tokens * x.search_passes
-    other_flops = 2.0 * x.params_active * (x.eval_tokens * x.evaluations + x.skipping_tokens)
-    compute = (search_flops + other_flops) / c.flops_per_second
-    build = c.build_seconds if x.builds_model else 0.0
-    seconds = c.fixed_seconds + build + c.seconds_per_evaluation * x.evaluations + compute
-    weights = x.params_total * x.bytes_per_param
-    search_act = x.batch_size * x.seq_len * (
-        x.num_layers * (ACT_HIDDEN_UNITS * x.hidden_size + 3 * x.expert_width) + 2 * x.vocab_size) * 4
-    eval_act = x.eval_batch_size * x.eval_seq_len * 2 * x.vocab_size * 4  # logits and their log-softmax
-    optimizer = 4 * 4 * x.search_parameters  # value, gradient, Adam's two moments, fp32
-    peak = c.baseline_bytes + c.weight_copies * weights + max(search_act, eval_act) + optimizer
-    return {
-        "seconds": seconds,
-        "search_seconds": search_flops / c.flops_per_second,
-        "flops": search_flops + other_flops,
-        "peak_bytes": peak,
-        "weight_bytes": weights,
-        "activation_bytes": max(search_act, eval_act),
-        "optimizer_bytes": optimizer,
-    }
-
-
-def describe_cost_model(c: DeviceCosts, x: CostInputs) -> str:
-    """The formula with this run's numbers, for the dry run's output."""
-    build = f" + Tb {c.build_seconds:g} s" if x.builds_model else ""
-    return (
-        f"time = T0 {c.fixed_seconds:g} s{build} + Te {c.seconds_per_evaluation:g} s x {x.evaluations} evaluations + "
-        f"2 x (N_search {x.params_search:,} x {x.search_tokens:,} calibration tokens x {x.search_passes} passes + "
-        f"N_active {x.params_active:,} x {x.eval_tokens * x.evaluations + x.skipping_tokens:,} evaluation/skipping "
-        f"tokens) / R {c.flops_per_second / 1e9:g} GFLOP/s; peak = M0 {c.baseline_bytes / 2**20:.0f} MiB + "
-        f"{c.weight_copies:g} x weights + max(search activations, evaluation logits) + search optimizer state; "
-        f"{c.kind} constants {c.measured}; lm-eval compute on large tasks is not counted"
-    )
 
 
 # ------------------------------------------------------------------------------------------- shipped configs
@@ -269,21 +157,10 @@ def shape_only_model(config, trust_remote_code: bool = False):
 
 
 def check_feasible(pruner, model):
-    """The checks ``prune`` makes before calibration (``DiEPPruner.prune_model``): ``pruner.check_feasible`` (the
-    real selection on placeholder scores, worded by ``unreachable_sparsity``), then the criterion's
-    ``check_feasible`` with the counts the real run gives it. Returns the placeholder selection."""
-    from .criteria import base as criteria_base
-
-    selection = pruner.check_feasible(model)
-    family = get_family(model)
-    criterion = criteria_base.get_criterion(pruner.method)()
-    counts_fixed = pruner.selection in criteria_base.COUNTS_BEFORE_SCORING
-    num_to_keep = dict(selection.per_layer_kept) if criterion.needs_target_counts or counts_fixed else None
-    criterion.check_feasible(criteria_base.ScoringContext(
-        model=model, family=family, layers=family.moe_layers(model), input_ids=None, batch_size=pruner.batch_size,
-        seed=pruner.seed, num_to_keep=num_to_keep, sparsity=pruner.sparsity, options=pruner.criterion_options(),
-    ))
-    return selection
+    """The checks ``prune`` makes before calibration: ``DiEPPruner.prepare_scoring``, which ``prune_model`` calls
+    (the real selection on placeholder scores, worded by ``unreachable_sparsity``, then the criterion's
+    ``check_feasible`` with the counts the real run gives it). Returns the placeholder selection."""
+    return pruner.prepare_scoring(model)[0]
 
 
 # ------------------------------------------------------------------------------------------------- estimate
@@ -391,8 +268,9 @@ def estimate(plan: RunPlan, config=None) -> dict[str, Any]:
 __all__ = [
     "CALIBRATION",
     "DEVICE_COSTS",
+    "MEMORY_TOLERANCE",
+    "TIME_TOLERANCE",
     "CostInputs",
-    "DeviceCosts",
     "check_feasible",
     "cost_model",
     "dry_run_config",

@@ -27,17 +27,21 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
         ) from None
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """Parse a JSON file; malformed JSON is a :class:`CorruptFileError` with the file, line and column."""
+def _parse(path: str | os.PathLike, what: str, kind: str, parse, error: type[Exception], explain) -> Any:
+    """``parse`` the file's text; a ``error`` becomes a :class:`CorruptFileError` naming the file, with
+    ``explain(exc)`` (where and what) after it."""
     path = Path(path)
     text = read_text(path, what)
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CorruptFileError(
-            f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
-            "restore it or re-save the checkpoint"
-        ) from None
+        return parse(text)
+    except error as exc:
+        raise CorruptFileError(f"{what} {path} is not valid {kind} {explain(exc)}") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parse a JSON file; malformed JSON is a :class:`CorruptFileError` with the file, line and column."""
+    return _parse(path, what, "JSON", json.loads, json.JSONDecodeError, lambda exc: (
+        f"({exc.msg} at line {exc.lineno}, column {exc.colno}); restore it or re-save the checkpoint"))
 
 
 def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
@@ -52,15 +56,14 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
     """Parse a YAML file safely; a syntax error names the file, line and column."""
     import yaml
 
-    path = Path(path)
-    text = read_text(path, what)
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise CorruptFileError(f"{what} {path} is not valid YAML ({problem}{where})") from None
+    return _parse(path, what, "YAML", yaml.safe_load, yaml.YAMLError, _yaml_problem)
+
+
+def _yaml_problem(exc) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"({problem}{where})"
 
 
 __all__ = ["read_json", "read_json_object", "read_text", "read_yaml"]

@@ -55,6 +55,7 @@ from .cka import centered_gram_vector, cka_matrix
 from .criteria.capture import RoutingRecord, check_input_ids, routing_pass
 from .errors import ConfigError
 from .families import MoELayer, get_family
+from .merge_alignment import aligned_rows, neuron_permutation, supports_alignment
 from .surgery import plan_surgery
 
 logger = logging.getLogger(__name__)
@@ -262,55 +263,6 @@ def plan_merges(
     return groups
 
 
-def supports_alignment(layer: MoELayer) -> bool:
-    """Whether the layer stores the gated layout weight matching reads: exactly ``gate_up_proj`` [E, 2I, H] (gate
-    rows first) and ``down_proj`` [E, H, I]."""
-    experts = layer.experts
-    if tuple(n for n in layer.family.expert_tensors if getattr(experts, n, None) is not None) != (
-        "gate_up_proj",
-        "down_proj",
-    ):
-        return False
-    gate_up, down = experts.gate_up_proj, experts.down_proj
-    return gate_up.dim() == down.dim() == 3 and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == (
-        down.shape[1]
-    )
-
-
-def neuron_permutation(layer: MoELayer, kept: int, other: int) -> torch.Tensor:
-    """The order of ``other``'s intermediate neurons that best matches ``kept``'s (weight matching): position a
-    holds the neuron of ``other`` assigned to ``kept``'s neuron a, maximising the summed dot products of the
-    neurons' [gate row, up row, down column] vectors (Hungarian algorithm)."""
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError:  # pragma: no cover - scipy comes with the project's dependencies
-        raise ConfigError("align='weights' needs scipy (pip install scipy), or pass align='none'") from None
-    gate_up, down = layer.experts.gate_up_proj, layer.experts.down_proj
-    width = down.shape[2]
-
-    def features(e: int) -> torch.Tensor:
-        g = gate_up[e].detach().to(torch.float64)
-        return torch.cat([g[:width], g[width:], down[e].detach().to(torch.float64).T], dim=1)
-
-    affinity = features(kept) @ features(other).T
-    rows, cols = linear_sum_assignment(affinity.cpu().numpy(), maximize=True)
-    order = torch.empty(width, dtype=torch.long)
-    order[torch.as_tensor(rows)] = torch.as_tensor(cols)
-    return order
-
-
-def _aligned_rows(layer: MoELayer, name: str, expert: int, order: torch.Tensor | None) -> torch.Tensor:
-    """Expert ``expert``'s slice of tensor ``name`` in float64, its intermediate neurons put in ``order``."""
-    tensor = getattr(layer.experts, name)[expert].to(torch.float64)
-    if order is None:
-        return tensor
-    order = order.to(tensor.device)
-    if name == "gate_up_proj":
-        width = order.numel()
-        return torch.cat([tensor[:width].index_select(0, order), tensor[width:].index_select(0, order)])
-    return tensor.index_select(1, order)  # down_proj [H, I]
-
-
 def apply_merges(layer: MoELayer, groups: Mapping[int, MergeGroup], *, align: str = "none") -> bool:
     """Overwrite each kept expert's rows of every expert tensor with its group's weighted average, in place.
 
@@ -330,9 +282,9 @@ def apply_merges(layer: MoELayer, groups: Mapping[int, MergeGroup], *, align: st
             if getattr(layer.experts, name, None) is None:
                 continue
             for kept, group in groups.items():
-                total = group.weight * _aligned_rows(layer, name, kept, None)
+                total = group.weight * aligned_rows(layer, name, kept, None)
                 for m in group.merged:
-                    total = total + m.weight * _aligned_rows(layer, name, m.expert, orders[(kept, m.expert)])
+                    total = total + m.weight * aligned_rows(layer, name, m.expert, orders[(kept, m.expert)])
                 averages[(name, kept)] = total
         for (name, kept), average in averages.items():
             tensor = getattr(layer.experts, name)

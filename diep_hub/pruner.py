@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from .calibration_sources import describe_source
-from .checkpoint.format import current_layer_plans
 from .checkpoint.layout import PRUNER_CONFIG_FILE, REPORT_FILE
-from .checkpoint.report import Calibration, PruningReport
+from .checkpoint.report import PruningReport
 from .checkpoint.saving import save_pruned
 from .criteria import base as criteria_base  # importing the package registers every criterion
 from .errors import ConfigError, DiEPError, UnsupportedModelError
@@ -38,14 +37,13 @@ from .jsonable import to_jsonable
 from .memory import PeakMemory
 from .model_loading import base_model_name, source_name
 from .options import OPTION_KEYWORDS, DiEPOptions, NAEEOptions, PrunerSettings, check_pruner_keywords
+from .pruning_record import record_pruning
 from .selection_limits import unreachable_sparsity
 from .surgery import prune_experts
 
 logger = logging.getLogger(__name__)
 
 _SETTINGS, _DIEP = PrunerSettings.model_fields, DiEPOptions.model_fields
-#: the package versions a pruning report records, in this order (from ``evaluation.results.package_versions``)
-REPORT_VERSIONS = ("python", "diep_hub", "torch", "transformers", "accelerate", "datasets")
 
 
 @dataclass
@@ -230,6 +228,37 @@ class DiEPPruner:
         logger.info("%s searches subsets of these sizes per layer: %s", self.method, counts)
         return counts
 
+    def prepare_scoring(self, model: nn.Module):
+        """Every check ``prune_model`` makes before a calibration token is read, and what the criterion gets.
+
+        ``check_feasible`` (the real selection on placeholder scores), then the criterion's own ``check_feasible``
+        on the :class:`~diep_hub.criteria.base.ScoringContext` it will score with, tokens still missing. The dry
+        run calls this on a model of FakeTensors, so it refuses exactly what ``prune`` refuses.
+
+        Returns:
+            ``(placeholder selection, criterion, context)``.
+        """
+        dry_run = self.check_feasible(model)
+        family = get_family(model)
+        criterion = criteria_base.get_criterion(self.method)()
+        # Counts fixed before scoring (uniform selection) are told to every criterion: NAEE needs them, the
+        # removal-aware search budgets per layer with them, the others ignore them.
+        counts_fixed = self.selection in criteria_base.COUNTS_BEFORE_SCORING
+        num_to_keep = self._target_counts(dry_run) if criterion.needs_target_counts or counts_fixed else None
+        context = criteria_base.ScoringContext(
+            model=model,
+            family=family,
+            layers=family.moe_layers(model),
+            input_ids=None,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            num_to_keep=num_to_keep,
+            sparsity=self.sparsity,
+            options=self.criterion_options(),
+        )
+        criterion.check_feasible(context)
+        return dry_run, criterion, context
+
     def prune_model(self, model: nn.Module, tokenizer, *, base_model: str | None = None) -> nn.Module:
         """Score, select and remove experts in place; return the ``diep_<family>`` model.
 
@@ -239,33 +268,13 @@ class DiEPPruner:
         from (``model.name_or_path``), never a local path.
         """
         from .calibration import load_calibration_data, vocab_size_of
-        from .evaluation.results import package_versions
 
         started = time.perf_counter()
         family = get_family(model)
-        dry_run = self.check_feasible(model)
-        criterion = criteria_base.get_criterion(self.method)()
-        layers = family.moe_layers(model)
+        _, criterion, context = self.prepare_scoring(model)
+        layers, num_to_keep = context.layers, context.num_to_keep
         experts_before = {layer.index: layer.num_experts for layer in layers}
         previous = getattr(model.config, "diep_pruning", None)
-
-        # Counts fixed before scoring (uniform selection) are told to every criterion: NAEE needs them, the
-        # removal-aware search budgets per layer with them, the others ignore them.
-        counts_fixed = self.selection in criteria_base.COUNTS_BEFORE_SCORING
-        num_to_keep = self._target_counts(dry_run) if criterion.needs_target_counts or counts_fixed else None
-        # Everything but the calibration tokens, so that the criterion can refuse before they are loaded.
-        context = criteria_base.ScoringContext(
-            model=model,
-            family=family,
-            layers=layers,
-            input_ids=None,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            num_to_keep=num_to_keep,
-            sparsity=self.sparsity,
-            options=self.criterion_options(),
-        )
-        criterion.check_feasible(context)
 
         with PeakMemory() as memory:
             source, config_name, split = self.calibration_source()
@@ -329,67 +338,13 @@ class DiEPPruner:
             memory.measure()
             skipping_summary = self._skip(model, input_ids) if self.skipping else None
 
-        installed = package_versions()
-        versions = {name: installed[name] for name in REPORT_VERSIONS}
         base_model = source_name(base_model) if base_model is not None else base_model_name(model)
-        record = {
-            "base_model": base_model,
-            "method": self.method,
-            "sparsity": self.sparsity,
-            "selection": self.selection,
-            "ranking": result.ranking,
-            "seed": self.seed,
-            "num_removed": int(selection.num_removed),
-            "num_total": int(selection.num_total),
-            "calibration": {
-                "dataset": self.to_dict()["dataset"],
-                "num_samples": self.num_samples,
-                "seq_len": self.seq_len,
-            },
-            "criterion_options": self.criterion_options(),
-            "merge": self.merge,
-            "recalibrate_router": self.recalibrate_router,
-            "diep_hub_version": versions["diep_hub"],
-        }
-        if previous:
-            record["previous"] = previous
-        model.config.diep_pruning = record
-        searched = ("alpha", "beta", "loss_curve")  # DiEP's search record: fields of their own in the report
-        self.report = PruningReport(
-            pruner_config=self.to_dict(),
-            base_model=base_model,
-            family=family.model_type,
-            format="diep",
-            method=self.method,
-            reference=getattr(criterion, "reference", ""),
-            ranking=result.ranking,
-            seed=self.seed,
-            sparsity=self.sparsity,
-            selection=self.selection,
-            num_removed=int(selection.num_removed),
-            num_total=int(selection.num_total),
-            rounding=selection.rounding,
-            selection_plan=selection.to_dict(),
-            experts_before=experts_before,
-            kept_ids={k: [int(i) for i in v] for k, v in selection.keep.items()},
-            kept_original_ids={i: list(plan.kept_original_ids) for i, plan in current_layer_plans(model).items()},
-            per_layer_kept={k: int(v) for k, v in selection.per_layer_kept.items()},
-            scores={k: [float(x) for x in v.tolist()] for k, v in result.scores.items()},
-            details={k: v for k, v in result.details.items() if k not in searched},
-            calibration=Calibration(dataset=self.to_dict()["dataset"], num_samples=self.num_samples,
-                                    seq_len=self.seq_len),
-            calibration_shape=list(input_ids.shape),
-            wall_seconds=round(time.perf_counter() - started, 3),
-            scoring_seconds=round(score_seconds, 3),
-            peak_memory=memory.summary(),
-            versions=versions,
-            previous_pruning=previous,
-            alpha=result.details.get("alpha"),
-            beta=result.details.get("beta"),
-            loss_curve=result.details.get("loss_curve"),
-            skipping=skipping_summary,
-            merging=merging,
-            recalibration=recalibration,
+        self.report = record_pruning(
+            self, model, family=family, reference=getattr(criterion, "reference", ""), result=result,
+            selection=selection, experts_before=experts_before, previous=previous, base_model=base_model,
+            calibration_shape=list(input_ids.shape), started=started,
+            scoring_seconds=score_seconds, peak_memory=memory.summary(),
+            edits={"skipping": skipping_summary, "merging": merging, "recalibration": recalibration},
         )
         logger.info(
             "removed %d of %d routed experts (%s selection); kept per layer: %s",

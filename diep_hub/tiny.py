@@ -2,19 +2,10 @@
 
 Nothing can be downloaded in CI, yet the whole recipe flow (load, calibrate, search, prune, evaluate, card, save)
 must run end to end on a model that is good at something, or the card would show pruning noise. This module builds
-everything that flow needs from code, deterministically for a seed:
-
-- a generated corpus of four rule-based "domains" (addition of two digits, reversal and sorting of digit
-  sequences, a tiny grammar of prose), common and rare, so that experts specialise and perplexity measures
-  something;
-- a word-level tokenizer over that corpus (``tokenizers`` WordLevel wrapped in ``PreTrainedTokenizerFast``);
-- a Mixtral-type MoE (8 experts, top-2, 4 layers: :data:`TINY`) trained on the corpus once (about a minute on one
-  CPU core), then kept in the user's cache folder under a fingerprint of everything that decides its weights;
-- two lm-eval multiple-choice tasks (:data:`TINY_TASKS`), written as local files (no Hub): the addition table
-  (``diep_tiny_arith``; all 100 facts are in the corpus, the task asks whether the model still knows them) and
-  reversal of digit sequences never seen in training (``diep_tiny_reverse``; the rule, not a table).
-
-The calibration/perplexity source name ``diep-hub/tiny-text`` selects this corpus in a recipe.
+that model from code, deterministically for a seed: a Mixtral-type MoE (8 experts, top-2, 4 layers: :data:`TINY`)
+trained once (about a minute on one CPU core) on the generated corpus of :mod:`diep_hub.tiny_data` (which also holds
+its tokenizer and its two lm-eval tasks, re-exported here), then kept in the user's cache folder under a fingerprint
+of everything that decides its weights. It also resolves the reserved ids of offline models, texts and tasks.
 """
 
 from __future__ import annotations
@@ -27,26 +18,35 @@ import math
 import os
 import random
 import time
-import zlib
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+# _line and _domain: the corpus generators training_batch calls (its source text is part of the cache key)
+from .tiny_data import (
+    TASK_ITEMS,
+    TINY_REVERSE_TASK,
+    TINY_TASK,
+    TINY_TASKS,
+    TINY_TEXT_ID,
+    _domain,
+    _line,
+    build_tiny_tokenizer,
+    is_held_out,
+    tiny_task_items,
+    tiny_texts,
+    write_tiny_tasks,
+)
 from .zoo.configs import family_kwargs
 from .zoo.train import ZooEntry
 
 logger = logging.getLogger(__name__)
 
 TINY_MODEL_ID = "diep-hub/tiny-mixtral"
-TINY_TEXT_ID = "diep-hub/tiny-text"
-TINY_TASK = "diep_tiny_arith"
-TINY_REVERSE_TASK = "diep_tiny_reverse"
-TINY_TASKS = (TINY_TASK, TINY_REVERSE_TASK)
-TASK_ITEMS = 200  # items a task: a standard error of about 0.02 at 90% accuracy
 
 # The tiny model: its shape and its training recipe (warmup, then cosine decay to 5% of ``lr``). Its own corpus
-# and tokenizer (below), so not a ``diep-hub/zoo-<entry>`` id.
+# and tokenizer (:mod:`diep_hub.tiny_data`), so not a ``diep-hub/zoo-<entry>`` id.
 TINY = ZooEntry(
     "tiny-mixtral",
     "mixtral",
@@ -59,78 +59,9 @@ TINY = ZooEntry(
     description="the README's tiny model: Mixtral type, 8 experts top-2, 4 layers (built by diep_hub.tiny)",
 )
 
-_WORDS = {
-    "det": ["the", "a"],
-    "noun": ["cat", "dog", "bird", "fish", "tree", "house"],
-    "verb": ["sees", "likes", "finds", "chases"],
-    "adj": ["big", "small", "red", "green"],
-}
-_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
-# Domain weights: reversal (the rule takes the most steps to learn), arithmetic and prose are common, sorting is rare.
-_DOMAINS = (("prose", 2), ("arith", 3), ("reverse", 4), ("sort", 1))
-_DIGITS = [str(d) for d in range(10)]
-
-
-def is_held_out(digits: list[str]) -> bool:
-    """One digit sequence in eight (by checksum) never appears in the corpus: ``diep_tiny_reverse`` asks only these."""
-    return zlib.crc32(" ".join(digits).encode()) % 8 == 0
-
-
-def _reversal_input(rng: random.Random, *, held_out: bool) -> list[str]:
-    while True:
-        xs = [rng.choice(_DIGITS) for _ in range(rng.randint(3, 5))]
-        if is_held_out(xs) == held_out:
-            return xs
-
-
-def _line(rng: random.Random, domain: str) -> str:
-    if domain == "arith":
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"add {a} {b} = {' '.join(f'{a + b:02d}')} ."  # two digits: every answer has the same length
-    if domain == "reverse":
-        xs = _reversal_input(rng, held_out=False)
-        return f"rev {' '.join(xs)} > {' '.join(reversed(xs))} ."
-    if domain == "sort":
-        xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
-        return f"sort {' '.join(map(str, xs))} > {' '.join(map(str, sorted(xs)))} ."
-    w = {k: rng.choice(v) for k, v in _WORDS.items()}
-    return f"{w['det']} {w['adj']} {w['noun']} {w['verb']} {rng.choice(_WORDS['det'])} {rng.choice(_WORDS['noun'])} ."
-
-
-def _domain(rng: random.Random) -> str:
-    return rng.choices([d for d, _ in _DOMAINS], [w for _, w in _DOMAINS])[0]
-
-
-def tiny_texts(split: str = "train", num: int = 256, *, seed: int = 0) -> list[str]:
-    """Generated documents of eight lines each; "train" and "test" use disjoint random streams."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split {split!r} is not available for {TINY_TEXT_ID}; use 'train' or 'test'")
-    rng = random.Random(f"{seed}-{split}")
-    return [" ".join(_line(rng, _domain(rng)) for _ in range(8)) for _ in range(num)]
-
-
-def _vocab() -> list[str]:
-    words = [w for group in _WORDS.values() for w in group]
-    return _SPECIAL + _DIGITS + ["add", "rev", "sort", "=", ">", "."] + words
-
-
-def build_tiny_tokenizer():
-    """A word-level tokenizer over the tiny corpus (offline, deterministic ids)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(_vocab())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        model_max_length=512,
-    )
-
 
 def tiny_config():
-    """The tiny Mixtral configuration (8 experts, top-2): :data:`TINY` over this module's vocabulary."""
+    """The tiny Mixtral configuration (8 experts, top-2): :data:`TINY` over the tiny corpus's vocabulary."""
     from .zoo.train import model_config
 
     return model_config(TINY, build_tiny_tokenizer())
@@ -296,66 +227,6 @@ def train_tiny_model(entry: ZooEntry = TINY, *, seed: int = 0):
     return model, log
 
 
-# ------------------------------------------------------------------------------------------------- the tasks
-def tiny_task_items(task: str, num: int = TASK_ITEMS, *, seed: int = 0) -> list[dict]:
-    """The items of a tiny task: ``{"query", "choices", "gold"}``, four choices of equal length, one right.
-
-    ``diep_tiny_arith``: ``add A B =`` and two-digit sums (the distractors are other sums of two digits).
-    ``diep_tiny_reverse``: ``rev X Y Z >`` on held-out sequences; the distractors are other orders of the same
-    digits (or other digits where too few orders exist).
-    """
-    if task not in TINY_TASKS:
-        raise ValueError(f"{task!r} is not a tiny task; available: {', '.join(TINY_TASKS)}")
-    rng = random.Random(f"{seed}-task-{task}")
-    rows = []
-    for _ in range(num):
-        if task == TINY_TASK:
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            sums = [a + b, *rng.sample([s for s in range(19) if s != a + b], 3)]
-            rng.shuffle(sums)
-            choices = [" ".join(f"{s:02d}") for s in sums]
-            query, answer = f"add {a} {b} =", " ".join(f"{a + b:02d}")
-        else:
-            xs = _reversal_input(rng, held_out=True)
-            answer = " ".join(reversed(xs))
-            wrong = {" ".join(rng.sample(xs, len(xs))) for _ in range(24)} - {answer}
-            while len(wrong) < 3:
-                wrong.add(" ".join(rng.choice(_DIGITS) for _ in xs))
-                wrong.discard(answer)
-            choices = [answer, *rng.sample(sorted(wrong), 3)]
-            rng.shuffle(choices)
-            query = f"rev {' '.join(xs)} >"
-        rows.append({"query": query, "choices": choices, "gold": choices.index(answer)})
-    return rows
-
-
-def write_tiny_tasks(folder: str | os.PathLike, *, num: int = TASK_ITEMS, seed: int = 0) -> Path:
-    """Write the lm-eval tasks :data:`TINY_TASKS` (4-way multiple choice) into ``folder``.
-
-    Returns the folder, to pass as lm-eval's ``include_path``.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for task in TINY_TASKS:
-        data = folder / f"{task}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in tiny_task_items(task, num, seed=seed)), encoding="utf-8")
-        yaml_text = (
-            f"task: {task}\n"
-            "dataset_path: json\n"
-            f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
-            "test_split: test\n"
-            "output_type: multiple_choice\n"
-            'doc_to_text: "{{query}}"\n'
-            'doc_to_choice: "{{choices}}"\n'
-            'doc_to_target: "{{gold}}"\n'
-            'target_delimiter: " "\n'
-            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-            "metadata:\n  version: 2.0\n"
-        )
-        (folder / f"{task}.yaml").write_text(yaml_text, encoding="utf-8")
-    return folder
-
-
 def is_offline_task(name: str) -> bool:
     """True for the task names written on the fly (the tiny tasks, ``zoo_*``): no include_path needed."""
     return name in TINY_TASKS or name.startswith("zoo_")
@@ -432,3 +303,34 @@ def write_offline_tasks(tasks: list[str], folder: str | os.PathLike) -> Path | N
         write_lm_eval_tasks(folder)
         wanted = True
     return Path(folder) if wanted else None
+
+
+__all__ = [
+    "TASK_ITEMS",
+    "TINY",
+    "TINY_MODEL_ID",
+    "TINY_REVERSE_TASK",
+    "TINY_TASK",
+    "TINY_TASKS",
+    "TINY_TEXT_ID",
+    "ZOO_PREFIX",
+    "ZOO_TEXT_ID",
+    "build_offline_model",
+    "build_tiny_model",
+    "build_tiny_tokenizer",
+    "is_held_out",
+    "is_offline_model",
+    "is_offline_task",
+    "offline_config",
+    "offline_text_file",
+    "tiny_cache_dir",
+    "tiny_cache_file",
+    "tiny_cache_key",
+    "tiny_config",
+    "tiny_task_items",
+    "tiny_texts",
+    "train_tiny_model",
+    "training_batch",
+    "write_offline_tasks",
+    "write_tiny_tasks",
+]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,12 @@ def card_inputs(
     report: PruningReport | Mapping[str, Any] | None = None,
     recipe_text: str | None = None,
     license: str | None = None,
-    tags: Sequence[str] = (),
-    repo_id: str | None = None,
-    model_name: str | None = None,
-    command: str | None = None,
-    extra_markdown: str | None = None,
-    stock_format: bool = False,
+    **details: Any,
 ) -> CardInputs:
     """Gather what the card says. A folder supplies missing report, evaluation and recipe from its files; the base
-    model's license is looked up on the Hub when not given (None offline)."""
+    model's license is looked up on the Hub when not given (None offline). ``details``: the other keywords of
+    :func:`~diep_hub.card.inputs.card_inputs_from_report` (tags, repo_id, model_name, command, extra_markdown,
+    stock_format), passed on as they are."""
     config, folder = _config_dict(model_or_folder)
     if folder is not None:
         if report is None:
@@ -49,8 +46,7 @@ def card_inputs(
         licensing = base_model_license(base_model)
     return card_inputs_from_report(
         report, eval_results, config=config, recipe_text=recipe_text, base_model=base_model, license=licensing,
-        tags=tags, repo_id=repo_id, model_name=model_name, command=command, extra_markdown=extra_markdown,
-        stock_format=stock_format,
+        **details,
     )
 
 

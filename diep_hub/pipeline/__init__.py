@@ -32,28 +32,7 @@ No other stage changes: the card and the save stage read the model as the last s
 :func:`~diep_hub.pipeline.stages.final_report`; a stage that adds to the report extends that function.
 """
 
-from .plan import (
-    CardConfig,
-    EvaluationConfig,
-    LoadConfig,
-    PruneConfig,
-    PushConfig,
-    RunPlan,
-    SaveConfig,
-    SkippingConfig,
-    TextSource,
-    resolve_plan,
-)
+from . import plan
+from .plan import *  # noqa: F403 - the package's names are the plan's, listed once (plan.__all__)
 
-__all__ = [
-    "CardConfig",
-    "EvaluationConfig",
-    "LoadConfig",
-    "PruneConfig",
-    "PushConfig",
-    "RunPlan",
-    "SaveConfig",
-    "SkippingConfig",
-    "TextSource",
-    "resolve_plan",
-]
+__all__ = plan.__all__
