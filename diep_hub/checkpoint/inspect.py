@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ..errors import ConfigError, CorruptFileError, DiEPError
@@ -21,36 +22,73 @@ from .report import PruningReport, experts_table
 # What the vLLM plugin (integrations/vllm, ``diep_hub_vllm``) serves and refuses. diep_hub cannot import the plugin
 # (it lives in a vLLM environment with an older transformers), so the lists are repeated here as plain literals;
 # integrations/vllm/tests/test_units.py parses this file and checks they equal the plugin's own (plan.py).
-VLLM_PLUGIN_SERVES = ("diep_mixtral", "diep_qwen2_moe", "diep_qwen3_moe", "diep_olmoe")
+VLLM_PLUGIN_SERVES = (
+    "diep_mixtral", "diep_qwen2_moe", "diep_qwen3_moe", "diep_olmoe", "diep_deepseek_v2", "diep_deepseek_v3"
+)
 VLLM_PLUGIN_REFUSES = {
-    "diep_deepseek_v2": (
-        "vLLM's DeepSeek model builds one model-wide expert mapping from n_routed_experts, sizes grouped routing "
-        "(n_group / topk_group) and e_score_correction_bias for one expert count, and numbers fused shared-expert "
-        "slots after the routed ones, so per-layer expert counts cannot be served faithfully"
-    ),
-    "diep_deepseek_v3": (
-        "vLLM's DeepSeek model builds one model-wide expert mapping from n_routed_experts, sizes grouped routing "
-        "(n_group / topk_group) and e_score_correction_bias for one expert count, and numbers fused shared-expert "
-        "slots after the routed ones, so per-layer expert counts cannot be served faithfully"
-    ),
     "diep_gpt_oss": "the plugin has no per-layer GPT-OSS model",
     "diep_phimoe": "the plugin has no per-layer PhiMoE model",
     "diep_granitemoe": "the plugin has no per-layer GraniteMoE model",
 }
 
 
+def _routing_group_problem(config: dict[str, Any]) -> str | None:
+    """Why a served family's grouped routing (DeepSeek) cannot be served as saved, or None.
+
+    The plugin builds each layer's groups as the checkpoint's remote code does (the layer's ``n_group_per_layer`` /
+    ``topk_group_per_layer`` entry, else the config's ``n_group`` / ``topk_group``; DeepSeek-V2 groups only with
+    ``topk_method: group_limited_greedy``) and refuses a layer whose kept count does not split into n_group equal
+    groups (of at least the family's ``min_per_group``) or whose topk_group groups cannot supply top-k.
+    """
+    from ..families import get_family
+    from ..families.base import RoutingRules
+
+    family = get_family(str(config.get("model_type")))
+    grouping = family.grouped_routing
+    if grouping is None:
+        return None
+    if grouping.active_when is not None and not grouping.active_when(SimpleNamespace(**config)):
+        return None
+    top_k = config.get(family.top_k_field)
+    for index, count in enumerate(config.get("num_experts_per_layer") or []):
+        if count is None:
+            continue
+        groups = []
+        for field in ("n_group", "topk_group"):
+            per_layer = config.get(f"{field}_per_layer") or []
+            value = per_layer[index] if index < len(per_layer) and per_layer[index] is not None else config.get(field)
+            groups.append(value)
+        n_group, topk_group = groups
+        valid = isinstance(n_group, int) and isinstance(topk_group, int) and 1 <= topk_group <= n_group
+        layer_top_k = min(top_k, count) if isinstance(top_k, int) else top_k
+        rules = RoutingRules(top_k=layer_top_k, n_group=n_group, topk_group=topk_group,
+                             min_per_group=grouping.min_per_group) if valid else None
+        if rules is None or (rules.grouped and not rules.accepts(count)) or count < grouping.min_per_group:
+            return (
+                f"layer {index} keeps {count} experts but routes with n_group={n_group}, topk_group={topk_group}: "
+                f"grouped routing needs the kept count split into n_group equal groups of at least "
+                f"{grouping.min_per_group} and topk_group groups that supply top-k={layer_top_k}; prune with the "
+                "same count from every group, or regroup the layer"
+            )
+    return None
+
+
 def serving_support(config: dict[str, Any]) -> dict[str, Any]:
     """Whether vLLM can serve a checkpoint with this config.json: ``servable``, ``needs_plugin`` and ``reason``.
 
-    A ``diep_<family>`` checkpoint needs the diep-hub-vllm plugin, which serves some families and refuses the
-    others at load; a stock-format export (the family's own architecture, the same count in every layer) is
-    plain vLLM's own model.
+    A ``diep_<family>`` checkpoint needs the diep-hub-vllm plugin, which serves some families (DeepSeek when every
+    layer's kept count fills its routing groups) and refuses the others at load; a stock-format export (the
+    family's own architecture, the same count in every layer) is plain vLLM's own model.
     """
     model_type = str(config.get("model_type"))
     if not model_type.startswith("diep_"):
         return {"servable": True, "needs_plugin": False,
                 "reason": f"stock {model_type} format: vLLM's own model, no plugin needed"}
     if model_type in VLLM_PLUGIN_SERVES:
+        problem = _routing_group_problem(config)
+        if problem is not None:
+            return {"servable": False, "needs_plugin": True,
+                    "reason": f"diep-hub-vllm refuses this {model_type} checkpoint: {problem}"}
         return {"servable": True, "needs_plugin": True,
                 "reason": "install the diep-hub-vllm plugin (integrations/vllm), then vllm serve DIR "
                           "--trust-remote-code"}

@@ -2,9 +2,10 @@
 """Serve DiEP-pruned MoE checkpoints (``diep_<family>``, per-layer expert counts, expert skipping) in vLLM.
 
 Installed into a vLLM environment, the ``vllm.general_plugins`` entry point ``register`` runs in every vLLM process
-and registers ``Diep<Family>ForCausalLM`` for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, and a refusing class for
-every other diep family. Then ``vllm serve DIR --trust-remote-code`` or ``LLM(model=DIR, trust_remote_code=True)``
-loads a checkpoint written by ``diep_hub.save_pruned`` / ``diep-hub run``. Imports no diep_hub code: the two need
+and registers ``Diep<Family>ForCausalLM`` for Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V2/V3 (when each
+layer's kept count fills its routing groups), and a refusing class for every other diep family. Then ``vllm serve
+DIR --trust-remote-code`` or ``LLM(model=DIR, trust_remote_code=True)`` loads a checkpoint written by
+``diep_hub.save_pruned`` / ``diep-hub run``. Imports no diep_hub code: the two need
 incompatible transformers versions.
 """
 
@@ -45,11 +46,13 @@ def register() -> None:
 
     # The classes themselves, not "module:Class" strings: a string makes vLLM inspect the class in a subprocess
     # (a second vLLM import, tens of seconds on a small machine) at every engine start.
-    from .models import MODEL_CLASSES
+    from . import deepseek, models
 
-    for name, cls in MODEL_CLASSES.items():
+    classes = {**models.MODEL_CLASSES, **deepseek.MODEL_CLASSES}
+    for name, cls in classes.items():
         ModelRegistry.register_model(name, cls)
-    logger.debug("diep-hub-vllm registered %s", sorted(MODEL_CLASSES))
+    deepseek.register_mla()
+    logger.debug("diep-hub-vllm registered %s", sorted(classes))
 
 
 __all__ = ["DiepServingError", "REFUSED", "SUPPORTED", "check_vllm_version", "register"]

@@ -20,7 +20,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from vllm.model_executor.models.utils import PPMissingLayer
 
-from .plan import REFUSED, DiepServingError, ServingPlan, read_plan, refusal_message
+from .plan import REFUSED, DiepServingError, LayerPlan, ServingPlan, read_plan, refusal_message
 from .routing import SkippingRouter
 from .weights import ExpertWeightCheck
 
@@ -47,8 +47,9 @@ def _hf_config(vllm_config, config):
 
 
 @contextlib.contextmanager
-def _custom_routing(module, router):
-    """Build one block with ``custom_routing_function=router`` passed to the family module's FusedMoEFactory."""
+def _custom_routing(module, router, **overrides):
+    """Build one block with ``custom_routing_function=router`` (and ``overrides``, e.g. DeepSeek's
+    ``use_grouped_topk=False``: vLLM routes groups itself otherwise) passed to the family module's FusedMoEFactory."""
     if router is None:
         yield
         return
@@ -57,7 +58,7 @@ def _custom_routing(module, router):
 
     def factory(*args, **kwargs):
         calls.append(kwargs.get("prefix"))
-        return original(*args, custom_routing_function=router, **kwargs)
+        return original(*args, **{**kwargs, **overrides, "custom_routing_function": router})
 
     module.FusedMoEFactory = factory
     try:
@@ -94,9 +95,11 @@ class _DiepModel:
         plan = read_plan(config, source)
         _refuse_expert_parallel(vllm_config)
         family = plan.family
+        self._diep_check_platform(vllm_config, plan)
         placeholder = copy.copy(config)
         setattr(placeholder, family.count_field, 1)
         placeholder.num_experts_per_tok = 1
+        self._diep_layer_config(placeholder, None)
         with _hf_config(vllm_config, placeholder):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.config = config
@@ -112,6 +115,22 @@ class _DiepModel:
             logger.info("diep-hub-vllm: expert skipping APPLIED in layers %s (%s)", skipped, plan.skipping_reason)
         else:
             logger.info("diep-hub-vllm: expert skipping NOT applied (%s)", plan.skipping_reason)
+
+    def _diep_check_platform(self, vllm_config, plan: ServingPlan) -> None:
+        """Refuse, before anything is built, what this vLLM installation would build unfaithfully."""
+
+    @staticmethod
+    def _diep_layer_config(layer_config, layer_plan: LayerPlan | None) -> None:
+        """Adjust a per-layer config copy (the placeholder's when ``layer_plan`` is None) beyond count and top-k."""
+
+    def _diep_router(self, layer_plan: LayerPlan, layer_config):
+        """The block's custom routing function (skipping), or None for the family's own routing."""
+        return SkippingRouter(layer_plan.index, layer_plan.skipping) if layer_plan.skipping is not None else None
+
+    _diep_factory_overrides: dict = {}  # FusedMoEFactory arguments a block with a custom router needs
+
+    def _diep_block_built(self, block, router) -> None:
+        """Hook after a block is rebuilt (DeepSeek: hand its router the gate's selection bias)."""
 
     def _diep_rebuild(self, vllm_config, config, plan: ServingPlan) -> None:
         family = plan.family
@@ -140,18 +159,25 @@ class _DiepModel:
             layer_config = copy.copy(config)
             setattr(layer_config, family.count_field, layer_plan.num_experts)
             layer_config.num_experts_per_tok = layer_plan.top_k
-            router = SkippingRouter(index, layer_plan.skipping) if layer_plan.skipping is not None else None
+            self._diep_layer_config(layer_config, layer_plan)
+            router = self._diep_router(layer_plan, layer_config)
             block_prefix = old_name.removesuffix(".experts")
             del block
             setattr(layer, family.block_attr, nn.Identity())  # drop the placeholder before allocating
-            with _hf_config(vllm_config, layer_config), _custom_routing(self._diep_module, router):
+            overrides = self._diep_factory_overrides
+            with _hf_config(vllm_config, layer_config), _custom_routing(self._diep_module, router, **overrides):
                 new_block = self._diep_build_block(layer_config, vllm_config, block_prefix)
             if new_block.experts.layer_name != old_name:
                 raise RuntimeError(f"rebuilt block is named {new_block.experts.layer_name}, expected {old_name}")
+            self._diep_block_built(new_block, router)
             moe_names.insert(position, moe_names.pop(moe_names.index(old_name)))
             setattr(layer, family.block_attr, new_block)
             rebuilt.append(new_block)
-        if hasattr(self, "moe_layers"):  # MixtureOfExperts metadata (used by EPLB, which is refused)
+        self._diep_moe_metadata(rebuilt, plan)
+
+    def _diep_moe_metadata(self, rebuilt: list, plan: ServingPlan) -> None:
+        """Point the MixtureOfExperts metadata (used by EPLB, which is refused) at the rebuilt blocks."""
+        if hasattr(self, "moe_layers"):
             self.moe_layers = [block.experts for block in rebuilt]
             self.num_moe_layers = len(rebuilt)
             for name in ("num_logical_experts", "num_physical_experts", "num_local_physical_experts",
@@ -229,6 +255,7 @@ class _Refused(mixtral.MixtralForCausalLM):
         raise DiepServingError(refusal_message(getattr(config, "model_type", "?"), vllm_config.model_config.model))
 
 
+# DeepSeek's classes live in deepseek.py (built on this module); register() adds them.
 MODEL_CLASSES = {
     cls.__name__: cls
     for cls in (DiepMixtralForCausalLM, DiepQwen2MoeForCausalLM, DiepQwen3MoeForCausalLM, DiepOlmoeForCausalLM)

@@ -26,6 +26,10 @@ class Family:
     ffn_field: str  # the config field holding one routed expert's FFN width
     block_attr: str  # the decoder layer's attribute (and checkpoint key part) holding the MoE block
     leaves: tuple[str, str, str]  # per-expert checkpoint names of (gate, down, up)
+    # DeepSeek's group-limited routing: None, or the scoring the checkpoint's remote code always uses ("softmax"
+    # for V2, which groups only with topk_method "group_limited_greedy"; "sigmoid" with a selection bias for V3)
+    grouped_scoring: str | None = None
+    min_per_group: int = 1  # experts a routing group needs (V3 scores a group by the sum of its top 2)
 
 
 SUPPORTED: dict[str, Family] = {
@@ -39,18 +43,15 @@ SUPPORTED: dict[str, Family] = {
                ("gate_proj", "down_proj", "up_proj")),
         Family("diep_olmoe", "DiepOlmoeForCausalLM", "num_experts", "intermediate_size", "mlp",
                ("gate_proj", "down_proj", "up_proj")),
+        Family("diep_deepseek_v2", "DiepDeepseekV2ForCausalLM", "n_routed_experts", "moe_intermediate_size", "mlp",
+               ("gate_proj", "down_proj", "up_proj"), grouped_scoring="softmax"),
+        Family("diep_deepseek_v3", "DiepDeepseekV3ForCausalLM", "n_routed_experts", "moe_intermediate_size", "mlp",
+               ("gate_proj", "down_proj", "up_proj"), grouped_scoring="sigmoid", min_per_group=2),
     )
 }
 
 # Families diep_hub can prune but this plugin refuses, with the reason given at load.
-_DEEPSEEK_REASON = (
-    "vLLM's DeepSeek model builds one model-wide expert mapping from n_routed_experts, sizes grouped routing "
-    "(n_group / topk_group) and e_score_correction_bias for one expert count, and numbers fused shared-expert "
-    "slots after the routed ones, so per-layer expert counts cannot be served faithfully"
-)
 REFUSED: dict[str, tuple[str, str]] = {
-    "diep_deepseek_v2": ("DiepDeepseekV2ForCausalLM", _DEEPSEEK_REASON),
-    "diep_deepseek_v3": ("DiepDeepseekV3ForCausalLM", _DEEPSEEK_REASON),
     "diep_gpt_oss": ("DiepGptOssForCausalLM", "the plugin has no per-layer GPT-OSS model"),
     "diep_phimoe": ("DiepPhimoeForCausalLM", "the plugin has no per-layer PhiMoE model"),
     "diep_granitemoe": ("DiepGraniteMoeForCausalLM", "the plugin has no per-layer GraniteMoE model"),
@@ -65,15 +66,9 @@ def refusal_message(model_type: str, source: str = "") -> str:
     """Why a diep checkpoint of ``model_type`` is refused, and what is supported instead."""
     where = f" {source}" if source else ""
     _, reason = REFUSED.get(model_type, ("", "the plugin does not know this family"))
-    tail = ""
-    if model_type in ("diep_deepseek_v2", "diep_deepseek_v3"):
-        tail = (
-            "; when every layer keeps the same count, save it with diep_hub.save_pruned(..., stock_format=True) "
-            "and serve the stock export with plain vLLM"
-        )
     return (
         f"diep-hub-vllm cannot serve the {model_type} checkpoint{where}: {reason}. Supported families: "
-        f"{supported_list()}{tail}"
+        f"{supported_list()}"
     )
 
 
@@ -91,6 +86,8 @@ class LayerPlan:
     num_experts: int
     top_k: int
     skipping: LayerSkipping | None
+    n_group: int = 1  # grouped routing (DeepSeek): n_group contiguous groups, topk_group of them per token
+    topk_group: int = 1
 
 
 @dataclass(frozen=True)
@@ -134,10 +131,57 @@ def read_plan(config, source: str = "") -> ServingPlan:
             raise DiepServingError(
                 f"config num_experts_per_layer[{index}] = {count!r}; a MoE layer keeps an integer >= 1 experts"
             )
-        layers[index] = LayerPlan(index, count, min(top_k, count), tables.get(index) if enabled else None)
+        layer_top_k = min(top_k, count)
+        n_group, topk_group = _layer_groups(config, family, index, count, layer_top_k, source)
+        layers[index] = LayerPlan(index, count, layer_top_k, tables.get(index) if enabled else None, n_group,
+                                  topk_group)
     if not layers:
         raise DiepServingError(f"config num_experts_per_layer = {counts!r} has no MoE layer")
     return ServingPlan(family, layers, tuple(dense), enabled, reason)
+
+
+def _group_field(config, field: str, index: int) -> tuple[str, object]:
+    """(name, value) of a layer's group count: its ``<field>_per_layer`` entry, else the config-wide ``field``."""
+    per_layer = getattr(config, f"{field}_per_layer", None)
+    entry = per_layer[index] if isinstance(per_layer, (list, tuple)) and index < len(per_layer) else None
+    if entry is not None:
+        return f"{field}_per_layer[{index}]", entry
+    return field, getattr(config, field, None)
+
+
+def _layer_groups(config, family: Family, index: int, count: int, top_k: int, source: str) -> tuple[int, int]:
+    """(n_group, topk_group) one DeepSeek layer routes with, as the checkpoint's remote code builds it (the layer's
+    n_group_per_layer / topk_group_per_layer entry, else the config's n_group / topk_group), refusing groups that
+    the kept count cannot fill: grouped routing views a layer's experts as n_group equal contiguous groups."""
+    if family.grouped_scoring is None:
+        return 1, 1
+    if family.grouped_scoring == "softmax" and getattr(config, "topk_method", None) != "group_limited_greedy":
+        return 1, 1  # DeepSeek-V2 routes greedily over all experts unless topk_method says group_limited_greedy
+    (group_name, n_group), (topk_name, topk_group) = (_group_field(config, f, index) for f in ("n_group", "topk_group"))
+    where = f"config.json of{(' ' + source) if source else ''} {family.model_type}"
+    regroup = (
+        f"; prune with the same count from every group, or regroup the layer (DiEPPruner(regroup=[{index}]) / "
+        f"prune_experts(..., regroup=[{index}]): n_group = topk_group = 1)"
+    )
+    if not _is_int(n_group) or n_group < 1 or not _is_int(topk_group) or not 1 <= topk_group <= n_group:
+        raise DiepServingError(
+            f"{where}: layer {index} routes with {group_name} = {n_group!r} and {topk_name} = {topk_group!r}; "
+            "grouped routing needs integers with 1 <= topk_group <= n_group"
+        )
+    per_group = count // n_group
+    if count % n_group or per_group < family.min_per_group:
+        raise DiepServingError(
+            f"{where}: layer {index} keeps {count} experts but {group_name} = {n_group}: grouped routing splits a "
+            f"layer's experts into n_group equal contiguous groups of at least {family.min_per_group}, so the kept "
+            f"count must be a multiple of {n_group} that is >= {n_group * family.min_per_group}" + regroup
+        )
+    if topk_group * per_group < top_k:
+        raise DiepServingError(
+            f"{where}: layer {index} keeps {count} experts in {n_group} groups of {per_group}, and {topk_name} = "
+            f"{topk_group} group(s) cannot supply top-k = {top_k} experts; topk_group x experts per group must be "
+            f">= top-k" + regroup
+        )
+    return n_group, topk_group
 
 
 def _read_skipping(config, counts) -> tuple[dict[int, LayerSkipping], bool, str]:

@@ -3,10 +3,11 @@
 
 vLLM's fused-MoE loader does not notice a missing expert (another expert of the layer already marks the fused
 parameter as loaded) and narrows an over-sized tensor to the parameter's shape, so a checkpoint whose tensors
-contradict its config.json would load as a wrong model. Every routed-expert and router tensor is checked here
-(names, expert ids, shapes) and the load is refused, naming each problem, as the remote code does in
-transformers. Checkpoints saved with ``fused_weights=True`` (``experts.gate_up_proj`` [E, 2I, H] with the gate
-half first, ``experts.down_proj`` [E, H, I], under ``mlp``) are split into the family's per-expert names.
+contradict its config.json would load as a wrong model. Every routed-expert and router tensor (DeepSeek-V3's
+selection bias included) is checked here (names, expert ids, shapes) and the load is refused, naming each problem,
+as the remote code does in transformers. Checkpoints saved with ``fused_weights=True`` (``experts.gate_up_proj``
+[E, 2I, H] with the gate half first, ``experts.down_proj`` [E, H, I], under ``mlp``) are split into the family's
+per-expert names.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ _LAYER = r"^(?P<pre>(?:.*\.)?layers\.(?P<layer>\d+)\.)(?P<block>[^.]+)\.experts\
 _PER_EXPERT = re.compile(_LAYER + r"(?P<idx>\d+)\.(?P<leaf>[^.]+)\.weight$")
 _FUSED = re.compile(_LAYER + r"(?P<leaf>gate_up_proj|down_proj)$")
 _ROUTER = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>[^.]+)\.gate\.weight$")
+# DeepSeek-V3's selection-only bias, one entry per kept expert
+_BIAS = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>[^.]+)\.gate\.e_score_correction_bias$")
 
 
 class ExpertWeightCheck:
@@ -38,6 +41,8 @@ class ExpertWeightCheck:
         self.source = source
         self.seen: set[tuple[int, int, str]] = set()
         self.routers: set[int] = set()
+        self.wants_bias = family.grouped_scoring == "sigmoid"
+        self.biases: set[int] = set()
         self.problems: list[str] = []
 
     def _shape(self, leaf: str) -> list[int]:
@@ -74,6 +79,11 @@ class ExpertWeightCheck:
                 if self._check_expert(name, int(match["layer"]), int(match["idx"]), match["leaf"], tensor):
                     yield name, tensor
                 continue
+            bias = _BIAS.match(name)
+            if bias is not None and bias["block"] == self.block:
+                if self._check_bias(name, int(bias["layer"]), tensor):
+                    yield name, tensor
+                continue
             router = _ROUTER.match(name)
             if router is not None and router["block"] in (self.block, "mlp"):
                 if not self._check_router(name, int(router["layer"]), tensor):
@@ -90,6 +100,19 @@ class ExpertWeightCheck:
         want = [plan.num_experts, self.hidden]
         if list(tensor.shape) != want:
             self.problems.append(f"{name} has shape {list(tensor.shape)} but the config gives {want}")
+            return False
+        return True
+
+    def _check_bias(self, name: str, layer: int, tensor: torch.Tensor) -> bool:
+        plan = self._layer(name, layer)
+        if plan is None:
+            return False
+        if not self.wants_bias:
+            self.problems.append(f"{name} is unexpected ({self.plan.family.model_type} routes without a bias)")
+            return False
+        self.biases.add(layer)
+        if list(tensor.shape) != [plan.num_experts]:
+            self.problems.append(f"{name} has shape {list(tensor.shape)} but the config gives [{plan.num_experts}]")
             return False
         return True
 
@@ -144,6 +167,8 @@ class ExpertWeightCheck:
         for layer, plan in sorted(self.plan.layers.items()):
             if layer not in self.routers:
                 problems.append(f"layers.{layer}.{self.block}.gate.weight is missing")
+            if self.wants_bias and layer not in self.biases:
+                problems.append(f"layers.{layer}.{self.block}.gate.e_score_correction_bias is missing")
             for idx in range(plan.num_experts):
                 for leaf in (self.gate, self.up, self.down):
                     if (layer, idx, leaf) not in self.seen:

