@@ -12,12 +12,14 @@ import os
 import pytest
 import torch
 
-from tests.helpers.hub_server import hub_server  # noqa: F401  (the fake Hub fixture, for every test module)
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# Fixtures shared by several modules, imported after the offline switches (the helpers import diep_hub).
+from tests.helpers.cli_faults import run_folder, untrained_tiny_cli  # noqa: E402, F401  (the CLI fault catalogue's)
+from tests.helpers.hub_server import hub_server  # noqa: E402, F401  (the fake Hub, for every test module)
 
 
 def _pin_tiny_cache() -> None:
@@ -40,6 +42,15 @@ def _library_logging_restored():
     saved = (list(root.handlers), root.level, root.propagate)
     yield
     root.handlers[:], root.level, root.propagate = saved
+
+
+@pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """Offline corpora are written under DIEP_HUB_CACHE: a folder of the module's own, out of the home folder
+    (modules opt in with ``usefixtures``)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIEP_HUB_CACHE", str(tmp_path_factory.mktemp("diep-hub-cache")))
+        yield
 
 
 @pytest.fixture(scope="module")

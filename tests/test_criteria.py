@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import diep_hub
-from diep_hub.criteria import ScoringContext, available_criteria, get_criterion
+from diep_hub.criteria import available_criteria, get_criterion
 from diep_hub.criteria.capture import block_output, capture_block_inputs, weights_fingerprint
 from diep_hub.criteria.naee import NAEECriterion
 from diep_hub.errors import ConfigError, KeepMapError
 from diep_hub.selection import select_experts
 from diep_hub.surgery import active_groups, group_subsets
 from tests.helpers.numerics import tolerance
+from tests.helpers.scoring import score, scoring_context
 from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model
 
 BASELINES = ["random", "frequency", "soft_frequency", "reap", "naee"]
@@ -31,22 +32,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _context(model, input_ids, *, keep=6, seed=0, options=None, batch_size=2):
-    family = diep_hub.get_family(model)
-    layers = family.moe_layers(model)
-    return ScoringContext(
-        model=model,
-        family=family,
-        layers=layers,
-        input_ids=input_ids,
-        batch_size=batch_size,
-        seed=seed,
-        num_to_keep={layer.index: keep for layer in layers},
-        options={"progress": False, **(options or {})},
-    )
+    return scoring_context(model, input_ids, batch_size=batch_size, seed=seed, keep=keep, options=options)
 
 
 def _score(name, model, input_ids, **kwargs):
-    return get_criterion(name)().score(_context(model, input_ids, **kwargs))
+    return score(name, _context(model, input_ids, **kwargs))
 
 
 def test_every_criterion_is_registered_by_importing_the_package():
@@ -100,9 +90,14 @@ def _router_inputs(model, layer, ids):
     return torch.cat([h.reshape(-1, h.shape[-1]) for h in capture_block_inputs(model, layer, ids, 2, progress=False)])
 
 
-@pytest.mark.parametrize("family_name", MAIN_FAMILIES)
-def test_frequency_counts_match_router_top_k(family_name):
-    model = tiny_model(family_name)
+@pytest.fixture(params=MAIN_FAMILIES)
+def main_model(request):
+    """A tiny model of each main family: softmax routing, a shared expert, grouped sigmoid routing."""
+    return tiny_model(request.param)
+
+
+def test_frequency_counts_match_router_top_k(main_model):
+    model = main_model
     ids = sample_input_ids(4, 8)
     result = _score("frequency", model, ids)
     for layer in diep_hub.get_family(model).moe_layers(model):
@@ -120,12 +115,11 @@ def test_frequency_counts_match_router_top_k(family_name):
         assert result.scores[layer.index].sum() == ids.numel() * layer.top_k
 
 
-@pytest.mark.parametrize("family_name", MAIN_FAMILIES)
-def test_soft_frequency_is_mean_router_probability(family_name):
-    model = tiny_model(family_name)
+def test_soft_frequency_is_mean_router_probability(main_model):
+    model = main_model
     ids = sample_input_ids(4, 8)
     result = _score("soft_frequency", model, ids)
-    sigmoid = family_name == "deepseek_v3"
+    sigmoid = model.config.model_type == "deepseek_v3"
     assert ("sigmoid" in result.ranking) is sigmoid
     for layer in diep_hub.get_family(model).moe_layers(model):
         hidden = _router_inputs(model, layer, ids)
@@ -145,9 +139,8 @@ def _manual_expert(layer, expert, x):
     return (F.silu(gate) * up) @ layer.experts.down_proj[expert].T
 
 
-@pytest.mark.parametrize("family_name", MAIN_FAMILIES)
-def test_reap_matches_a_hand_computed_loop(family_name):
-    model = tiny_model(family_name)
+def test_reap_matches_a_hand_computed_loop(main_model):
+    model = main_model
     ids = sample_input_ids(3, 8)
     result = _score("reap", model, ids)
     for layer in diep_hub.get_family(model).moe_layers(model):

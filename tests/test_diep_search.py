@@ -7,8 +7,8 @@ import torch
 
 from diep_hub import ConfigError, get_family
 from diep_hub.criteria import diep as diep_module
-from diep_hub.criteria.base import ScoringContext, get_criterion
 from diep_hub.selection import select_experts
+from tests.helpers.scoring import score, scoring_context
 from tests.helpers.tiny_models import sample_input_ids, tiny_model
 
 SEARCH_FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3"]
@@ -20,22 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MODES = ["gated", "dense"]
 
 
-def _context(model, input_ids, batch_size=4, seed=0, **options):
-    family = get_family(model)
-    options.setdefault("progress", False)
-    return ScoringContext(
-        model=model,
-        family=family,
-        layers=family.moe_layers(model),
-        input_ids=input_ids,
-        batch_size=batch_size,
-        seed=seed,
-        options=options,
-    )
-
-
-def _search(model, input_ids, **kwargs):
-    return get_criterion("diep")().score(_context(model, input_ids, **kwargs))
+def _search(model, input_ids, batch_size=4, seed=0, **options):
+    return score("diep", scoring_context(model, input_ids, batch_size=batch_size, seed=seed, options=options))
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import types
 
 import pytest
@@ -22,40 +21,14 @@ import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
-import diep_hub
-from diep_hub.card import build_model_card, write_card
-from diep_hub.checkpoint import upload as upload_module
 from diep_hub.errors import CorruptFileError
 from diep_hub.hub import PushError, push
-from tests.helpers import hub_server as fake_hub
-from tests.helpers.fault_catalogue import Fault, check_fault, ids, run_cli
-from tests.helpers.tiny_models import tiny_model
-from tests.helpers.word_tokenizer import tiny_tokenizer
+from tests.helpers import push_checkpoint
+from tests.helpers.fault_catalogue import Fault, check_fault, ids
+from tests.helpers.push_checkpoint import REPO
 
-REPO = "tester/tiny-diep-faults"
-KEEP = {0: [0, 1, 2], 1: [1, 2, 5, 6], 2: [0, 1], 3: [2, 3, 7]}
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    """One saved pruned tiny Mixtral (weights, remote code, tokenizer, report, card), copied by each row."""
-    folder = tmp_path_factory.mktemp("template") / "ckpt"
-    model = diep_hub.prune_experts(tiny_model("mixtral"), KEEP)
-    report = {"method": "frequency", "sparsity": 0.5, "selection": "global", "seed": 3}
-    diep_hub.save_pruned(model, folder, tokenizer=tiny_tokenizer(), extra_files={"pruning_report.json": report})
-    write_card(folder, build_model_card(folder, base_model="mistralai/Mixtral-8x7B-v0.1", repo_id=REPO))
-    return folder
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    yield from fake_hub.serve(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def folder(template, tmp_path):
-    return shutil.copytree(template, tmp_path / "ckpt")
+template, folder = push_checkpoint.template, push_checkpoint.folder  # fixtures (tests/helpers/push_checkpoint.py)
 
 
 # --- setups ------------------------------------------------------------------------------------------------------
@@ -341,112 +314,12 @@ PUSH_FAULTS = [
 
 
 @pytest.mark.parametrize("row", PUSH_FAULTS, ids=ids(PUSH_FAULTS))
-def test_push_fault(row, hub, folder, tmp_path, monkeypatch, caplog):
+def test_push_fault(row, hub_server, folder, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG, logger="diep_hub")
-    base = {"tmp_path": tmp_path, "hub": hub, "monkeypatch": monkeypatch, "folder": folder}
+    base = {"tmp_path": tmp_path, "hub": hub_server, "monkeypatch": monkeypatch, "folder": folder}
     bound = dataclasses.replace(row, setup=lambda _tmp: row.setup(base))
     error = check_fault(bound, tmp_path)
-    assert hub.token not in str(error)
+    assert hub_server.token not in str(error)
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("diep_hub"))
-    assert hub.token not in logged
+    assert hub_server.token not in logged
     assert "Traceback" not in str(error) and "httpx" not in str(error)
-
-
-# --- behaviour around the faults: what is allowed, and "nothing changed" ------------------------------------------
-
-
-@pytest.mark.parametrize("chunk", [4, 7, 9, 16])
-def test_token_scan_finds_the_token_at_every_offset_around_chunk_borders(chunk, tmp_path, monkeypatch):
-    """The overlap of len(token) - 1 bytes: with chunks shorter or longer than the token, a token starting
-    anywhere is found, and one byte short of it is not."""
-    monkeypatch.setattr(upload_module, "_SCAN_CHUNK", chunk)
-    needle = b"hf_secret"
-    for start in range(0, 30):
-        path = tmp_path / f"f{start}"
-        path.write_bytes(b"x" * start + needle + b"y" * 5)
-        assert upload_module._file_contains(path, needle), start
-        path.write_bytes(b"x" * start + needle[:-1] + b"y" * 5)
-        assert not upload_module._file_contains(path, needle), start
-
-
-def test_symlink_inside_the_folder_is_followed(hub, folder):
-    (folder / "notes").mkdir()
-    (folder / "notes" / "a.txt").write_text("hello\n")
-    os.symlink("notes/a.txt", folder / "NOTES.txt")
-    push(folder, REPO, token=hub.token)
-    assert hub.file(REPO, "NOTES.txt") == b"hello\n" == hub.file(REPO, "notes/a.txt")
-
-
-def test_allow_pickle_uploads_the_pickles(hub, folder, caplog):
-    torch.save({"step": 3}, folder / "optimizer.pt")
-    with caplog.at_level(logging.WARNING, logger="diep_hub.checkpoint.upload"):
-        push(folder, REPO, token=hub.token, allow_pickle=True)
-    assert hub.file(REPO, "optimizer.pt") == (folder / "optimizer.pt").read_bytes()
-    assert "uploading pickle files ['optimizer.pt'] (allow_pickle=True)" in caplog.text
-
-
-def test_only_pickle_weights_upload_with_allow_pickle(hub, folder):
-    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
-    (folder / "model.safetensors").unlink()
-    push(folder, REPO, token=hub.token, allow_pickle=True)
-    assert "pytorch_model.bin" in hub.repos[REPO].history()[0].files
-    assert "model.safetensors" not in hub.repos[REPO].history()[0].files
-
-
-def test_allow_pickle_must_be_a_bool(hub, folder):
-    with pytest.raises(PushError, match="allow_pickle='yes' must be True or False"):
-        push(folder, REPO, token=hub.token, allow_pickle="yes")
-    assert hub.requests == []
-
-
-def test_pull_request_with_nothing_changed_opens_none_and_says_so(hub, folder, caplog):
-    first = push(folder, REPO, token=hub.token)
-    with caplog.at_level(logging.WARNING, logger="diep_hub.hub"):
-        info = push(folder, REPO, token=hub.token, create_pr=True)
-    repo = hub.repos[REPO]
-    assert info.pr_url is None and info.oid == first.oid
-    assert repo.prs == [] and not any(ref.startswith("refs/pr/") for ref in repo.refs)
-    assert len(repo.history()) == 2
-    assert f"no pull request was opened on {REPO}: nothing changed, every file is identical to main" in caplog.text
-
-    # The control: a change opens a pull request and leaves main alone.
-    (folder / "README.md").write_text((folder / "README.md").read_text() + "\nEdited.\n")
-    info = push(folder, REPO, token=hub.token, create_pr=True)
-    assert info.pr_url == f"{hub.endpoint}/{REPO}/discussions/1"
-    assert repo.refs["main"] == first.oid and repo.refs["refs/pr/1"] == info.oid
-
-
-def test_cli_pull_request_with_nothing_changed_warns_on_stderr(hub, folder, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", hub.token)
-    assert run_cli(["push", REPO, str(folder)], monkeypatch).code == 0
-    result = run_cli(["push", REPO, str(folder), "--create-pr"], monkeypatch)
-    assert result.code == 0, result.stderr
-    assert "no pull request was opened" in result.stderr and "nothing changed" in result.stderr
-    assert result.stdout.startswith(f"no pull request opened on {REPO}: nothing changed"), result.stdout
-    assert hub.repos[REPO].prs == []
-    assert hub.token not in result.stdout + result.stderr
-
-
-def test_cli_push_refuses_pickles_unless_allowed(hub, folder, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", hub.token)
-    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
-    refused = run_cli(["push", REPO, str(folder)], monkeypatch)
-    # the flag to use, not the Python keyword of the API's message
-    assert refused.code == 2 and "pass --allow-pickle to upload them anyway" in refused.stderr
-    assert "allow_pickle" not in refused.stderr
-    assert REPO not in hub.repos
-    allowed = run_cli(["push", REPO, str(folder), "--allow-pickle"], monkeypatch)
-    assert allowed.code == 0, allowed.stderr
-    assert "pytorch_model.bin" in hub.repos[REPO].history()[0].files
-
-
-def test_cli_maps_a_dropped_commit_to_one_error_line(hub, folder, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", hub.token)
-    hub.faults["commit"] = "drop"
-    result = run_cli(["push", REPO, str(folder)], monkeypatch)
-    assert result.code == 2
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("diep-hub push: error: the commit to")
-    assert "retry: the push is idempotent" in errors[0]
-    assert hub.token not in result.stderr

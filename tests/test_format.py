@@ -10,10 +10,8 @@ round differently), compared within tests/helpers/numerics.py's tolerance AND on
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import diep_hub
 from diep_hub.families import get_family
+from tests.helpers.fresh_process import reload_each_family
 from tests.helpers.numerics import (
     assert_close,
     assert_close_logits,
@@ -97,35 +96,24 @@ def pruned_checkpoints(tmp_path_factory):
             "keep": keep,
             "model": model,
         }
-    torch.save(ids, root / "ids.pt")
-    script = textwrap.dedent(
-        f"""
-        import json, sys, torch
-        from transformers import AutoModelForCausalLM
-        ids = torch.load({str(root / "ids.pt")!r})
-        out = {{}}
-        for family in {FAMILIES!r}:
-            model = AutoModelForCausalLM.from_pretrained({str(root)!r} + "/" + family, trust_remote_code=True).eval()
-            with torch.no_grad():
-                generated = model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0,
-                                           return_dict_in_generate=True, output_logits=True)
-                out[family] = {{
-                    "logits": model(ids).logits,
-                    "generated": generated.sequences,
-                    "step_logits": torch.stack(generated.logits, dim=1),
-                    "state_dict": model.state_dict(),
-                    "class_module": type(model).__module__,
-                    "experts_implementation": model.config._experts_implementation,
-                }}
-        out["diep_hub_imported"] = any(name.startswith("diep_hub") for name in sys.modules)
-        torch.save(out, {str(root / "remote.pt")!r})
+    remote, _ = reload_each_family(
+        root,
+        FAMILIES,
+        ids,
         """
+        with torch.no_grad():
+            generated = model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                       return_dict_in_generate=True, output_logits=True)
+            out[family] = {
+                "logits": model(ids).logits,
+                "generated": generated.sequences,
+                "step_logits": torch.stack(generated.logits, dim=1),
+                "state_dict": model.state_dict(),
+                "class_module": type(model).__module__,
+                "experts_implementation": model.config._experts_implementation,
+            }
+        """,
     )
-    env = {**os.environ, "PYTHONPATH": ""}
-    # Run from a folder where `diep_hub` is not importable as a source tree, to prove no dependency on it.
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(root / "remote.pt", weights_only=False)
     return root, ids, expected, remote
 
 

@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import shutil
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import hub_server as local_hub
+from tests.helpers.console import ROOT, help_examples
 from tests.helpers.fault_catalogue import error_lines, run_cli
-
-hub_server = local_hub.hub_server  # the local Hub fixture (tests/helpers/hub_server.py)
-ROOT = Path(__file__).resolve().parents[1]
 
 # Substrings of examples that need what no offline machine has; each must fail with a one-line message.
 NEEDS_WHAT_IS_NOT_HERE = {
@@ -33,26 +28,6 @@ NEEDS_WHAT_IS_NOT_HERE = {
     "out/my-model": "a folder the reader prunes first",
     "out/mixtral": "a folder the reader prunes first",
 }
-
-
-def help_examples() -> list[list[str]]:
-    """The `diep-hub ...` commands of every epilog, in order, without duplicates; `a && b` gives two."""
-    import argparse
-
-    from diep_hub.cli.parser import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    examples: list[list[str]] = []
-    for text in [parser.epilog or ""] + [p.epilog or "" for p in sub.choices.values()]:
-        for line in text.replace("\\\n", " ").splitlines():
-            for command in line.split("&&"):
-                command = command.split("#")[0].strip()
-                if command.startswith("diep-hub ") and "<" not in command and "|" not in command:
-                    argv = shlex.split(command)[1:]
-                    if argv not in examples:
-                        examples.append(argv)
-    return examples
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""DiEPPruner: validation before work, to_dict/from_dict, prune_model end to end, save/reload, re-pruning.
+"""DiEPPruner: prune_model end to end, save/reload, re-pruning, and what the saved files record (its settings
+are in test_pruner_settings.py).
 
 Exactness: the same surgery in the same process is compared bit for bit; a reloaded checkpoint must hold the very
 same weights, but its forward is another computation (loaded tensors may be aligned differently, so kernels round
@@ -11,158 +12,17 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
-from diep_hub import ConfigError, UnsupportedModelError, prune_experts
+from diep_hub import ConfigError, prune_experts
 from diep_hub.checkpoint.layout import PRUNER_CONFIG_FILE, REPORT_FILE
 from diep_hub.pruner import DiEPPruner
 from tests.helpers.numerics import assert_close_logits, assert_same_greedy, same_weights
+from tests.helpers.pruning import fast_pruner
 from tests.helpers.tiny_models import sample_input_ids, tiny_model
-from tests.helpers.word_tokenizer import pruner_texts, pruner_tokenizer
-
-FAST = dict(num_samples=8, seq_len=16, batch_size=4, epochs=2, progress=False)
-
+from tests.helpers.word_tokenizer import pruner_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _pruner(**overrides) -> DiEPPruner:
-    return DiEPPruner(**{"dataset": pruner_texts(), **FAST, **overrides})
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Validation
-@pytest.mark.parametrize(
-    "field, value, expected",
-    [
-        ("sparsity", 1.0, r"sparsity: 1.0 -> is out of range; allowed: \(0, 1\)"),
-        ("sparsity", -0.1, r"sparsity: -0.1 -> is out of range; allowed: \(0, 1\)"),
-        ("sparsity", 0, r"sparsity: 0 -> is out of range; allowed: \(0, 1\)"),
-        ("sparsity", "half", r"sparsity: 'half' -> must be a number in \(0, 1\)"),
-        ("method", "magic", r"method: 'magic' -> Input should be .*'diep'.*'reap'.* \(a registered criterion\)"),
-        ("selection", "local", r"selection: 'local' -> Input should be 'global' or 'uniform'"),
-        ("num_samples", 0, r"num_samples: 0 -> is out of range; allowed: \[1, inf\)"),
-        ("seq_len", 1, r"seq_len: 1 -> is out of range; allowed: \[2, inf\)"),
-        ("batch_size", 2.5, r"batch_size: 2.5 -> must be an integer in \[1, inf\)"),
-        ("seed", -1, r"seed: -1 -> is out of range"),
-        ("search_mode", "sparse", r"search_mode: 'sparse' -> Input should be 'auto', 'gated' or 'dense'"),
-        ("lr", 0.0, r"lr: 0.0 -> is out of range; allowed: \(0, inf\)"),
-        ("epochs", 0, r"epochs: 0 -> is out of range; allowed: \[1, inf\)"),
-        ("lambda_", -0.5, r"lambda_: -0.5 -> is out of range; allowed: \[0, inf\)"),
-        ("alternation", (0, 0), r"alternation: \(0, 0\) -> expected 'A:B' .* integers >= 0 and not both 0"),
-        ("alternation", (3,), r"alternation: \(3,\) -> expected 'A:B'"),
-        ("ranking", "logit", r"ranking: 'logit' -> Input should be 'softmax' or 'raw'"),
-        ("max_layer_sparsity", 1.0, r"max_layer_sparsity: 1.0 -> is out of range; allowed: \(0, 1\)"),
-        ("min_experts_per_layer", 0, r"min_experts_per_layer: 0 -> is out of range; allowed: \[1, inf\)"),
-        ("regroup", "yes", r"regroup: 'yes' -> must be true or false"),
-        ("skipping", 1, r"skipping: 1 -> must be true or false"),
-        ("naee_max_combinations", 0, r"naee_max_combinations: 0 -> is out of range"),
-        ("dataset", [], r"dataset: \[\] -> give a Hub dataset name"),
-        ("options", {"lr": 1}, r"options: \{'lr': 1\} -> diep takes its options as keywords: search_mode, lr"),
-    ],
-)
-def test_bad_values_name_field_and_range(field, value, expected):
-    with pytest.raises(ConfigError, match=expected):
-        DiEPPruner(**{field: value})
-
-
-def test_every_problem_is_reported_at_once():
-    with pytest.raises(ConfigError) as info:
-        DiEPPruner(sparsity=2, epochs=0, selection="x")
-    message = str(info.value)
-    assert "sparsity: 2 ->" in message and "epochs: 0 ->" in message and "selection: 'x' ->" in message
-
-
-def test_infeasible_sparsity_is_refused_before_calibration(calibration_calls):
-    model = tiny_model("mixtral")  # 4 layers x 8 experts, top-2: at most 24 of 32 can go (75%)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ConfigError, match=r"sparsity=0.9 cannot be reached on this mixtral model .*32 routed experts"):
-        _pruner(sparsity=0.9).prune_model(model, pruner_tokenizer())
-    assert calibration_calls == []
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not hasattr(model.config, "diep_pruning")
-
-
-def test_cap_makes_sparsity_infeasible_before_calibration(calibration_calls):
-    with pytest.raises(ConfigError, match="cannot be reached"):
-        _pruner(sparsity=0.5, max_layer_sparsity=0.25).prune_model(tiny_model("mixtral"), pruner_tokenizer())
-    assert calibration_calls == []
-
-
-def test_dense_model_is_refused_before_calibration(calibration_calls):
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    with pytest.raises(UnsupportedModelError):
-        _pruner().prune_model(LlamaForCausalLM(config), pruner_tokenizer())
-    assert calibration_calls == []
-
-
-def test_save_before_prune_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="call prune_model"):
-        _pruner().save(tiny_model("mixtral"), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# to_dict / from_dict
-def test_to_dict_from_dict_round_trip():
-    pruner = DiEPPruner(
-        sparsity=0.25,
-        method="reap",
-        selection="uniform",
-        dataset="data/calib.jsonl",
-        dataset_config=None,
-        num_samples=32,
-        seq_len=512,
-        batch_size=8,
-        seed=3,
-        search_mode="dense",
-        lr=1e-2,
-        epochs=4,
-        lambda_=0.1,
-        alternation=(1, 1),
-        ranking="raw",
-        max_layer_sparsity=0.75,
-        min_experts_per_layer=3,
-        regroup=True,
-        naee_max_combinations=50,
-        skipping=True,
-        progress=False,
-    )
-    data = pruner.to_dict()
-    assert json.loads(json.dumps(data)) == data
-    assert data["alternation"] == [1, 1] and data["lambda_"] == 0.1 and "report" not in data
-    again = DiEPPruner.from_dict(json.loads(json.dumps(data)))
-    assert again == pruner
-    assert again.to_dict() == data
-    assert DiEPPruner.from_dict(DiEPPruner().to_dict()) == DiEPPruner()
-
-
-def test_from_dict_rejects_unknown_keys_naming_them():
-    data = DiEPPruner().to_dict() | {"sparsty": 0.5, "temperature": 1}
-    with pytest.raises(ConfigError, match=r"unknown DiEPPruner key\(s\) \['sparsty', 'temperature'\]"):
-        DiEPPruner.from_dict(data)
-    with pytest.raises(ConfigError, match="epochs: -1 -> is out of range"):
-        DiEPPruner.from_dict(DiEPPruner().to_dict() | {"epochs": -1})
-
-
-def test_defaults_follow_the_paper_except_where_the_benchmark_chose():
-    pruner = DiEPPruner()
-    assert (pruner.sparsity, pruner.method, pruner.selection) == (0.5, "diep", "global")
-    calibration = (pruner.dataset, pruner.dataset_config, pruner.num_samples, pruner.seq_len)
-    assert calibration == ("allenai/c4", "en", 128, 2048)
-    search = (pruner.batch_size, pruner.lr, pruner.lambda_, pruner.alternation, pruner.ranking)
-    assert search == (16, 5e-3, 0.01, (3, 1), "softmax")
-    # benchmarks/RESULTS.md: gated search where the family renormalises its top-k weights, dense search where it
-    # does not; the paper's 10 epochs
-    assert (pruner.search_mode, pruner.epochs) == ("auto", 10)
-    assert pruner.criterion_options()["mode"] == pruner.search_mode
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -172,7 +32,7 @@ def pruned(tmp_path_factory):
     """A tiny Mixtral pruned at 50% by DiEP on a list of strings, and its saved folder."""
     torch.set_num_threads(1)
     tokenizer = pruner_tokenizer()
-    pruner = _pruner(sparsity=0.5)
+    pruner = fast_pruner(sparsity=0.5)
     model = pruner.prune_model(tiny_model("mixtral"), tokenizer)
     folder = tmp_path_factory.mktemp("pruned") / "tiny-mixtral-diep-50"
     pruner.save(model, folder, tokenizer=tokenizer)
@@ -261,7 +121,7 @@ def test_pruned_checkpoint_can_be_pruned_again(pruned, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     first_counts = list(model.config.num_experts_per_layer)
     first_kept = [list(ids) for ids in model.config.kept_expert_ids]
-    pruner = _pruner(sparsity=0.25, selection="global", method="frequency")
+    pruner = fast_pruner(sparsity=0.25, selection="global", method="frequency")
     model = pruner.prune_model(model, pruner_tokenizer())
     counts = model.config.num_experts_per_layer
     assert sum(counts) == 16 - 4
@@ -285,8 +145,8 @@ def test_pruned_checkpoint_can_be_pruned_again(pruned, tmp_path):
 
 
 def test_same_seed_same_keep_map():
-    first = _pruner(sparsity=0.5)
-    second = _pruner(sparsity=0.5)
+    first = fast_pruner(sparsity=0.5)
+    second = fast_pruner(sparsity=0.5)
     first.prune_model(tiny_model("qwen2_moe"), pruner_tokenizer())
     second.prune_model(tiny_model("qwen2_moe"), pruner_tokenizer())
     assert first.report["kept_ids"] == second.report["kept_ids"]
@@ -294,14 +154,14 @@ def test_same_seed_same_keep_map():
 
 
 def test_uniform_selection_on_deepseek_v3_with_regroup():
-    pruner = _pruner(sparsity=0.5, selection="uniform", method="diep", search_mode="dense", regroup=True)
+    pruner = fast_pruner(sparsity=0.5, selection="uniform", method="diep", search_mode="dense", regroup=True)
     model = pruner.prune_model(tiny_model("deepseek_v3"), pruner_tokenizer())
     assert model.config.num_experts_per_layer == [None, 4, 4, 4]
     assert pruner.report["details"]["mode"] == "dense"
 
 
 def test_skipping_is_calibrated_after_pruning():
-    pruner = _pruner(sparsity=0.25, skipping=True)
+    pruner = fast_pruner(sparsity=0.25, skipping=True)
     model = pruner.prune_model(tiny_model("mixtral"), pruner_tokenizer())
     skipping = model.config.diep_skipping
     assert skipping["enabled"] is True
@@ -314,7 +174,7 @@ def test_skipping_is_calibrated_after_pruning():
 def test_naee_gets_uniform_subset_sizes_and_its_subsets_are_kept():
     # naee supports uniform selection only: an unset selection resolves to it (global is refused,
     # tests/test_naee_selection.py).
-    pruner = _pruner(sparsity=0.5, method="naee")
+    pruner = fast_pruner(sparsity=0.5, method="naee")
     assert pruner.selection == "uniform"
     model = pruner.prune_model(tiny_model("mixtral"), pruner_tokenizer())
     assert model.config.num_experts_per_layer == [4, 4, 4, 4]
@@ -329,7 +189,7 @@ def test_naee_refusal_names_the_limit_before_calibration(calibration_calls):
     model = tiny_model("mixtral")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match=r"C\(8, 4\) = 70 subsets, above max_combinations=10"):
-        _pruner(sparsity=0.5, method="naee", naee_max_combinations=10).prune_model(model, pruner_tokenizer())
+        fast_pruner(sparsity=0.5, method="naee", naee_max_combinations=10).prune_model(model, pruner_tokenizer())
     assert calibration_calls == []
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
@@ -351,7 +211,7 @@ def test_offline_corpus_is_recorded_by_its_name_and_the_settings_reproduce(tmp_p
     cache = tmp_path / "diep-hub-cache"
     monkeypatch.setenv("DIEP_HUB_CACHE", str(cache))
     tokenizer = build_tiny_tokenizer()
-    pruner = _pruner(dataset=TINY_TEXT_ID, method="frequency", sparsity=0.25)
+    pruner = fast_pruner(dataset=TINY_TEXT_ID, method="frequency", sparsity=0.25)
     model = pruner.prune_model(tiny_model("mixtral"), tokenizer)
     assert any(cache.rglob("*.jsonl")), "the corpus was not read from diep_hub's cache: the test proves nothing"
     pruner.save(model, tmp_path / "out", tokenizer=tokenizer)
@@ -382,7 +242,7 @@ def test_offline_corpus_is_recorded_by_its_name_and_the_settings_reproduce(tmp_p
 def test_base_model_is_recorded_as_a_hub_id_never_a_local_path(name_or_path, keyword, expected):
     model = tiny_model("mixtral")
     model.name_or_path = name_or_path
-    pruner = _pruner(method="frequency", sparsity=0.25)
+    pruner = fast_pruner(method="frequency", sparsity=0.25)
     model = pruner.prune_model(model, pruner_tokenizer(), base_model=keyword)
     assert pruner.report.base_model == expected
     assert model.config.diep_pruning["base_model"] == expected
@@ -394,7 +254,7 @@ def test_saved_skipping_flag_follows_the_model(pruner_skips, tmp_path):
     whether the pruner calibrated it or it was switched on or off after pruning (the run's skipping stage)."""
     from diep_hub.skipping import calibrate_skipping, disable_skipping, enable_skipping
 
-    pruner = _pruner(method="frequency", sparsity=0.25, skipping=pruner_skips)
+    pruner = fast_pruner(method="frequency", sparsity=0.25, skipping=pruner_skips)
     model = pruner.prune_model(tiny_model("mixtral"), pruner_tokenizer())
     if pruner_skips:
         disable_skipping(model)

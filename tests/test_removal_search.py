@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import diep_hub
-from diep_hub.criteria.base import ScoringContext, get_criterion
+from diep_hub.criteria.base import get_criterion
 from diep_hub.criteria.removal import (
     initial_theta,
     keep_probability,
@@ -27,6 +27,7 @@ from diep_hub.criteria.router_bias import MIN_LOG_GATE, router_logit_bias
 from diep_hub.errors import ConfigError
 from diep_hub.families import get_family
 from tests.helpers.numerics import assert_close_logits, assert_same_greedy
+from tests.helpers.scoring import scoring_context
 from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model
 
 # Grouped routing: the removal keeps the same count from every group, as surgery requires.
@@ -101,17 +102,8 @@ def test_hard_concrete_gates_and_their_probability():
 
 
 def _context(model, sparsity=0.5, seed=0, **options):
-    family = get_family(model)
-    return ScoringContext(
-        model=model,
-        family=family,
-        layers=family.moe_layers(model),
-        input_ids=sample_input_ids(batch=8, length=16, seed=3),
-        batch_size=4,
-        seed=seed,
-        sparsity=sparsity,
-        options={"progress": False, "epochs": 2, **options},
-    )
+    ids = sample_input_ids(batch=8, length=16, seed=3)
+    return scoring_context(model, ids, batch_size=4, seed=seed, sparsity=sparsity, options={"epochs": 2, **options})
 
 
 def test_initial_keep_probabilities_follow_soft_frequency_and_sum_to_the_budget():

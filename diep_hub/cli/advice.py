@@ -5,7 +5,7 @@ min_experts_per_layer"), which is right for the API and wrong for a ``diep-hub``
 a message at the CLI boundary, from one table (:data:`KEYWORDS`): a keyword becomes the command's flag
 (``--overwrite``); for ``run``, which takes a recipe, the recipe field (``pruning.floors.regroup: true``). A recipe
 field set by a flag is named by that flag (``prune --seq-len``, ``run --output``). The library's messages stay as
-they are; each rewrite is tested through the command that reaches it (tests/test_faults_cli.py).
+they are; each rewrite is tested through the command that reaches it (tests/test_faults_cli_*.py).
 """
 
 from __future__ import annotations

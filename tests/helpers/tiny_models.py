@@ -78,6 +78,11 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     return model
 
 
+def dense_model():
+    """A dense Llama of the tiny models' common size: no experts, what every MoE-only entry point refuses."""
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **COMMON)).eval()
+
+
 def sample_input_ids(batch: int = 2, length: int = 9, seed: int = 0, vocab_size: int = COMMON["vocab_size"]):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab_size, (batch, length), generator=generator)

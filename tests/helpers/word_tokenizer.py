@@ -5,7 +5,8 @@ and the special tokens come first: <pad>=0, <s>=1, </s>=2 (EOS), <unk>=3, then t
 
 - ``tiny_tokenizer`` / ``tiny_texts``: digits and a few English words (evaluation, saving and publishing tests);
 - ``pruner_tokenizer`` / ``pruner_texts``: t0..t59, documents of arithmetic progressions (pruner tests);
-- ``make_tokenizer`` / ``make_documents``: w0..w39, documents of known length (calibration tests).
+- ``make_tokenizer`` / ``make_documents``: w0..w39, documents of known length (calibration tests);
+- ``wide_tokenizer``: the exception, a tokenizer of another model (204 ids), for the out-of-vocabulary checks.
 """
 
 from __future__ import annotations
@@ -28,16 +29,25 @@ CALIB_WORDS = [f"w{i}" for i in range(40)]
 VOCAB_SIZE = 96  # the tiny models' embedding size; a vocabulary uses the first len(SPECIAL + words) ids
 
 
-def word_tokenizer(words: Sequence[str], *, model_max_length: int | None = None) -> PreTrainedTokenizerFast:
-    """A whitespace-split word-level tokenizer over ``SPECIAL + words`` (ids in that order)."""
-    vocab = {token: i for i, token in enumerate([*SPECIAL, *words])}
-    assert len(vocab) <= VOCAB_SIZE, f"{len(vocab)} tokens do not fit the tiny models' vocabulary of {VOCAB_SIZE}"
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+def _word_level(tokens: Sequence[str], **limits) -> PreTrainedTokenizerFast:
+    """A whitespace-split word-level tokenizer over ``tokens`` (ids in that order), the SPECIAL tokens named."""
+    backend = Tokenizer(models.WordLevel(vocab={token: i for i, token in enumerate(tokens)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    limits = {} if model_max_length is None else {"model_max_length": model_max_length}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>", **limits
     )
+
+
+def word_tokenizer(words: Sequence[str], *, model_max_length: int | None = None) -> PreTrainedTokenizerFast:
+    """A whitespace-split word-level tokenizer over ``SPECIAL + words`` (ids in that order)."""
+    tokens = [*SPECIAL, *words]
+    assert len(tokens) <= VOCAB_SIZE, f"{len(tokens)} tokens do not fit the tiny models' vocabulary of {VOCAB_SIZE}"
+    return _word_level(tokens, **({} if model_max_length is None else {"model_max_length": model_max_length}))
+
+
+def wide_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer of another model: 204 ids where the tiny models have 96 (its words v92..v199 get ids 96..203)."""
+    return _word_level([*SPECIAL, *(f"v{i}" for i in range(200))])
 
 
 def documents(words: Sequence[str], count: int, length: int, index: Callable[[int, int], int]) -> list[str]:
@@ -73,3 +83,4 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 def make_documents(count: int, words_per_doc: int, seed: int = 0) -> list[str]:
     """Deterministic documents of known length: word j of document d is w((7d + j + seed) % 40)."""
     return documents(CALIB_WORDS, count, words_per_doc, lambda d, j: d * 7 + j + seed)
+
