@@ -82,38 +82,42 @@ def test_diep_hub_inspect_agrees_with_the_plugin(manifest):
     assert all(servable == (kind == "diep") and needs for kind, servable, needs in verdicts.values()), verdicts
 
 
-def test_config_with_fewer_experts_than_weights_refused(fixtures_dir, tmp_path):
-    def drop_one(config):  # layer 0 keeps 5 experts on disk; the config now says 4
-        config["num_experts_per_layer"][0] = 4
-        config["kept_expert_ids"][0] = config["kept_expert_ids"][0][:4]
+def _set_layer_count(layer: int, count: int, extra_id: int | None = None):
+    """A config.json edit: layer ``layer`` claims ``count`` experts (its kept ids cut, or ``extra_id`` added)."""
+
+    def edit(config):
+        config["num_experts_per_layer"][layer] = count
+        ids = config["kept_expert_ids"][layer]
+        config["kept_expert_ids"][layer] = ids[:count] if extra_id is None else ids + [extra_id]
         config.pop("diep_skipping")
 
-    message = _load_error(_edited_copy(fixtures_dir, tmp_path, "mixtral", drop_one))
-    assert "does not match its config.json num_experts_per_layer [4, 3, 8, 1]" in message
-    assert "layers.0.block_sparse_moe.gate.weight has shape [5, 64] but the config gives [4, 64]" in message
+    return edit
 
 
-def test_config_with_more_experts_than_weights_refused(fixtures_dir, tmp_path):
-    def add_one(config):  # layer 0 keeps 3 experts (original ids 7, 1, 4) on disk; the config now says 4
-        config["num_experts_per_layer"][0] = 4
-        config["kept_expert_ids"][0] = config["kept_expert_ids"][0] + [0]
-        config.pop("diep_skipping")
+# (fixture, edit, words the load error must contain)
+WEIGHT_MISMATCHES = {
+    "fewer-experts-in-config": (  # layer 0 keeps 5 experts on disk; the config now says 4
+        "mixtral", _set_layer_count(0, 4),
+        ["does not match its config.json num_experts_per_layer [4, 3, 8, 1]",
+         "layers.0.block_sparse_moe.gate.weight has shape [5, 64] but the config gives [4, 64]"]),
+    "more-experts-in-config": (  # layer 0 keeps 3 experts (original ids 7, 1, 4) on disk; the config now says 4
+        "qwen3_moe", _set_layer_count(0, 4, extra_id=0),
+        ["does not match its config.json num_experts_per_layer [4, 7, 8, 1]",
+         "layers.0.mlp.gate.weight has shape [3, 64] but the config gives [4, 64]",
+         "layers.0.mlp.experts.3.gate_proj.weight is missing (layer 0 keeps 4 experts)"]),
+    "fused-tensor-of-other-count": (  # olmoe is saved fused: layer 1 holds experts.gate_up_proj of 5 experts
+        "olmoe", _set_layer_count(1, 4),
+        ["does not match its config.json num_experts_per_layer [2, 4, 1, 8]",
+         "has shape [5, 64] but the config gives [4, 64]"]),
+}
 
-    message = _load_error(_edited_copy(fixtures_dir, tmp_path, "qwen3_moe", add_one))
-    assert "does not match its config.json num_experts_per_layer [4, 7, 8, 1]" in message
-    assert "layers.0.mlp.gate.weight has shape [3, 64] but the config gives [4, 64]" in message
-    assert "layers.0.mlp.experts.3.gate_proj.weight is missing (layer 0 keeps 4 experts)" in message
 
-
-def test_fused_tensor_with_wrong_expert_count_refused(fixtures_dir, tmp_path):
-    def shrink(config):  # olmoe is saved fused: layer 1 holds experts.gate_up_proj of 5 experts
-        config["num_experts_per_layer"][1] = 4
-        config["kept_expert_ids"][1] = config["kept_expert_ids"][1][:4]
-        config.pop("diep_skipping")
-
-    message = _load_error(_edited_copy(fixtures_dir, tmp_path, "olmoe", shrink))
-    assert "does not match its config.json num_experts_per_layer [2, 4, 1, 8]" in message
-    assert "has shape [5, 64] but the config gives [4, 64]" in message
+@pytest.mark.parametrize("case", sorted(WEIGHT_MISMATCHES))
+def test_config_that_contradicts_the_weights_refused(case, fixtures_dir, tmp_path):
+    name, edit, words = WEIGHT_MISMATCHES[case]
+    message = _load_error(_edited_copy(fixtures_dir, tmp_path, name, edit))
+    for expected in words:
+        assert expected in message
 
 
 def test_skipping_asked_without_tables_refused(fixtures_dir, tmp_path):
