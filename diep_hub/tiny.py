@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -38,7 +37,9 @@ from .tiny_data import (
     tiny_texts,
     write_tiny_tasks,
 )
+from .zoo import loop
 from .zoo.configs import family_kwargs
+from .zoo.loop import deterministic_training, optimise
 from .zoo.train import ZooEntry
 
 logger = logging.getLogger(__name__)
@@ -151,8 +152,8 @@ def tiny_cache_key(entry: ZooEntry = TINY, seed: int = 0) -> str:
     """The cache file's name: entry, seed, steps and a hash of what decides the weights.
 
     Hashed: the entry (shape and training recipe), the full model config, the vocabulary, the first eight training
-    batches (the data by what it generates, not by the generators' source), the training loop's source, and the
-    torch and transformers versions (initialisation and kernels).
+    batches (the data by what it generates, not by the generators' source), the training code's source (zoo/loop.py
+    included), and the torch and transformers versions (initialisation and kernels).
     """
     import transformers
 
@@ -164,8 +165,8 @@ def tiny_cache_key(entry: ZooEntry = TINY, seed: int = 0) -> str:
     rng = random.Random(f"{seed}-train-stream")
     for _ in range(8):
         h.update(json.dumps(training_batch(rng, tokenizer, entry.batch_size, entry.seq_len).tolist()).encode())
-    for fn in (train_tiny_model, training_batch, _lr_factor):
-        h.update(inspect.getsource(fn).encode())
+    for code in (train_tiny_model, training_batch, loop):
+        h.update(inspect.getsource(code).encode())
     h.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
     return f"{entry.name}-seed{seed}-steps{entry.steps}-{h.hexdigest()[:12]}"
 
@@ -182,48 +183,22 @@ def training_batch(rng: random.Random, tokenizer, batch_size: int, seq_len: int)
     return torch.tensor(rows, dtype=torch.long)
 
 
-def _lr_factor(step: int, entry: ZooEntry) -> float:
-    """Linear warmup, then cosine decay to 5% of the peak."""
-    if step < entry.warmup:
-        return (step + 1) / entry.warmup
-    progress = (step - entry.warmup) / max(1, entry.steps - entry.warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_tiny_model(entry: ZooEntry = TINY, *, seed: int = 0):
     """Train the tiny model from its seeded initialisation (no cache); returns ``(model, loss log)``.
 
-    One thread and deterministic algorithms: CPU reductions depend on the thread count, and ``reproduce`` must
-    rebuild the same weights on any machine with the same torch build. Fresh lines every step (no epochs).
+    One thread and deterministic algorithms (zoo/loop.py): ``reproduce`` must rebuild the same weights on any machine
+    with the same torch build. Fresh lines every step (no epochs).
     """
-    from huggingface_hub.utils import tqdm
-
     tokenizer = build_tiny_tokenizer()
-    previous_threads = torch.get_num_threads()
-    previous_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_training(1):
         model = _initial_model(seed)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=entry.lr, weight_decay=0.0, betas=(0.9, 0.98))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, entry))
         rng = random.Random(f"{seed}-train-stream")
-        log = []
-        for step in tqdm(range(entry.steps), desc=f"training {TINY_MODEL_ID} (once)", leave=False):
-            batch = training_batch(rng, tokenizer, entry.batch_size, entry.seq_len)
-            out = model(input_ids=batch, labels=batch, output_router_logits=True)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            if step % 50 == 0 or step == entry.steps - 1:
-                log.append({"step": step, "loss": round(out.loss.item(), 4)})
-        model.eval()
-    finally:
-        torch.set_num_threads(previous_threads)
-        torch.use_deterministic_algorithms(previous_det)
+        log = optimise(
+            model,
+            lambda step: training_batch(rng, tokenizer, entry.batch_size, entry.seq_len),
+            steps=entry.steps, lr=entry.lr, warmup=entry.warmup, weight_decay=0.0,
+            desc=f"training {TINY_MODEL_ID} (once)",
+        )
     return model, log
 
 

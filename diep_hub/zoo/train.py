@@ -16,7 +16,6 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,8 +25,9 @@ import torch
 
 from ..errors import ConfigError
 from ..machine import machine_description
-from . import domains
+from . import domains, loop
 from .configs import family_kwargs
+from .loop import deterministic_training, optimise
 
 logger = logging.getLogger(__name__)
 
@@ -192,12 +192,14 @@ def cache_key(entry: ZooEntry, seed: int, threads: int) -> str:
 
 
 def _code_fingerprint() -> str:
-    """What decides the weights: the training loop's source, and samples of the data and of the tokenizer.
+    """What decides the weights: the training code's source (with the shared loop), and samples of the data and of
+    the tokenizer.
 
     The data is fingerprinted by what it generates (not by the generators' source), so reformatting the zoo
     code keeps the cache while any change to a domain's output invalidates it.
     """
     parts = [inspect.getsource(f) for f in (train_model, training_batch, model_config)]
+    parts.append(inspect.getsource(loop))
     parts += domains.sample_lines(256, seed=0, split="train")
     parts += [repr(ex) for name in domains.DOMAINS for ex in domains.sample_examples(name, 8, seed=0, split="train")]
     parts.append(json.dumps(domains.build_tokenizer().get_vocab(), sort_keys=True))
@@ -231,7 +233,6 @@ def training_batch(tokenizer, step: int, *, seed: int, batch_size: int, seq_len:
 
 def train_model(entry: ZooEntry, *, seed: int = 0, steps: int | None = None, threads: int = 1):
     """Train ``entry`` from scratch (no cache) and return ``(model, tokenizer, log)``; deterministic for a seed."""
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     if steps is not None:
@@ -239,41 +240,15 @@ def train_model(entry: ZooEntry, *, seed: int = 0, steps: int | None = None, thr
     if entry.steps < 1:
         raise ConfigError(f"steps={entry.steps} must be >= 1")
     tokenizer = domains.build_tokenizer()
-    previous_threads = torch.get_num_threads()
-    previous_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_training(threads):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(model_config(entry, tokenizer))
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=entry.lr, weight_decay=0.01, betas=(0.9, 0.98))
-
-        def lr_at(step: int) -> float:
-            if step < entry.warmup:
-                return (step + 1) / entry.warmup
-            progress = (step - entry.warmup) / max(1, entry.steps - entry.warmup)
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-        log = []
-        bar = tqdm(range(entry.steps), desc=f"training zoo/{entry.name}", leave=False)
-        for step in bar:
-            batch = training_batch(tokenizer, step, seed=seed, batch_size=entry.batch_size, seq_len=entry.seq_len)
-            out = model(input_ids=batch, labels=batch, output_router_logits=True)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            if step % 50 == 0 or step == entry.steps - 1:
-                log.append({"step": step, "loss": round(out.loss.item(), 4)})
-                bar.set_postfix(loss=f"{out.loss.item():.3f}")
-        model.eval()
+        log = optimise(
+            model,
+            lambda step: training_batch(tokenizer, step, seed=seed, batch_size=entry.batch_size, seq_len=entry.seq_len),
+            steps=entry.steps, lr=entry.lr, warmup=entry.warmup, weight_decay=0.01, desc=f"training zoo/{entry.name}",
+        )
         model.config.output_router_logits = False
-    finally:
-        torch.set_num_threads(previous_threads)
-        torch.use_deterministic_algorithms(previous_det)
     return model, tokenizer, log
 
 
