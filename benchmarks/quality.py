@@ -60,6 +60,7 @@ METHODS = {
         Method("soft_frequency", "soft_frequency"),
         Method("naee", "naee"),
         Method("random", "random"),
+        Method("validated-choice", "validated_choice"),  # reap/frequency/soft_frequency judged on held-out tokens
     )
 }
 SELECTIONS = ("global", "uniform")
@@ -118,13 +119,15 @@ def uniform_counts(model, sparsity: float) -> dict[int, int]:
 
 
 def score(
-    model, method: Method, input_ids, *, seed: int, batch_size: int, num_to_keep=None, extra=None, sparsity=None
+    model, method: Method, input_ids, *, seed: int, batch_size: int, num_to_keep=None, extra=None, sparsity=None,
+    selection=None,
 ):
-    """Run one criterion on a model (weights untouched); returns (ScoreResult, seconds)."""
+    """Run one criterion on a model (weights untouched); returns (ScoreResult, seconds). ``selection``: the mode
+    whose keep maps a criterion that compares them (validated_choice) is told, with ``sparsity``."""
     family = get_family(model)
     criterion = get_criterion(method.criterion)()
     options = {**method.options, **(extra or {})}
-    if method.criterion in ("diep", "diep_removal"):
+    if method.criterion in ("diep", "diep_removal", "validated_choice"):
         options.setdefault("progress", False)
     context = ScoringContext(
         model=model,
@@ -136,6 +139,8 @@ def score(
         num_to_keep=num_to_keep,
         sparsity=sparsity,
         options=options,
+        select=None if selection is None else (
+            lambda scores: select_experts(scores, model, sparsity=sparsity, mode=selection)),
     )
     start = time.perf_counter()
     result = criterion.score(context)

@@ -152,6 +152,7 @@ def _run_method(model, tokenizer, name, seed, method: Method, input_ids, base_mc
                         batch_size=args.batch_size,
                         num_to_keep=uniform_counts(model, sparsity) if selection == "uniform" else None,
                         sparsity=sparsity,
+                        selection=selection,
                     )
                 else:
                     if cached is None:
@@ -176,10 +177,19 @@ def _run_method(model, tokenizer, name, seed, method: Method, input_ids, base_mc
                     "retention": res["macro"]["mc_acc"] / base_mc,
                     "kept": [len(keep[k]) for k in sorted(keep)],
                     "score_seconds": round(secs, 2),
+                    **choice_record(result),
                     **info,
                 }
                 logger.info("%s  mc %.3f  kept %s  (%.1fs) %s", key, res["macro"]["mc_acc"],
                             data["cells"][key]["kept"], secs, info or "")
+
+
+def choice_record(result) -> dict:
+    """What validated_choice chose and each candidate's held-out KL (empty for other criteria)."""
+    if "chosen" not in result.details:
+        return {}
+    kls = {name: round(c["validation_kl"], 6) for name, c in result.details["candidates"].items()}
+    return {"chosen": result.details["chosen"], "validation_kl": kls}
 
 
 def merge(parts: list[dict]) -> dict:
@@ -198,6 +208,25 @@ def merge(parts: list[dict]) -> dict:
 
 def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def choices_table(cells: dict, models: list[str], sparsities: list[float]) -> list[str]:
+    """What validated_choice chose in each plain cell, seed by seed (empty when no cell records a choice)."""
+    chosen = {k: v["chosen"] for k, v in cells.items() if "chosen" in v and k[5] == "plain"}
+    if not chosen:
+        return []
+    lines = ["## What validated_choice chose (plain cells; seeds in order)", "",
+             "| model | selection | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+             "|---|---|" + "---|" * len(sparsities)]
+    for m in models:
+        for selection in sorted({k[3] for k in chosen if k[0] == m}):
+            row = []
+            for s in sparsities:
+                picks = [v for k, v in sorted(chosen.items(), key=lambda kv: int(kv[0][1]))
+                         if k[0] == m and k[3] == selection and k[4] == f"{s:g}"]
+                row.append(", ".join(picks))
+            lines.append(f"| {m} | {selection} | " + " | ".join(row) + " |")
+    return [*lines, ""]
 
 
 def report(data: dict, path: Path) -> None:
@@ -264,6 +293,7 @@ def report(data: dict, path: Path) -> None:
         table(f"Mean over the held-out models ({', '.join(heldout)})", heldout)
     for m in models:
         table(f"{m} (unpruned MC {data['base'][m]['mc_acc']:.3f})", [m])
+    lines.extend(choices_table(cells, models, sparsities))
     notes = ""
     if path.is_file() and NOTES_MARKER in (old := path.read_text(encoding="utf-8")):
         notes = old[old.index(NOTES_MARKER):]

@@ -29,6 +29,7 @@ No weight is loaded or allocated, so even the largest MoE is estimated in second
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
@@ -169,11 +170,26 @@ def _device_kind(plan: RunPlan) -> str:
 
 
 def _search_passes(pruner) -> int:
-    """1 reference pass, plus 3 a step (forward + backward) x epochs for a searching criterion."""
+    """1 reference pass, plus 3 a step (forward + backward) x epochs for a searching criterion; for validated_choice,
+    each candidate's passes over the fit share plus one pass a candidate (and one unpruned) over the held-out share."""
+    if pruner.method == "validated_choice":
+        settings = pruner.criterion_settings()
+        held_out = settings.validation_fraction
+        fit = sum(_candidate_passes(name) for name in settings.candidates) * (1 - held_out)
+        return math.ceil(fit + (len(settings.candidates) + 1) * held_out)
     if pruner.method not in _SEARCHING:
         return 1
     epochs = pruner.epochs if pruner.method == "diep" else int(pruner.criterion_settings().epochs)
     return 1 + 3 * epochs
+
+
+def _candidate_passes(method: str) -> int:
+    """Passes of a validated_choice candidate run with its default options."""
+    if method not in _SEARCHING:
+        return 1
+    from .criteria.base import get_criterion
+
+    return 1 + 3 * int(get_criterion(method).options().epochs)
 
 
 def estimate(plan: RunPlan, config=None) -> dict[str, Any]:

@@ -165,7 +165,7 @@ class NAEEOptions(CriterionOptions):
 class TargetOptions(OptionsModel):
     """What to remove and how to decide it (the recipe's ``pruning`` keys and the same ``DiEPPruner`` keywords)."""
 
-    method: Method = "diep"
+    method: Method = "validated_choice"
     sparsity: Sparsity = 0.5
     selection: Selection = None
     seed: Seed = 0

@@ -52,7 +52,9 @@ class DiEPPruner:
 
     Attributes:
         sparsity: fraction of routed experts to remove, 0 < s < 1 (shared experts and dense layers not counted).
-        method: a registered criterion (``diep_hub.criteria.available_criteria()``), "diep" by default.
+        method: a registered criterion (``diep_hub.criteria.available_criteria()``), "validated_choice" by default
+            (benchmarks/CHOICE.md: within the seed spread of the best baseline on every zoo model at 25% and 50%;
+            "diep" is the paper's search).
         selection: "global" (rank all experts of all layers together, non-uniform: DiEP's way) or "uniform"; None
             (default) means the method's own default, the first of its criterion's ``selections`` ("global", but
             "uniform" for naee, which supports nothing else). A selection the method does not support is refused.
@@ -255,6 +257,7 @@ class DiEPPruner:
             num_to_keep=num_to_keep,
             sparsity=self.sparsity,
             options=self.criterion_options(),
+            select=lambda scores: self._select(scores, model),
         )
         criterion.check_feasible(context)
         return dry_run, criterion, context

@@ -43,12 +43,13 @@ def test_prune_flags_come_from_the_option_models(capsys):
         model, name = recipe_field(path)
         value = getattr(args, flag.removeprefix("--").replace("-", "_"))
         assert value == (None if flag in UNSET_BY_DEFAULT else model.model_fields[name].default), flag
-    assert (args.sparsity, args.method, args.batch_size, args.seed, args.num_samples) == (0.5, "diep", 16, 0, 128)
+    defaults = (args.sparsity, args.method, args.batch_size, args.seed, args.num_samples)
+    assert defaults == (0.5, "validated_choice", 16, 0, 128)
     assert (args.dataset, args.dataset_config, args.data_file, args.search_mode) == ("allenai/c4", "en", None, None)
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "one of: " + ", ".join(available_criteria()) + " (default: diep)" in help_text
+    assert "one of: " + ", ".join(available_criteria()) + " (default: validated_choice)" in help_text
     assert "--search-mode SEARCH_MODE" in help_text and "one of: auto, gated, dense (default: auto)" in help_text
 
 

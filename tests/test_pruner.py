@@ -32,7 +32,7 @@ def pruned(tmp_path_factory):
     """A tiny Mixtral pruned at 50% by DiEP on a list of strings, and its saved folder."""
     torch.set_num_threads(1)
     tokenizer = pruner_tokenizer()
-    pruner = fast_pruner(sparsity=0.5)
+    pruner = fast_pruner(sparsity=0.5, method="diep")
     model = pruner.prune_model(tiny_model("mixtral"), tokenizer)
     folder = tmp_path_factory.mktemp("pruned") / "tiny-mixtral-diep-50"
     pruner.save(model, folder, tokenizer=tokenizer)

@@ -108,9 +108,9 @@ def test_shipped_recipes_are_found_by_name_through_the_package():
 
 def test_defaults_and_pruner_kwargs():
     r = Recipe.from_dict({"model": {"id": "org/model"}})
-    assert r.pruning.method == "diep" and r.pruning.sparsity == 0.5 and r.model.dtype == "auto"
+    assert r.pruning.method == "validated_choice" and r.pruning.sparsity == 0.5 and r.model.dtype == "auto"
     kwargs = r.to_pruner_kwargs()
-    assert kwargs["sparsity"] == 0.5 and kwargs["method"] == "diep" and kwargs["selection"] == "global"
+    assert kwargs["sparsity"] == 0.5 and kwargs["method"] == "validated_choice" and kwargs["selection"] == "global"
     assert kwargs["dataset"] == "allenai/c4" and kwargs["num_samples"] == 128 and kwargs["seq_len"] == 2048
     assert kwargs["lr"] == 5e-3 and kwargs["batch_size"] == 16
     # a recipe that leaves the search out gets the Python API's defaults (auto: benchmarks/RESULTS.md)

@@ -23,7 +23,7 @@ from diep_hub.criteria.removal import (
     theta_for_probability,
     validate_options,
 )
-from diep_hub.criteria.router_bias import MIN_LOG_GATE, router_logit_bias
+from diep_hub.criteria.router_bias import removal_bias, router_logit_bias
 from diep_hub.errors import ConfigError
 from diep_hub.families import get_family
 from tests.helpers.numerics import assert_close_logits, assert_same_greedy
@@ -53,11 +53,7 @@ def _removal_keep_map(model) -> dict[int, list[int]]:
 
 
 def _gated_logits(model, layers, keep, ids) -> torch.Tensor:
-    biases = []
-    for layer in layers:
-        bias = torch.full((layer.num_experts,), MIN_LOG_GATE)
-        bias[keep[layer.index]] = 0.0
-        biases.append(bias)
+    biases = removal_bias(layers, keep)
     with torch.no_grad(), router_logit_bias(layers, lambda position: biases[position]):
         return model(ids).logits
 

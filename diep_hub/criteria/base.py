@@ -1,4 +1,5 @@
-"""One interface for every expert-scoring criterion (diep, reap, frequency, soft_frequency, naee, random).
+"""One interface for every expert-scoring criterion (diep, diep_removal, reap, frequency,
+soft_frequency, naee, random, validated_choice).
 
 A criterion turns a model and calibration tokens into a score per (MoE layer, expert): higher means more
 important. Selection (``diep_hub.selection``) turns scores into a keep map; surgery applies it. Criteria never
@@ -8,6 +9,7 @@ modify model weights.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,6 +43,9 @@ class ScoringContext:
         sparsity: the run's target sparsity, for criteria whose search depends on it (``needs_sparsity``).
         options: the fields of the criterion's options model (``Criterion.options``, e.g. DiEP's search
             hyper-parameters) plus the run settings it reads (``progress``); read with ``parse_options``.
+        select: the run's selection (sparsity, mode, floors, caps, group rules) as a function of scores ->
+            ``diep_hub.selection.Selection``, for criteria that compare keep maps (``validated_choice``); None
+            when the caller scores without a run (most criteria never read it).
     """
 
     model: nn.Module
@@ -52,6 +57,7 @@ class ScoringContext:
     num_to_keep: dict[int, int] | None = None
     sparsity: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    select: Callable[[dict[int, torch.Tensor]], Any] | None = None
 
 
 @dataclass

@@ -24,6 +24,17 @@ from ..families import MoELayer
 MIN_LOG_GATE = math.log(1e-12)
 
 
+def removal_bias(layers: list[MoELayer], keep: dict[int, list[int]]) -> list[torch.Tensor]:
+    """The bias that removes what a keep map removes, per layer in ``layers`` order: 0 on the router logit of a
+    kept expert, ``MIN_LOG_GATE`` on a removed one (pass ``lambda p: biases[p]`` to :func:`router_logit_bias`)."""
+    biases = []
+    for layer in layers:
+        bias = torch.full((layer.num_experts,), MIN_LOG_GATE)
+        bias[list(keep[layer.index])] = 0.0
+        biases.append(bias)
+    return biases
+
+
 @contextmanager
 def router_logit_bias(layers: list[MoELayer], bias: Callable[[int], torch.Tensor]) -> Iterator[None]:
     """Add ``bias(position)`` ([num_experts]) to each layer's router logits, before activation, grouping, top-k and
