@@ -4,6 +4,7 @@ compared with golden files; what reaches the card from the report, the evaluatio
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import jinja2
@@ -124,6 +125,17 @@ def test_report_fields_reach_the_card_and_figures(tmp_path):
     files = card_files(card)
     assert files["assets/expert_scores.png"].startswith(PNG)
     assert "![Expert scores per layer](assets/expert_scores.png)" in text
+
+
+def test_a_ranking_with_pipes_stays_one_table_cell():
+    """REAP's and validated_choice's rankings contain ``||x||_2``: unescaped, the pipes would split the table row."""
+    model, _ = pruned_with_keep("mixtral")
+    ranking = "reap (mean gate_weight * ||expert output||_2 over routed tokens), lowest held-out KL of ['reap']"
+    text = str(build_model_card(model, report={**REPORT, "method": "validated_choice", "ranking": ranking}))
+    (row,) = [line for line in text.splitlines() if line.startswith("| Ranking |")]
+    cells = re.split(r"(?<!\\)\|", row.strip().strip("|"))
+    assert [c.strip() for c in cells] == ["Ranking", ranking.replace("|", "\\|")]
+    assert "| Method | validated_choice |" in text
 
 
 def test_folder_card_reads_report_evaluation_and_recipe(tmp_path):
