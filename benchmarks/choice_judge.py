@@ -7,7 +7,7 @@ often the two signals pick the same candidate and what retention each pick keeps
 
 Usage (2-core CPU, about 8 minutes for the two tuning models at two sparsities):
     python benchmarks/choice_judge.py --models olmoe-16e mixtral-8e --sparsities 0.5 0.75 \
-        --out benchmarks/results/choice/judge.json
+        --out benchmarks/results/choice_judge.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from quality import METHODS, calibration_ids, score, select
 from quality_seeds import EVAL
 
 from diep_hub import prune_experts
-from diep_hub.criteria.choice import _log_probabilities, masked_kl, split_calibration
+from diep_hub.criteria.choice import log_probabilities, masked_kl, split_calibration
 from diep_hub.criteria.router_bias import removal_bias, router_logit_bias
 from diep_hub.families import get_family
 from diep_hub.zoo.tasks import evaluate_zoo
@@ -38,7 +38,7 @@ def masked_ce(model, layers, keep, ids: torch.Tensor) -> float:
     """Mean next-token cross-entropy on ``ids`` with the keep map masked into the routers."""
     biases = removal_bias(layers, keep)
     with torch.no_grad(), router_logit_bias(layers, lambda p: biases[p]):
-        log_probs = _log_probabilities(model(input_ids=ids).logits)[:, :-1]
+        log_probs = log_probabilities(model(input_ids=ids).logits)[:, :-1]
     return float(-log_probs.gather(-1, ids[:, 1:, None]).mean())
 
 

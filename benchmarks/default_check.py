@@ -60,12 +60,26 @@ def table(data: dict, default: str, baselines: list[str], variants: list[str]) -
     return lines
 
 
+def scoring_cost(data: dict, default: str, reference: str = "reap") -> list[str]:
+    """Median scoring seconds of the default and of ``reference`` per model (plain cells; same runs, same machine)."""
+    cells = {split_key(k): v for k, v in data["cells"].items() if "score_seconds" in v}
+    lines = [f"| model | {default} s | {reference} s | ratio |", "|---|---|---|---|"]
+    for model in [*data["meta"]["tuning"], *data["meta"]["heldout"]]:
+        mine = [v["score_seconds"] for k, v in cells.items() if k[0] == model and k[2] == default and k[5] == "plain"]
+        ref = [v["score_seconds"] for k, v in cells.items() if k[0] == model and k[2] == reference and k[5] == "plain"]
+        if mine and ref:
+            a, b = statistics.median(mine), statistics.median(ref)
+            lines.append(f"| {model} | {a:.2f} | {b:.2f} | {a / b:.1f}x |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", nargs="+", required=True, help="quality_seeds.py JSON files")
     parser.add_argument("--default", default="validated-choice", help="the default's row label")
     parser.add_argument("--baselines", nargs="+", default=["reap", "frequency", "soft_frequency"])
     parser.add_argument("--variants", nargs="+", default=["plain", "recalibrated"])
+    parser.add_argument("--cost", action="store_true", help="print the scoring time against REAP's instead")
     args = parser.parse_args(argv)
     merged = {"meta": {"tuning": [], "heldout": []}, "cells": {}}
     for path in args.results:
@@ -73,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("tuning", "heldout"):
             merged["meta"][key] += [m for m in part["meta"].get(key, []) if m not in merged["meta"][key]]
         merged["cells"].update(part["cells"])
-    print("\n".join(table(merged, args.default, args.baselines, args.variants)))
+    lines = scoring_cost(merged, args.default) if args.cost else table(merged, args.default, args.baselines,
+                                                                         args.variants)
+    print("\n".join(lines))
     return 0
 
 

@@ -173,23 +173,20 @@ def _search_passes(pruner) -> int:
     """1 reference pass, plus 3 a step (forward + backward) x epochs for a searching criterion; for validated_choice,
     each candidate's passes over the fit share plus one pass a candidate (and one unpruned) over the held-out share."""
     if pruner.method == "validated_choice":
+        from .criteria.base import get_criterion
+
         settings = pruner.criterion_settings()
         held_out = settings.validation_fraction
-        fit = sum(_candidate_passes(name) for name in settings.candidates) * (1 - held_out)
-        return math.ceil(fit + (len(settings.candidates) + 1) * held_out)
-    if pruner.method not in _SEARCHING:
-        return 1
-    epochs = pruner.epochs if pruner.method == "diep" else int(pruner.criterion_settings().epochs)
-    return 1 + 3 * epochs
+        # each candidate runs with its own default options
+        fit = sum(_passes(name, lambda n=name: get_criterion(n).options().epochs) for name in settings.candidates)
+        return math.ceil(fit * (1 - held_out) + (len(settings.candidates) + 1) * held_out)
+    return _passes(pruner.method, lambda: pruner.epochs if pruner.method == "diep"
+                   else pruner.criterion_settings().epochs)
 
 
-def _candidate_passes(method: str) -> int:
-    """Passes of a validated_choice candidate run with its default options."""
-    if method not in _SEARCHING:
-        return 1
-    from .criteria.base import get_criterion
-
-    return 1 + 3 * int(get_criterion(method).options().epochs)
+def _passes(method: str, epochs) -> int:
+    """1 for a one-pass criterion; 1 + 3 x ``epochs()`` for a searching one (read only then)."""
+    return 1 + 3 * int(epochs()) if method in _SEARCHING else 1
 
 
 def estimate(plan: RunPlan, config=None) -> dict[str, Any]:

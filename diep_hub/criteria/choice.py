@@ -83,7 +83,7 @@ def split_calibration(input_ids: torch.Tensor, validation_fraction: float) -> tu
     return input_ids[: num - held_out], input_ids[num - held_out :]
 
 
-def _log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+def log_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Log-softmax in at least float32 (a bf16 model's logits are widened; a float64 model's stay float64)."""
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
@@ -103,11 +103,11 @@ def masked_kl(model, layers, keep_maps: list[dict[int, list[int]]], held_out: to
     with torch.no_grad(), eval_mode(model):
         for batch in tqdm(batches, desc=f"{NAME}: judging candidates", disable=not progress):
             ids = batch.to(device)
-            reference = _log_probabilities(model(input_ids=ids).logits)
+            reference = log_probabilities(model(input_ids=ids).logits)
             tokens += reference.shape[0] * reference.shape[1]
             for position, bias in enumerate(biases):
                 with router_logit_bias(layers, lambda p, bias=bias: bias[p]):
-                    pruned = _log_probabilities(model(input_ids=ids).logits)
+                    pruned = log_probabilities(model(input_ids=ids).logits)
                 totals[position] += float((reference.exp() * (reference - pruned)).sum())
     return [total / tokens for total in totals]
 
