@@ -36,12 +36,13 @@ _pin_tiny_cache()
 
 @pytest.fixture(autouse=True)
 def _library_logging_restored():
-    """`diep_hub.cli.main` configures the "diep_hub" logger for a terminal (own handler, no propagation). Undo it
-    after each test, or later tests' caplog would see nothing and every "never logged" check would pass vacuously."""
-    root = logging.getLogger("diep_hub")
-    saved = (list(root.handlers), root.level, root.propagate)
+    """`diep_hub.cli.main` configures the "diep_hub" logger for a terminal (own handler, no propagation). Put the
+    library's own state back (no handler, no level, propagating) after each test, or later tests' caplog would see
+    nothing and every "never logged" check would pass vacuously. The state is reset, not restored: a session
+    fixture that ran the CLI before this fixture's first save would otherwise be restored too."""
     yield
-    root.handlers[:], root.level, root.propagate = saved
+    root = logging.getLogger("diep_hub")
+    root.handlers[:], root.level, root.propagate = [], logging.NOTSET, True
 
 
 @pytest.fixture(scope="module")

@@ -181,3 +181,19 @@ def test_error_line_starts_its_own_line_after_a_progress_bar(monkeypatch, tmp_pa
     assert "scoring" in result.stderr and lines[-1] == ""
     assert lines[-2] == "diep-hub inspect: error: calibration file x.jsonl line 3 is not valid JSON"
     assert all("\r" in line for line in lines[:-2] if line), lines  # everything before it is the bar
+
+
+
+def test_run_cli_puts_the_library_logger_back(tmp_path):
+    """The in-process CLI helper undoes the CLI's terminal logging (own handler, no propagation): the session
+    fixture `run_folder` calls it before any test's own fixtures, and a leak there left every later caplog check of
+    a library record blind (the test_hub / test_push_guards failures of one CI run)."""
+    import logging
+
+    from tests.helpers.fault_catalogue import run_cli
+
+    library = logging.getLogger("diep_hub")
+    before = (list(library.handlers), library.level, library.propagate)
+    result = run_cli(["inspect", str(tmp_path / "missing")])
+    assert result.code == 2 and "missing" in result.stderr  # the CLI did run and configure its logging
+    assert (list(library.handlers), library.level, library.propagate) == before

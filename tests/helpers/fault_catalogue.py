@@ -95,6 +95,9 @@ def run_cli(argv: list[str], monkeypatch: pytest.MonkeyPatch | None = None, env:
             monkeypatch.setenv(key, value)
     out, err = io.StringIO(), io.StringIO()
     library_logger = logging.getLogger("diep_hub")
+    # cli.main gives the "diep_hub" logger a terminal handler and stops propagation; put back what was there, or a
+    # session fixture calling this would leave later tests' caplog blind to the library's records.
+    saved = (list(library_logger.handlers), library_logger.level, library_logger.propagate)
     with redirect_stdout(out), redirect_stderr(err):
         try:
             code = cli.main(argv)
@@ -103,6 +106,7 @@ def run_cli(argv: list[str], monkeypatch: pytest.MonkeyPatch | None = None, env:
         finally:
             for handler in library_logger.handlers:
                 handler.flush()
+            library_logger.handlers[:], library_logger.level, library_logger.propagate = saved
     return CliResult(code=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
