@@ -140,7 +140,7 @@ def score(
         sparsity=sparsity,
         options=options,
         select=None if selection is None else (
-            lambda scores: select_experts(scores, model, sparsity=sparsity, mode=selection)),
+            lambda scores, mode=None: select_experts(scores, model, sparsity=sparsity, mode=mode or selection)),
     )
     start = time.perf_counter()
     result = criterion.score(context)

@@ -189,7 +189,12 @@ def choice_record(result) -> dict:
     if "chosen" not in result.details:
         return {}
     kls = {name: round(c["validation_kl"], 6) for name, c in result.details["candidates"].items()}
-    return {"chosen": result.details["chosen"], "validation_kl": kls}
+    record = {"chosen": result.details["chosen"], "validation_kl": kls}
+    refinement = result.details.get("refinement")
+    if refinement:
+        record["refinement"] = {"moves": len(refinement["moves"]), "accepted": refinement["accepted"],
+                                "validation_kl": refinement["validation_kl"]}
+    return record
 
 
 def merge(parts: list[dict]) -> dict:

@@ -169,9 +169,11 @@ def _device_kind(plan: RunPlan) -> str:
     return "cuda" if plan.load.device_map not in (None, "cpu") else "cpu"
 
 
-def _search_passes(pruner) -> int:
+def _search_passes(pruner, num_moe_layers: int = 1) -> int:
     """1 reference pass, plus 3 a step (forward + backward) x epochs for a searching criterion; for validated_choice,
-    each candidate's passes over the fit share plus one pass a candidate (and one unpruned) over the held-out share."""
+    each candidate's passes over the fit share plus one pass a judged keep map (a candidate's, and its uniform one
+    with ``compare_uniform`` under global selection: an upper bound) and one unpruned over the held-out share,
+    plus, when it refines, at most (2 x layers + 5) passes a round over its refine sequences and 2 held-out ones."""
     if pruner.method == "validated_choice":
         from .criteria.base import get_criterion
 
@@ -179,7 +181,13 @@ def _search_passes(pruner) -> int:
         held_out = settings.validation_fraction
         # each candidate runs with its own default options
         fit = sum(_passes(name, lambda n=name: get_criterion(n).options().epochs) for name in settings.candidates)
-        return math.ceil(fit * (1 - held_out) + (len(settings.candidates) + 1) * held_out)
+        judged = len(settings.candidates) * (2 if settings.compare_uniform and pruner.selection == "global" else 1)
+        passes = fit * (1 - held_out) + (judged + 1) * held_out
+        if settings.refine_rounds:
+            # a round: the map and 2 probes a layer, then the map and at most 3 shortlisted moves; 2 passes first
+            share = min(settings.refine_sequences, pruner.num_samples) / pruner.num_samples
+            passes += share * (2 + settings.refine_rounds * (2 * num_moe_layers + 5)) + 2 * held_out
+        return math.ceil(passes)
     return _passes(pruner.method, lambda: pruner.epochs if pruner.method == "diep"
                    else pruner.criterion_settings().epochs)
 
@@ -237,7 +245,8 @@ def estimate(plan: RunPlan, config=None) -> dict[str, Any]:
     k_eff = max(x["num_experts"] if dense else x["top_k"] for x in per_layer)
     inputs = CostInputs(
         params_total=total, params_active=active, params_search=total if dense else active,
-        bytes_per_param=bytes_per, search_tokens=p["num_samples"] * p["seq_len"], search_passes=_search_passes(pruner),
+        bytes_per_param=bytes_per, search_tokens=p["num_samples"] * p["seq_len"],
+        search_passes=_search_passes(pruner, len(layers)),
         eval_tokens=(ev.perplexity_samples * ev.perplexity_seq_len) if ev.enabled and ev.perplexity else 0,
         evaluations=evaluations,
         skipping_tokens=(plan.skipping.num_samples * plan.skipping.seq_len) if plan.skipping.enabled else 0,

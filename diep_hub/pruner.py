@@ -182,14 +182,15 @@ class DiEPPruner:
                 return source, None, "train"
         return self.dataset, self.dataset_config, self.split
 
-    def _select(self, scores: dict[int, torch.Tensor], model: nn.Module):
+    def _select(self, scores: dict[int, torch.Tensor], model: nn.Module, mode: str | None = None):
+        """The run's selection of ``scores``; ``mode`` overrides global/uniform, every other setting is the run's."""
         from .selection import select_experts
 
         return select_experts(
             scores,
             model,
             sparsity=self.sparsity,
-            mode=self.selection,
+            mode=mode or self.selection,
             max_layer_sparsity=self.max_layer_sparsity,
             min_experts_per_layer=self.min_experts_per_layer,
             regroup=self.regroup,
@@ -257,7 +258,7 @@ class DiEPPruner:
             num_to_keep=num_to_keep,
             sparsity=self.sparsity,
             options=self.criterion_options(),
-            select=lambda scores: self._select(scores, model),
+            select=lambda scores, mode=None: self._select(scores, model, mode),
         )
         criterion.check_feasible(context)
         return dry_run, criterion, context

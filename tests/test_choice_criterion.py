@@ -43,7 +43,8 @@ def _kl_after_surgery(model, keep, ids) -> float:
 
 
 def _selection(model, sparsity, mode="global"):
-    return lambda scores: select_experts(scores, model, sparsity=sparsity, mode=mode)
+    """A run's selection as DiEPPruner gives it to the criterion (``mode=`` overrides the run's mode)."""
+    return lambda scores, mode=mode: select_experts(scores, model, sparsity=sparsity, mode=mode)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -79,7 +80,8 @@ def test_the_chosen_candidate_has_the_lowest_held_out_kl_and_its_fit_scores(mode
     model = tiny_model("qwen2_moe")
     ids = sample_input_ids(batch=8, length=12, seed=3)
     candidates = ["reap", "frequency", "random"]
-    result, context = _choice(model, ids, mode=mode, candidates=candidates, validation_fraction=0.25)
+    result, context = _choice(model, ids, mode=mode, candidates=candidates, validation_fraction=0.25,
+                              refine_rounds=0, compare_uniform=False)
     fit, held_out = ids[:6], ids[6:]
 
     details = result.details
@@ -104,7 +106,8 @@ def test_the_chosen_candidate_has_the_lowest_held_out_kl_and_its_fit_scores(mode
 def test_the_pruner_applies_the_validated_keep_map_and_reports_the_choice():
     tokenizer = pruner_tokenizer()
     pruner = fast_pruner(sparsity=0.5, method="validated_choice",
-                         options={"candidates": ["frequency", "reap", "random"], "validation_fraction": 0.5})
+                         options={"candidates": ["frequency", "reap", "random"], "validation_fraction": 0.5,
+                                  "refine_rounds": 0, "compare_uniform": False})
     base = tiny_model("mixtral")
     model = pruner.prune_model(copy.deepcopy(base), tokenizer)
 
@@ -176,8 +179,168 @@ def test_dry_run_counts_every_candidate_pass_and_the_judging_passes():
     from diep_hub.dry_run import _search_passes
 
     # three one-pass candidates on 75% of the tokens, then the unpruned model and three masked ones on 25%
-    assert _search_passes(DiEPPruner(method="validated_choice")) == 4  # ceil(3 * 0.75 + 4 * 0.25)
+    unrefined = DiEPPruner(method="validated_choice", options={"refine_rounds": 0, "compare_uniform": False})
+    assert _search_passes(unrefined) == 4  # ceil(3 * 0.75 + 4 * 0.25)
+    # with global selection each candidate's uniform keep map may be judged too: 3 more held-out passes at most
+    half = {"refine_rounds": 0, "validation_fraction": 0.5, "compare_uniform": True}
+    assert _search_passes(DiEPPruner(method="validated_choice", options=half)) == 5  # 3 * 0.5 + 7 * 0.5
+    uniform = DiEPPruner(method="validated_choice", selection="uniform", options=half)
+    assert _search_passes(uniform) == 4  # ceil(3 * 0.5 + 4 * 0.5)
     epochs = RemovalOptions().epochs
     pruner = DiEPPruner(method="validated_choice",
-                        options={"candidates": ["reap", "diep_removal"], "validation_fraction": 0.5})
+                        options={"candidates": ["reap", "diep_removal"], "validation_fraction": 0.5,
+                                 "refine_rounds": 0, "compare_uniform": False})
     assert _search_passes(pruner) == math.ceil((1 + 1 + 3 * epochs) * 0.5 + 3 * 0.5)
+    # refinement: 2 passes, then (2 probes a layer + 5) a round, over 16 of 64 sequences; 2 held-out passes
+    refining = DiEPPruner(method="validated_choice", num_samples=64,
+                          options={"candidates": ["reap"], "refine_rounds": 4, "refine_sequences": 16,
+                                   "compare_uniform": False})
+    assert _search_passes(refining, num_moe_layers=6) == math.ceil(
+        0.75 + 2 * 0.25 + (16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25)
+
+
+# ------------------------------------------------------------------------------------------------ refinement
+@pytest.mark.parametrize("family, mode", [("mixtral", "global"), ("mixtral", "uniform"), ("deepseek_v3", "global")])
+def test_keep_map_scores_rebuild_the_keep_map_under_the_runs_selection(family, mode):
+    from diep_hub.criteria.choice import keep_map_scores
+
+    model = tiny_model(family, **GROUPED.get(family, {}))
+    layers = get_family(model).moe_layers(model)
+    select = _selection(model, 0.5, mode)
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        original = {layer.index: torch.randn(layer.num_experts, generator=generator) for layer in layers}
+        keep = select(original).keep
+        # other scores (a reversed order) must not matter: the encoding alone decides what is kept
+        other = {index: -s for index, s in original.items()}
+        assert select(keep_map_scores(keep, other)).keep == keep
+
+
+@pytest.mark.parametrize("mode", ["global", "uniform"])
+def test_refinement_takes_only_one_expert_moves_that_lower_the_fit_kl(mode):
+    from diep_hub.criteria.choice import refine_keep_map
+
+    model = tiny_model("qwen3_moe")
+    layers = get_family(model).moe_layers(model)
+    ids = sample_input_ids(batch=6, length=12, seed=5)
+    select = _selection(model, 0.5, mode)
+    scores = {layer.index: torch.randn(layer.num_experts, generator=torch.Generator().manual_seed(7 + layer.index))
+              for layer in layers}
+    start = select(scores).keep
+    refined, moves, history = refine_keep_map(model, layers, start, scores, select, ids, rounds=4, batch_size=3)
+
+    assert history[0] == masked_kl(model, layers, [start], ids, batch_size=3)[0]
+    assert len(history) == len(moves) + 1 and all(b < a for a, b in zip(history, history[1:]))
+    assert history[-1] == pytest.approx(masked_kl(model, layers, [refined], ids, batch_size=3)[0], rel=1e-6)
+    assert moves, "random scores leave room for a better map: a search that never moves tests nothing"
+    current = {i: sorted(v) for i, v in start.items()}
+    for move in moves:  # each move swaps one expert out and one in, as recorded
+        (drop_layer, drop), (add_layer, add) = move["drop"], move["add"]
+        assert drop in current[drop_layer] and add not in current[add_layer]
+        current[drop_layer].remove(drop)
+        current[add_layer] = sorted(current[add_layer] + [add])
+    assert current == {i: sorted(v) for i, v in refined.items()}
+    assert sum(map(len, refined.values())) == sum(map(len, start.values()))
+    if mode == "uniform":  # uniform counts are the selection's: only swaps within a layer rebuild
+        assert {i: len(v) for i, v in refined.items()} == {i: len(v) for i, v in start.items()}
+    assert select(scores_for(refined, scores)).keep == refined
+
+
+def scores_for(keep, scores):
+    from diep_hub.criteria.choice import keep_map_scores
+
+    return keep_map_scores(keep, scores)
+
+
+def test_the_pruner_applies_the_refined_keep_map_when_the_held_out_kl_confirms_it():
+    tokenizer = pruner_tokenizer()
+    options = {"candidates": ["random"], "validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4}
+    pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
+    base = tiny_model("mixtral")
+    model = pruner.prune_model(copy.deepcopy(base), tokenizer)
+
+    refinement = pruner.report.details["refinement"]
+    from diep_hub.calibration import load_calibration_data
+
+    ids = load_calibration_data(pruner.dataset, tokenizer, num_samples=8, seq_len=16, seed=0)
+    fit, held_out = split_calibration(ids, 0.5)
+    layers = get_family(base).moe_layers(base)
+    select = _selection(base, 0.5)
+    context = scoring_context(base, fit, batch_size=4, sparsity=0.5)
+    start = select(get_criterion("random")().score(context).scores).keep
+    unrefined_kl = masked_kl(base, layers, [start], held_out, batch_size=4)[0]
+    assert pruner.report.details["candidates"]["random"]["validation_kl"] == unrefined_kl
+    assert refinement["moves"], "random scores leave room for a better map: a search that never moves tests nothing"
+    applied = pruner.report.kept_original_ids
+    assert refinement["accepted"] == (refinement["validation_kl"] < unrefined_kl)
+    if refinement["accepted"]:
+        assert applied != start and masked_kl(base, layers, [applied], held_out, batch_size=4)[0] == pytest.approx(
+            refinement["validation_kl"], rel=1e-6)
+        assert refinement["per_layer_kept"] == {str(k): len(v) for k, v in sorted(applied.items())}
+    else:
+        assert applied == start
+    for k, ids_kept in applied.items():  # surgery kept exactly those experts' weights
+        layer = get_family(model).moe_layers(model)[k].experts
+        assert torch.equal(layer.down_proj, get_family(base).moe_layers(base)[k].experts.down_proj[ids_kept])
+
+
+def test_refinement_moves_within_groups_under_grouped_routing():
+    """A group-limited layer loses experts from every group at the same pace: the only one-expert moves the selection
+    can rebuild are swaps inside a group, and refinement must find them (it once proposed cross-group swaps only)."""
+    from diep_hub.criteria.choice import refine_keep_map
+
+    model = tiny_model("deepseek_v3", n_group=2, topk_group=1)
+    layers = get_family(model).moe_layers(model)
+    ids = sample_input_ids(batch=6, length=12, seed=5)
+    select = _selection(model, 0.5)
+    size = {layer.index: layer.num_experts // 2 for layer in layers}  # contiguous groups of N / n_group
+    moved_somewhere = False
+    for seed in range(3):
+        scores = {layer.index: torch.randn(layer.num_experts, generator=torch.Generator().manual_seed(seed * 10 + i))
+                  for i, layer in enumerate(layers)}
+        start = select(scores).keep
+        refined, moves, history = refine_keep_map(model, layers, start, scores, select, ids, rounds=3, batch_size=3)
+        for move in moves:
+            (drop_layer, drop), (add_layer, add) = move["drop"], move["add"]
+            assert drop_layer == add_layer and drop // size[drop_layer] == add // size[add_layer]
+        assert select(scores_for(refined, scores)).keep == refined
+        moved_somewhere |= bool(moves)
+    assert moved_somewhere
+
+
+def test_global_runs_also_judge_each_candidates_uniform_keep_map():
+    from diep_hub.criteria.choice import keep_map_scores
+
+    model = tiny_model("mixtral")
+    ids = sample_input_ids(batch=8, length=12, seed=3)
+    candidates = ["reap", "frequency", "random"]
+    result, context = _choice(model, ids, candidates=candidates, validation_fraction=0.25, refine_rounds=0,
+                              compare_uniform=True)
+    fit, held_out = ids[:6], ids[6:]
+
+    labels, keep_maps = [], []
+    for name in candidates:
+        own = get_criterion(name)().score(scoring_context(model, fit, batch_size=4, sparsity=0.5)).scores
+        labels.append(name)
+        keep_maps.append(select_experts(own, model, sparsity=0.5, mode="global").keep)
+        uniform = select_experts(own, model, sparsity=0.5, mode="uniform").keep
+        if uniform != keep_maps[-1]:
+            labels.append(f"{name} (uniform)")
+            keep_maps.append(uniform)
+    assert any(label.endswith("(uniform)") for label in labels)  # the test can tell the two apart
+    assert list(result.details["candidates"]) == labels
+    kls = masked_kl(model, context.layers, keep_maps, held_out, batch_size=4)
+    assert [result.details["candidates"][label]["validation_kl"] for label in labels] == kls
+    best = min(range(len(kls)), key=lambda i: (kls[i], i))
+    assert result.details["chosen"] == labels[best]
+    # whatever won, the run's own (global) selection of the returned scores rebuilds exactly its keep map
+    assert context.select(result.scores).keep == keep_maps[best]
+    assert select_experts(keep_map_scores(keep_maps[1], result.scores), model, sparsity=0.5).keep == keep_maps[1]
+
+
+def test_uniform_runs_judge_only_their_own_keep_maps():
+    model = tiny_model("mixtral")
+    ids = sample_input_ids(batch=8, length=12, seed=3)
+    result, _ = _choice(model, ids, mode="uniform", candidates=["reap", "frequency"], refine_rounds=0,
+                        compare_uniform=True)
+    assert list(result.details["candidates"]) == ["reap", "frequency"]

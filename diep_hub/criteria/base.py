@@ -44,8 +44,9 @@ class ScoringContext:
         options: the fields of the criterion's options model (``Criterion.options``, e.g. DiEP's search
             hyper-parameters) plus the run settings it reads (``progress``); read with ``parse_options``.
         select: the run's selection (sparsity, mode, floors, caps, group rules) as a function of scores ->
-            ``diep_hub.selection.Selection``, for criteria that compare keep maps (``validated_choice``); None
-            when the caller scores without a run (most criteria never read it).
+            ``diep_hub.selection.Selection``, for criteria that compare keep maps (``validated_choice``); its
+            keyword ``mode`` ("global" / "uniform") overrides the run's mode and nothing else. None when the caller
+            scores without a run (most criteria never read it).
     """
 
     model: nn.Module
@@ -57,7 +58,7 @@ class ScoringContext:
     num_to_keep: dict[int, int] | None = None
     sparsity: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    select: Callable[[dict[int, torch.Tensor]], Any] | None = None
+    select: Callable[..., Any] | None = None
 
 
 @dataclass

@@ -7,15 +7,21 @@ measures that distance instead of guessing it:
 1. the calibration sequences are split: the last ``ceil(validation_fraction * n)`` are held out, the rest "fit";
 2. each candidate criterion scores the experts on the fit sequences with its own default options, and the run's
    own selection (``ScoringContext.select``: sparsity, global or uniform, floors, caps, group rules) turns its
-   scores into a keep map;
+   scores into a keep map; with global selection and ``compare_uniform`` (off by default: it did not keep more in
+   benchmarks/CHOICE.md) its uniform keep map is judged too;
 3. each keep map is applied by masking the router (``router_logit_bias`` at ``MIN_LOG_GATE`` for every removed
    expert: what surgery does to routing, checked against surgery in tests/test_choice_criterion.py) and its mean
    per-token KL(unpruned || pruned) of the next-token distribution is measured on the held-out sequences;
-4. the candidate with the lowest KL wins (ties: the first listed). Its fit-sequence scores are returned, so the
-   pruner's selection rebuilds exactly the keep map that was validated.
+4. the keep map with the lowest KL wins (ties: the first listed);
+5. the winner is refined (``refine_rounds`` > 0, the default) by greedy one-expert moves (swap an expert within a
+   layer, or move one slot from one layer to another) measured by the same masked KL on fit sequences; the refined
+   map replaces the winner only if it also lowers the held-out KL (see :func:`refine_keep_map`);
+6. the returned scores rebuild that keep map under the run's selection: the candidate's own fit-sequence scores
+   when they do, else scores that encode the map (:func:`keep_map_scores`).
 
-Cost: one scoring pass per candidate on the fit sequences, plus (candidates + 1) forward passes over the held-out
-sequences; the unpruned model's logits are computed one batch at a time, never stored for the whole set.
+Cost: one scoring pass per candidate on the fit sequences, plus (keep maps judged + 1) forward passes over the
+held-out sequences, plus the refinement's (its docstring); the unpruned model's logits are computed one batch at
+a time, never stored for the whole set.
 ``details`` records every candidate's KL and per-layer counts, so the report shows what was compared.
 """
 
@@ -31,7 +37,7 @@ from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 from pydantic import Field, field_validator
 
 from ..errors import ConfigError
-from ..options import CriterionOptions, Number
+from ..options import CriterionOptions, NonNegativeInt, Number
 from .base import Criterion, ScoreResult, ScoringContext, get_criterion, parse_options, register_criterion
 from .capture import eval_mode, input_device
 from .router_bias import check_router_bias, removal_bias, router_logit_bias
@@ -49,6 +55,13 @@ class ChoiceOptions(CriterionOptions):
         description="the criteria compared (each with its default options), the tie-break order")
     validation_fraction: Annotated[float, Number(0, 1, lo_open=True, hi_open=True)] = Field(
         0.25, description="share of the calibration sequences held out to judge the candidates")
+    compare_uniform: bool = Field(
+        False, description="with global selection, also judge each candidate's uniform keep map (same total removed)")
+    refine_rounds: NonNegativeInt = Field(
+        8, description="greedy rounds of one-expert moves on the winning keep map, each kept only if it lowers "
+                       "the masked KL on fit sequences; the result only if it lowers the held-out KL (0: none)")
+    refine_sequences: Annotated[int, Number(1, integer=True)] = Field(
+        16, description="fit sequences (the first ones) that measure the refinement moves")
 
     @field_validator("candidates", mode="before")
     @classmethod
@@ -112,6 +125,114 @@ def masked_kl(model, layers, keep_maps: list[dict[int, list[int]]], held_out: to
     return [total / tokens for total in totals]
 
 
+def keep_map_scores(keep: dict[int, list[int]], scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Scores under which a selection rebuilds ``keep``: 1 + r for a kept expert, r for a removed one, where r in
+    [0, 0.5) is the expert's rank within its layer under ``scores`` (so ties and group order still follow them)."""
+    encoded = {}
+    for index, layer_scores in scores.items():
+        order = torch.argsort(layer_scores.detach().to(torch.float64).cpu(), stable=True)
+        rank = torch.empty(len(order), dtype=torch.float64)
+        rank[order] = torch.arange(len(order), dtype=torch.float64)
+        kept = torch.zeros(len(order), dtype=torch.float64)
+        kept[list(keep[index])] = 1.0
+        encoded[index] = kept + 0.5 * rank / len(order)
+    return encoded
+
+
+@dataclasses.dataclass
+class _Move:
+    """One-expert move: ``drop`` leaves layer ``drop[0]``'s keep map, ``add`` joins layer ``add[0]``'s."""
+
+    drop: tuple[int, int]
+    add: tuple[int, int]
+    estimate: float
+
+    def apply(self, keep: dict[int, list[int]]) -> dict[int, list[int]]:
+        moved = {index: list(ids) for index, ids in keep.items()}
+        moved[self.drop[0]].remove(self.drop[1])
+        moved[self.add[0]] = sorted(moved[self.add[0]] + [self.add[1]])
+        return moved
+
+    def to_dict(self) -> dict:
+        return {"drop": list(self.drop), "add": list(self.add)}
+
+
+def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int, torch.Tensor], select,
+                    sequences: torch.Tensor, rounds: int, batch_size: int, candidates_per_round: int = 3,
+                    progress: bool = False) -> tuple[dict[int, list[int]], list[dict], list[float]]:
+    """Greedy one-expert moves on ``keep`` that lower the masked KL on ``sequences``; returns (keep map, the moves
+    taken, the KL after each round, starting with the unrefined map's).
+
+    A round measures, for every layer, the KL with its weakest kept expert removed and with its strongest removed
+    expert restored (by ``scores``; with grouped routing, the strongest of the weakest's group, so that the swap of
+    the two keeps every group's pace): 2 x layers masked forwards. Those single-expert changes estimate every move
+    (a swap within a layer, a slot from one layer to another) as the sum of a removal's cost and a restoration's
+    gain. The ``candidates_per_round`` best estimates that the run's own ``select`` can rebuild (floors, caps,
+    group rules and uniform counts are its, never re-derived here) are measured exactly; the best is taken if it
+    lowers the KL, else the search stops. Moves are only those one expert away, so a search of a few rounds
+    stays near the validated map.
+    """
+    def rebuildable(candidate: dict[int, list[int]]) -> bool:
+        rebuilt = select(keep_map_scores(candidate, scores)).keep
+        return all(sorted(rebuilt[i]) == sorted(candidate[i]) for i in candidate)
+
+    def swap_partner(index: int, drop: int | None, removed: list[int]) -> int:
+        """The strongest removed expert that can replace ``drop`` in its layer under the selection's rules (with
+        grouped routing: one of its own group), else the strongest removed one."""
+        if drop is not None:
+            for candidate in removed:
+                if rebuildable(_Move((index, drop), (index, candidate), 0.0).apply(current)):
+                    return candidate
+        return removed[0]
+
+    current = {index: sorted(ids) for index, ids in keep.items()}
+    history = masked_kl(model, layers, [current], sequences, batch_size)
+    moves_taken = []
+    for _ in tqdm(range(rounds), desc=f"{NAME}: refining", disable=not progress):
+        weakest, strongest = {}, {}
+        for layer in layers:
+            layer_scores = scores[layer.index].detach().to(torch.float64).cpu()
+            kept = current[layer.index]
+            removed = sorted((e for e in range(layer.num_experts) if e not in kept),
+                             key=lambda e: (-float(layer_scores[e]), e))
+            if len(kept) > 1:
+                weakest[layer.index] = min(kept, key=lambda e: (float(layer_scores[e]), e))
+            if removed:
+                strongest[layer.index] = swap_partner(layer.index, weakest.get(layer.index), removed)
+        probes = ([("drop", i, e) for i, e in weakest.items()] + [("add", i, e) for i, e in strongest.items()])
+        probe_maps = []
+        for kind, index, expert in probes:
+            probe = {i: list(ids) for i, ids in current.items()}
+            if kind == "add":
+                probe[index] = sorted(probe[index] + [expert])
+            else:
+                probe[index] = [e for e in probe[index] if e != expert]
+            probe_maps.append(probe)
+        kls = masked_kl(model, layers, probe_maps, sequences, batch_size)
+        cost = {(kind, index): kl - history[-1] for (kind, index, _), kl in zip(probes, kls)}
+        estimates = [
+            _Move((a, weakest[a]), (b, strongest[b]), cost[("drop", a)] + cost[("add", b)])
+            for a in weakest for b in strongest
+        ]
+        estimates.sort(key=lambda move: (move.estimate, move.drop, move.add))
+        shortlist = []
+        for move in estimates:
+            if move.estimate >= 0 or len(shortlist) == candidates_per_round:
+                break
+            if rebuildable(move.apply(current)):
+                shortlist.append(move)
+        if not shortlist:
+            break
+        measured = masked_kl(model, layers, [move.apply(current) for move in shortlist], sequences, batch_size)
+        best = min(range(len(shortlist)), key=lambda i: (measured[i], i))
+        if measured[best] >= history[-1]:
+            break
+        current = shortlist[best].apply(current)
+        moves_taken.append(shortlist[best].to_dict())
+        history.append(measured[best])
+    return current, moves_taken, history
+
+
 @register_criterion
 class ValidatedChoiceCriterion(Criterion):
     """The candidate criterion whose keep map stays closest to the unpruned model on held-out calibration tokens."""
@@ -133,6 +254,30 @@ class ValidatedChoiceCriterion(Criterion):
                 "routing keeps its groups; regroup=True resets them: use regroup=False or another criterion"
             )
 
+    @staticmethod
+    def _keep_maps(context: ScoringContext, results: dict[str, ScoreResult], compare_uniform: bool):
+        """``(label, candidate, keep map)`` to judge: each candidate's keep map under the run's selection and, when
+        that is global and ``compare_uniform``, its uniform one too ("reap (uniform)") where that removes the same
+        total, differs from the global map and the global selection can rebuild it (the pruner applies the winner
+        through the run's selection)."""
+        entries = []
+        for name, result in results.items():
+            selection = context.select(result.scores)
+            entries.append((name, name, selection.keep))
+            if not compare_uniform or selection.mode != "global":
+                continue
+            try:
+                uniform = context.select(result.scores, mode="uniform")
+            except ConfigError as exc:  # the run's caps or floors cannot hold uniform counts
+                logger.debug("%s: no uniform keep map for %s: %s", NAME, name, exc)
+                continue
+            if uniform.num_removed != selection.num_removed or uniform.keep == selection.keep:
+                continue
+            if context.select(keep_map_scores(uniform.keep, result.scores)).keep != uniform.keep:
+                continue
+            entries.append((f"{name} (uniform)", name, uniform.keep))
+        return entries
+
     def score(self, context: ScoringContext) -> ScoreResult:
         self.check_feasible(context)
         opts, run = parse_options(type(self), context.options, {"progress": True})
@@ -142,29 +287,51 @@ class ValidatedChoiceCriterion(Criterion):
             check_router_bias(layer, hidden_size)
         fit, held_out = split_calibration(context.input_ids, opts.validation_fraction)
 
-        results, keep_maps, counts = {}, [], {}
+        results = {}
         for name in opts.candidates:
             sub = dataclasses.replace(context, input_ids=fit, options={"progress": False})
             results[name] = get_criterion(name)().score(sub)
-            selection = context.select(results[name].scores)
-            keep_maps.append(selection.keep)
-            counts[name] = {str(k): len(v) for k, v in sorted(selection.keep.items())}
-        kls = masked_kl(model, layers, keep_maps, held_out, int(context.batch_size), bool(run["progress"]))
+        entries = self._keep_maps(context, results, opts.compare_uniform)
+        labels = [label for label, _, _ in entries]
+        kls = masked_kl(model, layers, [keep for _, _, keep in entries], held_out, int(context.batch_size),
+                        bool(run["progress"]))
         best = min(range(len(kls)), key=lambda i: (kls[i], i))
-        chosen = opts.candidates[best]
+        chosen, source, chosen_keep = entries[best]
         logger.info("%s: held-out KL per candidate %s; chose %s",
-                    NAME, {n: round(k, 5) for n, k in zip(opts.candidates, kls)}, chosen)
+                    NAME, {n: round(k, 5) for n, k in zip(labels, kls)}, chosen)
+        raw = results[source].scores
+        final_keep = chosen_keep
+        ranking = f"{chosen} ({results[source].ranking}), lowest held-out KL of {labels}"
+        refinement = None
+        if opts.refine_rounds:
+            refined, moves, fit_kls = refine_keep_map(
+                model, layers, chosen_keep, raw, context.select, fit[: opts.refine_sequences],
+                opts.refine_rounds, int(context.batch_size), progress=bool(run["progress"]))
+            refined_kl = masked_kl(model, layers, [refined], held_out, int(context.batch_size))[0] if moves else None
+            accepted = refined_kl is not None and refined_kl < kls[best]
+            refinement = {"moves": moves, "fit_kl": fit_kls, "validation_kl": refined_kl, "accepted": accepted,
+                          "per_layer_kept": {str(k): len(v) for k, v in sorted(refined.items())}}
+            logger.info("%s: refinement made %d move(s), held-out KL %s -> %s: %s", NAME, len(moves),
+                        round(kls[best], 5), None if refined_kl is None else round(refined_kl, 5),
+                        "kept" if accepted else "discarded")
+            if accepted:
+                final_keep = refined
+                ranking += f", refined by {len(moves)} one-expert move(s)"
+        if final_keep is chosen_keep and context.select(raw).keep == chosen_keep:
+            scores = raw  # the candidate's own scores rebuild the keep map: report them as they are
+        else:
+            scores = {index: s.to(torch.float32) for index, s in keep_map_scores(final_keep, raw).items()}
+            ranking += " (scores encode that keep map)"
         details = {
             "chosen": chosen,
+            "refinement": refinement,
             "candidates": {
-                name: {"validation_kl": kls[i], "per_layer_kept": counts[name], "ranking": results[name].ranking}
-                for i, name in enumerate(opts.candidates)
+                label: {"validation_kl": kls[i], "per_layer_kept": {str(k): len(v) for k, v in sorted(keep.items())},
+                        "ranking": results[source].ranking}
+                for i, (label, source, keep) in enumerate(entries)
             },
             "fit_sequences": int(fit.shape[0]),
             "validation_sequences": int(held_out.shape[0]),
-            "chosen_details": results[chosen].details,
+            "chosen_details": results[source].details,
         }
-        return ScoreResult(scores=results[chosen].scores,
-                           ranking=f"{chosen} ({results[chosen].ranking}), lowest held-out KL of "
-                                   f"{list(opts.candidates)}",
-                           details=details)
+        return ScoreResult(scores=scores, ranking=ranking, details=details)
