@@ -278,6 +278,24 @@ class ValidatedChoiceCriterion(Criterion):
             entries.append((f"{name} (uniform)", name, uniform.keep))
         return entries
 
+    @staticmethod
+    def _refine(context: ScoringContext, opts: ChoiceOptions, scores, keep, validation_kl: float, fit, held_out,
+                progress: bool) -> tuple[dict[int, list[int]], dict]:
+        """(the keep map to apply, what the refinement did): the refined map when its held-out KL is below the
+        validated map's ``validation_kl``, else ``keep`` unchanged."""
+        model, layers, batch_size = context.model, context.layers, int(context.batch_size)
+        refined, moves, fit_kls = refine_keep_map(model, layers, keep, scores, context.select,
+                                                  fit[: opts.refine_sequences], opts.refine_rounds, batch_size,
+                                                  progress=progress)
+        refined_kl = masked_kl(model, layers, [refined], held_out, batch_size)[0] if moves else None
+        accepted = refined_kl is not None and refined_kl < validation_kl
+        logger.info("%s: refinement made %d move(s), held-out KL %s -> %s: %s", NAME, len(moves),
+                    round(validation_kl, 5), None if refined_kl is None else round(refined_kl, 5),
+                    "kept" if accepted else "discarded")
+        report = {"moves": moves, "fit_kl": fit_kls, "validation_kl": refined_kl, "accepted": accepted,
+                  "per_layer_kept": {str(k): len(v) for k, v in sorted(refined.items())}}
+        return (refined if accepted else keep), report
+
     def score(self, context: ScoringContext) -> ScoreResult:
         self.check_feasible(context)
         opts, run = parse_options(type(self), context.options, {"progress": True})
@@ -300,23 +318,13 @@ class ValidatedChoiceCriterion(Criterion):
         logger.info("%s: held-out KL per candidate %s; chose %s",
                     NAME, {n: round(k, 5) for n, k in zip(labels, kls)}, chosen)
         raw = results[source].scores
-        final_keep = chosen_keep
         ranking = f"{chosen} ({results[source].ranking}), lowest held-out KL of {labels}"
-        refinement = None
+        final_keep, refinement = chosen_keep, None
         if opts.refine_rounds:
-            refined, moves, fit_kls = refine_keep_map(
-                model, layers, chosen_keep, raw, context.select, fit[: opts.refine_sequences],
-                opts.refine_rounds, int(context.batch_size), progress=bool(run["progress"]))
-            refined_kl = masked_kl(model, layers, [refined], held_out, int(context.batch_size))[0] if moves else None
-            accepted = refined_kl is not None and refined_kl < kls[best]
-            refinement = {"moves": moves, "fit_kl": fit_kls, "validation_kl": refined_kl, "accepted": accepted,
-                          "per_layer_kept": {str(k): len(v) for k, v in sorted(refined.items())}}
-            logger.info("%s: refinement made %d move(s), held-out KL %s -> %s: %s", NAME, len(moves),
-                        round(kls[best], 5), None if refined_kl is None else round(refined_kl, 5),
-                        "kept" if accepted else "discarded")
-            if accepted:
-                final_keep = refined
-                ranking += f", refined by {len(moves)} one-expert move(s)"
+            final_keep, refinement = self._refine(context, opts, raw, chosen_keep, kls[best], fit, held_out,
+                                                  bool(run["progress"]))
+            if refinement["accepted"]:
+                ranking += f", refined by {len(refinement['moves'])} one-expert move(s)"
         if final_keep is chosen_keep and context.select(raw).keep == chosen_keep:
             scores = raw  # the candidate's own scores rebuild the keep map: report them as they are
         else:
