@@ -139,6 +139,23 @@ def keep_map_scores(keep: dict[int, list[int]], scores: dict[int, torch.Tensor])
     return encoded
 
 
+def _moved(keep: dict[int, list[int]], drop: tuple[int, int] | None = None,
+           add: tuple[int, int] | None = None) -> dict[int, list[int]]:
+    """A copy of ``keep`` with expert ``drop[1]`` gone from layer ``drop[0]`` and ``add[1]`` joined to ``add[0]``."""
+    moved = {index: list(ids) for index, ids in keep.items()}
+    if drop is not None:
+        moved[drop[0]].remove(drop[1])
+    if add is not None:
+        moved[add[0]] = sorted(moved[add[0]] + [add[1]])
+    return moved
+
+
+def _rebuilds(select, scores: dict[int, torch.Tensor], keep: dict[int, list[int]]) -> bool:
+    """Whether the run's selection of ``scores`` keeps exactly ``keep``."""
+    rebuilt = select(scores).keep
+    return all(sorted(rebuilt[index]) == sorted(ids) for index, ids in keep.items())
+
+
 @dataclasses.dataclass
 class _Move:
     """One-expert move: ``drop`` leaves layer ``drop[0]``'s keep map, ``add`` joins layer ``add[0]``'s."""
@@ -148,10 +165,7 @@ class _Move:
     estimate: float
 
     def apply(self, keep: dict[int, list[int]]) -> dict[int, list[int]]:
-        moved = {index: list(ids) for index, ids in keep.items()}
-        moved[self.drop[0]].remove(self.drop[1])
-        moved[self.add[0]] = sorted(moved[self.add[0]] + [self.add[1]])
-        return moved
+        return _moved(keep, self.drop, self.add)
 
     def to_dict(self) -> dict:
         return {"drop": list(self.drop), "add": list(self.add)}
@@ -173,8 +187,7 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
     stays near the validated map.
     """
     def rebuildable(candidate: dict[int, list[int]]) -> bool:
-        rebuilt = select(keep_map_scores(candidate, scores)).keep
-        return all(sorted(rebuilt[i]) == sorted(candidate[i]) for i in candidate)
+        return _rebuilds(select, keep_map_scores(candidate, scores), candidate)
 
     def swap_partner(index: int, drop: int | None, removed: list[int]) -> int:
         """The strongest removed expert that can replace ``drop`` in its layer under the selection's rules (with
@@ -200,14 +213,7 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
             if removed:
                 strongest[layer.index] = swap_partner(layer.index, weakest.get(layer.index), removed)
         probes = ([("drop", i, e) for i, e in weakest.items()] + [("add", i, e) for i, e in strongest.items()])
-        probe_maps = []
-        for kind, index, expert in probes:
-            probe = {i: list(ids) for i, ids in current.items()}
-            if kind == "add":
-                probe[index] = sorted(probe[index] + [expert])
-            else:
-                probe[index] = [e for e in probe[index] if e != expert]
-            probe_maps.append(probe)
+        probe_maps = [_moved(current, **{kind: (index, expert)}) for kind, index, expert in probes]
         kls = masked_kl(model, layers, probe_maps, sequences, batch_size)
         cost = {(kind, index): kl - history[-1] for (kind, index, _), kl in zip(probes, kls)}
         estimates = [
@@ -273,7 +279,7 @@ class ValidatedChoiceCriterion(Criterion):
                 continue
             if uniform.num_removed != selection.num_removed or uniform.keep == selection.keep:
                 continue
-            if context.select(keep_map_scores(uniform.keep, result.scores)).keep != uniform.keep:
+            if not _rebuilds(context.select, keep_map_scores(uniform.keep, result.scores), uniform.keep):
                 continue
             entries.append((f"{name} (uniform)", name, uniform.keep))
         return entries
@@ -325,7 +331,7 @@ class ValidatedChoiceCriterion(Criterion):
                                                   bool(run["progress"]))
             if refinement["accepted"]:
                 ranking += f", refined by {len(refinement['moves'])} one-expert move(s)"
-        if final_keep is chosen_keep and context.select(raw).keep == chosen_keep:
+        if final_keep is chosen_keep and _rebuilds(context.select, raw, chosen_keep):
             scores = raw  # the candidate's own scores rebuild the keep map: report them as they are
         else:
             scores = {index: s.to(torch.float32) for index, s in keep_map_scores(final_keep, raw).items()}
