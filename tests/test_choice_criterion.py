@@ -139,6 +139,9 @@ def test_the_pruner_applies_the_validated_keep_map_and_reports_the_choice():
         ({"candidates": ["naee", "reap"]}, "naee"),
         ({"candidates": []}, "non-empty"),
         ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"refine_rounds": -1}, r"refine_rounds: -1 -> is out of range; allowed: \[0, inf\)"),
+        ({"refine_sequences": 0}, r"refine_sequences: 0 -> is out of range; allowed: \[1, inf\)"),
+        ({"compare_uniform": "maybe"}, "compare_uniform: 'maybe'"),
     ],
 )
 def test_bad_options_are_refused_by_name_when_the_pruner_is_made(options, words):
