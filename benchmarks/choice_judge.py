@@ -1,13 +1,16 @@
-"""Which held-out signal should validated_choice judge by: KL to the unpruned model, or next-token CE?
+"""Which held-out signal should validated_choice judge by? Six label-free signals against the multiple-choice items.
 
 For each model, sparsity, selection and calibration seed it scores the three default candidates on the fit share of
-the calibration tokens (as validated_choice does), measures both signals on the held-out share with the keep map
-masked into the router, and evaluates each pruned model on the zoo's multiple-choice items. The summary says how
-often the two signals pick the same candidate and what retention each pick keeps, next to the best candidate's.
+the calibration tokens (as validated_choice does), measures every signal of :func:`judge_signals` on the held-out
+share with the keep map masked into the router, and evaluates each pruned model on the zoo's multiple-choice items.
+The summary gives, per signal and sparsity, the mean retention of the candidate the signal picks and how often that
+is the best candidate, for each selection's three candidates and for the global and uniform keep maps pooled.
 
-Usage (2-core CPU, about 8 minutes for the two tuning models at two sparsities):
-    python benchmarks/choice_judge.py --models olmoe-16e mixtral-8e --sparsities 0.5 0.75 \
-        --out benchmarks/results/choice_judge.json
+Usage (2-core CPU, about 3 minutes a model, both tuning models in parallel):
+    python benchmarks/choice_judge.py --models olmoe-16e --sparsities 0.25 0.5 0.75 --out /tmp/olmoe.json
+    python benchmarks/choice_judge.py --models mixtral-8e --sparsities 0.25 0.5 0.75 --out /tmp/mixtral.json
+    (the rows of both, concatenated, are benchmarks/results/choice_judge.json; summarise them with
+    python benchmarks/choice_judge.py --summary-only --out benchmarks/results/choice_judge.json)
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from quality import METHODS, calibration_ids, score, select
 from quality_seeds import EVAL
 
 from diep_hub import prune_experts
-from diep_hub.criteria.choice import log_probabilities, masked_kl, split_calibration
+from diep_hub.criteria.capture import _router_hook
+from diep_hub.criteria.choice import log_probabilities, split_calibration
 from diep_hub.criteria.router_bias import removal_bias, router_logit_bias
 from diep_hub.families import get_family
 from diep_hub.zoo.tasks import evaluate_zoo
@@ -34,12 +38,58 @@ logger = logging.getLogger("benchmarks.choice_judge")
 CANDIDATES = ("reap", "frequency", "soft_frequency")
 
 
-def masked_ce(model, layers, keep, ids: torch.Tensor) -> float:
-    """Mean next-token cross-entropy on ``ids`` with the keep map masked into the routers."""
+CONFIDENT = 0.5  # the unpruned model "knows" a position when it gives the true next token at least this
+
+
+def judge_signals(model, layers, keep, ids: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
+    """Label-free signals of how far the masked model is from the unpruned one on ``ids`` (lower is closer).
+
+    - ``kl``: mean per-token KL(unpruned || pruned), validated_choice's judge;
+    - ``ce``: mean next-token cross-entropy;
+    - ``kl_tail``: mean of the worst tenth of the per-token KLs (a loss concentrated on rare tokens shows here);
+    - ``known_ce``: mean cross-entropy of the true next token on the positions the unpruned model knows
+      (gives it >= CONFIDENT), i.e. how much of what the model knew survives;
+    - ``known_lost``: share of those positions where the true token is no longer the pruned model's argmax;
+    - ``kl_balanced``: the per-token KL averaged per expert first (tokens grouped by the expert the unpruned
+      router ranks first, in each MoE layer), then over the experts and layers: a token of a rarely used expert
+      weighs as much as its expert's share of tokens does not let it in the plain mean.
+    """
     biases = removal_bias(layers, keep)
-    with torch.no_grad(), router_logit_bias(layers, lambda p: biases[p]):
-        log_probs = log_probabilities(model(input_ids=ids).logits)[:, :-1]
-    return float(-log_probs.gather(-1, ids[:, 1:, None]).mean())
+    kls, ces, known_ce, known_lost = [], [], [], []
+    first_choice = {layer.index: [] for layer in layers}
+
+    def record(routing) -> None:
+        first_choice[routing.layer.index].append(routing.top_k_index[:, 0])
+
+    with torch.no_grad():
+        for batch in torch.split(ids, batch_size):
+            handles = [layer.router.register_forward_hook(_router_hook(layer, record)) for layer in layers]
+            try:
+                full = log_probabilities(model(input_ids=batch).logits)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for index in first_choice:  # keep the positions that have a next token, as the KL does
+                first_choice[index][-1] = first_choice[index][-1].reshape(batch.shape)[:, :-1].flatten()
+            reference = full[:, :-1]
+            with router_logit_bias(layers, lambda p: biases[p]):
+                pruned = log_probabilities(model(input_ids=batch).logits)[:, :-1]
+            target = batch[:, 1:, None]
+            kls.append((reference.exp() * (reference - pruned)).sum(-1).flatten())
+            true_pruned = pruned.gather(-1, target)[..., 0]
+            ces.append(-true_pruned.flatten())
+            known = reference.gather(-1, target)[..., 0].exp() >= CONFIDENT
+            known_ce.append(-true_pruned[known])
+            known_lost.append((pruned.argmax(-1) != target[..., 0])[known].to(torch.float64))
+    kl = torch.cat(kls)
+    tail = torch.topk(kl, max(1, kl.numel() // 10)).values
+    per_layer = []
+    for chosen in first_choice.values():
+        chosen = torch.cat(chosen)
+        per_layer.append(statistics.fmean(float(kl[chosen == e].mean()) for e in torch.unique(chosen)))
+    return {"kl": float(kl.mean()), "ce": float(torch.cat(ces).mean()), "kl_tail": float(tail.mean()),
+            "known_ce": float(torch.cat(known_ce).mean()), "known_lost": float(torch.cat(known_lost).mean()),
+            "kl_balanced": statistics.fmean(per_layer)}
 
 
 def run(args) -> list[dict]:
@@ -59,8 +109,7 @@ def run(args) -> list[dict]:
                         keep = select(scores, model, sparsity=sparsity, mode=mode)
                         pruned = prune_experts(copy.deepcopy(model), keep)
                         row[candidate] = {
-                            "kl": masked_kl(model, layers, [keep], held_out, 16)[0],
-                            "ce": masked_ce(model, layers, keep, held_out),
+                            **judge_signals(model, layers, keep, held_out),
                             "retention": evaluate_zoo(pruned, tokenizer, **EVAL)["macro"]["mc_acc"] / base,
                         }
                     rows.append({"model": name, "sparsity": sparsity, "selection": mode, "seed": seed, "row": row})
@@ -68,20 +117,44 @@ def run(args) -> list[dict]:
     return rows
 
 
+SIGNALS = ("kl", "ce", "kl_tail", "known_ce", "known_lost", "kl_balanced")
+
+
+def _pools(rows: list[dict], joined: bool) -> list[tuple[tuple, dict]]:
+    """Candidate pools: one per row, or (joined) the global and uniform rows of one cell pooled under global."""
+    if not joined:
+        return [((e["model"], e["sparsity"], e["selection"], e["seed"]), e["row"]) for e in rows]
+    pools: dict[tuple, dict] = {}
+    for e in rows:
+        key = (e["model"], e["sparsity"], "global+uniform", e["seed"])
+        pools.setdefault(key, {}).update({f"{c} ({e['selection']})": v for c, v in e["row"].items()})
+    return list(pools.items())
+
+
 def summary(rows: list[dict]) -> str:
-    picks = {"kl": [], "ce": [], "best": []}
-    same = 0
-    for entry in rows:
-        row = entry["row"]
-        by_kl = min(row, key=lambda c: row[c]["kl"])
-        by_ce = min(row, key=lambda c: row[c]["ce"])
-        same += by_kl == by_ce
-        picks["kl"].append(row[by_kl]["retention"])
-        picks["ce"].append(row[by_ce]["retention"])
-        picks["best"].append(max(v["retention"] for v in row.values()))
-    mean = {k: statistics.fmean(v) for k, v in picks.items()}
-    return (f"{len(rows)} cases: KL and CE pick the same candidate in {same}; mean retention of the KL pick "
-            f"{mean['kl']:.3f}, of the CE pick {mean['ce']:.3f}, of the best candidate {mean['best']:.3f}")
+    """Per signal: mean retention of the candidate it picks, and how often it picks the best one, by sparsity."""
+    lines = []
+    for joined in (False, True):
+        pools = _pools(rows, joined)
+        sparsities = sorted({key[1] for key, _ in pools})
+        title = "global and uniform keep maps pooled" if joined else "each selection's three candidates"
+        lines += [f"\n{title} ({len(pools)} pools): mean retention of the pick (picks of the best)", "",
+                  "| signal | " + " | ".join(f"{s:.0%}" for s in sparsities) + " | all |",
+                  "|---|" + "---|" * (len(sparsities) + 1)]
+        for signal in (*SIGNALS, "best"):
+            cells = []
+            for only in (*sparsities, None):
+                chosen, hits = [], 0
+                for key, pool in pools:
+                    if only is not None and key[1] != only:
+                        continue
+                    best = max(v["retention"] for v in pool.values())
+                    pick = best if signal == "best" else pool[min(pool, key=lambda c: pool[c][signal])]["retention"]
+                    chosen.append(pick)
+                    hits += pick == best
+                cells.append(f"{statistics.fmean(chosen):.3f} ({hits}/{len(chosen)})")
+            lines.append(f"| {signal} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
