@@ -194,6 +194,12 @@ def choice_record(result) -> dict:
     if refinement:
         record["refinement"] = {"moves": len(refinement["moves"]), "accepted": refinement["accepted"],
                                 "validation_kl": refinement["validation_kl"]}
+        if "applied" in refinement:
+            record["refinement"]["applied"] = refinement["applied"]
+    refinements = result.details.get("refinements") or {}
+    if len(refinements) > 1:  # every refined candidate: moves, held-out KL and (when it beat its own map) gain in SE
+        record["refinements"] = {label: {"moves": len(r["moves"]), "validation_kl": r["validation_kl"],
+                                         "gain_se": r.get("gain_se")} for label, r in refinements.items()}
     return record
 
 

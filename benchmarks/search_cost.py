@@ -34,6 +34,9 @@ from diep_hub.machine import machine_description
 from diep_hub.memory import PeakMemory
 
 HERE = Path(__file__).resolve().parent
+#: the default's time over REAP's on the zoo models at 128 x 128 calibration tokens (benchmarks/CHOICE.md, from
+#: ``default_check.py --cost``), quoted in the reading of section 1
+ZOO_RATIOS = "6.0-19.6x"
 CRITERIA = ["validated_choice", "diep", "diep_removal", "reap", "frequency", "soft_frequency", "naee", "random"]
 
 
@@ -174,7 +177,9 @@ def main() -> None:
     for name in CRITERIA:
         options = {"epochs": args.epochs} if name == "diep" else {}
         part1.append(run(base | {"criterion": name, "options": options}))
-    # the default without its refinement: what the refinement itself costs
+    # the default refining only the winner's keep map, and without refinement: what the refinements cost
+    part1.append(run(base | {"criterion": "validated_choice", "options": {"refine_candidates": 1},
+                             "label": "validated_choice (refine_candidates=1)"}))
     part1.append(run(base | {"criterion": "validated_choice", "options": {"refine_rounds": 0},
                              "label": "validated_choice (refine_rounds=0)"}))
 
@@ -279,10 +284,10 @@ def render(part1, activations, part2, epochs, total) -> str:
         "",
         "Same models and calibration tokens as section 2. REAP is one calibration pass. validated_choice runs REAP, "
         "frequency and soft frequency on three quarters of the tokens, judges their keep maps (global selection) "
-        "by masked forwards on the last quarter and refines the winner (up to 8 rounds of masked forwards over 16 "
-        "sequences). The removal-aware search is a soft-frequency pass (its start), a reference pass and its "
-        "epochs of forward + backward with gates on the routers (top-k experts a token, like the gated search). "
-        "Target (issue 12): at most 10x REAP's time, peak within 1.2 W + A.",
+        "by masked forwards on the last quarter and refines each of the three keep maps (up to 8 rounds of masked "
+        "forwards over 16 sequences each). The removal-aware search is a soft-frequency pass (its start), a "
+        "reference pass and its epochs of forward + backward with gates on the routers (top-k experts a token, "
+        "like the gated search). Target (issue 12): at most 10x REAP's time, peak within 1.2 W + A.",
         "",
         "| N experts | REAP: s / extra MB | criterion | s / extra MB | time / REAP | peak / (1.2 W + A) |",
         "|---|---|---|---|---|---|",
@@ -299,16 +304,19 @@ def render(part1, activations, part2, epochs, total) -> str:
             )
     reap1 = next(r for r in part1 if r["criterion"] == "reap")
     choice1 = next(r for r in part1 if r["criterion"] == "validated_choice" and "label" not in r)
+    winner_only1 = next(r for r in part1 if r.get("label") == "validated_choice (refine_candidates=1)")
     unrefined1 = next(r for r in part1 if r.get("label") == "validated_choice (refine_rounds=0)")
     lines += [
         "",
         f"Reading (the default): in section 1 validated_choice takes {choice1['seconds'] / reap1['seconds']:.1f}x "
-        f"REAP's time, {unrefined1['seconds'] / reap1['seconds']:.1f}x without its refinement. The refinement "
-        "measures its moves on a fixed 16 sequences whatever the calibration size (up to 8 rounds of 2 x layers + 5 "
-        f"masked forwards), so against REAP's one pass over the {reap1['num_samples']} calibration sequences here it "
-        "weighs most when the calibration set is small and the model has many layers; at 128 x 128 calibration "
-        "tokens on the zoo models it is 4.8-10x (CHOICE.md). Its extra memory is a batch of log-probabilities "
-        "(unpruned and masked) on top of a forward pass: no second model copy.",
+        f"REAP's time, {winner_only1['seconds'] / reap1['seconds']:.1f}x refining only the winner's keep map and "
+        f"{unrefined1['seconds'] / reap1['seconds']:.1f}x without refinement. A refinement measures its moves on a "
+        "fixed 16 sequences whatever the calibration size (2 x layers + 5 masked forwards in its first round, "
+        "fewer after), so against REAP's one pass over the "
+        f"{reap1['num_samples']} calibration sequences here it weighs most when the calibration set is small and "
+        f"the model has many layers; at 128 x 128 calibration tokens on the zoo models it is {ZOO_RATIOS} "
+        "(CHOICE.md). Its extra memory is a batch of log-probabilities (unpruned and masked) on top of a forward "
+        "pass: no second model copy.",
     ]
     first, last = part2[0], part2[-1]
 

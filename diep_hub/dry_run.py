@@ -173,7 +173,8 @@ def _search_passes(pruner, num_moe_layers: int = 1) -> int:
     """1 reference pass, plus 3 a step (forward + backward) x epochs for a searching criterion; for validated_choice,
     each candidate's passes over the fit share plus one pass a judged keep map (a candidate's, and its uniform one
     with ``compare_uniform`` under global selection: an upper bound) and one unpruned over the held-out share,
-    plus, when it refines, at most (2 x layers + 5) passes a round over its refine sequences and 2 held-out ones."""
+    plus, for each keep map it refines, at most (2 x layers + 5) passes a round over its refine sequences and 2
+    held-out ones."""
     if pruner.method == "validated_choice":
         from .criteria.base import get_criterion
 
@@ -184,9 +185,11 @@ def _search_passes(pruner, num_moe_layers: int = 1) -> int:
         judged = len(settings.candidates) * (2 if settings.compare_uniform and pruner.selection == "global" else 1)
         passes = fit * (1 - held_out) + (judged + 1) * held_out
         if settings.refine_rounds:
-            # a round: the map and 2 probes a layer, then the map and at most 3 shortlisted moves; 2 passes first
+            # a round: the map and 2 probes a layer, then the map and at most 3 shortlisted moves; 2 passes first;
+            # as many refinements as refine_candidates, at most one a judged keep map
             share = min(settings.refine_sequences, pruner.num_samples) / pruner.num_samples
-            passes += share * (2 + settings.refine_rounds * (2 * num_moe_layers + 5)) + 2 * held_out
+            refined = min(settings.refine_candidates, judged)
+            passes += refined * (share * (2 + settings.refine_rounds * (2 * num_moe_layers + 5)) + 2 * held_out)
         return math.ceil(passes)
     return _passes(pruner.method, lambda: pruner.epochs if pruner.method == "diep"
                    else pruner.criterion_settings().epochs)

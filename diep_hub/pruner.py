@@ -53,8 +53,8 @@ class DiEPPruner:
     Attributes:
         sparsity: fraction of routed experts to remove, 0 < s < 1 (shared experts and dense layers not counted).
         method: a registered criterion (``diep_hub.criteria.available_criteria()``), "validated_choice" by default
-            (benchmarks/CHOICE.md: within 0.003 of the best baseline on every zoo model at 25%, ahead of it or
-            within the seed spread at 50% on every zoo model but olmoe-16e; "diep" is the paper's search).
+            (benchmarks/CHOICE.md: at 50% ahead of the best baseline or within the seed spread on every zoo
+            model, at 25% within 0.008 of it, ahead of it on mixtral-8e at both; "diep" is the paper's search).
         selection: "global" (rank all experts of all layers together, non-uniform: DiEP's way) or "uniform"; None
             (default) means the method's own default, the first of its criterion's ``selections`` ("global", but
             "uniform" for naee, which supports nothing else). A selection the method does not support is refused.

@@ -142,6 +142,8 @@ def test_the_pruner_applies_the_validated_keep_map_and_reports_the_choice():
         ({"refine_rounds": -1}, r"refine_rounds: -1 -> is out of range; allowed: \[0, inf\)"),
         ({"refine_sequences": 0}, r"refine_sequences: 0 -> is out of range; allowed: \[1, inf\)"),
         ({"compare_uniform": "maybe"}, "compare_uniform: 'maybe'"),
+        ({"refine_candidates": 0}, r"refine_candidates: 0 -> is out of range; allowed: \[1, inf\)"),
+        ({"min_gain_se": -1}, r"min_gain_se: -1 -> is out of range; allowed: \[0, inf\)"),
     ],
 )
 def test_bad_options_are_refused_by_name_when_the_pruner_is_made(options, words):
@@ -200,6 +202,17 @@ def test_dry_run_counts_every_candidate_pass_and_the_judging_passes():
                                    "compare_uniform": False})
     assert _search_passes(refining, num_moe_layers=6) == math.ceil(
         0.75 + 2 * 0.25 + (16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25)
+    # refining the best two of three judged keep maps doubles the refinement's passes
+    two = DiEPPruner(method="validated_choice", num_samples=64,
+                     options={"refine_rounds": 4, "refine_sequences": 16, "refine_candidates": 2,
+                              "compare_uniform": False})
+    assert _search_passes(two, num_moe_layers=6) == math.ceil(
+        3 * 0.75 + 4 * 0.25 + 2 * ((16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25))
+    # more than are judged: each judged keep map is refined once
+    many = DiEPPruner(method="validated_choice", num_samples=64,
+                      options={"candidates": ["reap"], "refine_rounds": 4, "refine_sequences": 16,
+                               "refine_candidates": 5, "compare_uniform": False})
+    assert _search_passes(many, num_moe_layers=6) == _search_passes(refining, num_moe_layers=6)
 
 
 # ------------------------------------------------------------------------------------------------ refinement
@@ -257,7 +270,8 @@ def scores_for(keep, scores):
 
 def test_the_pruner_applies_the_refined_keep_map_when_the_held_out_kl_confirms_it():
     tokenizer = pruner_tokenizer()
-    options = {"candidates": ["random"], "validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4}
+    options = {"candidates": ["random"], "validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4,
+               "min_gain_se": 0}
     pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
     base = tiny_model("mixtral")
     model = pruner.prune_model(copy.deepcopy(base), tokenizer)
@@ -285,6 +299,91 @@ def test_the_pruner_applies_the_refined_keep_map_when_the_held_out_kl_confirms_i
     for k, ids_kept in applied.items():  # surgery kept exactly those experts' weights
         layer = get_family(model).moe_layers(model)[k].experts
         assert torch.equal(layer.down_proj, get_family(base).moe_layers(base)[k].experts.down_proj[ids_kept])
+
+
+def test_every_refined_candidate_competes_on_the_held_out_kl():
+    """With refine_candidates=3 each judged keep map is refined, and the pruner applies the lowest held-out KL among
+    the validated winner and the refined maps the held-out tokens confirm (recomputed here from the report;
+    min_gain_se=0: any lower KL counts)."""
+    tokenizer = pruner_tokenizer()
+    options = {"candidates": ["random", "frequency", "reap"], "validation_fraction": 0.5, "refine_rounds": 3,
+               "refine_sequences": 4, "refine_candidates": 3, "min_gain_se": 0}
+    pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
+    base = tiny_model("qwen3_moe")
+    model = pruner.prune_model(copy.deepcopy(base), tokenizer)
+
+    details = pruner.report.details
+    assert set(details["refinements"]) == {"random", "frequency", "reap"}
+    from diep_hub.calibration import load_calibration_data
+
+    ids = load_calibration_data(pruner.dataset, tokenizer, num_samples=8, seq_len=16, seed=0)
+    _, held_out = split_calibration(ids, 0.5)
+    layers = get_family(base).moe_layers(base)
+    judged = {label: c["validation_kl"] for label, c in details["candidates"].items()}
+    winner = min(judged, key=judged.get)
+    offers = {(winner, "validated"): judged[winner]}
+    for label, report in details["refinements"].items():
+        assert report["accepted"] == (report["validation_kl"] is not None and report["validation_kl"] < judged[label])
+        if report["accepted"]:
+            offers[(label, "refined")] = report["validation_kl"]
+    (label, kind) = min(offers, key=offers.get)
+    # this model and seed exercise the new path: a refined runner-up beats the validated winner
+    assert kind == "refined" and label != winner, offers
+    applied = pruner.report.kept_original_ids
+    assert details["chosen"] == label
+    assert masked_kl(base, layers, [applied], held_out, batch_size=4)[0] == pytest.approx(offers[(label, kind)],
+                                                                                         rel=1e-6)
+    assert details["refinement"] == details["refinements"][label]
+    assert f"{label} (" in pruner.report.ranking and "refined by" in pruner.report.ranking
+    for k, ids_kept in applied.items():  # surgery kept exactly those experts' weights
+        layer = get_family(model).moe_layers(model)[k].experts
+        assert torch.equal(layer.down_proj, get_family(base).moe_layers(base)[k].experts.down_proj[ids_kept])
+
+
+def test_gain_in_standard_errors_is_the_paired_difference_over_its_standard_error():
+    from diep_hub.criteria.choice import _gain_in_standard_errors
+
+    validated = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    refined = torch.tensor([0.5, 1.5, 2.4, 3.6], dtype=torch.float64)
+    # gains 0.5, 0.5, 0.6, 0.4: mean 0.5, sample standard deviation sqrt(0.02 / 3), standard error that / 2
+    assert _gain_in_standard_errors(validated, refined) == pytest.approx(0.5 / (math.sqrt(0.02 / 3) / 2), rel=1e-12)
+    assert _gain_in_standard_errors(refined, validated) == pytest.approx(-0.5 / (math.sqrt(0.02 / 3) / 2),
+                                                                         rel=1e-12)
+    assert _gain_in_standard_errors(validated, validated - 0.25) == math.inf  # every sequence gains alike
+    assert _gain_in_standard_errors(validated, validated) == 0.0
+    assert _gain_in_standard_errors(validated[:1], refined[:1]) == 0.0  # one sequence: no spread to judge by
+
+
+@pytest.mark.parametrize("min_gain_se", [0.0, 1e9])
+def test_a_refined_map_must_beat_the_winner_by_min_gain_se(min_gain_se):
+    """The run of test_every_refined_candidate_competes_on_the_held_out_kl, where a refined runner-up has the lowest
+    held-out KL: with min_gain_se=0 it is applied; with an unreachable margin the validated winner is, unrefined."""
+    tokenizer = pruner_tokenizer()
+    options = {"candidates": ["random", "frequency", "reap"], "validation_fraction": 0.5, "refine_rounds": 3,
+               "refine_sequences": 4, "refine_candidates": 3, "min_gain_se": min_gain_se}
+    pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
+    base = tiny_model("qwen3_moe")
+    pruner.prune_model(copy.deepcopy(base), tokenizer)
+
+    details = pruner.report.details
+    judged = {label: c["validation_kl"] for label, c in details["candidates"].items()}
+    winner = min(judged, key=judged.get)
+    accepted = {label: r for label, r in details["refinements"].items() if r["accepted"]}
+    assert accepted and all(r["gain_se"] is None or r["gain_se"] < 1e9 for r in accepted.values())
+    layers = get_family(base).moe_layers(base)
+    from diep_hub.calibration import load_calibration_data
+
+    ids = load_calibration_data(pruner.dataset, tokenizer, num_samples=8, seq_len=16, seed=0)
+    _, held_out = split_calibration(ids, 0.5)
+    applied_kl = masked_kl(base, layers, [pruner.report.kept_original_ids], held_out, batch_size=4)[0]
+    assert sum(r["applied"] for r in details["refinements"].values()) == (1 if min_gain_se == 0.0 else 0)
+    if min_gain_se == 0.0:
+        assert details["chosen"] != winner and "refined by" in pruner.report.ranking
+        assert details["refinement"]["applied"] and details["refinements"][details["chosen"]]["applied"]
+        assert applied_kl == pytest.approx(min(r["validation_kl"] for r in accepted.values()), rel=1e-6)
+    else:
+        assert details["chosen"] == winner and "refined by" not in pruner.report.ranking
+        assert applied_kl == pytest.approx(judged[winner], rel=1e-6)
 
 
 def test_refinement_moves_within_groups_under_grouped_routing():

@@ -13,16 +13,21 @@ measures that distance instead of guessing it:
    expert: what surgery does to routing, checked against surgery in tests/test_choice_criterion.py) and its mean
    per-token KL(unpruned || pruned) of the next-token distribution is measured on the held-out sequences;
 4. the keep map with the lowest KL wins (ties: the first listed);
-5. the winner is refined (``refine_rounds`` > 0, the default) by greedy one-expert moves (swap an expert within a
-   layer, or move one slot from one layer to another) measured by the same masked KL on fit sequences; the refined
-   map replaces the winner only if it also lowers the held-out KL (see :func:`refine_keep_map`);
+5. the best ``refine_candidates`` keep maps (by default every candidate's, not only the winner's: a runner-up
+   is often a few moves from a better map than the winner's) are refined (``refine_rounds`` > 0, the default) by
+   greedy one-expert moves (swap an expert within a layer, or move one slot from one layer to another) measured by
+   the same masked KL on fit sequences (see :func:`refine_keep_map`); the keep map applied is the one with the
+   lowest held-out KL among the winner and the refined maps whose held-out KL is below the winner's by more than
+   ``min_gain_se`` standard errors of the per-sequence difference (2 by default: a smaller gain is within what
+   another sample of held-out sequences could reverse);
 6. the returned scores rebuild that keep map under the run's selection: the candidate's own fit-sequence scores
    when they do, else scores that encode the map (:func:`keep_map_scores`).
 
 Cost: one scoring pass per candidate on the fit sequences, plus (keep maps judged + 1) forward passes over the
-held-out sequences, plus the refinement's (its docstring); the unpruned model's logits are computed one batch at
-a time, never stored for the whole set.
-``details`` records every candidate's KL and per-layer counts, so the report shows what was compared.
+held-out sequences, plus one refinement per refined keep map (its docstring); the unpruned model's logits are
+computed one batch at a time, never stored for the whole set.
+``details`` records every candidate's KL and per-layer counts and every refinement, so the report shows what was
+compared.
 """
 
 from __future__ import annotations
@@ -58,10 +63,17 @@ class ChoiceOptions(CriterionOptions):
     compare_uniform: bool = Field(
         False, description="with global selection, also judge each candidate's uniform keep map (same total removed)")
     refine_rounds: NonNegativeInt = Field(
-        8, description="greedy rounds of one-expert moves on the winning keep map, each kept only if it lowers "
+        8, description="greedy rounds of one-expert moves on each refined keep map, each kept only if it lowers "
                        "the masked KL on fit sequences; the result only if it lowers the held-out KL (0: none)")
     refine_sequences: Annotated[int, Number(1, integer=True)] = Field(
         16, description="fit sequences (the first ones) that measure the refinement moves")
+    min_gain_se: Annotated[float, Number(0, None)] = Field(
+        2.0, description="a refined keep map replaces the validated winner only if its held-out KL is lower by "
+                         "more than this many standard errors of the per-sequence difference (0: any lower KL)")
+    refine_candidates: Annotated[int, Number(1, integer=True)] = Field(
+        3, description="how many of the best-judged keep maps are refined (3: every default candidate's); the "
+                       "lowest held-out KL among the validated winner and the refined maps is applied (1: only "
+                       "the winner's, about a third of the refinement's cost)")
 
     @field_validator("candidates", mode="before")
     @classmethod
@@ -108,9 +120,21 @@ def masked_kl(model, layers, keep_maps: list[dict[int, list[int]]], held_out: to
     The pruned model is the unpruned one with every removed expert's router logit at ``MIN_LOG_GATE``; the
     unpruned logits of a batch are computed once and compared with every keep map before the next batch.
     """
+    return [mean for mean, _ in _masked_kl(model, layers, keep_maps, held_out, batch_size, progress)]
+
+
+def masked_kl_per_sequence(model, layers, keep_maps: list[dict[int, list[int]]], held_out: torch.Tensor,
+                           batch_size: int, progress: bool = False) -> list[tuple[float, torch.Tensor]]:
+    """(:func:`masked_kl`'s mean, each sequence's mean per-token KL [num_sequences] float64) per keep map: the
+    spread over sequences says how sure a difference between two keep maps is."""
+    return _masked_kl(model, layers, keep_maps, held_out, batch_size, progress)
+
+
+def _masked_kl(model, layers, keep_maps, held_out, batch_size, progress) -> list[tuple[float, torch.Tensor]]:
     device = input_device(model)
     biases = [removal_bias(layers, keep) for keep in keep_maps]
     totals = [0.0] * len(keep_maps)
+    per_sequence = [[] for _ in keep_maps]
     tokens = 0
     batches = list(torch.split(held_out, batch_size))
     with torch.no_grad(), eval_mode(model):
@@ -121,8 +145,10 @@ def masked_kl(model, layers, keep_maps: list[dict[int, list[int]]], held_out: to
             for position, bias in enumerate(biases):
                 with router_logit_bias(layers, lambda p, bias=bias: bias[p]):
                     pruned = log_probabilities(model(input_ids=ids).logits)
-                totals[position] += float((reference.exp() * (reference - pruned)).sum())
-    return [total / tokens for total in totals]
+                kl = reference.exp() * (reference - pruned)
+                totals[position] += float(kl.sum())
+                per_sequence[position].append(kl.sum(dim=-1).mean(dim=-1).to(torch.float64).cpu())
+    return [(total / tokens, torch.cat(sequences)) for total, sequences in zip(totals, per_sequence)]
 
 
 def keep_map_scores(keep: dict[int, list[int]], scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -179,7 +205,9 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
 
     A round measures, for every layer, the KL with its weakest kept expert removed and with its strongest removed
     expert restored (by ``scores``; with grouped routing, the strongest of the weakest's group, so that the swap of
-    the two keeps every group's pace): 2 x layers masked forwards. Those single-expert changes estimate every move
+    the two keeps every group's pace): 2 x layers masked forwards in the first round; later rounds re-measure only
+    the layers the last move touched (and any whose weakest or strongest expert changed), reusing the other
+    layers' changes, which a move elsewhere shifts only slightly. Those single-expert changes estimate every move
     (a swap within a layer, a slot from one layer to another) as the sum of a removal's cost and a restoration's
     gain. The ``candidates_per_round`` best estimates that the run's own ``select`` can rebuild (floors, caps,
     group rules and uniform counts are its, never re-derived here) are measured exactly; the best is taken if it
@@ -201,6 +229,7 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
     current = {index: sorted(ids) for index, ids in keep.items()}
     history = masked_kl(model, layers, [current], sequences, batch_size)
     moves_taken = []
+    cost: dict[tuple[str, int, int], float] = {}  # (kind, layer, expert) -> KL change, kept for untouched layers
     for _ in tqdm(range(rounds), desc=f"{NAME}: refining", disable=not progress):
         weakest, strongest = {}, {}
         for layer in layers:
@@ -213,11 +242,13 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
             if removed:
                 strongest[layer.index] = swap_partner(layer.index, weakest.get(layer.index), removed)
         probes = ([("drop", i, e) for i, e in weakest.items()] + [("add", i, e) for i, e in strongest.items()])
-        probe_maps = [_moved(current, **{kind: (index, expert)}) for kind, index, expert in probes]
-        kls = masked_kl(model, layers, probe_maps, sequences, batch_size)
-        cost = {(kind, index): kl - history[-1] for (kind, index, _), kl in zip(probes, kls)}
+        missing = [probe for probe in probes if probe not in cost]
+        if missing:
+            probe_maps = [_moved(current, **{kind: (index, expert)}) for kind, index, expert in missing]
+            kls = masked_kl(model, layers, probe_maps, sequences, batch_size)
+            cost.update({probe: kl - history[-1] for probe, kl in zip(missing, kls)})
         estimates = [
-            _Move((a, weakest[a]), (b, strongest[b]), cost[("drop", a)] + cost[("add", b)])
+            _Move((a, weakest[a]), (b, strongest[b]), cost[("drop", a, weakest[a])] + cost[("add", b, strongest[b])])
             for a in weakest for b in strongest
         ]
         estimates.sort(key=lambda move: (move.estimate, move.drop, move.add))
@@ -234,9 +265,24 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
         if measured[best] >= history[-1]:
             break
         current = shortlist[best].apply(current)
+        touched = {shortlist[best].drop[0], shortlist[best].add[0]}
+        cost = {probe: change for probe, change in cost.items() if probe[1] not in touched}
         moves_taken.append(shortlist[best].to_dict())
         history.append(measured[best])
     return current, moves_taken, history
+
+
+def _gain_in_standard_errors(validated: torch.Tensor, refined: torch.Tensor) -> float:
+    """How many standard errors the refined map's per-sequence held-out KL lies below the validated winner's (the
+    paired difference's mean over its standard error; inf when every sequence gains alike, 0 when none does)."""
+    gain = validated - refined
+    if gain.numel() < 2:
+        return 0.0
+    error = float(gain.std(unbiased=True)) / math.sqrt(gain.numel())
+    mean = float(gain.mean())
+    if error == 0.0:
+        return math.inf if mean > 0 else 0.0
+    return mean / error
 
 
 @register_criterion
@@ -286,21 +332,22 @@ class ValidatedChoiceCriterion(Criterion):
 
     @staticmethod
     def _refine(context: ScoringContext, opts: ChoiceOptions, scores, keep, validation_kl: float, fit, held_out,
-                progress: bool) -> tuple[dict[int, list[int]], dict]:
-        """(the keep map to apply, what the refinement did): the refined map when its held-out KL is below the
-        validated map's ``validation_kl``, else ``keep`` unchanged."""
+                progress: bool) -> tuple[dict[int, list[int]], dict, torch.Tensor | None]:
+        """(the keep map to apply, what the refinement did, its per-sequence held-out KL): the refined map when its
+        held-out KL is below the validated map's ``validation_kl``, else ``keep`` unchanged."""
         model, layers, batch_size = context.model, context.layers, int(context.batch_size)
         refined, moves, fit_kls = refine_keep_map(model, layers, keep, scores, context.select,
                                                   fit[: opts.refine_sequences], opts.refine_rounds, batch_size,
                                                   progress=progress)
-        refined_kl = masked_kl(model, layers, [refined], held_out, batch_size)[0] if moves else None
+        refined_kl, refined_per_sequence = (
+            masked_kl_per_sequence(model, layers, [refined], held_out, batch_size)[0] if moves else (None, None))
         accepted = refined_kl is not None and refined_kl < validation_kl
         logger.info("%s: refinement made %d move(s), held-out KL %s -> %s: %s", NAME, len(moves),
                     round(validation_kl, 5), None if refined_kl is None else round(refined_kl, 5),
                     "kept" if accepted else "discarded")
         report = {"moves": moves, "fit_kl": fit_kls, "validation_kl": refined_kl, "accepted": accepted,
                   "per_layer_kept": {str(k): len(v) for k, v in sorted(refined.items())}}
-        return (refined if accepted else keep), report
+        return (refined if accepted else keep), report, refined_per_sequence
 
     def score(self, context: ScoringContext) -> ScoreResult:
         self.check_feasible(context)
@@ -317,21 +364,41 @@ class ValidatedChoiceCriterion(Criterion):
             results[name] = get_criterion(name)().score(sub)
         entries = self._keep_maps(context, results, opts.compare_uniform)
         labels = [label for label, _, _ in entries]
-        kls = masked_kl(model, layers, [keep for _, _, keep in entries], held_out, int(context.batch_size),
-                        bool(run["progress"]))
+        judged = masked_kl_per_sequence(model, layers, [keep for _, _, keep in entries], held_out,
+                                        int(context.batch_size), bool(run["progress"]))
+        kls = [mean for mean, _ in judged]
         best = min(range(len(kls)), key=lambda i: (kls[i], i))
-        chosen, source, chosen_keep = entries[best]
-        logger.info("%s: held-out KL per candidate %s; chose %s",
-                    NAME, {n: round(k, 5) for n, k in zip(labels, kls)}, chosen)
+        chosen_keep = entries[best][2]
+        logger.info("%s: held-out KL per candidate %s; best %s",
+                    NAME, {n: round(k, 5) for n, k in zip(labels, kls)}, entries[best][0])
+        final = (best, chosen_keep, kls[best], None)  # (entry, keep map, held-out KL, refinement report)
+        refinements = {}
+        if opts.refine_rounds:
+            for index in sorted(range(len(kls)), key=lambda i: (kls[i], i))[: opts.refine_candidates]:
+                label, source, keep = entries[index]
+                refined, report, per_sequence = self._refine(context, opts, results[source].scores, keep,
+                                                             kls[index], fit, held_out, bool(run["progress"]))
+                refinements[label] = report
+                if not report["accepted"]:
+                    continue
+                gain_se = _gain_in_standard_errors(judged[best][1], per_sequence)
+                report["gain_se"] = gain_se if math.isfinite(gain_se) else None  # None: every sequence gained alike
+                sure = opts.min_gain_se == 0 or gain_se > opts.min_gain_se
+                if sure and report["validation_kl"] < final[2]:
+                    final = (index, refined, report["validation_kl"], report)
+        for report in refinements.values():  # accepted: beat its own map's held-out KL; applied: the map used
+            report["applied"] = report is final[3]
+        chosen, source, validated_keep = entries[final[0]]
+        final_keep, refinement = final[1], final[3]
         raw = results[source].scores
         ranking = f"{chosen} ({results[source].ranking}), lowest held-out KL of {labels}"
-        final_keep, refinement = chosen_keep, None
-        if opts.refine_rounds:
-            final_keep, refinement = self._refine(context, opts, raw, chosen_keep, kls[best], fit, held_out,
-                                                  bool(run["progress"]))
-            if refinement["accepted"]:
-                ranking += f", refined by {len(refinement['moves'])} one-expert move(s)"
-        if final_keep is chosen_keep and _rebuilds(context.select, raw, chosen_keep):
+        if refinement is not None:
+            ranking += f", refined by {len(refinement['moves'])} one-expert move(s)"
+            if final[0] != best:
+                ranking += f" (the refinements of the best {len(refinements)} judged)"
+        elif refinements:
+            refinement = refinements[entries[best][0]]
+        if final_keep is validated_keep and _rebuilds(context.select, raw, validated_keep):
             scores = raw  # the candidate's own scores rebuild the keep map: report them as they are
         else:
             scores = {index: s.to(torch.float32) for index, s in keep_map_scores(final_keep, raw).items()}
@@ -339,6 +406,7 @@ class ValidatedChoiceCriterion(Criterion):
         details = {
             "chosen": chosen,
             "refinement": refinement,
+            "refinements": refinements,
             "candidates": {
                 label: {"validation_kl": kls[i], "per_layer_kept": {str(k): len(v) for k, v in sorted(keep.items())},
                         "ranking": results[source].ranking}
