@@ -27,7 +27,7 @@ from quality import METHODS, calibration_ids, score, select
 from quality_seeds import EVAL
 
 from diep_hub import prune_experts
-from diep_hub.criteria.capture import _router_hook
+from diep_hub.criteria.capture import routing_pass
 from diep_hub.criteria.choice import log_probabilities, split_calibration
 from diep_hub.criteria.router_bias import removal_bias, router_logit_bias
 from diep_hub.families import get_family
@@ -41,7 +41,18 @@ CANDIDATES = ("reap", "frequency", "soft_frequency")
 CONFIDENT = 0.5  # the unpruned model "knows" a position when it gives the true next token at least this
 
 
-def judge_signals(model, layers, keep, ids: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
+def first_choices(model, layers, ids: torch.Tensor, batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the expert the unpruned router ranks first at every position of ``ids`` that has a next token
+    (flattened as the per-token KLs are): the groups of ``kl_balanced``, the same for every keep map."""
+    chosen = {layer.index: [] for layer in layers}
+    routing_pass(model, layers, ids, batch_size,
+                 lambda record: chosen[record.layer.index].append(record.top_k_index[:, 0]), progress=False)
+    return {index: torch.cat([c.reshape(-1, ids.shape[1])[:, :-1].flatten() for c in parts])
+            for index, parts in chosen.items()}
+
+
+def judge_signals(model, layers, keep, ids: torch.Tensor, first_choice: dict[int, torch.Tensor],
+                  batch_size: int = 16) -> dict[str, float]:
     """Label-free signals of how far the masked model is from the unpruned one on ``ids`` (lower is closer).
 
     - ``kl``: mean per-token KL(unpruned || pruned), validated_choice's judge;
@@ -50,28 +61,15 @@ def judge_signals(model, layers, keep, ids: torch.Tensor, batch_size: int = 16) 
     - ``known_ce``: mean cross-entropy of the true next token on the positions the unpruned model knows
       (gives it >= CONFIDENT), i.e. how much of what the model knew survives;
     - ``known_lost``: share of those positions where the true token is no longer the pruned model's argmax;
-    - ``kl_balanced``: the per-token KL averaged per expert first (tokens grouped by the expert the unpruned
-      router ranks first, in each MoE layer), then over the experts and layers: a token of a rarely used expert
-      weighs as much as its expert's share of tokens does not let it in the plain mean.
+    - ``kl_balanced``: the per-token KL averaged per expert first (tokens grouped by ``first_choice``, the expert
+      the unpruned router ranks first in each MoE layer), then over the experts and layers: a token of a rarely
+      used expert weighs as much as its expert's share of tokens does not let it in the plain mean.
     """
     biases = removal_bias(layers, keep)
     kls, ces, known_ce, known_lost = [], [], [], []
-    first_choice = {layer.index: [] for layer in layers}
-
-    def record(routing) -> None:
-        first_choice[routing.layer.index].append(routing.top_k_index[:, 0])
-
     with torch.no_grad():
         for batch in torch.split(ids, batch_size):
-            handles = [layer.router.register_forward_hook(_router_hook(layer, record)) for layer in layers]
-            try:
-                full = log_probabilities(model(input_ids=batch).logits)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for index in first_choice:  # keep the positions that have a next token, as the KL does
-                first_choice[index][-1] = first_choice[index][-1].reshape(batch.shape)[:, :-1].flatten()
-            reference = full[:, :-1]
+            reference = log_probabilities(model(input_ids=batch).logits)[:, :-1]
             with router_logit_bias(layers, lambda p: biases[p]):
                 pruned = log_probabilities(model(input_ids=batch).logits)[:, :-1]
             target = batch[:, 1:, None]
@@ -83,10 +81,8 @@ def judge_signals(model, layers, keep, ids: torch.Tensor, batch_size: int = 16) 
             known_lost.append((pruned.argmax(-1) != target[..., 0])[known].to(torch.float64))
     kl = torch.cat(kls)
     tail = torch.topk(kl, max(1, kl.numel() // 10)).values
-    per_layer = []
-    for chosen in first_choice.values():
-        chosen = torch.cat(chosen)
-        per_layer.append(statistics.fmean(float(kl[chosen == e].mean()) for e in torch.unique(chosen)))
+    per_layer = [statistics.fmean(float(kl[chosen == e].mean()) for e in torch.unique(chosen))
+                 for chosen in first_choice.values()]
     return {"kl": float(kl.mean()), "ce": float(torch.cat(ces).mean()), "kl_tail": float(tail.mean()),
             "known_ce": float(torch.cat(known_ce).mean()), "known_lost": float(torch.cat(known_lost).mean()),
             "kl_balanced": statistics.fmean(per_layer)}
@@ -103,13 +99,13 @@ def run(args) -> list[dict]:
             for mode in ("global", "uniform"):
                 for seed in args.seeds:
                     fit, held_out = split_calibration(calibration_ids(tokenizer, 128, 128, seed), 0.25)
-                    row = {}
+                    row, first_choice = {}, first_choices(model, layers, held_out)
                     for candidate in CANDIDATES:
                         scores = score(model, METHODS[candidate], fit, seed=seed, batch_size=16)[0].scores
                         keep = select(scores, model, sparsity=sparsity, mode=mode)
                         pruned = prune_experts(copy.deepcopy(model), keep)
                         row[candidate] = {
-                            **judge_signals(model, layers, keep, held_out),
+                            **judge_signals(model, layers, keep, held_out, first_choice),
                             "retention": evaluate_zoo(pruned, tokenizer, **EVAL)["macro"]["mc_acc"] / base,
                         }
                     rows.append({"model": name, "sparsity": sparsity, "selection": mode, "seed": seed, "row": row})

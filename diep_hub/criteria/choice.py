@@ -120,17 +120,13 @@ def masked_kl(model, layers, keep_maps: list[dict[int, list[int]]], held_out: to
     The pruned model is the unpruned one with every removed expert's router logit at ``MIN_LOG_GATE``; the
     unpruned logits of a batch are computed once and compared with every keep map before the next batch.
     """
-    return [mean for mean, _ in _masked_kl(model, layers, keep_maps, held_out, batch_size, progress)]
+    return [mean for mean, _ in masked_kl_per_sequence(model, layers, keep_maps, held_out, batch_size, progress)]
 
 
 def masked_kl_per_sequence(model, layers, keep_maps: list[dict[int, list[int]]], held_out: torch.Tensor,
                            batch_size: int, progress: bool = False) -> list[tuple[float, torch.Tensor]]:
     """(:func:`masked_kl`'s mean, each sequence's mean per-token KL [num_sequences] float64) per keep map: the
     spread over sequences says how sure a difference between two keep maps is."""
-    return _masked_kl(model, layers, keep_maps, held_out, batch_size, progress)
-
-
-def _masked_kl(model, layers, keep_maps, held_out, batch_size, progress) -> list[tuple[float, torch.Tensor]]:
     device = input_device(model)
     biases = [removal_bias(layers, keep) for keep in keep_maps]
     totals = [0.0] * len(keep_maps)
@@ -333,8 +329,8 @@ class ValidatedChoiceCriterion(Criterion):
     @staticmethod
     def _refine(context: ScoringContext, opts: ChoiceOptions, scores, keep, validation_kl: float, fit, held_out,
                 progress: bool) -> tuple[dict[int, list[int]], dict, torch.Tensor | None]:
-        """(the keep map to apply, what the refinement did, its per-sequence held-out KL): the refined map when its
-        held-out KL is below the validated map's ``validation_kl``, else ``keep`` unchanged."""
+        """(the refined keep map, what the refinement did, its per-sequence held-out KL: None without a move); the
+        report's ``accepted`` says whether its held-out KL is below the unrefined map's ``validation_kl``."""
         model, layers, batch_size = context.model, context.layers, int(context.batch_size)
         refined, moves, fit_kls = refine_keep_map(model, layers, keep, scores, context.select,
                                                   fit[: opts.refine_sequences], opts.refine_rounds, batch_size,
@@ -347,7 +343,7 @@ class ValidatedChoiceCriterion(Criterion):
                     "kept" if accepted else "discarded")
         report = {"moves": moves, "fit_kl": fit_kls, "validation_kl": refined_kl, "accepted": accepted,
                   "per_layer_kept": {str(k): len(v) for k, v in sorted(refined.items())}}
-        return (refined if accepted else keep), report, refined_per_sequence
+        return refined, report, refined_per_sequence
 
     def score(self, context: ScoringContext) -> ScoreResult:
         self.check_feasible(context)
