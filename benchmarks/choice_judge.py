@@ -28,7 +28,8 @@ from quality_seeds import EVAL
 
 from diep_hub import prune_experts
 from diep_hub.criteria.capture import routing_pass
-from diep_hub.criteria.choice import log_probabilities, split_calibration
+from diep_hub.criteria.choice import split_calibration
+from diep_hub.criteria.masked_kl import log_probabilities
 from diep_hub.criteria.router_bias import removal_bias, router_logit_bias
 from diep_hub.families import get_family
 from diep_hub.zoo.tasks import evaluate_zoo

@@ -86,6 +86,7 @@ class CostInputs:
     eval_seq_len: int
     search_parameters: int  # the search's own trainable parameters (DiEP's alpha and beta)
     builds_model: bool = False  # the load stage trains the model (diep-hub/tiny-mixtral) rather than reading it
+    cache_bytes: int = 0  # what the criterion keeps to avoid recomputing (validated_choice's MaskedKL caches)
 
 
 #: activation values a decoder layer keeps per token for the backward pass, in units of hidden_size (norms,
@@ -105,7 +106,7 @@ def cost_model(x: CostInputs, c: DeviceCosts) -> dict[str, float]:
         x.num_layers * (ACT_HIDDEN_UNITS * x.hidden_size + 3 * x.expert_width) + 2 * x.vocab_size) * 4
     eval_act = x.eval_batch_size * x.eval_seq_len * 2 * x.vocab_size * 4  # logits and their log-softmax
     optimizer = 4 * 4 * x.search_parameters  # value, gradient, Adam's two moments, fp32
-    peak = c.baseline_bytes + c.weight_copies * weights + max(search_act, eval_act) + optimizer
+    peak = c.baseline_bytes + c.weight_copies * weights + max(search_act, eval_act) + optimizer + x.cache_bytes
     return {
         "seconds": seconds,
         "search_seconds": search_flops / c.flops_per_second,
@@ -114,6 +115,7 @@ def cost_model(x: CostInputs, c: DeviceCosts) -> dict[str, float]:
         "weight_bytes": weights,
         "activation_bytes": max(search_act, eval_act),
         "optimizer_bytes": optimizer,
+        "cache_bytes": x.cache_bytes,
     }
 
 
@@ -125,7 +127,8 @@ def describe_cost_model(c: DeviceCosts, x: CostInputs) -> str:
         f"2 x (N_search {x.params_search:,} x {x.search_tokens:,} calibration tokens x {x.search_passes} passes + "
         f"N_active {x.params_active:,} x {x.eval_tokens * x.evaluations + x.skipping_tokens:,} evaluation/skipping "
         f"tokens) / R {c.flops_per_second / 1e9:g} GFLOP/s; peak = M0 {c.baseline_bytes / 2**20:.0f} MiB + "
-        f"{c.weight_copies:g} x weights + max(search activations, evaluation logits) + search optimizer state; "
+        f"{c.weight_copies:g} x weights + max(search activations, evaluation logits) + search optimizer state + "
+        f"criterion caches; "
         f"{c.kind} constants {c.measured}; lm-eval compute on large tasks is not counted"
     )
 

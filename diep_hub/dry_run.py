@@ -171,17 +171,21 @@ def _device_kind(plan: RunPlan) -> str:
 
 def _search_passes(pruner, num_moe_layers: int = 1) -> int:
     """1 reference pass, plus 3 a step (forward + backward) x epochs for a searching criterion; for validated_choice,
-    each candidate's passes over the fit share plus one pass a judged keep map (a candidate's, and its uniform one
-    with ``compare_uniform`` under global selection: an upper bound) and one unpruned over the held-out share,
-    plus, for each keep map it refines, at most (2 x layers + 5) passes a round over its refine sequences and 2
-    held-out ones."""
+    each candidate's passes over the fit share (one for all the routing-statistic candidates together) plus one
+    pass a judged keep map (a candidate's, and its uniform one with ``compare_uniform`` under global selection: an
+    upper bound) and one unpruned over the held-out share, plus, for each keep map it refines, at most
+    (2 x layers + 5) passes a round over its refine sequences and 2 held-out ones."""
     if pruner.method == "validated_choice":
         from .criteria.base import get_criterion
 
         settings = pruner.criterion_settings()
         held_out = settings.validation_fraction
-        # each candidate runs with its own default options
-        fit = sum(_passes(name, lambda n=name: get_criterion(n).options().epochs) for name in settings.candidates)
+        # each candidate runs with its own default options; the routing-statistic ones share one pass
+        from .criteria.capture import RoutingStatisticCriterion
+
+        sharing = [n for n in settings.candidates if issubclass(get_criterion(n), RoutingStatisticCriterion)]
+        fit = (1 if sharing else 0) + sum(_passes(name, lambda n=name: get_criterion(n).options().epochs)
+                                          for name in settings.candidates if name not in sharing)
         judged = len(settings.candidates) * (2 if settings.compare_uniform and pruner.selection == "global" else 1)
         passes = fit * (1 - held_out) + (judged + 1) * held_out
         if settings.refine_rounds:
@@ -193,6 +197,23 @@ def _search_passes(pruner, num_moe_layers: int = 1) -> int:
         return math.ceil(passes)
     return _passes(pruner.method, lambda: pruner.epochs if pruner.method == "diep"
                    else pruner.criterion_settings().epochs)
+
+
+def _cache_bytes(pruner, text_config, num_decoder_layers: int, weight_bytes_per: int) -> int:
+    """The most validated_choice keeps in its MaskedKL caches (criteria/masked_kl.py): half of ``cache_mb`` for the
+    judging (the unpruned log-probabilities of the held-out sequences, float32) and half for the refinements
+    (those of the refine sequences, and their decoder-layer outputs), each capped by what it could hold."""
+    if pruner.method != "validated_choice":
+        return 0
+    settings = pruner.criterion_settings()
+    budget = settings.cache_mb * 2**20
+    held_out = math.ceil(settings.validation_fraction * pruner.num_samples)
+    refine = min(settings.refine_sequences, pruner.num_samples - held_out) if settings.refine_rounds else 0
+    logprobs = pruner.seq_len * int(text_config.vocab_size) * 4
+    outputs = pruner.seq_len * int(text_config.hidden_size) * weight_bytes_per * max(0, num_decoder_layers - 1)
+    judging = min(budget // 2, held_out * logprobs)
+    refining = min(budget - budget // 2, refine * (logprobs + outputs))
+    return judging + refining
 
 
 def _passes(method: str, epochs) -> int:
@@ -258,6 +279,7 @@ def estimate(plan: RunPlan, config=None) -> dict[str, Any]:
         eval_batch_size=ev.batch_size if ev.enabled else 0, eval_seq_len=ev.perplexity_seq_len if ev.enabled else 0,
         search_parameters=2 * num_experts if pruner.method in _SEARCHING else 0,
         builds_model=load.model_id == TINY_MODEL_ID and not tiny_cache_file().is_file(),  # trained once, then read
+        cache_bytes=_cache_bytes(pruner, text, int(text.num_hidden_layers), bytes_per),
     )
     costs = DEVICE_COSTS[_device_kind(plan)]
     cost = cost_model(inputs, costs)

@@ -183,14 +183,15 @@ def test_dry_run_counts_every_candidate_pass_and_the_judging_passes():
     from diep_hub.criteria.removal import RemovalOptions
     from diep_hub.dry_run import _search_passes
 
-    # three one-pass candidates on 75% of the tokens, then the unpruned model and three masked ones on 25%
+    # three routing-statistic candidates share one pass on 75% of the tokens, then the unpruned model and three
+    # masked ones on 25%
     unrefined = DiEPPruner(method="validated_choice", options={"refine_rounds": 0, "compare_uniform": False})
-    assert _search_passes(unrefined) == 4  # ceil(3 * 0.75 + 4 * 0.25)
+    assert _search_passes(unrefined) == 2  # ceil(0.75 + 4 * 0.25)
     # with global selection each candidate's uniform keep map may be judged too: 3 more held-out passes at most
     half = {"refine_rounds": 0, "validation_fraction": 0.5, "compare_uniform": True}
-    assert _search_passes(DiEPPruner(method="validated_choice", options=half)) == 5  # 3 * 0.5 + 7 * 0.5
+    assert _search_passes(DiEPPruner(method="validated_choice", options=half)) == 4  # 0.5 + 7 * 0.5
     uniform = DiEPPruner(method="validated_choice", selection="uniform", options=half)
-    assert _search_passes(uniform) == 4  # ceil(3 * 0.5 + 4 * 0.5)
+    assert _search_passes(uniform) == 3  # ceil(0.5 + 4 * 0.5)
     epochs = RemovalOptions().epochs
     pruner = DiEPPruner(method="validated_choice",
                         options={"candidates": ["reap", "diep_removal"], "validation_fraction": 0.5,
@@ -207,12 +208,32 @@ def test_dry_run_counts_every_candidate_pass_and_the_judging_passes():
                      options={"refine_rounds": 4, "refine_sequences": 16, "refine_candidates": 2,
                               "compare_uniform": False})
     assert _search_passes(two, num_moe_layers=6) == math.ceil(
-        3 * 0.75 + 4 * 0.25 + 2 * ((16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25))
+        0.75 + 4 * 0.25 + 2 * ((16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25))
     # more than are judged: each judged keep map is refined once
     many = DiEPPruner(method="validated_choice", num_samples=64,
                       options={"candidates": ["reap"], "refine_rounds": 4, "refine_sequences": 16,
                                "refine_candidates": 5, "compare_uniform": False})
     assert _search_passes(many, num_moe_layers=6) == _search_passes(refining, num_moe_layers=6)
+
+
+def test_dry_run_counts_the_caches_in_the_peak():
+    from types import SimpleNamespace
+
+    from diep_hub.dry_run import _cache_bytes
+
+    text = SimpleNamespace(vocab_size=1000, hidden_size=64)
+    pruner = DiEPPruner(method="validated_choice", num_samples=64, seq_len=32,
+                        options={"refine_sequences": 16, "cache_mb": 1024})
+    logprobs = 32 * 1000 * 4  # a sequence's float32 log-probabilities
+    outputs = 32 * 64 * 2 * (6 - 1)  # a refine sequence's outputs of all decoder layers but the last, bf16
+    # 16 held-out sequences (ceil(0.25 x 64)) for the judging; 16 refine sequences and their layer outputs
+    assert _cache_bytes(pruner, text, 6, 2) == 16 * logprobs + 16 * (logprobs + outputs)
+    small = DiEPPruner(method="validated_choice", num_samples=64, seq_len=32, options={"cache_mb": 1})
+    assert _cache_bytes(small, text, 6, 2) == min(2**19, 16 * logprobs) + min(2**19, 16 * (logprobs + outputs))
+    assert _cache_bytes(DiEPPruner(method="validated_choice", options={"cache_mb": 0}), text, 6, 2) == 0
+    assert _cache_bytes(DiEPPruner(method="reap"), text, 6, 2) == 0
+    unrefined = DiEPPruner(method="validated_choice", num_samples=64, seq_len=32, options={"refine_rounds": 0})
+    assert _cache_bytes(unrefined, text, 6, 2) == 16 * logprobs
 
 
 # ------------------------------------------------------------------------------------------------ refinement

@@ -73,6 +73,27 @@ def test_table_shapes_determinism_and_untouched_weights(family_name, name):
     json.dumps(first.details)  # goes into pruning_report.json
 
 
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_a_shared_routing_pass_gives_each_criterion_its_own_result_in_one_pass(family_name):
+    from diep_hub.criteria.capture import shared_routing_pass
+
+    model = tiny_model(family_name, **({"n_group": 2, "topk_group": 1} if family_name == "deepseek_v3" else {}))
+    ids = sample_input_ids(batch=5, length=9, seed=3)
+    names = ["reap", "frequency", "soft_frequency"]
+    alone = [_score(name, model, ids) for name in names]
+    passes = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda *_: passes.append(1))
+    try:
+        together = shared_routing_pass([get_criterion(n)() for n in names], _context(model, ids))
+    finally:
+        handle.remove()
+    assert len(passes) == 3  # one pass: 3 batches of 2, 2 and 1 sequences
+    for name, one, shared in zip(names, alone, together):
+        assert shared.ranking == one.ranking and shared.details == one.details, name
+        for index, tensor in one.scores.items():
+            assert torch.equal(shared.scores[index], tensor), (name, index)
+
+
 def test_random_is_seeded_uniform():
     model = tiny_model("mixtral")
     ids = sample_input_ids(1, 4)

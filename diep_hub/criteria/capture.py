@@ -17,9 +17,11 @@ fused experts take exactly the router's input tokens (reshaped to [T, H]), so on
 from __future__ import annotations
 
 import logging
+from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
@@ -27,7 +29,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..families import MoELayer
-from .base import Criterion, ScoringContext, parse_options
+from .base import Criterion, ScoreResult, ScoringContext, parse_options
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +160,40 @@ def criterion_routing_pass(
         desc=desc,
         progress=run["progress"],
     )
+
+
+class RoutingStatisticCriterion(Criterion):
+    """A criterion that is a statistic of one routing pass (frequency, soft frequency, REAP): ``statistic`` gives
+    the callback that accumulates it and the function that turns the sums into scores, so that several such
+    criteria can share one pass over the same tokens (:func:`shared_routing_pass`; validated_choice does)."""
+
+    #: the progress bar's label for this criterion's own pass
+    pass_label: ClassVar[str]
+
+    @abstractmethod
+    def statistic(self, context: ScoringContext) -> tuple[Callable[[RoutingRecord], None],
+                                                          Callable[[int], ScoreResult]]:
+        """(the callback a routing pass calls for every (layer, batch), the scores from the tokens it saw)."""
+
+    def score(self, context: ScoringContext) -> ScoreResult:
+        accumulate, finish = self.statistic(context)
+        return finish(criterion_routing_pass(type(self), context, accumulate, self.pass_label))
+
+
+def shared_routing_pass(criteria: list[RoutingStatisticCriterion], context: ScoringContext, *,
+                        progress: bool = False) -> list[ScoreResult]:
+    """Each criterion's result from ONE routing pass over ``context.input_ids``: the same numbers as running them
+    one after the other (every callback only reads the record), for the cost of one pass."""
+    statistics = [criterion.statistic(context) for criterion in criteria]
+
+    def accumulate(record: RoutingRecord) -> None:
+        for callback, _ in statistics:
+            callback(record)
+
+    label = " + ".join(criterion.pass_label for criterion in criteria)
+    tokens = routing_pass(context.model, context.layers, context.input_ids, context.batch_size, accumulate,
+                          desc=label, progress=progress)
+    return [finish(tokens) for _, finish in statistics]
 
 
 class _StopForward(Exception):

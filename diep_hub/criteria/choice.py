@@ -5,7 +5,8 @@ frequency on a third), and which one wins shows in the pruned model's distance f
 measures that distance instead of guessing it:
 
 1. the calibration sequences are split: the last ``ceil(validation_fraction * n)`` are held out, the rest "fit";
-2. each candidate criterion scores the experts on the fit sequences with its own default options, and the run's
+2. each candidate criterion scores the experts on the fit sequences with its own default options (the ones that
+   are statistics of a routing pass, the three defaults among them, share one pass), and the run's
    own selection (``ScoringContext.select``: sparsity, global or uniform, floors, caps, group rules) turns its
    scores into a keep map; with global selection and ``compare_uniform`` (off by default: it did not keep more in
    benchmarks/CHOICE.md) its uniform keep map is judged too;
@@ -23,9 +24,11 @@ measures that distance instead of guessing it:
 6. the returned scores rebuild that keep map under the run's selection: the candidate's own fit-sequence scores
    when they do, else scores that encode the map (:func:`keep_map_scores`).
 
-Cost: one scoring pass per candidate on the fit sequences, plus (keep maps judged + 1) forward passes over the
-held-out sequences, plus one refinement per refined keep map (its docstring); the unpruned model's logits are
-computed one batch at a time, never stored for the whole set.
+Cost: one routing pass on the fit sequences for the routing-statistic candidates (a scoring pass for any other),
+plus (keep maps judged + 1) forward passes over the held-out sequences, plus one refinement per refined keep map
+(its docstring), plus one held-out pass per refined map that moved. :class:`MaskedKL` keeps the unpruned model's
+log-probabilities of the held-out and refine sequences, and the refinements' decoder-layer outputs, within
+``cache_mb``; beyond it they are computed one batch at a time, never stored for the whole set.
 ``details`` records every candidate's KL and per-layer counts and every refinement, so the report shows what was
 compared.
 """
@@ -44,8 +47,9 @@ from pydantic import Field, field_validator
 from ..errors import ConfigError
 from ..options import CriterionOptions, NonNegativeInt, Number
 from .base import Criterion, ScoreResult, ScoringContext, get_criterion, parse_options, register_criterion
-from .capture import eval_mode, input_device
-from .router_bias import check_router_bias, removal_bias, router_logit_bias
+from .capture import RoutingStatisticCriterion, shared_routing_pass
+from .masked_kl import MaskedKL
+from .router_bias import check_router_bias
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,11 @@ class ChoiceOptions(CriterionOptions):
         3, description="how many of the best-judged keep maps are refined (3: every default candidate's); the "
                        "lowest held-out KL among the validated winner and the refined maps is applied (1: only "
                        "the winner's, about a third of the refinement's cost)")
+
+    cache_mb: NonNegativeInt = Field(
+        1024, description="memory (MiB) that judging and refining may keep to avoid recomputing: the unpruned "
+                          "log-probabilities of their sequences and the decoder-layer outputs a masked forward "
+                          "resumes from; the keep maps and KLs are the same with any value (0: recompute all)")
 
     @field_validator("candidates", mode="before")
     @classmethod
@@ -108,43 +117,20 @@ def split_calibration(input_ids: torch.Tensor, validation_fraction: float) -> tu
     return input_ids[: num - held_out], input_ids[num - held_out :]
 
 
-def log_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Log-softmax in at least float32 (a bf16 model's logits are widened; a float64 model's stay float64)."""
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-
-
 def masked_kl(model, layers, keep_maps: list[dict[int, list[int]]], held_out: torch.Tensor, batch_size: int,
               progress: bool = False) -> list[float]:
-    """Mean per-token KL(unpruned || pruned) of the next-token distribution on ``held_out``, one value per keep map.
-
-    The pruned model is the unpruned one with every removed expert's router logit at ``MIN_LOG_GATE``; the
-    unpruned logits of a batch are computed once and compared with every keep map before the next batch.
-    """
-    return [mean for mean, _ in masked_kl_per_sequence(model, layers, keep_maps, held_out, batch_size, progress)]
+    """Mean per-token KL(unpruned || pruned) of the next-token distribution on ``held_out``, one value per keep map
+    (:class:`MaskedKL` with no cache: the unpruned logits of a batch are computed once and compared with every keep
+    map before the next batch)."""
+    return MaskedKL(model, layers, held_out, batch_size, desc=f"{NAME}: judging candidates").means(keep_maps, progress)
 
 
 def masked_kl_per_sequence(model, layers, keep_maps: list[dict[int, list[int]]], held_out: torch.Tensor,
                            batch_size: int, progress: bool = False) -> list[tuple[float, torch.Tensor]]:
     """(:func:`masked_kl`'s mean, each sequence's mean per-token KL [num_sequences] float64) per keep map: the
     spread over sequences says how sure a difference between two keep maps is."""
-    device = input_device(model)
-    biases = [removal_bias(layers, keep) for keep in keep_maps]
-    totals = [0.0] * len(keep_maps)
-    per_sequence = [[] for _ in keep_maps]
-    tokens = 0
-    batches = list(torch.split(held_out, batch_size))
-    with torch.no_grad(), eval_mode(model):
-        for batch in tqdm(batches, desc=f"{NAME}: judging candidates", disable=not progress):
-            ids = batch.to(device)
-            reference = log_probabilities(model(input_ids=ids).logits)
-            tokens += reference.shape[0] * reference.shape[1]
-            for position, bias in enumerate(biases):
-                with router_logit_bias(layers, lambda p, bias=bias: bias[p]):
-                    pruned = log_probabilities(model(input_ids=ids).logits)
-                kl = reference.exp() * (reference - pruned)
-                totals[position] += float(kl.sum())
-                per_sequence[position].append(kl.sum(dim=-1).mean(dim=-1).to(torch.float64).cpu())
-    return [(total / tokens, torch.cat(sequences)) for total, sequences in zip(totals, per_sequence)]
+    return MaskedKL(model, layers, held_out, batch_size, desc=f"{NAME}: judging candidates").per_sequence(
+        keep_maps, progress)
 
 
 def keep_map_scores(keep: dict[int, list[int]], scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -195,7 +181,8 @@ class _Move:
 
 def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int, torch.Tensor], select,
                     sequences: torch.Tensor, rounds: int, batch_size: int, candidates_per_round: int = 3,
-                    progress: bool = False) -> tuple[dict[int, list[int]], list[dict], list[float]]:
+                    progress: bool = False, kl: MaskedKL | None = None,
+                    ) -> tuple[dict[int, list[int]], list[dict], list[float]]:
     """Greedy one-expert moves on ``keep`` that lower the masked KL on ``sequences``; returns (keep map, the moves
     taken, the KL after each round, starting with the unrefined map's).
 
@@ -209,6 +196,10 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
     group rules and uniform counts are its, never re-derived here) are measured exactly; the best is taken if it
     lowers the KL, else the search stops. Moves are only those one expert away, so a search of a few rounds
     stays near the validated map.
+
+    ``kl``: a :class:`MaskedKL` over ``sequences`` to measure with (refinements sharing one share its cache of the
+    unpruned log-probabilities); one without a cache is made when None. The current keep map is its base, so a
+    probe computes only the decoder layers from its change onwards.
     """
     def rebuildable(candidate: dict[int, list[int]]) -> bool:
         return _rebuilds(select, keep_map_scores(candidate, scores), candidate)
@@ -222,11 +213,15 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
                     return candidate
         return removed[0]
 
+    if kl is None:
+        kl = MaskedKL(model, layers, sequences, batch_size, desc=f"{NAME}: refining")
     current = {index: sorted(ids) for index, ids in keep.items()}
-    history = masked_kl(model, layers, [current], sequences, batch_size)
+    history = [kl.set_base(current)[0]]
     moves_taken = []
     cost: dict[tuple[str, int, int], float] = {}  # (kind, layer, expert) -> KL change, kept for untouched layers
-    for _ in tqdm(range(rounds), desc=f"{NAME}: refining", disable=not progress):
+    for round_number in tqdm(range(rounds), desc=f"{NAME}: refining", disable=not progress):
+        if round_number:
+            kl.set_base(current)  # the last move's map: the probes below resume from its layer outputs
         weakest, strongest = {}, {}
         for layer in layers:
             layer_scores = scores[layer.index].detach().to(torch.float64).cpu()
@@ -241,7 +236,7 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
         missing = [probe for probe in probes if probe not in cost]
         if missing:
             probe_maps = [_moved(current, **{kind: (index, expert)}) for kind, index, expert in missing]
-            kls = masked_kl(model, layers, probe_maps, sequences, batch_size)
+            kls = kl.means(probe_maps)
             cost.update({probe: kl - history[-1] for probe, kl in zip(missing, kls)})
         estimates = [
             _Move((a, weakest[a]), (b, strongest[b]), cost[("drop", a, weakest[a])] + cost[("add", b, strongest[b])])
@@ -256,7 +251,7 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
                 shortlist.append(move)
         if not shortlist:
             break
-        measured = masked_kl(model, layers, [move.apply(current) for move in shortlist], sequences, batch_size)
+        measured = kl.means([move.apply(current) for move in shortlist])
         best = min(range(len(shortlist)), key=lambda i: (measured[i], i))
         if measured[best] >= history[-1]:
             break
@@ -327,16 +322,16 @@ class ValidatedChoiceCriterion(Criterion):
         return entries
 
     @staticmethod
-    def _refine(context: ScoringContext, opts: ChoiceOptions, scores, keep, validation_kl: float, fit, held_out,
-                progress: bool) -> tuple[dict[int, list[int]], dict, torch.Tensor | None]:
+    def _refine(context: ScoringContext, opts: ChoiceOptions, scores, keep, validation_kl: float,
+                fit_kl: MaskedKL, judge: MaskedKL, progress: bool,
+                ) -> tuple[dict[int, list[int]], dict, torch.Tensor | None]:
         """(the refined keep map, what the refinement did, its per-sequence held-out KL: None without a move); the
-        report's ``accepted`` says whether its held-out KL is below the unrefined map's ``validation_kl``."""
-        model, layers, batch_size = context.model, context.layers, int(context.batch_size)
-        refined, moves, fit_kls = refine_keep_map(model, layers, keep, scores, context.select,
-                                                  fit[: opts.refine_sequences], opts.refine_rounds, batch_size,
-                                                  progress=progress)
-        refined_kl, refined_per_sequence = (
-            masked_kl_per_sequence(model, layers, [refined], held_out, batch_size)[0] if moves else (None, None))
+        report's ``accepted`` says whether its held-out KL is below the unrefined map's ``validation_kl``.
+        ``fit_kl`` measures on the refine sequences, ``judge`` on the held-out ones."""
+        refined, moves, fit_kls = refine_keep_map(context.model, context.layers, keep, scores, context.select,
+                                                  fit_kl.sequences, opts.refine_rounds, int(context.batch_size),
+                                                  progress=progress, kl=fit_kl)
+        refined_kl, refined_per_sequence = judge.per_sequence([refined])[0] if moves else (None, None)
         accepted = refined_kl is not None and refined_kl < validation_kl
         logger.info("%s: refinement made %d move(s), held-out KL %s -> %s: %s", NAME, len(moves),
                     round(validation_kl, 5), None if refined_kl is None else round(refined_kl, 5),
@@ -354,14 +349,17 @@ class ValidatedChoiceCriterion(Criterion):
             check_router_bias(layer, hidden_size)
         fit, held_out = split_calibration(context.input_ids, opts.validation_fraction)
 
-        results = {}
-        for name in opts.candidates:
-            sub = dataclasses.replace(context, input_ids=fit, options={"progress": False})
-            results[name] = get_criterion(name)().score(sub)
+        sub = dataclasses.replace(context, input_ids=fit, options={"progress": False})
+        criteria = {name: get_criterion(name)() for name in opts.candidates}
+        sharing = [name for name, c in criteria.items() if isinstance(c, RoutingStatisticCriterion)]
+        shared = dict(zip(sharing, shared_routing_pass([criteria[n] for n in sharing], sub))) if sharing else {}
+        results = {name: shared[name] if name in shared else criteria[name].score(sub) for name in opts.candidates}
         entries = self._keep_maps(context, results, opts.compare_uniform)
         labels = [label for label, _, _ in entries]
-        judged = masked_kl_per_sequence(model, layers, [keep for _, _, keep in entries], held_out,
-                                        int(context.batch_size), bool(run["progress"]))
+        cache_bytes = opts.cache_mb * 2**20
+        judge = MaskedKL(model, layers, held_out, int(context.batch_size), cache_bytes // 2,
+                         desc=f"{NAME}: judging candidates")
+        judged = judge.per_sequence([keep for _, _, keep in entries], bool(run["progress"]))
         kls = [mean for mean, _ in judged]
         best = min(range(len(kls)), key=lambda i: (kls[i], i))
         chosen_keep = entries[best][2]
@@ -369,11 +367,13 @@ class ValidatedChoiceCriterion(Criterion):
                     NAME, {n: round(k, 5) for n, k in zip(labels, kls)}, entries[best][0])
         final = (best, chosen_keep, kls[best], None)  # (entry, keep map, held-out KL, refinement report)
         refinements = {}
-        if opts.refine_rounds:
+        if opts.refine_rounds:  # the refinements share one measure of the refine sequences (and its cache)
+            fit_kl = MaskedKL(model, layers, fit[: opts.refine_sequences], int(context.batch_size),
+                              cache_bytes - cache_bytes // 2, desc=f"{NAME}: refining")
             for index in sorted(range(len(kls)), key=lambda i: (kls[i], i))[: opts.refine_candidates]:
                 label, source, keep = entries[index]
                 refined, report, per_sequence = self._refine(context, opts, results[source].scores, keep,
-                                                             kls[index], fit, held_out, bool(run["progress"]))
+                                                             kls[index], fit_kl, judge, bool(run["progress"]))
                 refinements[label] = report
                 if not report["accepted"]:
                     continue
@@ -408,6 +408,9 @@ class ValidatedChoiceCriterion(Criterion):
                         "ranking": results[source].ranking}
                 for i, (label, source, keep) in enumerate(entries)
             },
+            # full-model forwards the judging and the refinements ran (a resumed one counts the share it computed)
+            "forward_passes": {"judging": round(judge.forwards, 2),
+                               "refining": round(fit_kl.forwards, 2) if opts.refine_rounds else 0.0},
             "fit_sequences": int(fit.shape[0]),
             "validation_sequences": int(held_out.shape[0]),
             "chosen_details": results[source].details,

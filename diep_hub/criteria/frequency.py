@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from .base import Criterion, ScoreResult, ScoringContext, register_criterion
-from .capture import RoutingRecord, criterion_routing_pass, expert_accumulators
+from .base import ScoreResult, ScoringContext, register_criterion
+from .capture import RoutingRecord, RoutingStatisticCriterion, expert_accumulators
 
 
 @register_criterion
-class FrequencyCriterion(Criterion):
+class FrequencyCriterion(RoutingStatisticCriterion):
     """Top-k selection counts per expert over the calibration tokens."""
 
     name = "frequency"
     reference = "https://arxiv.org/abs/2402.14800"
+    pass_label = "frequency"
 
-    def score(self, context: ScoringContext) -> ScoreResult:
+    def statistic(self, context: ScoringContext):
         counts = expert_accumulators(context)
 
         def accumulate(record: RoutingRecord) -> None:
@@ -30,6 +31,8 @@ class FrequencyCriterion(Criterion):
             index = index[index < num_experts]  # a skipped slot (index == num_experts) is no selection
             counts[record.layer.index] += torch.bincount(index, minlength=num_experts).to(torch.float64)
 
-        tokens = criterion_routing_pass(type(self), context, accumulate, "frequency")
-        scores = {index: c.to(torch.float32) for index, c in counts.items()}
-        return ScoreResult(scores=scores, ranking="top-k selection count", details={"tokens": tokens})
+        def finish(tokens: int) -> ScoreResult:
+            scores = {index: c.to(torch.float32) for index, c in counts.items()}
+            return ScoreResult(scores=scores, ranking="top-k selection count", details={"tokens": tokens})
+
+        return accumulate, finish

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Criterion, ScoreResult, ScoringContext, register_criterion
-from .capture import RoutingRecord, criterion_routing_pass, expert_accumulators
+from .base import ScoreResult, ScoringContext, register_criterion
+from .capture import RoutingRecord, RoutingStatisticCriterion, expert_accumulators
 
 
 def routed_expert_outputs(record: RoutingRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,13 +40,14 @@ def routed_expert_outputs(record: RoutingRecord) -> tuple[torch.Tensor, torch.Te
 
 
 @register_criterion
-class REAPCriterion(Criterion):
+class REAPCriterion(RoutingStatisticCriterion):
     """Mean router-weighted expert output norm over the tokens routed to each expert."""
 
     name = "reap"
     reference = "https://arxiv.org/abs/2510.13999"
+    pass_label = "REAP"
 
-    def score(self, context: ScoringContext) -> ScoreResult:
+    def statistic(self, context: ScoringContext):
         sums, counts = expert_accumulators(context), expert_accumulators(context)
 
         def accumulate(record: RoutingRecord) -> None:
@@ -57,12 +58,15 @@ class REAPCriterion(Criterion):
             sums[record.layer.index].index_add_(0, index, contribution)
             counts[record.layer.index].index_add_(0, index, torch.ones_like(contribution))
 
-        tokens = criterion_routing_pass(type(self), context, accumulate, "REAP")
-        scores = {
-            index: torch.where(counts[index] > 0, sums[index] / counts[index].clamp_min(1), 0.0).to(torch.float32)
-            for index in sums
-        }
-        details = {"tokens": tokens, "routed_tokens": {str(i): c.to(torch.int64).tolist() for i, c in counts.items()}}
-        return ScoreResult(
-            scores=scores, ranking="mean gate_weight * ||expert output||_2 over routed tokens", details=details
-        )
+        def finish(tokens: int) -> ScoreResult:
+            scores = {
+                index: torch.where(counts[index] > 0, sums[index] / counts[index].clamp_min(1), 0.0).to(torch.float32)
+                for index in sums
+            }
+            details = {"tokens": tokens,
+                       "routed_tokens": {str(i): c.to(torch.int64).tolist() for i, c in counts.items()}}
+            return ScoreResult(
+                scores=scores, ranking="mean gate_weight * ||expert output||_2 over routed tokens", details=details
+            )
+
+        return accumulate, finish

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from ..families import ROUTER_ACTIVATIONS
-from .base import Criterion, ScoreResult, ScoringContext, register_criterion
-from .capture import RoutingRecord, criterion_routing_pass, expert_accumulators
+from .base import ScoreResult, ScoringContext, register_criterion
+from .capture import RoutingRecord, RoutingStatisticCriterion, expert_accumulators
 
 
 def router_probabilities(logits: torch.Tensor, activation: str) -> torch.Tensor:
@@ -31,13 +31,14 @@ def router_probabilities(logits: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 @register_criterion
-class SoftFrequencyCriterion(Criterion):
+class SoftFrequencyCriterion(RoutingStatisticCriterion):
     """Mean full-distribution router probability per expert."""
 
     name = "soft_frequency"
     reference = "https://arxiv.org/abs/2406.02500"
+    pass_label = "soft frequency"
 
-    def score(self, context: ScoringContext) -> ScoreResult:
+    def statistic(self, context: ScoringContext):
         activation = context.family.router_activation
         sums = expert_accumulators(context)
 
@@ -45,8 +46,10 @@ class SoftFrequencyCriterion(Criterion):
             probs = router_probabilities(record.router_logits, activation)
             sums[record.layer.index] += probs.sum(dim=0).to("cpu", torch.float64)
 
-        tokens = criterion_routing_pass(type(self), context, accumulate, "soft frequency")
-        scores = {index: (s / tokens).to(torch.float32) for index, s in sums.items()}
-        sigmoid = activation == "sigmoid"
-        ranking = "mean normalised sigmoid router score" if sigmoid else "mean softmax router probability"
-        return ScoreResult(scores=scores, ranking=ranking, details={"tokens": tokens, "router": activation})
+        def finish(tokens: int) -> ScoreResult:
+            scores = {index: (s / tokens).to(torch.float32) for index, s in sums.items()}
+            sigmoid = activation == "sigmoid"
+            ranking = "mean normalised sigmoid router score" if sigmoid else "mean softmax router probability"
+            return ScoreResult(scores=scores, ranking=ranking, details={"tokens": tokens, "router": activation})
+
+        return accumulate, finish

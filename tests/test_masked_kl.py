@@ -1,0 +1,173 @@
+"""MaskedKL (criteria/masked_kl.py): its caches reuse exactly what a full forward computes, so every KL is the
+same number with or without them (compared exactly: the same computation on the same tokens), and they save work
+(counted in forward passes, not timed).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diep_hub.criteria.choice import refine_keep_map
+from diep_hub.criteria.masked_kl import MaskedKL, decoder_positions
+from diep_hub.families import get_family
+from diep_hub.selection import select_experts
+from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+GROUPED = {"deepseek_v3": {"n_group": 2, "topk_group": 1}}
+PLENTY = 2**30  # bytes: every cache fits
+
+
+def _setup(family: str, seed: int = 0):
+    model = tiny_model(family, **GROUPED.get(family, {}))
+    layers = get_family(model).moe_layers(model)
+    ids = sample_input_ids(batch=5, length=10, seed=seed)
+    scores = {layer.index: torch.randn(layer.num_experts, generator=torch.Generator().manual_seed(layer.index))
+              for layer in layers}
+    base = select_experts(scores, model, sparsity=0.5, mode="uniform").keep
+    return model, layers, ids, base
+
+
+def _changed_at(base: dict[int, list[int]], layer, swap_in: int | None = None) -> dict[int, list[int]]:
+    """``base`` with one expert of ``layer`` swapped for a removed one (a probe that changes that layer only)."""
+    changed = {index: list(ids) for index, ids in base.items()}
+    removed = [e for e in range(layer.num_experts) if e not in changed[layer.index]]
+    changed[layer.index] = sorted(changed[layer.index][1:] + [removed[0] if swap_in is None else swap_in])
+    return changed
+
+
+def test_decoder_positions_find_each_moe_block_in_the_decoder_layers():
+    model, layers, _, _ = _setup("deepseek_v3")  # first_k_dense_replace=1: decoder layer 0 is dense
+    decoder_layers, positions = decoder_positions(model, layers)
+    assert decoder_layers is model.model.layers
+    assert positions == [1, 2, 3]
+    assert all(any(m is layer.block for m in decoder_layers[p].modules()) for layer, p in zip(layers, positions))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resumed_and_cached_measurements_equal_full_forwards_exactly(family):
+    model, layers, ids, base = _setup(family)
+    probes = [base] + [_changed_at(base, layer) for layer in layers]
+    probes.append({index: sorted(set(ids) | {0, 1, 2}) for index, ids in base.items()})  # changed everywhere
+
+    plain = MaskedKL(model, layers, ids, batch_size=2)
+    expected = plain.per_sequence(probes)
+    plain.set_base(base)  # no cache: a base changes nothing
+    assert plain.per_sequence(probes)[1][0] == expected[1][0]
+
+    cached = MaskedKL(model, layers, ids, batch_size=2, cache_bytes=PLENTY)
+    base_kl = cached.set_base(base)
+    assert base_kl[0] == expected[0][0] and torch.equal(base_kl[1], expected[0][1])
+    forwards_before = cached.forwards
+    got = cached.per_sequence(probes)
+    for (mean, per_sequence), (want_mean, want_per_sequence) in zip(got, expected):
+        assert mean == want_mean
+        assert torch.equal(per_sequence, want_per_sequence)
+    assert expected[1][0] > 0  # a changed layer moves the model: an equality of zeros would test nothing
+    # The reference came from the cache and each probe ran only the layers from its change on (4 decoder layers:
+    # a change at the first MoE layer runs all 4, at the last 1; the base itself only its last layer and the head),
+    # so this measure ran at most 0.6 of the passes (1 reference + 1 a keep map) the plain one did.
+    fresh = MaskedKL(model, layers, ids, batch_size=2)
+    fresh.per_sequence(probes)
+    assert fresh.forwards == pytest.approx(1 + len(probes))
+    assert cached.forwards - forwards_before <= 0.6 * fresh.forwards
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_a_new_base_keeps_only_the_outputs_before_its_change_and_stays_exact(family):
+    model, layers, ids, base = _setup(family, seed=1)
+    cached = MaskedKL(model, layers, ids, batch_size=2, cache_bytes=PLENTY)
+    plain = MaskedKL(model, layers, ids, batch_size=2)
+    cached.set_base(base)
+    moved = _changed_at(base, layers[-1])  # a move in the last MoE layer: the earlier outputs carry over
+    assert cached.set_base(moved)[0] == plain.per_sequence([moved])[0][0]
+    moved_again = _changed_at(moved, layers[0])  # then one in the first: everything is recomputed
+    assert cached.set_base(moved_again)[0] == plain.per_sequence([moved_again])[0][0]
+    probes = [_changed_at(moved_again, layer) for layer in layers]
+    assert cached.means(probes) == plain.means(probes)
+
+
+def test_a_small_budget_keeps_fewer_layer_outputs_and_the_same_numbers():
+    model, layers, ids, base = _setup("mixtral")
+    probes = [_changed_at(base, layer) for layer in layers]
+    expected = MaskedKL(model, layers, ids, batch_size=5).means(probes)
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    reference_bytes = 5 * 10 * vocab * 4
+    one_layer = 5 * 10 * hidden * 4
+    for budget, kept_layers in [(reference_bytes + one_layer, 1), (reference_bytes + 2 * one_layer, 2),
+                                (reference_bytes + 10 * one_layer, 3), (reference_bytes - 1, 0)]:
+        cached = MaskedKL(model, layers, ids, batch_size=5, cache_bytes=budget)
+        cached.set_base(base)
+        outputs = cached._base_outputs[0] if cached._base_outputs else {}
+        assert len(outputs) == kept_layers, budget
+        assert cached.means(probes) == expected
+    # below the reference's size nothing is cached: every measurement recomputes it
+    assert cached._references is None
+
+
+def test_resuming_puts_back_an_instance_forward_such_as_accelerates():
+    model, layers, ids, base = _setup("mixtral")
+    first = model.model.layers[0]
+    calls = []
+    original = first.forward
+
+    def wrapped(*args, **kwargs):  # what accelerate's add_hook_to_module installs: an instance-level forward
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    first.forward = wrapped
+    cached = MaskedKL(model, layers, ids, batch_size=5, cache_bytes=PLENTY)
+    cached.set_base(base)
+    calls.clear()
+    cached.means([_changed_at(base, layers[-1])])  # resumes after layer 0: its forward is skipped
+    assert calls == []
+    assert first.__dict__["forward"] is wrapped
+    cached.means([_changed_at(base, layers[0])])  # changes layer 0: a full forward, through the wrapper
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_refinement_with_caches_takes_the_same_moves(family):
+    model, layers, ids, _ = _setup(family, seed=5)
+    select = lambda scores: select_experts(scores, model, sparsity=0.5, mode="global")  # noqa: E731
+    scores = {layer.index: torch.randn(layer.num_experts, generator=torch.Generator().manual_seed(7 + layer.index))
+              for layer in layers}
+    start = select(scores).keep
+    plain = refine_keep_map(model, layers, start, scores, select, ids, rounds=4, batch_size=3)
+    measure = MaskedKL(model, layers, ids, batch_size=3, cache_bytes=PLENTY)
+    cached = refine_keep_map(model, layers, start, scores, select, ids, rounds=4, batch_size=3, kl=measure)
+    assert plain[1], "random scores leave room for a better map: a search that never moves tests nothing"
+    assert cached == plain  # keep map, moves and the KL after each round, exactly
+    without_cache = MaskedKL(model, layers, ids, batch_size=3)
+    refine_keep_map(model, layers, start, scores, select, ids, rounds=4, batch_size=3, kl=without_cache)
+    assert measure.forwards < 0.8 * without_cache.forwards
+
+
+def test_validated_choice_chooses_the_same_with_and_without_caches():
+    from diep_hub.criteria.base import get_criterion
+    from tests.helpers.scoring import scoring_context
+
+    model = tiny_model("olmoe", seed=2)
+    ids = sample_input_ids(batch=12, length=12, seed=4)
+    results = []
+    for cache_mb in (0, 64):
+        context = scoring_context(model, ids, batch_size=4, sparsity=0.5,
+                                  options={"cache_mb": cache_mb, "refine_sequences": 8})
+        context.select = lambda scores, mode="global": select_experts(scores, model, sparsity=0.5, mode=mode)
+        results.append(get_criterion("validated_choice")().score(context))
+    uncached, cached = results
+    assert any(r["moves"] for r in cached.details["refinements"].values()), "no move: nothing was resumed"
+    for index in uncached.scores:
+        assert torch.equal(cached.scores[index], uncached.scores[index])
+    assert cached.details["candidates"] == uncached.details["candidates"]
+    assert cached.details["refinements"] == uncached.details["refinements"]
+    assert cached.ranking == uncached.ranking
+    # the judging reuses the unpruned log-probabilities: 1 pass over the held-out sequences for them, then one a
+    # keep map judged (3) and one a refined map with a move; uncached, every call computes them again
+    passes, passes_uncached = cached.details["forward_passes"], uncached.details["forward_passes"]
+    refined = sum(bool(r["moves"]) for r in cached.details["refinements"].values())
+    assert passes["judging"] == pytest.approx(1 + 3 + refined)
+    assert passes_uncached["judging"] == pytest.approx(1 + 3 + 2 * refined)
+    assert passes["refining"] < 0.8 * passes_uncached["refining"]
