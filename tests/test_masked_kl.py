@@ -171,3 +171,29 @@ def test_validated_choice_chooses_the_same_with_and_without_caches():
     assert passes["judging"] == pytest.approx(1 + 3 + refined)
     assert passes_uncached["judging"] == pytest.approx(1 + 3 + 2 * refined)
     assert passes["refining"] < 0.8 * passes_uncached["refining"]
+
+
+def test_a_keep_map_offered_as_base_becomes_the_base_without_a_forward():
+    model, layers, ids, base = _setup("olmoe", seed=3)
+    plain = MaskedKL(model, layers, ids, batch_size=2)
+    cached = MaskedKL(model, layers, ids, batch_size=2, cache_bytes=PLENTY)
+    cached.set_base(base)
+    moves = [_changed_at(base, layer) for layer in layers[1:]]
+    measured = cached.per_sequence(moves, offer_as_base=True)
+    before = cached.forwards
+    adopted = cached.set_base(moves[1])
+    assert cached.forwards == before  # no forward: the measurement above stored its outputs
+    assert adopted[0] == measured[1][0] == plain.per_sequence([moves[1]])[0][0]
+    probes = [_changed_at(moves[1], layer) for layer in layers]
+    assert cached.means(probes) == plain.means(probes)  # resumed from the adopted outputs: still exact
+    # without the offer (or with a budget that holds only the base's outputs), set_base measures as before
+    cached.means(moves)
+    cached.set_base(moves[0])
+    assert cached.forwards > before
+    one_layer = 5 * 10 * model.config.hidden_size * 4
+    tight = MaskedKL(model, layers, ids, batch_size=2, cache_bytes=5 * 10 * model.config.vocab_size * 4 + 3 * one_layer)
+    tight.set_base(base)
+    tight.per_sequence(moves, offer_as_base=True)
+    before = tight.forwards
+    assert tight.set_base(moves[1])[0] == adopted[0] and tight.forwards > before
+    assert tight.means(probes) == plain.means(probes)

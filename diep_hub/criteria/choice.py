@@ -251,7 +251,7 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
                 shortlist.append(move)
         if not shortlist:
             break
-        measured = kl.means([move.apply(current) for move in shortlist])
+        measured = kl.means([move.apply(current) for move in shortlist], offer_as_base=True)
         best = min(range(len(shortlist)), key=lambda i: (measured[i], i))
         if measured[best] >= history[-1]:
             break

@@ -93,14 +93,6 @@ def _capturing(decoder_layers: nn.ModuleList, positions: list[int], into: dict[i
             handle.remove()
 
 
-def _nbytes(output) -> int:
-    if isinstance(output, torch.Tensor):
-        return output.numel() * output.element_size()
-    if isinstance(output, (tuple, list)):
-        return sum(_nbytes(item) for item in output)
-    return 0
-
-
 class MaskedKL:
     """Mean per-token KL(unpruned || pruned) of keep maps on fixed ``sequences``, reusing the unpruned
     log-probabilities and a base keep map's decoder-layer outputs while they fit in ``cache_bytes``.
@@ -122,6 +114,8 @@ class MaskedKL:
         self._decoder_layers, self._moe_positions = decoder_positions(model, layers)
         self._base: KeepMap | None = None
         self._base_outputs: list[dict[int, object]] = []  # per batch: decoder position -> its output under base
+        # keep maps measured with offer_as_base: (keep map, resume point, outputs per batch, result)
+        self._offers: list[tuple[KeepMap, int, list[dict[int, object]], tuple[float, torch.Tensor]]] = []
         self.forwards = 0.0  # passes of the whole model over all the sequences (a resumed forward counts the share
         # of decoder layers it ran)
 
@@ -169,26 +163,32 @@ class MaskedKL:
 
     def set_base(self, keep: KeepMap) -> tuple[float, torch.Tensor]:
         """Make ``keep`` the base keep map, whose decoder-layer outputs later measurements resume from; returns its
-        :meth:`per_sequence` value (the forward that measures it is the one that stores its outputs)."""
+        :meth:`per_sequence` value. The forward that measures it stores its outputs; a keep map just measured
+        with ``offer_as_base`` needs no forward at all."""
+        normalized = {index: sorted(ids) for index, ids in keep.items()}
+        offers, self._offers = self._offers, []
         if self._decoder_layers is None or self.cache_bytes <= 0:
-            self._base = {index: sorted(ids) for index, ids in keep.items()}
+            self._base = normalized
             return self.per_sequence([keep])[0]
-        start = self._resume_point(keep)
-        for outputs in self._base_outputs:  # only the layers before the change stay valid (and are resumed from)
-            for position in [p for p in outputs if p >= start]:
-                del outputs[position]
-        positions = self._cached_positions()
-        new_outputs: list[dict[int, object]] = []
-        result = self._measure([keep], [start], capture=(positions, new_outputs))[0]
+        offered = [offer for offer in offers if offer[0] == normalized]
+        if offered:
+            _, start, new_outputs, result = offered[0]
+        else:
+            start = self._resume_point(keep)
+            for outputs in self._base_outputs:  # only the layers before the change stay valid (and resumed from)
+                for position in [p for p in outputs if p >= start]:
+                    del outputs[position]
+            positions = self._cached_positions()
+            results, captured = self._measure([keep], [start], positions=positions)
+            result, new_outputs = results[0], captured[0] if positions else []
         for old, new in zip(self._base_outputs, new_outputs):  # carry the unchanged layers' outputs over
-            new.update(old)
-        self._base = {index: sorted(ids) for index, ids in keep.items()}
-        self._base_outputs = new_outputs if positions else []
+            new.update({p: output for p, output in old.items() if p < start})
+        self._base, self._base_outputs = normalized, new_outputs
         return result
 
-    def _cached_positions(self) -> list[int]:
+    def _cached_positions(self, copies: int = 1) -> list[int]:
         """Decoder positions whose outputs the base keeps: evenly spaced over 0 .. D-2 (the last layer's output is
-        never resumed from), as many as the budget left by the reference holds."""
+        never resumed from), as many as the budget left by the reference holds ``copies`` times."""
         count = len(self._decoder_layers) - 1
         if count <= 0:
             return []
@@ -200,7 +200,7 @@ class MaskedKL:
         if self._references is not None and not self._references:  # reference not computed yet: reserve its room
             vocab = self.model.config.get_text_config().vocab_size
             room -= self.num_sequences * first.shape[1] * vocab * 4
-        affordable = max(0, room) // max(1, per_layer)
+        affordable = max(0, room) // max(1, per_layer * copies)
         if affordable <= 0:
             return []
         if affordable >= count:
@@ -209,36 +209,54 @@ class MaskedKL:
         return sorted({min(count - 1, int(math.floor((i + 1) * step)) - 1) for i in range(int(affordable))})
 
     # -- measuring ----------------------------------------------------------------------------------------------
-    def per_sequence(self, keep_maps: list[KeepMap], progress: bool = False) -> list[tuple[float, torch.Tensor]]:
-        """(mean per-token KL, each sequence's mean per-token KL [num_sequences] float64) per keep map."""
-        starts = [self._resume_point(keep) for keep in keep_maps]
-        return self._measure(keep_maps, starts, progress=progress)
+    def per_sequence(self, keep_maps: list[KeepMap], progress: bool = False,
+                     offer_as_base: bool = False) -> list[tuple[float, torch.Tensor]]:
+        """(mean per-token KL, each sequence's mean per-token KL [num_sequences] float64) per keep map.
 
-    def means(self, keep_maps: list[KeepMap], progress: bool = False) -> list[float]:
-        """The mean per-token KL per keep map."""
-        return [mean for mean, _ in self.per_sequence(keep_maps, progress)]
+        ``offer_as_base``: keep each map's decoder-layer outputs too, so that :meth:`set_base` of one of them costs
+        no forward (a refinement makes the best of the moves it measured its next base); only when the budget
+        holds them all at every position the base keeps, else :meth:`set_base` measures as usual."""
+        starts = [self._resume_point(keep) for keep in keep_maps]
+        positions = None
+        if offer_as_base and self._decoder_layers is not None and self.cache_bytes > 0:
+            full = self._cached_positions()
+            if full and self._cached_positions(copies=len(keep_maps) + 1) == full:
+                positions = full
+        results, captured = self._measure(keep_maps, starts, progress=progress, positions=positions)
+        self._offers = [({index: sorted(ids) for index, ids in keep.items()}, start, outputs, result)
+                        for keep, start, outputs, result in zip(keep_maps, starts, captured, results)
+                        if positions]
+        return results
+
+    def means(self, keep_maps: list[KeepMap], progress: bool = False, offer_as_base: bool = False) -> list[float]:
+        """The mean per-token KL per keep map (:meth:`per_sequence`'s means)."""
+        return [mean for mean, _ in self.per_sequence(keep_maps, progress, offer_as_base)]
 
     def _measure(self, keep_maps: list[KeepMap], starts: list[int], progress: bool = False,
-                 capture: tuple[list[int], list[dict[int, object]]] | None = None):
+                 positions: list[int] | None = None):
+        """(per_sequence's results, per keep map the outputs per batch of the decoder ``positions`` at or after its
+        start: empty lists without ``positions``)."""
         device = input_device(self.model)
         biases = [removal_bias(self.layers, keep) for keep in keep_maps]
         totals = [0.0] * len(keep_maps)
         per_sequence = [[] for _ in keep_maps]
+        captured: list[list[dict[int, object]]] = [[] for _ in keep_maps]
         tokens = 0
         with torch.no_grad(), eval_mode(self.model):
             for index, batch in enumerate(tqdm(self.batches, desc=self.desc, disable=not progress)):
                 ids = batch.to(device)
                 reference = self._reference(index, ids)
                 tokens += reference.shape[0] * reference.shape[1]
-                for position, (bias, start) in enumerate(zip(biases, starts)):
-                    if capture is not None:
+                for number, (bias, start) in enumerate(zip(biases, starts)):
+                    if positions:
                         stored: dict[int, object] = {}
-                        with _capturing(self._decoder_layers, [p for p in capture[0] if p >= start], stored):
+                        with _capturing(self._decoder_layers, [p for p in positions if p >= start], stored):
                             logits = self._pruned_logits(index, ids, bias, start)
-                        capture[1].append(stored)
+                        captured[number].append(stored)
                     else:
                         logits = self._pruned_logits(index, ids, bias, start)
                     kl = reference.exp() * (reference - log_probabilities(logits))
-                    totals[position] += float(kl.sum())
-                    per_sequence[position].append(kl.sum(dim=-1).mean(dim=-1).to(torch.float64).cpu())
-        return [(total / tokens, torch.cat(sequences)) for total, sequences in zip(totals, per_sequence)]
+                    totals[number] += float(kl.sum())
+                    per_sequence[number].append(kl.sum(dim=-1).mean(dim=-1).to(torch.float64).cpu())
+        results = [(total / tokens, torch.cat(sequences)) for total, sequences in zip(totals, per_sequence)]
+        return results, captured
