@@ -34,9 +34,9 @@ from diep_hub.machine import machine_description
 from diep_hub.memory import PeakMemory
 
 HERE = Path(__file__).resolve().parent
-#: the default's time over REAP's on the zoo models at 128 x 128 calibration tokens (benchmarks/CHOICE.md, from
-#: ``default_check.py --cost``), quoted in the reading of section 1
-ZOO_RATIOS = "6.0-19.6x"
+#: the default's time over REAP's on the zoo models at 128 x 128 calibration tokens (benchmarks/ZOO_COST.md, from
+#: ``zoo_cost.py --write``: the range of the per-model medians), quoted in the reading of section 1
+ZOO_RATIOS = "4.3-12.4x"
 CRITERIA = ["validated_choice", "diep", "diep_removal", "reap", "frequency", "soft_frequency", "naee", "random"]
 
 
@@ -315,8 +315,9 @@ def render(part1, activations, part2, epochs, total) -> str:
         "fewer after), so against REAP's one pass over the "
         f"{reap1['num_samples']} calibration sequences here it weighs most when the calibration set is small and "
         f"the model has many layers; at 128 x 128 calibration tokens on the zoo models it is {ZOO_RATIOS} "
-        "(CHOICE.md). Its extra memory is a batch of log-probabilities (unpruned and masked) on top of a forward "
-        "pass: no second model copy.",
+        "(ZOO_COST.md). Its extra memory is a batch of log-probabilities (unpruned and masked) on top of a "
+        "forward pass, plus what its caches keep within `cache_mb` (the unpruned log-probabilities of its held-out "
+        "and refine sequences, and the refine sequences' decoder-layer outputs): no second model copy.",
     ]
     first, last = part2[0], part2[-1]
 

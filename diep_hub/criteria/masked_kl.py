@@ -112,6 +112,8 @@ class MaskedKL:
         self._references: list[torch.Tensor] | None = [] if self.cache_bytes > 0 else None
         self._reference_bytes = 0
         self._decoder_layers, self._moe_positions = decoder_positions(model, layers)
+        if self._decoder_layers is None and self.cache_bytes > 0:
+            logger.debug("%s: no list of decoder layers holds every MoE block; every masked forward runs in full", desc)
         self._base: KeepMap | None = None
         self._base_outputs: list[dict[int, object]] = []  # per batch: decoder position -> its output under base
         # keep maps measured with offer_as_base: (keep map, resume point, outputs per batch, result)
