@@ -92,6 +92,8 @@ def test_a_shared_routing_pass_gives_each_criterion_its_own_result_in_one_pass(f
         assert shared.ranking == one.ranking and shared.details == one.details, name
         for index, tensor in one.scores.items():
             assert torch.equal(shared.scores[index], tensor), (name, index)
+    with pytest.raises(ConfigError, match="bogus"):  # refused before the pass, as each criterion's own pass does
+        shared_routing_pass([get_criterion(n)() for n in names], _context(model, ids, options={"bogus": 1}))
 
 
 def test_random_is_seeded_uniform():

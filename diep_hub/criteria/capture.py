@@ -183,7 +183,10 @@ class RoutingStatisticCriterion(Criterion):
 def shared_routing_pass(criteria: list[RoutingStatisticCriterion], context: ScoringContext, *,
                         progress: bool = False) -> list[ScoreResult]:
     """Each criterion's result from ONE routing pass over ``context.input_ids``: the same numbers as running them
-    one after the other (every callback only reads the record), for the cost of one pass."""
+    one after the other (every callback only reads the record), for the cost of one pass. Options other than
+    ``progress`` are refused before the pass, as each criterion's own pass would."""
+    for criterion in criteria:
+        parse_options(type(criterion), context.options, {"progress": True})
     statistics = [criterion.statistic(context) for criterion in criteria]
 
     def accumulate(record: RoutingRecord) -> None:

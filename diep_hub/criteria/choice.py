@@ -237,7 +237,7 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
         if missing:
             probe_maps = [_moved(current, **{kind: (index, expert)}) for kind, index, expert in missing]
             kls = kl.means(probe_maps)
-            cost.update({probe: kl - history[-1] for probe, kl in zip(missing, kls)})
+            cost.update({probe: value - history[-1] for probe, value in zip(missing, kls)})
         estimates = [
             _Move((a, weakest[a]), (b, strongest[b]), cost[("drop", a, weakest[a])] + cost[("add", b, strongest[b])])
             for a in weakest for b in strongest
@@ -408,7 +408,8 @@ class ValidatedChoiceCriterion(Criterion):
                         "ranking": results[source].ranking}
                 for i, (label, source, keep) in enumerate(entries)
             },
-            # full-model forwards the judging and the refinements ran (a resumed one counts the share it computed)
+            # passes of the whole model over the held-out sequences (judging) and over the refine sequences
+            # (refining), the unpruned ones included; a resumed forward counts the share of layers it computed
             "forward_passes": {"judging": round(judge.forwards, 2),
                                "refining": round(fit_kl.forwards, 2) if opts.refine_rounds else 0.0},
             "fit_sequences": int(fit.shape[0]),
