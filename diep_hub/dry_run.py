@@ -200,19 +200,21 @@ def _search_passes(pruner, num_moe_layers: int = 1) -> int:
 
 
 def _cache_bytes(pruner, text_config, num_decoder_layers: int, weight_bytes_per: int) -> int:
-    """The most validated_choice keeps in its MaskedKL caches (criteria/masked_kl.py): half of ``cache_mb`` for the
-    judging (the unpruned log-probabilities of the held-out sequences, float32) and half for the refinements
-    (those of the refine sequences, and their decoder-layer outputs), each capped by what it could hold."""
+    """The most validated_choice keeps in its MaskedKL caches (criteria/masked_kl.py): its judging budget
+    (``choice.cache_budgets``) for the unpruned log-probabilities of the held-out sequences (float32), its refining
+    budget for those of the refine sequences and their decoder-layer outputs, each capped by what it could hold."""
     if pruner.method != "validated_choice":
         return 0
+    from .criteria.choice import cache_budgets
+
     settings = pruner.criterion_settings()
-    budget = settings.cache_mb * 2**20
+    judging_budget, refining_budget = cache_budgets(settings.cache_mb)
     held_out = math.ceil(settings.validation_fraction * pruner.num_samples)
     refine = min(settings.refine_sequences, pruner.num_samples - held_out) if settings.refine_rounds else 0
     logprobs = pruner.seq_len * int(text_config.vocab_size) * 4
     outputs = pruner.seq_len * int(text_config.hidden_size) * weight_bytes_per * max(0, num_decoder_layers - 1)
-    judging = min(budget // 2, held_out * logprobs)
-    refining = min(budget - budget // 2, refine * (logprobs + outputs))
+    judging = min(judging_budget, held_out * logprobs)
+    refining = min(refining_budget, refine * (logprobs + outputs))
     return judging + refining
 
 

@@ -144,6 +144,7 @@ def test_the_pruner_applies_the_validated_keep_map_and_reports_the_choice():
         ({"compare_uniform": "maybe"}, "compare_uniform: 'maybe'"),
         ({"refine_candidates": 0}, r"refine_candidates: 0 -> is out of range; allowed: \[1, inf\)"),
         ({"min_gain_se": -1}, r"min_gain_se: -1 -> is out of range; allowed: \[0, inf\)"),
+        ({"cache_mb": -1}, r"cache_mb: -1 -> is out of range; allowed: \[0, inf\)"),
     ],
 )
 def test_bad_options_are_refused_by_name_when_the_pruner_is_made(options, words):

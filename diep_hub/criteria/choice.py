@@ -117,6 +117,13 @@ def split_calibration(input_ids: torch.Tensor, validation_fraction: float) -> tu
     return input_ids[: num - held_out], input_ids[num - held_out :]
 
 
+def cache_budgets(cache_mb: int) -> tuple[int, int]:
+    """(judging, refining): the bytes of ``cache_mb`` each :class:`MaskedKL` may keep, half each (the dry run
+    estimates the peak from the same split)."""
+    total = int(cache_mb) * 2**20
+    return total // 2, total - total // 2
+
+
 def masked_kl(model, layers, keep_maps: list[dict[int, list[int]]], held_out: torch.Tensor, batch_size: int,
               progress: bool = False) -> list[float]:
     """Mean per-token KL(unpruned || pruned) of the next-token distribution on ``held_out``, one value per keep map
@@ -356,8 +363,8 @@ class ValidatedChoiceCriterion(Criterion):
         results = {name: shared[name] if name in shared else criteria[name].score(sub) for name in opts.candidates}
         entries = self._keep_maps(context, results, opts.compare_uniform)
         labels = [label for label, _, _ in entries]
-        cache_bytes = opts.cache_mb * 2**20
-        judge = MaskedKL(model, layers, held_out, int(context.batch_size), cache_bytes // 2,
+        judging_bytes, refining_bytes = cache_budgets(opts.cache_mb)
+        judge = MaskedKL(model, layers, held_out, int(context.batch_size), judging_bytes,
                          desc=f"{NAME}: judging candidates")
         judged = judge.per_sequence([keep for _, _, keep in entries], bool(run["progress"]))
         kls = [mean for mean, _ in judged]
@@ -369,7 +376,7 @@ class ValidatedChoiceCriterion(Criterion):
         refinements = {}
         if opts.refine_rounds:  # the refinements share one measure of the refine sequences (and its cache)
             fit_kl = MaskedKL(model, layers, fit[: opts.refine_sequences], int(context.batch_size),
-                              cache_bytes - cache_bytes // 2, desc=f"{NAME}: refining")
+                              refining_bytes, desc=f"{NAME}: refining")
             for index in sorted(range(len(kls)), key=lambda i: (kls[i], i))[: opts.refine_candidates]:
                 label, source, keep = entries[index]
                 refined, report, per_sequence = self._refine(context, opts, results[source].scores, keep,
