@@ -5,13 +5,26 @@ router recalibration) with the best baseline cell of the same variant over both 
 default is ahead by more than the seed spread (the larger of the two standard deviations), within it, or behind.
 Reads the JSON files of ``quality_seeds.py``.
 
+With ``--instance`` (given once per instance of the zoo: the same model recipes trained again, with another seed or
+on another machine) it pairs the runs instead: for each (instance, calibration seed) the default's retention minus a
+baseline's, the mean of those differences and an exact sign-flip test of it. A baseline that keeps the same experts
+whatever the seed has no spread, so "ahead by more than the spread" asks for a gain no method can show where both
+sit at the unpruned accuracy; the paired test asks instead whether the default's advantage holds run by run, over
+more runs than one instance has. With n pairs the smallest two-sided p-value is 2 / 2**n (3 pairs: 0.25, so one
+instance alone can never show a difference).
+
 Usage:
     python benchmarks/default_check.py --results benchmarks/results/choice/*.json
+    python benchmarks/default_check.py --default validated-choice \
+        validated-choice:refine_rounds=8,compare_uniform=false,refine_candidates=3,min_gain_se=2 --variants plain \
+        --instance first benchmarks/results/choice/*.json --instance rebuild benchmarks/results/rebuild/*.json \
+        --instance zoo-seed-1 benchmarks/results/zoo_seed1/*.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -60,6 +73,91 @@ def table(data: dict, default: str, baselines: list[str], variants: list[str]) -
     return lines
 
 
+def sign_flip_p_value(differences: list[float]) -> float:
+    """Two-sided p-value of an exact paired sign-flip test: the share of the 2**n sign patterns whose mean
+    difference is at least as far from zero as the observed one (1.0 when every difference is zero)."""
+    n = len(differences)
+    if n == 0 or n > 20:
+        raise ValueError(f"the exact test enumerates 2**n patterns; got n={n}, allowed 1-20")
+    observed = abs(sum(differences)) - 1e-12  # float noise must not split ties
+    extreme = sum(abs(sum(s * d for s, d in zip(signs, differences))) >= observed
+                  for signs in itertools.product((1, -1), repeat=n))
+    return extreme / 2**n
+
+
+def paired_runs(instances: dict[str, dict], model: str, defaults: list[str], method: str, selection: str,
+                sparsity: str, variant: str) -> list[tuple[str, float, float]]:
+    """(instance, default, baseline) retention for every (instance, calibration seed) that ran both; the default's
+    row is the first of ``defaults`` an instance has (the same method may carry another label in older files)."""
+    pairs = []
+    for name, cells in instances.items():
+        by_seed = {}
+        for label in defaults:
+            by_seed = {k[1]: v["retention"] for k, v in cells.items()
+                       if k[0] == model and k[2] == label and k[3] == "global" and k[4] == sparsity and k[5] == variant}
+            if by_seed:
+                break
+        rival = {k[1]: v["retention"] for k, v in cells.items()
+                 if k[0] == model and k[2] == method and k[3] == selection and k[4] == sparsity and k[5] == variant}
+        pairs += [(name, by_seed[seed], rival[seed]) for seed in sorted(set(by_seed) & set(rival))]
+    return pairs
+
+
+def paired_verdict(differences: list[float], level: float = 0.05) -> tuple[float, str]:
+    """(p-value, verdict) of the default's paired differences against one baseline."""
+    p_value = sign_flip_p_value(differences)
+    mean = statistics.fmean(differences)
+    if p_value < level:
+        return p_value, "ahead" if mean > 0 else "behind"
+    return p_value, "no difference shown"
+
+
+def paired_table(instances: dict[str, dict], defaults: list[str], baselines: list[str], variants: list[str],
+                 level: float = 0.05) -> list[str]:
+    """One row per model, sparsity and variant: the default against the best baseline (by mean over the pairs),
+    and how many baselines (method x selection) it is significantly ahead of and behind.
+
+    The calibration seeds of one instance share its weights, so its pairs are not independent and the test, which
+    treats them as if they were, is surer than a test over instances alone would be; the row also gives on how many
+    instances the mean difference is positive and negative."""
+    models = list(dict.fromkeys(k[0] for cells in instances.values() for k in cells))
+    lines = [f"Instances: {', '.join(instances)}. Pairs: (instance, calibration seed) runs of both methods. "
+             f"Verdicts at two-sided p < {level} (exact sign-flip test of the paired differences).", "",
+             "| model | sparsity | variant | pairs | default | best baseline (method, selection) | "
+             "mean difference (min, max) | instances + / - | p | verdict | ahead of / behind of (baselines) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model in models:
+        sparsities = sorted({k[4] for cells in instances.values() for k in cells if k[0] == model}, key=float)
+        for sparsity in sparsities:
+            for variant in variants:
+                compared = {}
+                for method in baselines:
+                    for selection in ("global", "uniform"):
+                        pairs = paired_runs(instances, model, defaults, method, selection, sparsity, variant)
+                        if pairs:
+                            compared[(method, selection)] = pairs
+                if not compared:
+                    continue
+                verdicts = {key: paired_verdict([a - b for _, a, b in pairs], level)
+                            for key, pairs in compared.items()}
+                (method, selection), pairs = max(compared.items(),
+                                                 key=lambda kv: statistics.fmean(b for _, _, b in kv[1]))
+                differences = [a - b for _, a, b in pairs]
+                per_instance = [statistics.fmean(a - b for n, a, b in pairs if n == name)
+                                for name in dict.fromkeys(n for n, _, _ in pairs)]
+                signs = f"{sum(d > 0 for d in per_instance)} / {sum(d < 0 for d in per_instance)}"
+                p_value, word = verdicts[(method, selection)]
+                ahead = sum(v[1] == "ahead" for v in verdicts.values())
+                behind = sum(v[1] == "behind" for v in verdicts.values())
+                lines.append(
+                    f"| {model} | {float(sparsity):.0%} | {variant} | {len(pairs)} | "
+                    f"{statistics.fmean(a for _, a, _ in pairs):.3f} | {statistics.fmean(b for _, _, b in pairs):.3f} "
+                    f"({method}, {selection}) | {statistics.fmean(differences):+.3f} ({min(differences):+.3f}, "
+                    f"{max(differences):+.3f}) | {signs} | {p_value:.3f} | {word} | {ahead} / {behind} of "
+                    f"{len(verdicts)} |")
+    return lines
+
+
 def scoring_cost(data: dict, default: str, reference: str = "reap") -> list[str]:
     """Median scoring seconds of the default and of ``reference`` per model (plain cells; same runs, same machine)."""
     cells = {split_key(k): v for k, v in data["cells"].items() if "score_seconds" in v}
@@ -75,12 +173,34 @@ def scoring_cost(data: dict, default: str, reference: str = "reap") -> list[str]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", nargs="+", required=True, help="quality_seeds.py JSON files")
-    parser.add_argument("--default", default="validated-choice", help="the default's row label")
+    parser.add_argument("--results", nargs="+", help="quality_seeds.py JSON files (one instance of the zoo)")
+    parser.add_argument("--instance", nargs="+", action="append", metavar=("NAME", "FILE"),
+                        help="an instance of the zoo and its quality_seeds.py JSON files (repeat per instance): "
+                             "pairs the runs over instances and seeds instead")
+    parser.add_argument("--default", nargs="+", default=["validated-choice"],
+                        help="the default's row label; with --instance, labels the same method had in older files")
+    parser.add_argument("--level", type=float, default=0.05, help="with --instance: the test's two-sided level")
     parser.add_argument("--baselines", nargs="+", default=["reap", "frequency", "soft_frequency"])
     parser.add_argument("--variants", nargs="+", default=["plain", "recalibrated"])
     parser.add_argument("--cost", action="store_true", help="print the scoring time against REAP's instead")
     args = parser.parse_args(argv)
+    if args.instance:
+        bad = [entry for entry in args.instance if len(entry) < 2]
+        if bad or args.results:
+            parser.error("--instance takes a name and at least one file each, and replaces --results")
+        files = [Path(path).resolve() for _, *paths in args.instance for path in paths]
+        if len(set(files)) != len(files):
+            parser.error("a results file is given twice: its runs would be counted as two instances' pairs")
+        instances = {}
+        for name, *paths in args.instance:
+            instances[name] = {split_key(k): v for path in paths
+                               for k, v in json.loads(Path(path).read_text(encoding="utf-8"))["cells"].items()
+                               if "retention" in v}
+        print("\n".join(paired_table(instances, args.default, args.baselines, args.variants, args.level)))
+        return 0
+    if not args.results:
+        parser.error("give --results or --instance")
+    args.default = args.default[0]
     merged = {"meta": {"tuning": [], "heldout": []}, "cells": {}}
     for path in args.results:
         part = json.loads(Path(path).read_text(encoding="utf-8"))

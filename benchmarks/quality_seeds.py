@@ -100,6 +100,10 @@ def prune_variant(model, keep, variant: str, input_ids, teacher, args) -> tuple[
 def run(args) -> None:
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {"meta": {}, "base": {}, "cells": {}}
+    if data["cells"] and data["meta"].get("zoo_seed", 0) != args.zoo_seed:  # older files: zoo seed 0 builds
+        raise SystemExit(f"{out} holds cells of zoo seed {data['meta'].get('zoo_seed', 0)}, not --zoo-seed "
+                         f"{args.zoo_seed}: one results file per instance of the zoo")
+    data["meta"]["zoo_seed"] = args.zoo_seed
     data["meta"].update(machine=machine_description(), eval=EVAL, num_samples=args.num_samples, seq_len=args.seq_len)
     if args.variants != ["plain"]:
         data["meta"]["variant_settings"] = {
@@ -117,7 +121,7 @@ def run(args) -> None:
         commands.append(command)
     methods = [parse_method(label) for label in args.methods]
     for name in [*args.models, *args.heldout]:
-        model, tokenizer = build_zoo_model(name, seed=0)
+        model, tokenizer = build_zoo_model(name, seed=args.zoo_seed)
         if name not in data["base"]:
             data["base"][name] = evaluate_zoo(model, tokenizer, **EVAL)["macro"]
         base_mc = data["base"][name]["mc_acc"]
@@ -319,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selections", nargs="+", default=["global", "uniform"])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.75])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--zoo-seed", type=int, default=0,
+                        help="which instance of the zoo: the seed its models were trained with (diep_hub.zoo.build)")
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
