@@ -32,10 +32,16 @@ from pathlib import Path
 from quality_seeds import split_key
 
 
+def retention_by_seed(cells: dict, model: str, method: str, selection: str, sparsity: str,
+                      variant: str) -> dict[str, float]:
+    """{calibration seed: retention} of one cell (model, method, selection, sparsity, variant); empty if not run."""
+    return {k[1]: v["retention"] for k, v in cells.items()
+            if k[0] == model and k[2] == method and k[3] == selection and k[4] == sparsity and k[5] == variant}
+
+
 def cell_stats(cells: dict, model: str, method: str, selection: str, sparsity: str, variant: str):
     """(mean, standard deviation, n) of retention over seeds, or None when the cell was not run."""
-    values = [v["retention"] for k, v in cells.items()
-              if k[0] == model and k[2] == method and k[3] == selection and k[4] == sparsity and k[5] == variant]
+    values = list(retention_by_seed(cells, model, method, selection, sparsity, variant).values())
     if not values:
         return None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
@@ -93,12 +99,10 @@ def paired_runs(instances: dict[str, dict], model: str, defaults: list[str], met
     for name, cells in instances.items():
         by_seed = {}
         for label in defaults:
-            by_seed = {k[1]: v["retention"] for k, v in cells.items()
-                       if k[0] == model and k[2] == label and k[3] == "global" and k[4] == sparsity and k[5] == variant}
+            by_seed = retention_by_seed(cells, model, label, "global", sparsity, variant)
             if by_seed:
                 break
-        rival = {k[1]: v["retention"] for k, v in cells.items()
-                 if k[0] == model and k[2] == method and k[3] == selection and k[4] == sparsity and k[5] == variant}
+        rival = retention_by_seed(cells, model, method, selection, sparsity, variant)
         pairs += [(name, by_seed[seed], rival[seed]) for seed in sorted(set(by_seed) & set(rival))]
     return pairs
 
