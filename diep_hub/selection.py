@@ -141,9 +141,43 @@ def _check_scores(scores, layers: list[MoELayer]) -> dict[int, np.ndarray]:
 
 
 def _global_removals(arrays: dict[int, np.ndarray], limits: list[LayerLimits], target: int) -> dict[int, int]:
-    """Exact-K removal counts per layer minimising the removed score (DP; ties by global rank sum)."""
-    # Global ranks: by score, then layer, then expert id.
-    entries = sorted((float(arrays[lim.index][e]), lim.index, e) for lim in limits for e in range(lim.num_experts))
+    """Exact-K removal counts per layer minimising the removed score, ties by global rank sum.
+
+    When every layer accepts any removal count from 0 to its maximum (no grouped routing), the greedy walk up the
+    global ranking is optimal and gives the DP's answer (tests/test_selection.py checks them against each other);
+    it is the one a refinement's thousands of rebuildability checks can afford. Otherwise the DP solves it.
+    """
+    if all(lim.allowed_removals == tuple(range(lim.max_removal + 1)) for lim in limits):
+        return _greedy_removals(arrays, limits, target)
+    return _dp_removals(arrays, limits, target)
+
+
+def _global_ranking(arrays: dict[int, np.ndarray], limits: list[LayerLimits]) -> list[tuple[float, int, int]]:
+    """Every (score, layer, expert), lowest first: by score, then layer, then expert id (the global ranks)."""
+    return sorted((float(arrays[lim.index][e]), lim.index, e) for lim in limits for e in range(lim.num_experts))
+
+
+def _greedy_removals(arrays: dict[int, np.ndarray], limits: list[LayerLimits], target: int) -> dict[int, int]:
+    """Remove the ``target`` lowest-ranked experts, skipping those of a layer at its maximum removal: with
+    contiguous allowed counts the removable sets form a matroid, so this minimises both the removed score and the
+    rank sum. ``target`` must be reachable (``select_experts`` checks it first)."""
+    room = {lim.index: lim.max_removal for lim in limits}
+    removals = dict.fromkeys(room, 0)
+    left = target
+    for _, layer, _ in _global_ranking(arrays, limits):
+        if left == 0:
+            break
+        if removals[layer] < room[layer]:
+            removals[layer] += 1
+            left -= 1
+    if left:
+        raise AssertionError(f"{target} removals are not reachable under {room}: select_experts checks this first")
+    return removals
+
+
+def _dp_removals(arrays: dict[int, np.ndarray], limits: list[LayerLimits], target: int) -> dict[int, int]:
+    """Exact-K removal counts per layer minimising the removed score (DP over layers; ties by global rank sum)."""
+    entries = _global_ranking(arrays, limits)
     rank = {(layer, expert): r for r, (_, layer, expert) in enumerate(entries)}
     scale = 1.0 + sum(abs(v) for v, _, _ in entries)
     tol = 1e-12 * scale

@@ -58,6 +58,34 @@ def _gated_logits(model, layers, keep, ids) -> torch.Tensor:
         return model(ids).logits
 
 
+def test_the_bias_runs_the_router_once_through_an_instance_forward_and_puts_it_back():
+    model = tiny_model("mixtral")
+    layers = get_family(model).moe_layers(model)
+    router = layers[0].router
+    plain = router.forward
+    widths = []
+
+    def wrapped(*args, **kwargs):  # what accelerate's add_hook_to_module installs: an instance-level forward
+        widths.append(args[0].shape[-1])
+        return plain(*args, **kwargs)
+
+    router.forward = wrapped
+    keep = _removal_keep_map(model)
+    biases = removal_bias(layers, keep)
+    hidden = torch.randn(12, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), router_logit_bias(layers, lambda position: biases[position]):
+        routed = router(hidden)
+    # one routing, of the hidden states extended by the bias column: the unbiased one is never computed
+    assert widths == [model.config.hidden_size + 1]
+    removed = set(range(layers[0].num_experts)) - set(keep[layers[0].index])
+    assert removed and not set(routed[2].reshape(-1).tolist()) & removed
+    assert router.__dict__["forward"] is wrapped
+    del router.forward
+    with router_logit_bias(layers, lambda position: biases[position]):
+        pass
+    assert all("forward" not in layer.router.__dict__ for layer in layers)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zero_gates_route_as_surgery_does(family):
     model = tiny_model(family, **GROUPED.get(family, {}))

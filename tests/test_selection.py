@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +13,17 @@ from hypothesis import strategies as st
 
 import diep_hub
 from diep_hub.errors import ConfigError
-from diep_hub.selection import Selection, layer_limits, round_half_up, select_experts, uniform_keep_counts
+from diep_hub.selection import (
+    LayerLimits,
+    Selection,
+    _dp_removals,
+    _global_removals,
+    _greedy_removals,
+    layer_limits,
+    round_half_up,
+    select_experts,
+    uniform_keep_counts,
+)
 from diep_hub.surgery import plan_surgery
 from tests.helpers.tiny_models import tiny_model
 
@@ -115,6 +126,25 @@ def test_global_exact_count_floors_caps_and_greedy_optimum(name, data, sparsity,
     reference = _greedy_reference(model, scores, target, {i: ly.max_removal for i, ly in limits.items()})
     for index, ids in reference.items():
         assert sorted(set(range(limits[index].num_experts)) - set(selection.keep[index])) == sorted(ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_greedy_removals_give_the_dynamic_programmes_answer(data):
+    """The fast path of global selection (every layer accepts 0 .. its maximum removals) must return the removal
+    counts the DP returns, ties included: small integer scores make many ties across and within layers."""
+    sizes = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=6))
+    limits = []
+    for index, size in enumerate(sizes):
+        most = data.draw(st.integers(0, size))
+        limits.append(LayerLimits(index=index, num_experts=size, floor=size - most,
+                                  allowed_removals=tuple(range(most + 1)), why="test"))
+    value = st.one_of(st.integers(0, 3).map(float), st.floats(-5, 5, allow_nan=False, width=32))
+    arrays = {lim.index: np.array(data.draw(st.lists(value, min_size=lim.num_experts, max_size=lim.num_experts)),
+                                  dtype=np.float64) for lim in limits}
+    target = data.draw(st.integers(0, sum(lim.max_removal for lim in limits)))
+    assert _greedy_removals(arrays, limits, target) == _dp_removals(arrays, limits, target)
+    assert _global_removals(arrays, limits, target) == _dp_removals(arrays, limits, target)
 
 
 @SETTINGS

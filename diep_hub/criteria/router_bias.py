@@ -43,30 +43,35 @@ def router_logit_bias(layers: list[MoELayer], bias: Callable[[int], torch.Tensor
     The router's own code does the routing: it is run on [hidden, 1] with its weight extended by a bias column
     (``torch.func.functional_call``, so the bias keeps its gradient and no parameter is replaced). Every family's
     router computes its logits as a linear map of the hidden states, which this relies on; ``check_router_bias``
-    verifies it before a search.
+    verifies it before a search. The router's ``forward`` is replaced within the block (not hooked), so the
+    unbiased routing is never computed; an instance-level ``forward`` already there (accelerate's device hooks put
+    one) does the computing and is put back afterwards.
     """
-    handles = []
-    for position, layer in enumerate(layers):
+    routers = [layer.router for layer in layers]
+    saved = [router.__dict__.get("forward") for router in routers]
+    for position, (layer, router) in enumerate(zip(layers, routers)):
         selection_only = [n for n in layer.family.router_expert_tensors if n not in ("weight", "bias")]
-        hook = _biased_router_hook(position, bias, selection_only)
-        handles.append(layer.router.register_forward_hook(hook))
+        router.forward = _biased_forward(router, router.forward, position, bias, selection_only)
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for router, forward in zip(routers, saved):
+            del router.forward
+            if forward is not None:
+                router.forward = forward
 
 
-def _biased_router_hook(position: int, bias: Callable[[int], torch.Tensor], selection_only: list[str]):
-    """``selection_only`` names per-expert router tensors that steer the choice but not the weights (DeepSeek-V3's
-    ``e_score_correction_bias``): a removed expert (bias at ``MIN_LOG_GATE``) gets -1e4 there too, so a sigmoid
-    score of 0 plus a large correction can never pick it, as after surgery."""
+def _biased_forward(router: nn.Module, plain_forward: Callable, position: int, bias: Callable[[int], torch.Tensor],
+                    selection_only: list[str]) -> Callable:
+    """The router's forward with the bias column: ``plain_forward`` (the router's own) runs on the extended hidden
+    states under the extended weight. ``selection_only`` names per-expert router tensors that steer the choice but
+    not the weights (DeepSeek-V3's ``e_score_correction_bias``): a removed expert (bias at ``MIN_LOG_GATE``) gets
+    -1e4 there too, so a sigmoid score of 0 plus a large correction can never pick it, as after surgery."""
     busy = {"flag": False}
 
-    def hook(router: nn.Module, args: tuple, _output):
-        if busy["flag"]:
-            return None
-        hidden = args[0]
+    def forward(hidden: torch.Tensor, *args, **kwargs):
+        if busy["flag"]:  # the call from functional_call below: the plain routing of the extended inputs
+            return plain_forward(hidden, *args, **kwargs)
         weight = router.weight
         column = bias(position).to(device=weight.device, dtype=weight.dtype)
         replaced = {"weight": torch.cat([weight, column[:, None]], dim=1)}
@@ -81,13 +86,13 @@ def _biased_router_hook(position: int, bias: Callable[[int], torch.Tensor], sele
         try:
             if saved_dim is not None:
                 router.hidden_dim = saved_dim + 1
-            return torch.func.functional_call(router, replaced, (extended_hidden,))
+            return torch.func.functional_call(router, replaced, (extended_hidden, *args), kwargs)
         finally:
             busy["flag"] = False
             if saved_dim is not None:
                 router.hidden_dim = saved_dim
 
-    return hook
+    return forward
 
 
 def check_router_bias(layer: MoELayer, hidden_size: int) -> None:
