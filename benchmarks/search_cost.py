@@ -34,9 +34,20 @@ from diep_hub.machine import machine_description
 from diep_hub.memory import PeakMemory
 
 HERE = Path(__file__).resolve().parent
-#: the default's time over REAP's on the zoo models at 128 x 128 calibration tokens (benchmarks/ZOO_COST.md, from
-#: ``zoo_cost.py --write``: the range of the per-model medians), quoted in the reading of section 1
-ZOO_RATIOS = "4.3-12.4x"
+
+
+def zoo_ratios() -> str:
+    """The default's time over REAP's on the zoo models at 128 x 128 calibration tokens, as the range of the
+    per-model medians of results/zoo_cost.json (what ZOO_COST.md shows), quoted in the reading of section 1."""
+    import statistics
+
+    cells = json.loads((HERE / "results" / "zoo_cost.json").read_text(encoding="utf-8"))["cells"]
+    ratios: dict[str, list[float]] = {}
+    for key, row in cells.items():
+        ratios.setdefault(key.split("|")[0], []).append(row["validated_choice"] / row["reap"])
+    medians = [statistics.median(values) for values in ratios.values()]
+    return f"{min(medians):.1f}-{max(medians):.1f}x"
+
 CRITERIA = ["validated_choice", "diep", "diep_removal", "reap", "frequency", "soft_frequency", "naee", "random"]
 
 
@@ -314,7 +325,7 @@ def render(part1, activations, part2, epochs, total) -> str:
         "fixed 16 sequences whatever the calibration size (2 x layers + 5 masked forwards in its first round, "
         "fewer after), so against REAP's one pass over the "
         f"{reap1['num_samples']} calibration sequences here it weighs most when the calibration set is small and "
-        f"the model has many layers; at 128 x 128 calibration tokens on the zoo models it is {ZOO_RATIOS} "
+        f"the model has many layers; at 128 x 128 calibration tokens on the zoo models it is {zoo_ratios()} "
         "(ZOO_COST.md). Its extra memory is a batch of log-probabilities (unpruned and masked) on top of a "
         "forward pass, plus what its caches keep within `cache_mb` (the unpruned log-probabilities of its held-out "
         "and refine sequences, and the refine sequences' decoder-layer outputs): no second model copy.",

@@ -273,10 +273,11 @@ def test_refinement_takes_only_one_expert_moves_that_lower_the_fit_kl(mode):
     assert moves, "random scores leave room for a better map: a search that never moves tests nothing"
     current = {i: sorted(v) for i, v in start.items()}
     for move in moves:  # each move swaps one expert out and one in, as recorded
-        (drop_layer, drop), (add_layer, add) = move["drop"], move["add"]
-        assert drop in current[drop_layer] and add not in current[add_layer]
-        current[drop_layer].remove(drop)
-        current[add_layer] = sorted(current[add_layer] + [add])
+        (drop_layer, drops), (add_layer, adds) = move["drop"], move["add"]
+        assert len(drops) == len(adds) == 1  # no grouped routing here: single experts
+        assert drops[0] in current[drop_layer] and adds[0] not in current[add_layer]
+        current[drop_layer].remove(drops[0])
+        current[add_layer] = sorted(current[add_layer] + adds)
     assert current == {i: sorted(v) for i, v in refined.items()}
     assert sum(map(len, refined.values())) == sum(map(len, start.values()))
     if mode == "uniform":  # uniform counts are the selection's: only swaps within a layer rebuild
@@ -408,28 +409,44 @@ def test_a_refined_map_must_beat_the_winner_by_min_gain_se(min_gain_se):
         assert applied_kl == pytest.approx(judged[winner], rel=1e-6)
 
 
-def test_refinement_moves_within_groups_under_grouped_routing():
-    """A group-limited layer loses experts from every group at the same pace: the only one-expert moves the selection
-    can rebuild are swaps inside a group, and refinement must find them (it once proposed cross-group swaps only)."""
+def test_refinement_keeps_every_groups_pace_under_grouped_routing():
+    """A group-limited layer loses experts from every group at the same pace. Refinement must find the moves the
+    selection can rebuild: swaps inside a group (it once proposed cross-group swaps only) and, between layers, one
+    expert of every group at once (one-expert moves between layers can never be rebuilt there, so without these
+    the refinement could not move kept slots from one layer to another)."""
     from diep_hub.criteria.choice import refine_keep_map
 
     model = tiny_model("deepseek_v3", n_group=2, topk_group=1)
     layers = get_family(model).moe_layers(model)
     ids = sample_input_ids(batch=6, length=12, seed=5)
-    select = _selection(model, 0.5)
+    select = _selection(model, 0.25)  # kept counts in {4, 6, 8}: room to move units between layers
     size = {layer.index: layer.num_experts // 2 for layer in layers}  # contiguous groups of N / n_group
-    moved_somewhere = False
-    for seed in range(3):
+    kinds = set()
+    for seed in range(6):
         scores = {layer.index: torch.randn(layer.num_experts, generator=torch.Generator().manual_seed(seed * 10 + i))
                   for i, layer in enumerate(layers)}
         start = select(scores).keep
         refined, moves, history = refine_keep_map(model, layers, start, scores, select, ids, rounds=3, batch_size=3)
+        assert len(history) == len(moves) + 1 and all(b < a for a, b in zip(history, history[1:]))
+        current = {i: sorted(v) for i, v in start.items()}
         for move in moves:
-            (drop_layer, drop), (add_layer, add) = move["drop"], move["add"]
-            assert drop_layer == add_layer and drop // size[drop_layer] == add // size[add_layer]
+            (drop_layer, drops), (add_layer, adds) = move["drop"], move["add"]
+            if len(drops) == 1:  # a swap inside one group of one layer
+                assert drop_layer == add_layer and len(adds) == 1
+                assert drops[0] // size[drop_layer] == adds[0] // size[add_layer]
+                kinds.add("swap")
+            else:  # a unit between two layers: one expert of each group leaves one layer and joins the other
+                assert drop_layer != add_layer
+                assert sorted(e // size[drop_layer] for e in drops) == [0, 1]
+                assert sorted(e // size[add_layer] for e in adds) == [0, 1]
+                kinds.add("unit")
+            assert set(drops) <= set(current[drop_layer]) and not set(adds) & set(current[add_layer])
+            current[drop_layer] = [e for e in current[drop_layer] if e not in drops]
+            current[add_layer] = sorted(current[add_layer] + adds)
+        assert current == {i: sorted(v) for i, v in refined.items()}
+        assert history[-1] == pytest.approx(masked_kl(model, layers, [refined], ids, batch_size=3)[0], rel=1e-6)
         assert select(scores_for(refined, scores)).keep == refined
-        moved_somewhere |= bool(moves)
-    assert moved_somewhere
+    assert kinds == {"swap", "unit"}, kinds
 
 
 def test_global_runs_also_judge_each_candidates_uniform_keep_map():

@@ -16,7 +16,8 @@ measures that distance instead of guessing it:
 4. the keep map with the lowest KL wins (ties: the first listed);
 5. the best ``refine_candidates`` keep maps (by default every candidate's, not only the winner's: a runner-up
    is often a few moves from a better map than the winner's) are refined (``refine_rounds`` > 0, the default) by
-   greedy one-expert moves (swap an expert within a layer, or move one slot from one layer to another) measured by
+   greedy one-expert moves (swap an expert within a layer, or move one slot from one layer to another; under
+   grouped routing a slot between layers is one expert of every group, as the selection's group rule needs) measured by
    the same masked KL on fit sequences (see :func:`refine_keep_map`); the keep map applied is the one with the
    lowest held-out KL among the winner and the refined maps whose held-out KL is below the winner's by more than
    ``min_gain_se`` standard errors of the per-sequence difference (2 by default: a smaller gain is within what
@@ -154,14 +155,15 @@ def keep_map_scores(keep: dict[int, list[int]], scores: dict[int, torch.Tensor])
     return encoded
 
 
-def _moved(keep: dict[int, list[int]], drop: tuple[int, int] | None = None,
-           add: tuple[int, int] | None = None) -> dict[int, list[int]]:
-    """A copy of ``keep`` with expert ``drop[1]`` gone from layer ``drop[0]`` and ``add[1]`` joined to ``add[0]``."""
+def _moved(keep: dict[int, list[int]], drop: tuple[int, tuple[int, ...]] | None = None,
+           add: tuple[int, tuple[int, ...]] | None = None) -> dict[int, list[int]]:
+    """A copy of ``keep`` with experts ``drop[1]`` gone from layer ``drop[0]`` and ``add[1]`` joined to ``add[0]``."""
     moved = {index: list(ids) for index, ids in keep.items()}
     if drop is not None:
-        moved[drop[0]].remove(drop[1])
+        for expert in drop[1]:
+            moved[drop[0]].remove(expert)
     if add is not None:
-        moved[add[0]] = sorted(moved[add[0]] + [add[1]])
+        moved[add[0]] = sorted(moved[add[0]] + list(add[1]))
     return moved
 
 
@@ -173,25 +175,34 @@ def _rebuilds(select, scores: dict[int, torch.Tensor], keep: dict[int, list[int]
 
 @dataclasses.dataclass
 class _Move:
-    """One-expert move: ``drop`` leaves layer ``drop[0]``'s keep map, ``add`` joins layer ``add[0]``'s."""
+    """Experts ``drop[1]`` leave layer ``drop[0]``'s keep map, ``add[1]`` join layer ``add[0]``'s: one expert each
+    way, or under grouped routing one expert of every group each way (a layer's kept count then moves in steps of
+    its number of groups)."""
 
-    drop: tuple[int, int]
-    add: tuple[int, int]
+    drop: tuple[int, tuple[int, ...]]
+    add: tuple[int, tuple[int, ...]]
     estimate: float
 
     def apply(self, keep: dict[int, list[int]]) -> dict[int, list[int]]:
         return _moved(keep, self.drop, self.add)
 
     def to_dict(self) -> dict:
-        return {"drop": list(self.drop), "add": list(self.add)}
+        return {"drop": [self.drop[0], list(self.drop[1])], "add": [self.add[0], list(self.add[1])]}
+
+
+def _routing_groups(model, layers) -> dict[int, int]:
+    """Layer index -> its number of routing groups (1 without grouped routing), as the selection reads it."""
+    from ..selection_limits import layer_limits
+
+    return {layer.index: layer_limits(layer, model.config).n_group for layer in layers}
 
 
 def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int, torch.Tensor], select,
                     sequences: torch.Tensor, rounds: int, batch_size: int, candidates_per_round: int = 3,
                     progress: bool = False, kl: MaskedKL | None = None,
                     ) -> tuple[dict[int, list[int]], list[dict], list[float]]:
-    """Greedy one-expert moves on ``keep`` that lower the masked KL on ``sequences``; returns (keep map, the moves
-    taken, the KL after each round, starting with the unrefined map's).
+    """Greedy small moves on ``keep`` that lower the masked KL on ``sequences``; returns (keep map, the moves taken,
+    the KL after each round, starting with the unrefined map's).
 
     A round measures, for every layer, the KL with its weakest kept expert removed and with its strongest removed
     expert restored (by ``scores``; with grouped routing, the strongest of the weakest's group, so that the swap of
@@ -199,10 +210,13 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
     the layers the last move touched (and any whose weakest or strongest expert changed), reusing the other
     layers' changes, which a move elsewhere shifts only slightly. Those single-expert changes estimate every move
     (a swap within a layer, a slot from one layer to another) as the sum of a removal's cost and a restoration's
-    gain. The ``candidates_per_round`` best estimates that the run's own ``select`` can rebuild (floors, caps,
+    gain. A layer with grouped routing can only change its kept count by one expert of every group at once, so for
+    those layers the round also measures the removal of each group's weakest kept expert together and the
+    restoration of each group's strongest removed one, which estimate moving such a unit from one layer to
+    another. The ``candidates_per_round`` best estimates that the run's own ``select`` can rebuild (floors, caps,
     group rules and uniform counts are its, never re-derived here) are measured exactly; the best is taken if it
-    lowers the KL, else the search stops. Moves are only those one expert away, so a search of a few rounds
-    stays near the validated map.
+    lowers the KL, else the search stops. Moves are only those one expert (or unit) away, so a search of a few
+    rounds stays near the validated map.
 
     ``kl``: a :class:`MaskedKL` over ``sequences`` to measure with (refinements sharing one share its cache of the
     unpruned log-probabilities); one without a cache is made when None. The current keep map is its base, so a
@@ -216,38 +230,58 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
         grouped routing: one of its own group), else the strongest removed one."""
         if drop is not None:
             for candidate in removed:
-                if rebuildable(_Move((index, drop), (index, candidate), 0.0).apply(current)):
+                if rebuildable(_Move((index, (drop,)), (index, (candidate,)), 0.0).apply(current)):
                     return candidate
         return removed[0]
 
     if kl is None:
         kl = MaskedKL(model, layers, sequences, batch_size, desc=f"{NAME}: refining")
+    groups = _routing_groups(model, layers)
     current = {index: sorted(ids) for index, ids in keep.items()}
     history = [kl.set_base(current)[0]]
     moves_taken = []
-    cost: dict[tuple[str, int, int], float] = {}  # (kind, layer, expert) -> KL change, kept for untouched layers
+    # (kind, layer, experts) -> KL change, kept for untouched layers
+    cost: dict[tuple[str, int, tuple[int, ...]], float] = {}
     for round_number in tqdm(range(rounds), desc=f"{NAME}: refining", disable=not progress):
         if round_number:
             kl.set_base(current)  # the last move's map: the probes below resume from its layer outputs
-        weakest, strongest = {}, {}
+        weakest, strongest = {}, {}  # layer -> (one expert,)
+        unit_drop, unit_add = {}, {}  # grouped layers: layer -> one expert of every group
         for layer in layers:
             layer_scores = scores[layer.index].detach().to(torch.float64).cpu()
+
+            def strength(e: int, layer_scores: torch.Tensor = layer_scores) -> tuple[float, int]:
+                return float(layer_scores[e]), e
+
             kept = current[layer.index]
             removed = sorted((e for e in range(layer.num_experts) if e not in kept),
                              key=lambda e: (-float(layer_scores[e]), e))
             if len(kept) > 1:
-                weakest[layer.index] = min(kept, key=lambda e: (float(layer_scores[e]), e))
+                weakest[layer.index] = (min(kept, key=strength),)
             if removed:
-                strongest[layer.index] = swap_partner(layer.index, weakest.get(layer.index), removed)
-        probes = ([("drop", i, e) for i, e in weakest.items()] + [("add", i, e) for i, e in strongest.items()])
+                strongest[layer.index] = (swap_partner(layer.index, weakest.get(layer.index, (None,))[0], removed),)
+            n_group = groups[layer.index]
+            if n_group > 1:
+                size = layer.num_experts // n_group
+                kept_by_group = [[e for e in kept if e // size == g] for g in range(n_group)]
+                removed_by_group = [[e for e in removed if e // size == g] for g in range(n_group)]
+                if all(len(ids) > 1 for ids in kept_by_group):
+                    unit_drop[layer.index] = tuple(min(ids, key=strength) for ids in kept_by_group)
+                if all(removed_by_group):
+                    unit_add[layer.index] = tuple(ids[0] for ids in removed_by_group)
+        probes = ([("drop", i, e) for i, e in weakest.items()] + [("add", i, e) for i, e in strongest.items()]
+                  + [("drop", i, e) for i, e in unit_drop.items()] + [("add", i, e) for i, e in unit_add.items()])
         missing = [probe for probe in probes if probe not in cost]
         if missing:
-            probe_maps = [_moved(current, **{kind: (index, expert)}) for kind, index, expert in missing]
+            probe_maps = [_moved(current, **{kind: (index, experts)}) for kind, index, experts in missing]
             kls = kl.means(probe_maps)
             cost.update({probe: value - history[-1] for probe, value in zip(missing, kls)})
         estimates = [
             _Move((a, weakest[a]), (b, strongest[b]), cost[("drop", a, weakest[a])] + cost[("add", b, strongest[b])])
             for a in weakest for b in strongest
+        ] + [
+            _Move((a, unit_drop[a]), (b, unit_add[b]), cost[("drop", a, unit_drop[a])] + cost[("add", b, unit_add[b])])
+            for a in unit_drop for b in unit_add if a != b
         ]
         estimates.sort(key=lambda move: (move.estimate, move.drop, move.add))
         shortlist = []
