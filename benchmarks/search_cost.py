@@ -41,11 +41,10 @@ def zoo_ratios() -> str:
     per-model medians of results/zoo_cost.json (what ZOO_COST.md shows), quoted in the reading of section 1."""
     import statistics
 
-    cells = json.loads((HERE / "results" / "zoo_cost.json").read_text(encoding="utf-8"))["cells"]
-    ratios: dict[str, list[float]] = {}
-    for key, row in cells.items():
-        ratios.setdefault(key.split("|")[0], []).append(row["validated_choice"] / row["reap"])
-    medians = [statistics.median(values) for values in ratios.values()]
+    from zoo_cost import default_over_reap, model_rows
+
+    data = json.loads((HERE / "results" / "zoo_cost.json").read_text(encoding="utf-8"))
+    medians = [statistics.median(default_over_reap(model_rows(data, model))) for model in data["meta"]["models"]]
     return f"{min(medians):.1f}-{max(medians):.1f}x"
 
 CRITERIA = ["validated_choice", "diep", "diep_removal", "reap", "frequency", "soft_frequency", "naee", "random"]

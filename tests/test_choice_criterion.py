@@ -240,7 +240,7 @@ def test_dry_run_counts_the_caches_in_the_peak():
 # ------------------------------------------------------------------------------------------------ refinement
 @pytest.mark.parametrize("family, mode", [("mixtral", "global"), ("mixtral", "uniform"), ("deepseek_v3", "global")])
 def test_keep_map_scores_rebuild_the_keep_map_under_the_runs_selection(family, mode):
-    from diep_hub.criteria.choice import keep_map_scores
+    from diep_hub.criteria.refinement import keep_map_scores
 
     model = tiny_model(family, **GROUPED.get(family, {}))
     layers = get_family(model).moe_layers(model)
@@ -256,7 +256,7 @@ def test_keep_map_scores_rebuild_the_keep_map_under_the_runs_selection(family, m
 
 @pytest.mark.parametrize("mode", ["global", "uniform"])
 def test_refinement_takes_only_one_expert_moves_that_lower_the_fit_kl(mode):
-    from diep_hub.criteria.choice import refine_keep_map
+    from diep_hub.criteria.refinement import refine_keep_map
 
     model = tiny_model("qwen3_moe")
     layers = get_family(model).moe_layers(model)
@@ -286,7 +286,7 @@ def test_refinement_takes_only_one_expert_moves_that_lower_the_fit_kl(mode):
 
 
 def scores_for(keep, scores):
-    from diep_hub.criteria.choice import keep_map_scores
+    from diep_hub.criteria.refinement import keep_map_scores
 
     return keep_map_scores(keep, scores)
 
@@ -414,7 +414,7 @@ def test_refinement_keeps_every_groups_pace_under_grouped_routing():
     selection can rebuild: swaps inside a group (it once proposed cross-group swaps only) and, between layers, one
     expert of every group at once (one-expert moves between layers can never be rebuilt there, so without these
     the refinement could not move kept slots from one layer to another)."""
-    from diep_hub.criteria.choice import refine_keep_map
+    from diep_hub.criteria.refinement import refine_keep_map
 
     model = tiny_model("deepseek_v3", n_group=2, topk_group=1)
     layers = get_family(model).moe_layers(model)
@@ -450,7 +450,7 @@ def test_refinement_keeps_every_groups_pace_under_grouped_routing():
 
 
 def test_global_runs_also_judge_each_candidates_uniform_keep_map():
-    from diep_hub.criteria.choice import keep_map_scores
+    from diep_hub.criteria.refinement import keep_map_scores
 
     model = tiny_model("mixtral")
     ids = sample_input_ids(batch=8, length=12, seed=3)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diep_hub.criteria.choice import refine_keep_map
 from diep_hub.criteria.masked_kl import MaskedKL, decoder_positions
+from diep_hub.criteria.refinement import refine_keep_map
 from diep_hub.families import get_family
 from diep_hub.selection import select_experts
 from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model

@@ -42,7 +42,6 @@ import math
 from typing import Annotated
 
 import torch
-from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 from pydantic import Field, field_validator
 
 from ..errors import ConfigError
@@ -50,6 +49,7 @@ from ..options import CriterionOptions, NonNegativeInt, Number
 from .base import Criterion, ScoreResult, ScoringContext, get_criterion, parse_options, register_criterion
 from .capture import RoutingStatisticCriterion, shared_routing_pass
 from .masked_kl import MaskedKL
+from .refinement import REFINING, keep_map_scores, rebuilds_keep_map, refine_keep_map
 from .router_bias import check_router_bias
 
 logger = logging.getLogger(__name__)
@@ -141,169 +141,6 @@ def masked_kl_per_sequence(model, layers, keep_maps: list[dict[int, list[int]]],
         keep_maps, progress)
 
 
-def keep_map_scores(keep: dict[int, list[int]], scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Scores under which a selection rebuilds ``keep``: 1 + r for a kept expert, r for a removed one, where r in
-    [0, 0.5) is the expert's rank within its layer under ``scores`` (so ties and group order still follow them)."""
-    encoded = {}
-    for index, layer_scores in scores.items():
-        order = torch.argsort(layer_scores.detach().to(torch.float64).cpu(), stable=True)
-        rank = torch.empty(len(order), dtype=torch.float64)
-        rank[order] = torch.arange(len(order), dtype=torch.float64)
-        kept = torch.zeros(len(order), dtype=torch.float64)
-        kept[list(keep[index])] = 1.0
-        encoded[index] = kept + 0.5 * rank / len(order)
-    return encoded
-
-
-def _moved(keep: dict[int, list[int]], drop: tuple[int, tuple[int, ...]] | None = None,
-           add: tuple[int, tuple[int, ...]] | None = None) -> dict[int, list[int]]:
-    """A copy of ``keep`` with experts ``drop[1]`` gone from layer ``drop[0]`` and ``add[1]`` joined to ``add[0]``."""
-    moved = {index: list(ids) for index, ids in keep.items()}
-    if drop is not None:
-        for expert in drop[1]:
-            moved[drop[0]].remove(expert)
-    if add is not None:
-        moved[add[0]] = sorted(moved[add[0]] + list(add[1]))
-    return moved
-
-
-def _rebuilds(select, scores: dict[int, torch.Tensor], keep: dict[int, list[int]]) -> bool:
-    """Whether the run's selection of ``scores`` keeps exactly ``keep``."""
-    rebuilt = select(scores).keep
-    return all(sorted(rebuilt[index]) == sorted(ids) for index, ids in keep.items())
-
-
-@dataclasses.dataclass
-class _Move:
-    """Experts ``drop[1]`` leave layer ``drop[0]``'s keep map, ``add[1]`` join layer ``add[0]``'s: one expert each
-    way, or under grouped routing one expert of every group each way (a layer's kept count then moves in steps of
-    its number of groups)."""
-
-    drop: tuple[int, tuple[int, ...]]
-    add: tuple[int, tuple[int, ...]]
-    estimate: float
-
-    def apply(self, keep: dict[int, list[int]]) -> dict[int, list[int]]:
-        return _moved(keep, self.drop, self.add)
-
-    def to_dict(self) -> dict:
-        return {"drop": [self.drop[0], list(self.drop[1])], "add": [self.add[0], list(self.add[1])]}
-
-
-def _routing_groups(model, layers) -> dict[int, int]:
-    """Layer index -> its number of routing groups (1 without grouped routing), as the selection reads it."""
-    from ..selection_limits import layer_limits
-
-    return {layer.index: layer_limits(layer, model.config).n_group for layer in layers}
-
-
-def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int, torch.Tensor], select,
-                    sequences: torch.Tensor, rounds: int, batch_size: int, candidates_per_round: int = 3,
-                    progress: bool = False, kl: MaskedKL | None = None,
-                    ) -> tuple[dict[int, list[int]], list[dict], list[float]]:
-    """Greedy small moves on ``keep`` that lower the masked KL on ``sequences``; returns (keep map, the moves taken,
-    the KL after each round, starting with the unrefined map's).
-
-    A round measures, for every layer, the KL with its weakest kept expert removed and with its strongest removed
-    expert restored (by ``scores``; with grouped routing, the strongest of the weakest's group, so that the swap of
-    the two keeps every group's pace): 2 x layers masked forwards in the first round; later rounds re-measure only
-    the layers the last move touched (and any whose weakest or strongest expert changed), reusing the other
-    layers' changes, which a move elsewhere shifts only slightly. Those single-expert changes estimate every move
-    (a swap within a layer, a slot from one layer to another) as the sum of a removal's cost and a restoration's
-    gain. A layer with grouped routing can only change its kept count by one expert of every group at once, so for
-    those layers the round also measures the removal of each group's weakest kept expert together and the
-    restoration of each group's strongest removed one, which estimate moving such a unit from one layer to
-    another. The ``candidates_per_round`` best estimates that the run's own ``select`` can rebuild (floors, caps,
-    group rules and uniform counts are its, never re-derived here) are measured exactly; the best is taken if it
-    lowers the KL, else the search stops. Moves are only those one expert (or unit) away, so a search of a few
-    rounds stays near the validated map.
-
-    ``kl``: a :class:`MaskedKL` over ``sequences`` to measure with (refinements sharing one share its cache of the
-    unpruned log-probabilities); one without a cache is made when None. The current keep map is its base, so a
-    probe computes only the decoder layers from its change onwards.
-    """
-    def rebuildable(candidate: dict[int, list[int]]) -> bool:
-        return _rebuilds(select, keep_map_scores(candidate, scores), candidate)
-
-    def swap_partner(index: int, drop: int | None, removed: list[int]) -> int:
-        """The strongest removed expert that can replace ``drop`` in its layer under the selection's rules (with
-        grouped routing: one of its own group), else the strongest removed one."""
-        if drop is not None:
-            for candidate in removed:
-                if rebuildable(_Move((index, (drop,)), (index, (candidate,)), 0.0).apply(current)):
-                    return candidate
-        return removed[0]
-
-    if kl is None:
-        kl = MaskedKL(model, layers, sequences, batch_size, desc=f"{NAME}: refining")
-    groups = _routing_groups(model, layers)
-    current = {index: sorted(ids) for index, ids in keep.items()}
-    history = [kl.set_base(current)[0]]
-    moves_taken = []
-    # (kind, layer, experts) -> KL change, kept for untouched layers
-    cost: dict[tuple[str, int, tuple[int, ...]], float] = {}
-    for round_number in tqdm(range(rounds), desc=f"{NAME}: refining", disable=not progress):
-        if round_number:
-            kl.set_base(current)  # the last move's map: the probes below resume from its layer outputs
-        weakest, strongest = {}, {}  # layer -> (one expert,)
-        unit_drop, unit_add = {}, {}  # grouped layers: layer -> one expert of every group
-        for layer in layers:
-            layer_scores = scores[layer.index].detach().to(torch.float64).cpu()
-
-            def strength(e: int, layer_scores: torch.Tensor = layer_scores) -> tuple[float, int]:
-                return float(layer_scores[e]), e
-
-            kept = current[layer.index]
-            removed = sorted((e for e in range(layer.num_experts) if e not in kept),
-                             key=lambda e: (-float(layer_scores[e]), e))
-            if len(kept) > 1:
-                weakest[layer.index] = (min(kept, key=strength),)
-            if removed:
-                strongest[layer.index] = (swap_partner(layer.index, weakest.get(layer.index, (None,))[0], removed),)
-            n_group = groups[layer.index]
-            if n_group > 1:
-                size = layer.num_experts // n_group
-                kept_by_group = [[e for e in kept if e // size == g] for g in range(n_group)]
-                removed_by_group = [[e for e in removed if e // size == g] for g in range(n_group)]
-                if all(len(ids) > 1 for ids in kept_by_group):
-                    unit_drop[layer.index] = tuple(min(ids, key=strength) for ids in kept_by_group)
-                if all(removed_by_group):
-                    unit_add[layer.index] = tuple(ids[0] for ids in removed_by_group)
-        probes = ([("drop", i, e) for i, e in weakest.items()] + [("add", i, e) for i, e in strongest.items()]
-                  + [("drop", i, e) for i, e in unit_drop.items()] + [("add", i, e) for i, e in unit_add.items()])
-        missing = [probe for probe in probes if probe not in cost]
-        if missing:
-            probe_maps = [_moved(current, **{kind: (index, experts)}) for kind, index, experts in missing]
-            kls = kl.means(probe_maps)
-            cost.update({probe: value - history[-1] for probe, value in zip(missing, kls)})
-        estimates = [
-            _Move((a, weakest[a]), (b, strongest[b]), cost[("drop", a, weakest[a])] + cost[("add", b, strongest[b])])
-            for a in weakest for b in strongest
-        ] + [
-            _Move((a, unit_drop[a]), (b, unit_add[b]), cost[("drop", a, unit_drop[a])] + cost[("add", b, unit_add[b])])
-            for a in unit_drop for b in unit_add if a != b
-        ]
-        estimates.sort(key=lambda move: (move.estimate, move.drop, move.add))
-        shortlist = []
-        for move in estimates:
-            if move.estimate >= 0 or len(shortlist) == candidates_per_round:
-                break
-            if rebuildable(move.apply(current)):
-                shortlist.append(move)
-        if not shortlist:
-            break
-        measured = kl.means([move.apply(current) for move in shortlist], offer_as_base=True)
-        best = min(range(len(shortlist)), key=lambda i: (measured[i], i))
-        if measured[best] >= history[-1]:
-            break
-        current = shortlist[best].apply(current)
-        touched = {shortlist[best].drop[0], shortlist[best].add[0]}
-        cost = {probe: change for probe, change in cost.items() if probe[1] not in touched}
-        moves_taken.append(shortlist[best].to_dict())
-        history.append(measured[best])
-    return current, moves_taken, history
-
-
 def _gain_in_standard_errors(validated: torch.Tensor, refined: torch.Tensor) -> float:
     """How many standard errors the refined map's per-sequence held-out KL lies below the validated winner's (the
     paired difference's mean over its standard error; inf when every sequence gains alike, 0 when none does)."""
@@ -357,7 +194,7 @@ class ValidatedChoiceCriterion(Criterion):
                 continue
             if uniform.num_removed != selection.num_removed or uniform.keep == selection.keep:
                 continue
-            if not _rebuilds(context.select, keep_map_scores(uniform.keep, result.scores), uniform.keep):
+            if not rebuilds_keep_map(context.select, keep_map_scores(uniform.keep, result.scores), uniform.keep):
                 continue
             entries.append((f"{name} (uniform)", name, uniform.keep))
         return entries
@@ -410,7 +247,7 @@ class ValidatedChoiceCriterion(Criterion):
         refinements = {}
         if opts.refine_rounds:  # the refinements share one measure of the refine sequences (and its cache)
             fit_kl = MaskedKL(model, layers, fit[: opts.refine_sequences], int(context.batch_size),
-                              refining_bytes, desc=f"{NAME}: refining")
+                              refining_bytes, desc=REFINING)
             for index in sorted(range(len(kls)), key=lambda i: (kls[i], i))[: opts.refine_candidates]:
                 label, source, keep = entries[index]
                 refined, report, per_sequence = self._refine(context, opts, results[source].scores, keep,
@@ -435,7 +272,7 @@ class ValidatedChoiceCriterion(Criterion):
                 ranking += f" (the refinements of the best {len(refinements)} judged)"
         elif refinements:
             refinement = refinements[entries[best][0]]
-        if final_keep is validated_keep and _rebuilds(context.select, raw, validated_keep):
+        if final_keep is validated_keep and rebuilds_keep_map(context.select, raw, validated_keep):
             scores = raw  # the candidate's own scores rebuild the keep map: report them as they are
         else:
             scores = {index: s.to(torch.float32) for index, s in keep_map_scores(final_keep, raw).items()}
