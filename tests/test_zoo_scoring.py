@@ -42,6 +42,28 @@ def test_uniform_model_scores_chance_on_every_domain():
         assert math.isclose(metrics["loss"], math.log(57), rel_tol=1e-9)
 
 
+class _FirstChoiceScorer:
+    """Prefers the first listed choice of every item: right exactly where the gold answer is listed first."""
+
+    def __init__(self, items) -> None:
+        self.first = {(ex.prompt, ex.choices[0]) for exs in items.values() for ex in exs}
+
+    def loglikelihood(self, pairs):
+        return [0.0 if pair in self.first else -1.0 for pair in pairs]
+
+
+def test_multiple_choice_outcomes_are_item_by_item_and_average_to_the_accuracy():
+    items = tasks.eval_items(40, seed=5)
+    scorer = _FirstChoiceScorer(items)
+    outcomes = tasks.multiple_choice_outcomes(scorer, items)
+    accuracy = tasks.score_multiple_choice(scorer, items)
+    for domain, exs in items.items():
+        expected = [ex.gold == 0 for ex in exs]
+        assert outcomes[domain] == expected, domain
+        assert 0 < sum(expected) < len(exs), domain  # both outcomes occur, so the order is checked
+        assert accuracy[domain] == sum(expected) / len(exs)
+
+
 class _FlatLM(torch.nn.Module):
     """A transformers-shaped LM whose logits are all equal: the model path must also score chance."""
 

@@ -57,18 +57,24 @@ def eval_items(num: int = 100, *, seed: int = 0, domains: Sequence[str] | None =
     return {d: zoo_domains.sample_examples(d, num, seed=seed, split="test") for d in zoo_domains.check_domains(domains)}
 
 
-def score_multiple_choice(scorer: Scorer, items: dict[str, list[Example]]) -> dict[str, float]:
-    """Accuracy per domain: the candidate with the highest log-likelihood must be the gold one."""
+def multiple_choice_outcomes(scorer: Scorer, items: dict[str, list[Example]]) -> dict[str, list[bool]]:
+    """Per domain, whether each item was answered right: the candidate with the highest log-likelihood (the first
+    of equal ones) must be the gold one. Item by item, so that two models can be compared on the same items."""
     pairs = [(ex.prompt, choice) for exs in items.values() for ex in exs for choice in ex.choices]
     scores = iter(scorer.loglikelihood(pairs))
     result = {}
     for domain, exs in items.items():
-        correct = 0
+        outcomes = []
         for ex in exs:
             lls = [next(scores) for _ in ex.choices]
-            correct += int(max(range(len(lls)), key=lambda i: (lls[i], -i)) == ex.gold)
-        result[domain] = correct / len(exs)
+            outcomes.append(max(range(len(lls)), key=lambda i: (lls[i], -i)) == ex.gold)
+        result[domain] = outcomes
     return result
+
+
+def score_multiple_choice(scorer: Scorer, items: dict[str, list[Example]]) -> dict[str, float]:
+    """Accuracy per domain (:func:`multiple_choice_outcomes`, averaged)."""
+    return {d: sum(o) / len(o) for d, o in multiple_choice_outcomes(scorer, items).items()}
 
 
 def score_exact_match(scorer: Scorer, items: dict[str, list[Example]]) -> dict[str, float]:

@@ -1,0 +1,322 @@
+"""The default against every baseline on a fresh, larger sample of evaluation items, item by item.
+
+quality_seeds.py scores every run on the same 700 items (100 per domain, item seed 1000), and default_check.py's
+paired test treats those items as fixed: a difference of two or three items at 25% sparsity can be "significant" over
+calibration seeds and still say nothing about the next sample of items. This script re-runs the default (global
+selection) and the baselines (REAP, frequency, soft frequency; global and uniform) on the cached zoo instances,
+scores every keep map on a fresh item sample (another item seed, ``--num-mc`` items per domain) and stores every
+item's outcome. The default's advantage over a baseline is then tested over both sources of chance: a crossed
+bootstrap draws the runs (instance, calibration seed) and the items (within each domain) independently.
+
+Every keep map is also scored on the original 700 items, so each run can be checked against the stored run of
+quality_seeds.py (``--stored``: the same keep map gives the same accuracy) and the two item samples compared run
+by run.
+
+Usage (2-core CPU; one process per model list, then the report over their files):
+    python benchmarks/fresh_items.py --models mixtral-32e-top4-8l --out benchmarks/results/fresh_items/m32.json
+    python benchmarks/fresh_items.py --report-only --results benchmarks/results/fresh_items/*.json \
+        --stored benchmarks/results/rebuild/*.json ... --report benchmarks/FRESH_ITEMS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from default_check import sign_flip_p_value
+from quality import METHODS, calibration_ids, score, select
+from quality_seeds import EVAL
+
+from diep_hub import prune_experts
+from diep_hub.criteria.base import get_criterion
+from diep_hub.machine import machine_description
+from diep_hub.zoo.tasks import ModelScorer, eval_items, multiple_choice_outcomes
+from diep_hub.zoo.train import build_zoo_model
+
+logger = logging.getLogger("benchmarks.fresh_items")
+MODELS = ("mixtral-8e", "olmoe-16e", "deepseek-v3-16e-groups", "mixtral-32e-top4-8l")
+DEFAULT = "validated-choice"
+BASELINES = ("reap", "frequency", "soft_frequency")
+SELECTIONS = ("global", "uniform")
+
+
+def pack(outcomes: list[bool]) -> str:
+    """Item outcomes as a hex string, one bit an item (first item = highest bit)."""
+    bits = "".join("1" if o else "0" for o in outcomes)
+    return format(int(bits, 2), f"0{(len(bits) + 3) // 4}x")
+
+
+def unpack(packed: str, num: int) -> np.ndarray:
+    """The inverse of :func:`pack`: ``num`` outcomes as a 0/1 float array."""
+    bits = format(int(packed, 16), f"0{len(packed) * 4}b")[-num:]
+    return np.frombuffer(bits.encode(), dtype=np.uint8).astype(np.float64) - ord("0")
+
+
+def item_outcomes(model, tokenizer, items: dict) -> list[bool]:
+    """Every item's outcome, domains in ``items`` order."""
+    per_domain = multiple_choice_outcomes(ModelScorer(model, tokenizer), items)
+    return [o for d in items for o in per_domain[d]]
+
+
+def cell_key(model: str, zoo_seed: int, seed: int, method: str, selection: str, sparsity: float) -> str:
+    return f"{model}|{zoo_seed}|{seed}|{method}|{selection}|{sparsity}"
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.is_file() else {"meta": {}, "base": {}, "cells": {}}
+    fresh = eval_items(args.num_mc, seed=args.item_seed)
+    original = eval_items(EVAL["num_mc"], seed=EVAL["seed"])
+    meta = {"machine": machine_description(), "num_mc": args.num_mc, "item_seed": args.item_seed,
+            "domains": list(fresh), "original_items": {"num_mc": EVAL["num_mc"], "seed": EVAL["seed"]},
+            "num_samples": args.num_samples, "seq_len": args.seq_len}
+    if data["meta"] and any(data["meta"].get(k) != meta[k] for k in ("num_mc", "item_seed", "domains")):
+        raise SystemExit(f"{out} was made with other items ({data['meta'].get('num_mc')} per domain, item seed "
+                         f"{data['meta'].get('item_seed')}); use another --out")
+    commands = data["meta"].get("commands", [])
+    command = "python benchmarks/fresh_items.py " + " ".join(sys.argv[1:])
+    data["meta"] = {**meta, "commands": commands + ([command] if command not in commands else [])}
+    for name in args.models:
+        for zoo_seed in args.zoo_seeds:
+            model, tokenizer = build_zoo_model(name, seed=zoo_seed)
+            base_key = f"{name}|{zoo_seed}"
+            if base_key not in data["base"]:
+                data["base"][base_key] = {"outcomes": pack(item_outcomes(model, tokenizer, fresh)),
+                                          "original": pack(item_outcomes(model, tokenizer, original))}
+            for seed in args.seeds:
+                input_ids = calibration_ids(tokenizer, args.num_samples, args.seq_len, seed)
+                for method in [DEFAULT, *BASELINES]:
+                    _run_method(model, tokenizer, name, zoo_seed, seed, method, input_ids, fresh, original, data,
+                                args)
+                    out.write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+def _run_method(model, tokenizer, name, zoo_seed, seed, label, input_ids, fresh, original, data, args) -> None:
+    method = METHODS[label]
+    criterion = get_criterion(method.criterion)
+    selections = ("global",) if label == DEFAULT else SELECTIONS
+    shared = None
+    for sparsity in args.sparsities:
+        for selection in selections:
+            key = cell_key(name, zoo_seed, seed, label, selection, sparsity)
+            if key in data["cells"]:
+                continue
+            if criterion.needs_sparsity:
+                result, secs = score(model, method, input_ids, seed=seed, batch_size=args.batch_size,
+                                     sparsity=sparsity, selection=selection)
+            else:
+                shared = shared or score(model, method, input_ids, seed=seed, batch_size=args.batch_size)
+                result, secs = shared
+            keep = select(result.scores, model, sparsity=sparsity, mode=selection)
+            pruned = prune_experts(copy.deepcopy(model), keep)
+            data["cells"][key] = {
+                "kept": [len(keep[k]) for k in sorted(keep)],
+                "outcomes": pack(item_outcomes(pruned, tokenizer, fresh)),
+                "original": pack(item_outcomes(pruned, tokenizer, original)),
+                "score_seconds": round(secs, 2),
+            }
+            logger.info("%s kept %s (%.1fs)", key, data["cells"][key]["kept"], secs)
+
+
+# ----------------------------------------------------------------------------------------------- analysis
+
+
+def crossed_bootstrap(differences: np.ndarray, base: np.ndarray, domain_of_item: np.ndarray, *, draws: int,
+                      seed: int = 0) -> np.ndarray:
+    """Bootstrap distribution of the mean retention difference over runs and items.
+
+    ``differences``: [runs, items] outcome differences (default minus baseline, -1/0/1); ``base``: [runs, items]
+    the unpruned instance's outcomes of each run. Each draw takes runs with replacement and, independently, items
+    with replacement within each domain (the macro accuracy weighs domains equally), and averages over the drawn
+    runs the drawn items' difference divided by the drawn items' unpruned accuracy.
+    """
+    rng = np.random.default_rng(seed)
+    runs, num_items = differences.shape
+    item_weights = np.zeros((draws, num_items))
+    for domain in np.unique(domain_of_item):
+        members = np.flatnonzero(domain_of_item == domain)
+        picks = rng.integers(0, len(members), size=(draws, len(members)))
+        np.add.at(item_weights, (np.arange(draws)[:, None], members[picks]), 1.0)
+    per_run = (item_weights @ differences.T) / (item_weights @ base.T)  # [draws, runs]
+    run_weights = np.stack([np.bincount(rng.integers(0, runs, size=runs), minlength=runs) for _ in range(draws)])
+    return (per_run * run_weights).sum(axis=1) / runs
+
+
+def load(paths: list[str]) -> dict:
+    """The cells and unpruned outcomes of several results files (one item sample)."""
+    merged = {"meta": None, "base": {}, "cells": {}}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        if merged["meta"] and any(merged["meta"][k] != part["meta"][k] for k in ("num_mc", "item_seed", "domains")):
+            raise SystemExit(f"{path} holds another item sample than the files before it")
+        merged["meta"] = merged["meta"] or part["meta"]
+        merged["meta"].setdefault("all_commands", []).extend(part["meta"]["commands"])
+        merged["base"].update(part["base"])
+        merged["cells"].update(part["cells"])
+    return merged
+
+
+def stored_check(data: dict, stored_paths: list[str], num_original: int) -> tuple[int, int, list[str]]:
+    """(equal, compared, mismatches): runs whose original-item accuracy equals the stored quality_seeds run."""
+    equal = compared = 0
+    mismatches = []
+    for path in stored_paths:
+        stored = json.loads(Path(path).read_text())
+        zoo_seed = stored["meta"].get("zoo_seed", 0)
+        for key, cell in stored["cells"].items():
+            model, seed, method, selection, sparsity, *variant = key.split("|")
+            if variant or "mc" not in cell:
+                continue
+            ours = data["cells"].get(cell_key(model, zoo_seed, int(seed), method, selection, float(sparsity)))
+            if ours is None:
+                continue
+            compared += 1
+            mc = float(unpack(ours["original"], num_original).mean())
+            if abs(mc - cell["mc"]) < 1e-9 and ours["kept"] == cell["kept"]:
+                equal += 1
+            else:
+                mismatches.append(f"{key} (zoo seed {zoo_seed}): {mc:.4f} {ours['kept']} against stored "
+                                  f"{cell['mc']:.4f} {cell['kept']}")
+    return equal, compared, mismatches
+
+
+def comparisons(data: dict, *, draws: int, level: float = 0.05) -> list[dict]:
+    """The default against each baseline, per model and sparsity, on both item samples."""
+    rows = []
+    keys = [k.split("|") for k in data["cells"]]
+    for model in dict.fromkeys(k[0] for k in keys):
+        for sparsity in sorted({float(k[5]) for k in keys if k[0] == model}):
+            runs = sorted({(int(k[1]), int(k[2])) for k in keys
+                           if k[0] == model and k[3] == DEFAULT and float(k[5]) == sparsity})
+            for method in BASELINES:
+                for selection in SELECTIONS:
+                    pairs = [(z, s) for z, s in runs
+                             if cell_key(model, z, s, method, selection, sparsity) in data["cells"]]
+                    if pairs:
+                        rows.append(compare(data, model, sparsity, method, selection, pairs, draws, level))
+    return rows
+
+
+def compare(data: dict, model: str, sparsity: float, method: str, selection: str, pairs: list[tuple[int, int]],
+            draws: int, level: float) -> dict:
+    """One row: the default (global) minus one baseline over the runs ``pairs`` (zoo seed, calibration seed)."""
+    meta = data["meta"]
+    num_fresh = meta["num_mc"] * len(meta["domains"])
+    num_original = meta["original_items"]["num_mc"] * len(meta["domains"])
+
+    def outcomes(zoo_seed: int, seed: int, label: str, mode: str, sample: str, num: int) -> np.ndarray:
+        return unpack(data["cells"][cell_key(model, zoo_seed, seed, label, mode, sparsity)][sample], num)
+
+    def base(zoo_seed: int, sample: str, num: int) -> np.ndarray:
+        return unpack(data["base"][f"{model}|{zoo_seed}"][sample], num)
+
+    fresh_diff = np.stack([outcomes(z, s, DEFAULT, "global", "outcomes", num_fresh)
+                           - outcomes(z, s, method, selection, "outcomes", num_fresh) for z, s in pairs])
+    fresh_base = np.stack([base(z, "outcomes", num_fresh) for z, _ in pairs])
+    original = [(outcomes(z, s, DEFAULT, "global", "original", num_original).mean()
+                 - outcomes(z, s, method, selection, "original", num_original).mean())
+                / base(z, "original", num_original).mean() for z, s in pairs]
+    fresh_runs = fresh_diff.mean(axis=1) / fresh_base.mean(axis=1)
+    domain_of_item = np.repeat(np.arange(len(meta["domains"])), meta["num_mc"])
+    boot = crossed_bootstrap(fresh_diff, fresh_base, domain_of_item, draws=draws)
+    low, high = np.quantile(boot, [level / 2, 1 - level / 2])
+    return {
+        "model": model, "sparsity": sparsity, "method": method, "selection": selection,
+        "pairs": len(pairs), "instances": len({z for z, _ in pairs}),
+        "original_mean": float(np.mean(original)), "original_p": sign_flip_p_value(original),
+        "fresh_mean": float(fresh_runs.mean()), "fresh_p_runs": sign_flip_p_value(list(fresh_runs)),
+        "low": float(low), "high": float(high),
+        "verdict": "ahead" if low > 0 else "behind" if high < 0 else "no difference shown",
+    }
+
+
+def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | None, draws: int) -> list[str]:
+    meta = data["meta"]
+    lines = [
+        "# The default against every baseline on fresh evaluation items",
+        "",
+        "Commands: " + ", ".join(f"`{c}`" for c in meta["all_commands"]) + "  ",
+        f"Machine: {meta['machine']}.  ",
+        f"Runs: the cached zoo instances (zoo seeds) x calibration seeds ({meta['num_samples']} x {meta['seq_len']} "
+        "tokens, as quality_seeds.py); the default (validated-choice, global) and each baseline on the same run.  ",
+        f"Items: fresh = {meta['num_mc']} 4-way items per domain x {len(meta['domains'])} domains (item seed "
+        f"{meta['item_seed']}); original = the {meta['original_items']['num_mc']} per domain (item seed "
+        f"{meta['original_items']['seed']}) that quality_seeds.py scores. Retention = pruned / unpruned accuracy "
+        "of the same instance on the same items.",
+        "",
+        f"Columns: mean difference of retention (default minus baseline) over the runs; p = exact sign-flip test "
+        f"over the runs, items held fixed (default_check.py's test); 95% interval = crossed bootstrap ({draws} "
+        "draws) over runs and items (items within each domain), the verdict's test: ahead or behind when the "
+        "interval excludes 0.",
+        "",
+    ]
+    if stored is not None:
+        equal, compared, mismatches = stored
+        lines += [f"Check against the stored quality_seeds.py runs: {equal} of {compared} runs give the same kept "
+                  "counts and the same accuracy on the original items.", ""]
+        lines += [f"- differs: {m}" for m in mismatches[:10]] + ([""] if mismatches else [])
+    lines += [
+        "| model | sparsity | baseline | pairs | original items: difference (p) | fresh items: difference (p) "
+        "| 95% interval (runs x items) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['sparsity']:.0%} | {r['method']}, {r['selection']} | {r['pairs']} "
+            f"| {r['original_mean']:+.4f} ({r['original_p']:.3f}) | {r['fresh_mean']:+.4f} ({r['fresh_p_runs']:.3f}) "
+            f"| [{r['low']:+.4f}, {r['high']:+.4f}] | {r['verdict']} |")
+    lines += ["", "## Per model and sparsity", "",
+              "| model | sparsity | ahead of | behind | no difference shown |", "|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["sparsity"]), []).append(r)
+    for (model, sparsity), group in groups.items():
+        names = {v: [f"{r['method']} ({r['selection']})" for r in group if r["verdict"] == v]
+                 for v in ("ahead", "behind", "no difference shown")}
+        lines.append(f"| {model} | {sparsity:.0%} | " + " | ".join(", ".join(n) or "-" for n in names.values()) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--zoo-seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5])
+    parser.add_argument("--num-mc", type=int, default=400, help="fresh items per domain")
+    parser.add_argument("--item-seed", type=int, default=7000, help="seed of the fresh items (original: 1000)")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fresh_items" / "all.json"))
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--results", nargs="+", help="results files the report reads (default: --out)")
+    parser.add_argument("--stored", nargs="*", default=None, help="quality_seeds.py files to check runs against")
+    parser.add_argument("--draws", type=int, default=4000)
+    parser.add_argument("--report", default=None, help="markdown file to write (default: print)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not args.report_only:
+        unknown = sorted(set(args.models) - set(MODELS))
+        if unknown:
+            parser.error(f"unknown model(s) {unknown}; allowed: {list(MODELS)}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        run(args)
+    data = load(args.results or [args.out])
+    num_original = data["meta"]["original_items"]["num_mc"] * len(data["meta"]["domains"])
+    stored = None if args.stored is None else stored_check(data, args.stored, num_original)
+    text = "\n".join(report(data, comparisons(data, draws=args.draws), stored, args.draws)) + "\n"
+    if args.report:
+        Path(args.report).write_text(text, encoding="utf-8")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
