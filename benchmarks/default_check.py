@@ -11,7 +11,8 @@ baseline's, the mean of those differences and an exact sign-flip test of it. A b
 whatever the seed has no spread, so "ahead by more than the spread" asks for a gain no method can show where both
 sit at the unpruned accuracy; the paired test asks instead whether the default's advantage holds run by run, over
 more runs than one instance has. With n pairs the smallest two-sided p-value is 2 / 2**n (3 pairs: 0.25, so one
-instance alone can never show a difference).
+instance alone can never show a difference). Every run is scored on the same 700 items, so this test holds the items
+fixed; fresh_items.py scores the keep maps on a fresh, larger item sample and lets the items vary too.
 
 Usage:
     python benchmarks/default_check.py --results benchmarks/results/choice/*.json

@@ -24,13 +24,15 @@ import argparse
 import copy
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 from default_check import sign_flip_p_value
 from quality import METHODS, calibration_ids, score, select
-from quality_seeds import EVAL
+from quality_seeds import EVAL, NOTES_MARKER
+from scipy.stats import t as student_t
 
 from diep_hub import prune_experts
 from diep_hub.criteria.base import get_criterion
@@ -147,6 +149,20 @@ def crossed_bootstrap(differences: np.ndarray, base: np.ndarray, domain_of_item:
     return (per_run * run_weights).sum(axis=1) / runs
 
 
+def interval(mean: float, boot: np.ndarray, runs: int, level: float) -> tuple[float, float]:
+    """Two-sided ``1 - level`` interval of the mean difference from its bootstrap draws.
+
+    A percentile interval is too narrow with few runs: resampling n runs shrinks their variance by (n - 1) / n,
+    and the normal quantile ignores that the variance itself is estimated from n runs. So the interval is
+    mean +- t(n - 1) * sd(draws) * sqrt(n / (n - 1)): Student's quantile on the corrected bootstrap error.
+    """
+    if runs < 2:
+        return -math.inf, math.inf
+    error = float(np.std(boot, ddof=1)) * math.sqrt(runs / (runs - 1))
+    quantile = float(student_t.ppf(1 - level / 2, runs - 1))
+    return mean - quantile * error, mean + quantile * error
+
+
 def load(paths: list[str]) -> dict:
     """The cells and unpruned outcomes of several results files (one item sample)."""
     merged = {"meta": None, "base": {}, "cells": {}}
@@ -162,26 +178,28 @@ def load(paths: list[str]) -> dict:
 
 
 def stored_check(data: dict, stored_paths: list[str], num_original: int) -> tuple[int, int, list[str]]:
-    """(equal, compared, mismatches): runs whose original-item accuracy equals the stored quality_seeds run."""
+    """(equal, compared, mismatches): runs whose kept counts and original-item accuracy equal the stored
+    quality_seeds.py run. A run stored in several files is taken from the last one (a re-run replaces an older
+    one: list the files oldest first)."""
+    stored: dict[tuple[int, str], dict] = {}
+    for path in stored_paths:
+        part = json.loads(Path(path).read_text())
+        zoo_seed = part["meta"].get("zoo_seed", 0)
+        stored.update({(zoo_seed, key): cell for key, cell in part["cells"].items()})
     equal = compared = 0
     mismatches = []
-    for path in stored_paths:
-        stored = json.loads(Path(path).read_text())
-        zoo_seed = stored["meta"].get("zoo_seed", 0)
-        for key, cell in stored["cells"].items():
-            model, seed, method, selection, sparsity, *variant = key.split("|")
-            if variant or "mc" not in cell:
-                continue
-            ours = data["cells"].get(cell_key(model, zoo_seed, int(seed), method, selection, float(sparsity)))
-            if ours is None:
-                continue
-            compared += 1
-            mc = float(unpack(ours["original"], num_original).mean())
-            if abs(mc - cell["mc"]) < 1e-9 and ours["kept"] == cell["kept"]:
-                equal += 1
-            else:
-                mismatches.append(f"{key} (zoo seed {zoo_seed}): {mc:.4f} {ours['kept']} against stored "
-                                  f"{cell['mc']:.4f} {cell['kept']}")
+    for (zoo_seed, key), cell in stored.items():
+        model, seed, method, selection, sparsity, *variant = key.split("|")
+        ours = data["cells"].get(cell_key(model, zoo_seed, int(seed), method, selection, float(sparsity)))
+        if variant or "mc" not in cell or ours is None:
+            continue
+        compared += 1
+        mc = float(unpack(ours["original"], num_original).mean())
+        if abs(mc - cell["mc"]) < 1e-9 and ours["kept"] == cell["kept"]:
+            equal += 1
+        else:
+            mismatches.append(f"{key} (zoo seed {zoo_seed}): {mc:.4f} {ours['kept']} against stored "
+                              f"{cell['mc']:.4f} {cell['kept']}")
     return equal, compared, mismatches
 
 
@@ -189,7 +207,7 @@ def comparisons(data: dict, *, draws: int, level: float = 0.05) -> list[dict]:
     """The default against each baseline, per model and sparsity, on both item samples."""
     rows = []
     keys = [k.split("|") for k in data["cells"]]
-    for model in dict.fromkeys(k[0] for k in keys):
+    for model in sorted({k[0] for k in keys}, key=lambda m: (MODELS.index(m) if m in MODELS else len(MODELS), m)):
         for sparsity in sorted({float(k[5]) for k in keys if k[0] == model}):
             runs = sorted({(int(k[1]), int(k[2])) for k in keys
                            if k[0] == model and k[3] == DEFAULT and float(k[5]) == sparsity})
@@ -224,10 +242,16 @@ def compare(data: dict, model: str, sparsity: float, method: str, selection: str
     fresh_runs = fresh_diff.mean(axis=1) / fresh_base.mean(axis=1)
     domain_of_item = np.repeat(np.arange(len(meta["domains"])), meta["num_mc"])
     boot = crossed_bootstrap(fresh_diff, fresh_base, domain_of_item, draws=draws)
-    low, high = np.quantile(boot, [level / 2, 1 - level / 2])
+    low, high = interval(float(fresh_runs.mean()), boot, len(pairs), level)
+    by_instance = {z: float(np.mean([d for (zz, _), d in zip(pairs, fresh_runs, strict=True) if zz == z]))
+                   for z in dict.fromkeys(z for z, _ in pairs)}
+    fresh_default = np.mean([outcomes(z, s, DEFAULT, "global", "outcomes", num_fresh).mean()
+                             / base(z, "outcomes", num_fresh).mean() for z, s in pairs])
     return {
         "model": model, "sparsity": sparsity, "method": method, "selection": selection,
-        "pairs": len(pairs), "instances": len({z for z, _ in pairs}),
+        "fresh_default": float(fresh_default), "fresh_baseline": float(fresh_default - fresh_runs.mean()),
+        "pairs": len(pairs), "instances_up": sum(d > 0 for d in by_instance.values()),
+        "instances_down": sum(d < 0 for d in by_instance.values()),
         "original_mean": float(np.mean(original)), "original_p": sign_flip_p_value(original),
         "fresh_mean": float(fresh_runs.mean()), "fresh_p_runs": sign_flip_p_value(list(fresh_runs)),
         "low": float(low), "high": float(high),
@@ -250,9 +274,11 @@ def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | No
         "of the same instance on the same items.",
         "",
         f"Columns: mean difference of retention (default minus baseline) over the runs; p = exact sign-flip test "
-        f"over the runs, items held fixed (default_check.py's test); 95% interval = crossed bootstrap ({draws} "
-        "draws) over runs and items (items within each domain), the verdict's test: ahead or behind when the "
-        "interval excludes 0.",
+        f"over the runs, items held fixed (default_check.py's test); instances + / - = how many instances' mean "
+        f"difference is above / below 0 (runs of one instance share its weights); 95% interval = the mean +- "
+        f"Student's t (runs - 1 degrees of freedom) times the error of a crossed bootstrap ({draws} draws) over "
+        "runs and items (items within each domain), corrected for few runs (`interval`); the verdict's test: ahead "
+        "or behind when the interval excludes 0.",
         "",
     ]
     if stored is not None:
@@ -262,23 +288,28 @@ def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | No
         lines += [f"- differs: {m}" for m in mismatches[:10]] + ([""] if mismatches else [])
     lines += [
         "| model | sparsity | baseline | pairs | original items: difference (p) | fresh items: difference (p) "
-        "| 95% interval (runs x items) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| instances + / - | 95% interval (runs x items) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['sparsity']:.0%} | {r['method']}, {r['selection']} | {r['pairs']} "
             f"| {r['original_mean']:+.4f} ({r['original_p']:.3f}) | {r['fresh_mean']:+.4f} ({r['fresh_p_runs']:.3f}) "
-            f"| [{r['low']:+.4f}, {r['high']:+.4f}] | {r['verdict']} |")
+            f"| {r['instances_up']} / {r['instances_down']} | [{r['low']:+.4f}, {r['high']:+.4f}] | {r['verdict']} |")
     lines += ["", "## Per model and sparsity", "",
-              "| model | sparsity | ahead of | behind | no difference shown |", "|---|---|---|---|---|"]
+              "Retention on the fresh items, mean over the runs: the default's and the best baseline's.", "",
+              "| model | sparsity | default | best baseline | ahead of | behind | no difference shown |",
+              "|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["sparsity"]), []).append(r)
     for (model, sparsity), group in groups.items():
         names = {v: [f"{r['method']} ({r['selection']})" for r in group if r["verdict"] == v]
                  for v in ("ahead", "behind", "no difference shown")}
-        lines.append(f"| {model} | {sparsity:.0%} | " + " | ".join(", ".join(n) or "-" for n in names.values()) + " |")
+        best = max(group, key=lambda r: r["fresh_baseline"])
+        lines.append(f"| {model} | {sparsity:.0%} | {group[0]['fresh_default']:.3f} | {best['fresh_baseline']:.3f} "
+                     f"({best['method']}, {best['selection']}) | "
+                     + " | ".join(", ".join(n) or "-" for n in names.values()) + " |")
     return lines
 
 
@@ -296,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fresh_items" / "all.json"))
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--results", nargs="+", help="results files the report reads (default: --out)")
-    parser.add_argument("--stored", nargs="*", default=None, help="quality_seeds.py files to check runs against")
+    parser.add_argument("--stored", nargs="*", default=None,
+                        help="quality_seeds.py files to check runs against, oldest first")
     parser.add_argument("--draws", type=int, default=4000)
     parser.add_argument("--report", default=None, help="markdown file to write (default: print)")
     args = parser.parse_args(argv)
@@ -312,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     stored = None if args.stored is None else stored_check(data, args.stored, num_original)
     text = "\n".join(report(data, comparisons(data, draws=args.draws), stored, args.draws)) + "\n"
     if args.report:
-        Path(args.report).write_text(text, encoding="utf-8")
+        path = Path(args.report)
+        if path.is_file() and NOTES_MARKER in (old := path.read_text(encoding="utf-8")):
+            text += "\n" + old[old.index(NOTES_MARKER):]
+        path.write_text(text, encoding="utf-8")
     else:
         print(text)
     return 0
