@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from default_check import sign_flip_p_value
-from quality import METHODS, calibration_ids, score, select
-from quality_seeds import EVAL, NOTES_MARKER
+from quality import calibration_ids, score, select
+from quality_seeds import EVAL, NOTES_MARKER, parse_method
 from scipy.stats import t as student_t
 
 from diep_hub import prune_experts
@@ -92,16 +92,16 @@ def run(args) -> None:
                                           "original": pack(item_outcomes(model, tokenizer, original))}
             for seed in args.seeds:
                 input_ids = calibration_ids(tokenizer, args.num_samples, args.seq_len, seed)
-                for method in [DEFAULT, *BASELINES]:
+                for method in dict.fromkeys([args.default, *args.baselines]):
                     _run_method(model, tokenizer, name, zoo_seed, seed, method, input_ids, fresh, original, data,
                                 args)
                     out.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
 def _run_method(model, tokenizer, name, zoo_seed, seed, label, input_ids, fresh, original, data, args) -> None:
-    method = METHODS[label]
+    method = parse_method(label)
     criterion = get_criterion(method.criterion)
-    selections = ("global",) if label == DEFAULT else SELECTIONS
+    selections = ("global",) if label == args.default else SELECTIONS
     shared = None
     for sparsity in args.sparsities:
         for selection in selections:
@@ -203,25 +203,27 @@ def stored_check(data: dict, stored_paths: list[str], num_original: int) -> tupl
     return equal, compared, mismatches
 
 
-def comparisons(data: dict, *, draws: int, level: float = 0.05) -> list[dict]:
-    """The default against each baseline, per model and sparsity, on both item samples."""
+def comparisons(data: dict, *, draws: int, default: str = DEFAULT, baselines: tuple[str, ...] = BASELINES,
+                level: float = 0.05) -> list[dict]:
+    """The default (global) against each baseline (each selection it ran with), per model and sparsity."""
     rows = []
     keys = [k.split("|") for k in data["cells"]]
     for model in sorted({k[0] for k in keys}, key=lambda m: (MODELS.index(m) if m in MODELS else len(MODELS), m)):
         for sparsity in sorted({float(k[5]) for k in keys if k[0] == model}):
             runs = sorted({(int(k[1]), int(k[2])) for k in keys
-                           if k[0] == model and k[3] == DEFAULT and float(k[5]) == sparsity})
-            for method in BASELINES:
+                           if k[0] == model and k[3] == default and float(k[5]) == sparsity})
+            for method in baselines:
                 for selection in SELECTIONS:
                     pairs = [(z, s) for z, s in runs
                              if cell_key(model, z, s, method, selection, sparsity) in data["cells"]]
                     if pairs:
-                        rows.append(compare(data, model, sparsity, method, selection, pairs, draws, level))
+                        rows.append(compare(data, model, sparsity, method, selection, pairs, draws, level,
+                                            default))
     return rows
 
 
 def compare(data: dict, model: str, sparsity: float, method: str, selection: str, pairs: list[tuple[int, int]],
-            draws: int, level: float) -> dict:
+            draws: int, level: float, default: str = DEFAULT) -> dict:
     """One row: the default (global) minus one baseline over the runs ``pairs`` (zoo seed, calibration seed)."""
     meta = data["meta"]
     num_fresh = meta["num_mc"] * len(meta["domains"])
@@ -233,10 +235,10 @@ def compare(data: dict, model: str, sparsity: float, method: str, selection: str
     def base(zoo_seed: int, sample: str, num: int) -> np.ndarray:
         return unpack(data["base"][f"{model}|{zoo_seed}"][sample], num)
 
-    fresh_diff = np.stack([outcomes(z, s, DEFAULT, "global", "outcomes", num_fresh)
+    fresh_diff = np.stack([outcomes(z, s, default, "global", "outcomes", num_fresh)
                            - outcomes(z, s, method, selection, "outcomes", num_fresh) for z, s in pairs])
     fresh_base = np.stack([base(z, "outcomes", num_fresh) for z, _ in pairs])
-    original = [(outcomes(z, s, DEFAULT, "global", "original", num_original).mean()
+    original = [(outcomes(z, s, default, "global", "original", num_original).mean()
                  - outcomes(z, s, method, selection, "original", num_original).mean())
                 / base(z, "original", num_original).mean() for z, s in pairs]
     fresh_runs = fresh_diff.mean(axis=1) / fresh_base.mean(axis=1)
@@ -245,7 +247,7 @@ def compare(data: dict, model: str, sparsity: float, method: str, selection: str
     low, high = interval(float(fresh_runs.mean()), boot, len(pairs), level)
     by_instance = {z: float(np.mean([d for (zz, _), d in zip(pairs, fresh_runs, strict=True) if zz == z]))
                    for z in dict.fromkeys(z for z, _ in pairs)}
-    fresh_default = np.mean([outcomes(z, s, DEFAULT, "global", "outcomes", num_fresh).mean()
+    fresh_default = np.mean([outcomes(z, s, default, "global", "outcomes", num_fresh).mean()
                              / base(z, "outcomes", num_fresh).mean() for z, s in pairs])
     return {
         "model": model, "sparsity": sparsity, "method": method, "selection": selection,
@@ -259,7 +261,8 @@ def compare(data: dict, model: str, sparsity: float, method: str, selection: str
     }
 
 
-def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | None, draws: int) -> list[str]:
+def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | None, draws: int,
+           default: str = DEFAULT) -> list[str]:
     meta = data["meta"]
     lines = [
         "# The default against every baseline on fresh evaluation items",
@@ -267,7 +270,7 @@ def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | No
         "Commands: " + ", ".join(f"`{c}`" for c in meta["all_commands"]) + "  ",
         f"Machine: {meta['machine']}.  ",
         f"Runs: the cached zoo instances (zoo seeds) x calibration seeds ({meta['num_samples']} x {meta['seq_len']} "
-        "tokens, as quality_seeds.py); the default (validated-choice, global) and each baseline on the same run.  ",
+        f"tokens, as quality_seeds.py); the default ({default}, global) and each baseline on the same run.  ",
         f"Items: fresh = {meta['num_mc']} 4-way items per domain x {len(meta['domains'])} domains (item seed "
         f"{meta['item_seed']}); original = the {meta['original_items']['num_mc']} per domain (item seed "
         f"{meta['original_items']['seed']}) that quality_seeds.py scores. Retention = pruned / unpruned accuracy "
@@ -319,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoo-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5])
+    parser.add_argument("--default", default=DEFAULT,
+                        help="the method compared (global selection), a quality_seeds.py label such as "
+                             "validated-choice:compare_uniform=true")
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES),
+                        help="methods it is compared with (both selections; the default's label: global only)")
     parser.add_argument("--num-mc", type=int, default=400, help="fresh items per domain")
     parser.add_argument("--item-seed", type=int, default=7000, help="seed of the fresh items (original: 1000)")
     parser.add_argument("--num-samples", type=int, default=128)
@@ -342,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load(args.results or [args.out])
     num_original = data["meta"]["original_items"]["num_mc"] * len(data["meta"]["domains"])
     stored = None if args.stored is None else stored_check(data, args.stored, num_original)
-    text = "\n".join(report(data, comparisons(data, draws=args.draws), stored, args.draws)) + "\n"
+    rows = comparisons(data, draws=args.draws, default=args.default, baselines=tuple(args.baselines))
+    text = "\n".join(report(data, rows, stored, args.draws, args.default)) + "\n"
     if args.report:
         path = Path(args.report)
         if path.is_file() and NOTES_MARKER in (old := path.read_text(encoding="utf-8")):
