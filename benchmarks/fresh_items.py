@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from default_check import sign_flip_p_value
 from quality import calibration_ids, score, select
-from quality_seeds import EVAL, NOTES_MARKER, parse_method
+from quality_seeds import EVAL, NOTES_MARKER, parse_method, split_key
 from scipy.stats import t as student_t
 
 from diep_hub import prune_experts
@@ -189,9 +189,9 @@ def stored_check(data: dict, stored_paths: list[str], num_original: int) -> tupl
     equal = compared = 0
     mismatches = []
     for (zoo_seed, key), cell in stored.items():
-        model, seed, method, selection, sparsity, *variant = key.split("|")
+        model, seed, method, selection, sparsity, variant = split_key(key)
         ours = data["cells"].get(cell_key(model, zoo_seed, int(seed), method, selection, float(sparsity)))
-        if variant or "mc" not in cell or ours is None:
+        if variant != "plain" or "mc" not in cell or ours is None:
             continue
         compared += 1
         mc = float(unpack(ours["original"], num_original).mean())
