@@ -129,13 +129,14 @@ def _run_method(model, tokenizer, name, zoo_seed, seed, label, input_ids, fresh,
 
 
 def crossed_bootstrap(differences: np.ndarray, base: np.ndarray, domain_of_item: np.ndarray, *, draws: int,
-                      seed: int = 0) -> np.ndarray:
+                      seed: int = 0, resample_runs: bool = True) -> np.ndarray:
     """Bootstrap distribution of the mean retention difference over runs and items.
 
     ``differences``: [runs, items] outcome differences (default minus baseline, -1/0/1); ``base``: [runs, items]
     the unpruned instance's outcomes of each run. Each draw takes runs with replacement and, independently, items
     with replacement within each domain (the macro accuracy weighs domains equally), and averages over the drawn
-    runs the drawn items' difference divided by the drawn items' unpruned accuracy.
+    runs the drawn items' difference divided by the drawn items' unpruned accuracy. ``resample_runs=False`` keeps
+    every run in every draw: the question is then about these runs (these instances), and only items vary.
     """
     rng = np.random.default_rng(seed)
     runs, num_items = differences.shape
@@ -145,6 +146,8 @@ def crossed_bootstrap(differences: np.ndarray, base: np.ndarray, domain_of_item:
         picks = rng.integers(0, len(members), size=(draws, len(members)))
         np.add.at(item_weights, (np.arange(draws)[:, None], members[picks]), 1.0)
     per_run = (item_weights @ differences.T) / (item_weights @ base.T)  # [draws, runs]
+    if not resample_runs:
+        return per_run.mean(axis=1)
     run_weights = np.stack([np.bincount(rng.integers(0, runs, size=runs), minlength=runs) for _ in range(draws)])
     return (per_run * run_weights).sum(axis=1) / runs
 

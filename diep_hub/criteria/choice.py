@@ -75,6 +75,9 @@ class ChoiceOptions(CriterionOptions):
     min_gain_se: Annotated[float, Number(0, None)] = Field(
         2.0, description="a refined keep map replaces the validated winner only if its held-out KL is lower by "
                          "more than this many standard errors of the per-sequence difference (0: any lower KL)")
+    probe_width: NonNegativeInt = Field(
+        1, description="experts a layer whose single removal and restoration each refinement round measures: the "
+                       "weakest kept and strongest removed by the candidate's scores (0: every expert)")
     refine_candidates: Annotated[int, Number(1, integer=True)] = Field(
         3, description="how many of the best-judged keep maps are refined (3: every default candidate's); the "
                        "lowest held-out KL among the validated winner and the refined maps is applied (1: only "
@@ -208,7 +211,7 @@ class ValidatedChoiceCriterion(Criterion):
         ``fit_kl`` measures on the refine sequences, ``judge`` on the held-out ones."""
         refined, moves, fit_kls = refine_keep_map(context.model, context.layers, keep, scores, context.select,
                                                   fit_kl.sequences, opts.refine_rounds, int(context.batch_size),
-                                                  progress=progress, kl=fit_kl)
+                                                  progress=progress, kl=fit_kl, probe_width=opts.probe_width)
         refined_kl, refined_per_sequence = judge.per_sequence([refined])[0] if moves else (None, None)
         accepted = refined_kl is not None and refined_kl < validation_kl
         logger.info("%s: refinement made %d move(s), held-out KL %s -> %s: %s", NAME, len(moves),

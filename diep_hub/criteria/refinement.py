@@ -77,7 +77,7 @@ def _routing_groups(model, layers) -> dict[int, int]:
 
 def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int, torch.Tensor], select,
                     sequences: torch.Tensor, rounds: int, batch_size: int, candidates_per_round: int = 3,
-                    progress: bool = False, kl: MaskedKL | None = None,
+                    progress: bool = False, kl: MaskedKL | None = None, probe_width: int = 1,
                     ) -> tuple[dict[int, list[int]], list[dict], list[float]]:
     """Greedy small moves on ``keep`` that lower the masked KL on ``sequences``; returns (keep map, the moves taken,
     the KL after each round, starting with the unrefined map's).
@@ -95,6 +95,10 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
     group rules and uniform counts are its, never re-derived here) are measured exactly; the best is taken if it
     lowers the KL, else the search stops. Moves are only those one expert (or unit) away, so a search of a few
     rounds stays near the validated map.
+
+    ``probe_width`` widens the single-expert probes: each layer's ``probe_width`` weakest kept experts and as many
+    strongest removed ones (0: every expert), so that moves the scores' order hides are estimated too; the unit
+    probes of grouped layers stay one a layer. Width 1 is the search described above.
 
     ``kl``: a :class:`MaskedKL` over ``sequences`` to measure with (refinements sharing one share its cache of the
     unpruned log-probabilities); one without a cache is made when None. The current keep map is its base, so a
@@ -123,7 +127,7 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
     for round_number in tqdm(range(rounds), desc=REFINING, disable=not progress):
         if round_number:
             kl.set_base(current)  # the last move's map: the probes below resume from its layer outputs
-        weakest, strongest = {}, {}  # layer -> (one expert,)
+        weakest, strongest = {}, {}  # layer -> the experts probed singly: [(one expert,), ...]
         unit_drop, unit_add = {}, {}  # grouped layers: layer -> one expert of every group
         for layer in layers:
             layer_scores = scores[layer.index].detach().to(torch.float64).cpu()
@@ -134,10 +138,13 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
             kept = current[layer.index]
             removed = sorted((e for e in range(layer.num_experts) if e not in kept),
                              key=lambda e: (-float(layer_scores[e]), e))
+            width = probe_width or layer.num_experts
             if len(kept) > 1:
-                weakest[layer.index] = (min(kept, key=strength),)
+                weakest[layer.index] = [(e,) for e in sorted(kept, key=strength)[:width]]
             if removed:
-                strongest[layer.index] = (swap_partner(layer.index, weakest.get(layer.index, (None,))[0], removed),)
+                partner = swap_partner(layer.index, weakest[layer.index][0][0] if layer.index in weakest else None,
+                                       removed)
+                strongest[layer.index] = [(e,) for e in [partner, *(e for e in removed if e != partner)][:width]]
             n_group = groups[layer.index]
             if n_group > 1:
                 size = layer.num_experts // n_group
@@ -147,7 +154,8 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
                     unit_drop[layer.index] = tuple(min(ids, key=strength) for ids in kept_by_group)
                 if all(removed_by_group):
                     unit_add[layer.index] = tuple(ids[0] for ids in removed_by_group)
-        probes = ([("drop", i, e) for i, e in weakest.items()] + [("add", i, e) for i, e in strongest.items()]
+        probes = ([("drop", i, e) for i, ids in weakest.items() for e in ids]
+                  + [("add", i, e) for i, ids in strongest.items() for e in ids]
                   + [("drop", i, e) for i, e in unit_drop.items()] + [("add", i, e) for i, e in unit_add.items()])
         missing = [probe for probe in probes if probe not in cost]
         if missing:
@@ -155,8 +163,8 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
             kls = kl.means(probe_maps)
             cost.update({probe: value - history[-1] for probe, value in zip(missing, kls)})
         estimates = [
-            _Move((a, weakest[a]), (b, strongest[b]), cost[("drop", a, weakest[a])] + cost[("add", b, strongest[b])])
-            for a in weakest for b in strongest
+            _Move((a, drop), (b, add), cost[("drop", a, drop)] + cost[("add", b, add)])
+            for a, drops in weakest.items() for b, adds in strongest.items() for drop in drops for add in adds
         ] + [
             _Move((a, unit_drop[a]), (b, unit_add[b]), cost[("drop", a, unit_drop[a])] + cost[("add", b, unit_add[b])])
             for a in unit_drop for b in unit_add if a != b
