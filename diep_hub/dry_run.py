@@ -169,12 +169,13 @@ def _device_kind(plan: RunPlan) -> str:
     return "cuda" if plan.load.device_map not in (None, "cpu") else "cpu"
 
 
-def _search_passes(pruner, num_moe_layers: int = 1) -> int:
+def _search_passes(pruner, num_moe_layers: int = 1, experts_per_layer: int = 2) -> int:
     """1 reference pass, plus 3 a step (forward + backward) x epochs for a searching criterion; for validated_choice,
     each candidate's passes over the fit share (one for all the routing-statistic candidates together) plus one
     pass a judged keep map (a candidate's, and its uniform one with ``compare_uniform`` under global selection: an
     upper bound) and one unpruned over the held-out share, plus, for each keep map it refines, at most
-    (2 x layers + 5) passes a round over its refine sequences and 2 held-out ones."""
+    (probes a layer x layers + 5) passes a round over its refine sequences and 2 held-out ones; a layer's probes are
+    2 x ``probe_width``, at most its ``experts_per_layer`` (all of them with ``probe_width=0``)."""
     if pruner.method == "validated_choice":
         from .criteria.base import get_criterion
 
@@ -189,11 +190,12 @@ def _search_passes(pruner, num_moe_layers: int = 1) -> int:
         judged = len(settings.candidates) * (2 if settings.compare_uniform and pruner.selection == "global" else 1)
         passes = fit * (1 - held_out) + (judged + 1) * held_out
         if settings.refine_rounds:
-            # a round: the map and 2 probes a layer, then the map and at most 3 shortlisted moves; 2 passes first;
+            # a round: the map and each layer's probes, then the map and at most 3 shortlisted moves; 2 passes first;
             # as many refinements as refine_candidates, at most one a judged keep map
             share = min(settings.refine_sequences, pruner.num_samples) / pruner.num_samples
             refined = min(settings.refine_candidates, judged)
-            passes += refined * (share * (2 + settings.refine_rounds * (2 * num_moe_layers + 5)) + 2 * held_out)
+            probes = min(2 * settings.probe_width, experts_per_layer) if settings.probe_width else experts_per_layer
+            passes += refined * (share * (2 + settings.refine_rounds * (probes * num_moe_layers + 5)) + 2 * held_out)
         return math.ceil(passes)
     return _passes(pruner.method, lambda: pruner.epochs if pruner.method == "diep"
                    else pruner.criterion_settings().epochs)
@@ -272,7 +274,7 @@ def estimate(plan: RunPlan, config=None) -> dict[str, Any]:
     inputs = CostInputs(
         params_total=total, params_active=active, params_search=total if dense else active,
         bytes_per_param=bytes_per, search_tokens=p["num_samples"] * p["seq_len"],
-        search_passes=_search_passes(pruner, len(layers)),
+        search_passes=_search_passes(pruner, len(layers), max(x["num_experts"] for x in per_layer)),
         eval_tokens=(ev.perplexity_samples * ev.perplexity_seq_len) if ev.enabled and ev.perplexity else 0,
         evaluations=evaluations,
         skipping_tokens=(plan.skipping.num_samples * plan.skipping.seq_len) if plan.skipping.enabled else 0,

@@ -145,6 +145,7 @@ def test_the_pruner_applies_the_validated_keep_map_and_reports_the_choice():
         ({"refine_candidates": 0}, r"refine_candidates: 0 -> is out of range; allowed: \[1, inf\)"),
         ({"min_gain_se": -1}, r"min_gain_se: -1 -> is out of range; allowed: \[0, inf\)"),
         ({"cache_mb": -1}, r"cache_mb: -1 -> is out of range; allowed: \[0, inf\)"),
+        ({"probe_width": -1}, r"probe_width: -1 -> is out of range; allowed: \[0, inf\)"),
     ],
 )
 def test_bad_options_are_refused_by_name_when_the_pruner_is_made(options, words):
@@ -204,6 +205,13 @@ def test_dry_run_counts_every_candidate_pass_and_the_judging_passes():
                                    "compare_uniform": False})
     assert _search_passes(refining, num_moe_layers=6) == math.ceil(
         0.75 + 2 * 0.25 + (16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25)
+    # wider probes: 2 x probe_width a layer, at most the layer's experts (all of them with probe_width=0)
+    for width, experts, probes in [(4, 16, 8), (0, 16, 16), (4, 6, 6), (1, 16, 2)]:
+        wide = DiEPPruner(method="validated_choice", num_samples=64,
+                          options={"candidates": ["reap"], "refine_rounds": 4, "refine_sequences": 16,
+                                   "compare_uniform": False, "probe_width": width})
+        assert _search_passes(wide, num_moe_layers=6, experts_per_layer=experts) == math.ceil(
+            0.75 + 2 * 0.25 + (16 / 64) * (2 + 4 * (probes * 6 + 5)) + 2 * 0.25), (width, experts)
     # refining the best two of three judged keep maps doubles the refinement's passes
     two = DiEPPruner(method="validated_choice", num_samples=64,
                      options={"refine_rounds": 4, "refine_sequences": 16, "refine_candidates": 2,
@@ -282,6 +290,55 @@ def test_refinement_takes_only_one_expert_moves_that_lower_the_fit_kl(mode):
     assert sum(map(len, refined.values())) == sum(map(len, start.values()))
     if mode == "uniform":  # uniform counts are the selection's: only swaps within a layer rebuild
         assert {i: len(v) for i, v in refined.items()} == {i: len(v) for i, v in start.items()}
+    assert select(scores_for(refined, scores)).keep == refined
+
+
+class _LostUtility:
+    """A stand-in for MaskedKL with a known answer: the loss of a keep map is the summed utility of the experts it
+    removes, the same utilities in every layer. Records how many keep maps each measurement asked for."""
+
+    def __init__(self, utility: list[float]):
+        self.utility = utility
+        self.calls: list[int] = []
+
+    def _loss(self, keep):
+        return float(sum(self.utility[e] for ids in keep.values() for e in range(len(self.utility)) if e not in ids))
+
+    def set_base(self, keep):
+        return self._loss(keep), None
+
+    def means(self, keep_maps, progress=False, offer_as_base=False):
+        self.calls.append(len(keep_maps))
+        return [self._loss(keep) for keep in keep_maps]
+
+
+@pytest.mark.parametrize("width", [1, 2, 0])
+def test_wider_probes_find_the_moves_the_scores_order_hides(width):
+    from diep_hub.criteria.refinement import refine_keep_map
+
+    model = tiny_model("mixtral")
+    layers = get_family(model).moe_layers(model)
+    scores = {layer.index: torch.arange(8, dtype=torch.float32) for layer in layers}
+    select = _selection(model, 0.5)
+    start = select(scores).keep
+    assert all(sorted(ids) == [4, 5, 6, 7] for ids in start.values())
+    # by the scores, expert 4 is the weakest kept and 3 the strongest removed: swapping them loses 5 - 3; expert 7
+    # is worth nothing and expert 0 the most, which only probes past the first in the scores' order can see
+    measure = _LostUtility([50.0, 1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 0.0])
+    refined, moves, history = refine_keep_map(model, layers, start, scores, select, None, rounds=8, batch_size=1,
+                                              kl=measure, probe_width=width)
+
+    # the first round's probes: each layer's `width` weakest kept and strongest removed experts (0: all 8)
+    assert measure.calls[0] == len(layers) * 2 * (width or 4)
+    if width == 1:
+        assert moves == [] and refined == {i: sorted(v) for i, v in start.items()} and history == [measure._loss(start)]
+        return
+    # width 2 sees expert 5 kept and 2 removed: no better swap either; width 0 sees 7 and 0
+    if width == 2:
+        assert moves == []
+        return
+    assert all(sorted(ids) == [0, 4, 5, 6] for ids in refined.values()), refined
+    assert history == [measure._loss(start) - 50.0 * k for k in range(len(layers) + 1)]
     assert select(scores_for(refined, scores)).keep == refined
 
 
