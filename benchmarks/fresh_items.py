@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from default_check import sign_flip_p_value
 from quality import calibration_ids, score, select
-from quality_seeds import EVAL, NOTES_MARKER, parse_method, split_key
+from quality_seeds import EVAL, parse_method, split_key
+from report_notes import write_keeping_notes
 from scipy.stats import t as student_t
 
 from diep_hub import prune_experts
@@ -356,10 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = comparisons(data, draws=args.draws, default=args.default, baselines=tuple(args.baselines))
     text = "\n".join(report(data, rows, stored, args.draws, args.default)) + "\n"
     if args.report:
-        path = Path(args.report)
-        if path.is_file() and NOTES_MARKER in (old := path.read_text(encoding="utf-8")):
-            text += "\n" + old[old.index(NOTES_MARKER):]
-        path.write_text(text, encoding="utf-8")
+        write_keeping_notes(args.report, text)
     else:
         print(text)
     return 0

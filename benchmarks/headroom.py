@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from fresh_items import BASELINES, DEFAULT, MODELS, SELECTIONS, cell_key, crossed_bootstrap, item_outcomes, pack, unpack
 from quality import calibration_ids, score, select
-from quality_seeds import NOTES_MARKER, parse_method
+from quality_seeds import parse_method
+from report_notes import write_keeping_notes
 
 from diep_hub import prune_experts
 from diep_hub.criteria.base import get_criterion
@@ -100,10 +101,12 @@ def run(args) -> None:
     search = eval_items(args.search_mc, seed=args.search_seed)
     meta = {"machine": machine_description(), "num_mc": args.num_mc, "item_seed": args.item_seed,
             "domains": list(fresh), "search_mc": args.search_mc, "search_seed": args.search_seed,
-            "rounds": args.rounds, "moves_measured": args.moves_measured, "num_samples": args.num_samples,
+            "rounds": args.rounds, "moves_measured": args.moves_measured, "probe_width": args.probe_width,
+            "num_samples": args.num_samples,
             "seq_len": args.seq_len, "shared_with_search": pack(shared_prompts(search, fresh))}
-    if data["meta"] and any(data["meta"].get(k) != meta[k] for k in
-                            ("num_mc", "item_seed", "search_mc", "search_seed", "rounds", "moves_measured")):
+    if data["meta"] and any(data["meta"].get(k, 1 if k == "probe_width" else None) != meta[k] for k in
+                            ("num_mc", "item_seed", "search_mc", "search_seed", "rounds", "moves_measured",
+                             "probe_width")):
         raise SystemExit(f"{out} was made with other settings; use another --out")
     commands = data["meta"].get("commands", [])
     command = "python benchmarks/headroom.py " + " ".join(sys.argv[1:])
@@ -152,7 +155,8 @@ def climb(model, tokenizer, input_ids, seed: int, sparsity: float, objective: Ch
     climbed, moves, history = refine_keep_map(
         model, layers, keep, start["scores"],
         lambda scores, mode=None: select_experts(scores, model, sparsity=sparsity, mode=mode or "global"),
-        input_ids[:1], args.rounds, args.batch_size, candidates_per_round=args.moves_measured, kl=objective)
+        input_ids[:1], args.rounds, args.batch_size, candidates_per_round=args.moves_measured, kl=objective,
+        probe_width=args.probe_width)
     pruned = prune_experts(copy.deepcopy(model), climbed)
     logger.info("%s: start %s, search loss %.4f -> %.4f in %d move(s)", seed, start_label, history[0], history[-1],
                 len(moves))
@@ -252,7 +256,8 @@ def report(data: dict, tables: list[tuple[str, list[dict]]], check: tuple[int, i
         "fresh_items.py.  ",
         f"Oracle: from the start with the lowest choice cross-entropy on the search items ({meta['search_mc']} per "
         f"domain, item seed {meta['search_seed']}), up to {meta['rounds']} rounds of validated_choice's refinement "
-        f"moves ({meta['moves_measured']} measured a round) that lower it.  ",
+        f"moves (probe width {meta.get('probe_width', 1)}, {meta['moves_measured']} moves measured a round) that "
+        "lower it.  ",
         f"Scored on the fresh items of FRESH_ITEMS.md ({meta['num_mc']} per domain, item seed {meta['item_seed']}); "
         f"{int(unpack(meta['shared_with_search'], num).sum())} of those {num} items share their prompt with a "
         "search item (small domains repeat), which favours the oracle: the second table leaves them out.",
@@ -292,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-seed", type=int, default=9000, help="seed of the search items")
     parser.add_argument("--rounds", type=int, default=16, help="most refinement rounds of the oracle")
     parser.add_argument("--moves-measured", type=int, default=3, help="estimated-best moves measured a round")
+    parser.add_argument("--probe-width", type=int, default=1,
+                        help="experts a layer probed each round (validated_choice's probe_width; 0: all)")
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -312,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     data = {"meta": None, "base": {}, "runs": {}}
     for path in args.results or [args.out]:
         part = json.loads(Path(path).read_text())
-        if data["meta"] and any(data["meta"][k] != part["meta"][k] for k in ("num_mc", "item_seed", "search_seed")):
-            raise SystemExit(f"{path} was made with other items than the files before it")
+        settings = ("num_mc", "item_seed", "search_mc", "search_seed", "rounds", "moves_measured", "probe_width")
+        if data["meta"] and any(data["meta"].get(k, 1) != part["meta"].get(k, 1) for k in settings):
+            raise SystemExit(f"{path} was made with other items or search settings than the files before it")
         commands = (data["meta"] or {}).get("commands", [])
         data["meta"] = {**part["meta"], "commands": commands + [c for c in part["meta"]["commands"]
                                                                   if c not in commands]}
@@ -324,12 +332,7 @@ def main(argv: list[str] | None = None) -> int:
               ("Fresh items whose prompt no search item has", rows(data, args.draws, disjoint=True))]
     text = "\n".join(report(data, tables, check, args.draws)) + "\n"
     if args.report:
-        path = Path(args.report)
-        if path.is_file() and NOTES_MARKER in (old := path.read_text(encoding="utf-8")):
-            text += "\n" + old[old.index(NOTES_MARKER):]
-        else:
-            text += "\n" + NOTES_MARKER + "\n"
-        path.write_text(text, encoding="utf-8")
+        write_keeping_notes(args.report, text)
     else:
         print(text)
     return 0

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from quality import METHODS, Method, calibration_ids, evaluate_pruned, score, select, uniform_counts
+from report_notes import write_keeping_notes
 
 from diep_hub import prune_experts
 from diep_hub.criteria.base import get_criterion
@@ -42,7 +43,6 @@ from diep_hub.zoo.train import build_zoo_model
 
 logger = logging.getLogger("benchmarks.quality_seeds")
 HERE = Path(__file__).resolve().parent
-NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the tables are regenerated -->"
 EVAL = dict(num_mc=100, num_em=0, num_loss=50, seed=1000)
 VARIANTS = ("plain", "merged", "recalibrated", "merged+recalibrated")
 
@@ -309,10 +309,7 @@ def report(data: dict, path: Path) -> None:
     for m in models:
         table(f"{m} (unpruned MC {data['base'][m]['mc_acc']:.3f})", [m])
     lines.extend(choices_table(cells, models, sparsities))
-    notes = ""
-    if path.is_file() and NOTES_MARKER in (old := path.read_text(encoding="utf-8")):
-        notes = old[old.index(NOTES_MARKER):]
-    path.write_text("\n".join(lines) + ("\n" + notes if notes else ""), encoding="utf-8")
+    write_keeping_notes(path, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,16 @@
+"""Generated reports with hand notes: a re-run rewrites the tables and keeps what people wrote below the marker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the tables are regenerated -->"
+
+
+def write_keeping_notes(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` followed by the notes part of the file it replaces (from the marker on), or by a
+    bare marker where that file has none, so that hand notes always have their place."""
+    path = Path(path)
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
+    path.write_text(text + "\n" + notes, encoding="utf-8")
