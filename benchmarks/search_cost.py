@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from report_notes import write_keeping_notes
+
 from diep_hub.machine import machine_description
 from diep_hub.memory import PeakMemory
 
@@ -47,6 +49,7 @@ def zoo_ratios() -> str:
     medians = [statistics.median(default_over_reap(model_rows(data, model))) for model in data["meta"]["models"]]
     return f"{min(medians):.1f}-{max(medians):.1f}x"
 
+PREVIOUS_DEFAULT = "validated_choice (probe_width=1, refine_candidates=3)"
 CRITERIA = ["validated_choice", "diep", "diep_removal", "reap", "frequency", "soft_frequency", "naee", "random"]
 
 
@@ -143,10 +146,14 @@ def worker(spec: dict) -> dict:
     started = time.perf_counter()
     try:
         with _Peak() as peak:
-            criterion.score(context)
+            result = criterion.score(context)
     except Exception as exc:  # noqa: BLE001 - a refusal is a result here
         return out | {"refused": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started}
-    return out | {"seconds": time.perf_counter() - started, "extra_bytes": peak.extra}
+    out |= {"seconds": time.perf_counter() - started, "extra_bytes": peak.extra}
+    if "refinements" in result.details:  # validated_choice: where its time went
+        out |= {"forward_passes": result.details["forward_passes"],
+                "refinement_moves": {label: len(r["moves"]) for label, r in result.details["refinements"].items()}}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -187,9 +194,10 @@ def main() -> None:
     for name in CRITERIA:
         options = {"epochs": args.epochs} if name == "diep" else {}
         part1.append(run(base | {"criterion": name, "options": options}))
-    # the default refining only the winner's keep map, and without refinement: what the refinements cost
-    part1.append(run(base | {"criterion": "validated_choice", "options": {"refine_candidates": 1},
-                             "label": "validated_choice (refine_candidates=1)"}))
+    # the default before CHOICE.md's ninth run (every candidate's keep map refined, one probe a layer), and without
+    # refinement: what the refinements cost
+    part1.append(run(base | {"criterion": "validated_choice", "options": {"probe_width": 1, "refine_candidates": 3},
+                             "label": PREVIOUS_DEFAULT}))
     part1.append(run(base | {"criterion": "validated_choice", "options": {"refine_rounds": 0},
                              "label": "validated_choice (refine_rounds=0)"}))
 
@@ -206,6 +214,8 @@ def main() -> None:
         # the default criterion and the removal-aware search at their default settings, against REAP on the same
         # model and tokens
         rows["choice"] = run(spec | {"criterion": "validated_choice"})
+        rows["choice_previous"] = run(spec | {"criterion": "validated_choice", "label": PREVIOUS_DEFAULT,
+                                              "options": {"probe_width": 1, "refine_candidates": 3}})
         rows["removal"] = run(spec | {"criterion": "diep_removal"})
         rows["reap"] = run(spec | {"criterion": "reap"})
         part2.append(rows)
@@ -213,7 +223,7 @@ def main() -> None:
     report = render(part1, activations, part2, args.epochs, total)
     print(report)
     if args.write:
-        (HERE / "SEARCH_COST.md").write_text(report)
+        write_keeping_notes(HERE / "SEARCH_COST.md", report)
         (HERE / "results").mkdir(exist_ok=True)
         (HERE / "results" / "search_cost.json").write_text(
             json.dumps({"part1": part1, "activations": activations, "part2": part2}, indent=2) + "\n"
@@ -294,8 +304,9 @@ def render(part1, activations, part2, epochs, total) -> str:
         "",
         "Same models and calibration tokens as section 2. REAP is one calibration pass. validated_choice runs REAP, "
         "frequency and soft frequency on three quarters of the tokens, judges their keep maps (global selection) "
-        "by masked forwards on the last quarter and refines each of the three keep maps (up to 8 rounds of masked "
-        "forwards over 16 sequences each). The removal-aware search is a soft-frequency pass (its start), a "
+        "by masked forwards on the last quarter and refines the winner's keep map (up to 8 rounds of masked "
+        "forwards over 16 sequences, each layer's 4 weakest kept and 4 strongest removed experts probed). The "
+        "removal-aware search is a soft-frequency pass (its start), a "
         "reference pass and its epochs of forward + backward with gates on the routers (top-k experts a token, "
         "like the gated search). Target (issue 12): at most 10x REAP's time, peak within 1.2 W + A.",
         "",
@@ -304,7 +315,8 @@ def render(part1, activations, part2, epochs, total) -> str:
     ]
     for rows in part2:
         reap = rows["reap"]
-        for key, name in (("choice", "validated_choice"), ("removal", "diep_removal")):
+        for key, name in (("choice", "validated_choice"), ("choice_previous", PREVIOUS_DEFAULT),
+                          ("removal", "diep_removal")):
             row = rows[key]
             wn, an = row["weight_bytes"], rows["activations"]["extra_bytes"]
             lines.append(
@@ -312,16 +324,29 @@ def render(part1, activations, part2, epochs, total) -> str:
                 f"{row['seconds']:.2f} s / {mb(row['extra_bytes'])} MB | {row['seconds'] / reap['seconds']:.1f} x | "
                 f"{(wn + row['extra_bytes']) / (1.2 * wn + an):.2f} |"
             )
+    work = []
+    for rows in part2:
+        for key in ("choice", "choice_previous"):
+            row = rows[key]
+            if "forward_passes" in row:
+                moves = sum(row["refinement_moves"].values())
+                work.append(f"{row.get('label', 'the default')} at N = {rows['N']}: {moves} refinement move(s), "
+                            f"{row['forward_passes']['refining']:g} passes over the refine sequences")
+    if work:
+        lines += ["", "Refinement work (each pass a masked forward of the whole model; resumed ones count the "
+                  "share of layers they computed): " + "; ".join(work) + "."]
     reap1 = next(r for r in part1 if r["criterion"] == "reap")
     choice1 = next(r for r in part1 if r["criterion"] == "validated_choice" and "label" not in r)
-    winner_only1 = next(r for r in part1 if r.get("label") == "validated_choice (refine_candidates=1)")
+    previous1 = next(r for r in part1 if r.get("label") == PREVIOUS_DEFAULT)
     unrefined1 = next(r for r in part1 if r.get("label") == "validated_choice (refine_rounds=0)")
     lines += [
         "",
         f"Reading (the default): in section 1 validated_choice takes {choice1['seconds'] / reap1['seconds']:.1f}x "
-        f"REAP's time, {winner_only1['seconds'] / reap1['seconds']:.1f}x refining only the winner's keep map and "
+        f"REAP's time ({previous1['seconds'] / reap1['seconds']:.1f}x with the refinement of the default before "
+        "the ninth run of CHOICE.md: all three keep maps refined, one probe each way a layer) and "
         f"{unrefined1['seconds'] / reap1['seconds']:.1f}x without refinement. A refinement measures its moves on a "
-        "fixed 16 sequences whatever the calibration size (2 x layers + 5 masked forwards in its first round, "
+        "fixed 16 sequences whatever the calibration size (2 x probe_width x layers + 5 masked forwards in its "
+        "first round, "
         "fewer after), so against REAP's one pass over the "
         f"{reap1['num_samples']} calibration sequences here it weighs most when the calibration set is small and "
         f"the model has many layers; at 128 x 128 calibration tokens on the zoo models it is {zoo_ratios()} "

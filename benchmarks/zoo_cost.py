@@ -4,7 +4,7 @@ For each zoo model, calibration seed and sparsity (global selection), the run ti
 its defaults, and validated_choice with ``cache_mb=0`` (every masked forward computed in full, as before the
 caches), one after the other on one thread. It checks that the two validated_choice runs keep the same experts
 and report the same KLs (the caches must change the cost only) and writes the medians and ratios, with their
-range over the cells, to benchmarks/ZOO_COST.md.
+range over the cells, to benchmarks/ZOO_COST.md (hand notes below its notes marker are kept).
 
 Usage (2-core CPU; the zoo models come from their cache, ``python -m diep_hub.zoo.build`` makes them):
     python benchmarks/zoo_cost.py --write
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from quality import METHODS, calibration_ids, score, select
+from report_notes import write_keeping_notes
 
 from diep_hub.machine import machine_description
 from diep_hub.zoo.train import HELDOUT, ZOO, build_zoo_model
@@ -77,7 +78,7 @@ def render(data: dict) -> str:
         f"Machine: {meta['machine']}; one thread; every run of a cell in one process, one after the other.",
         f"Calibration: {meta['num_samples']} x {meta['seq_len']} tokens (batch {meta['batch_size']}), seeds "
         f"{meta['seeds']}, sparsities {meta['sparsities']}, global selection; validated_choice with its defaults "
-        "(REAP, frequency and soft frequency judged, the three keep maps refined).",
+        "(REAP, frequency and soft frequency judged; the winner's keep map refined, 4 probes each way a layer).",
         "",
         "`cache_mb=0` computes every masked forward in full (the default before the caches); the default keeps the "
         "unpruned log-probabilities of its sequences and resumes each refinement probe from the layer it changes "
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(data)
     print(table)
     if args.write:
-        (HERE / "ZOO_COST.md").write_text(table, encoding="utf-8")
+        write_keeping_notes(HERE / "ZOO_COST.md", table)
     return 0
 
 

@@ -384,10 +384,10 @@ def test_the_pruner_applies_the_refined_keep_map_when_the_held_out_kl_confirms_i
 def test_every_refined_candidate_competes_on_the_held_out_kl():
     """With refine_candidates=3 each judged keep map is refined, and the pruner applies the lowest held-out KL among
     the validated winner and the refined maps the held-out tokens confirm (recomputed here from the report;
-    min_gain_se=0: any lower KL counts)."""
+    min_gain_se=0: any lower KL counts; probe_width=1, where a refined runner-up wins on this model)."""
     tokenizer = pruner_tokenizer()
     options = {"candidates": ["random", "frequency", "reap"], "validation_fraction": 0.5, "refine_rounds": 3,
-               "refine_sequences": 4, "refine_candidates": 3, "min_gain_se": 0}
+               "refine_sequences": 4, "refine_candidates": 3, "min_gain_se": 0, "probe_width": 1}
     pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
     base = tiny_model("qwen3_moe")
     model = pruner.prune_model(copy.deepcopy(base), tokenizer)
@@ -440,7 +440,8 @@ def test_a_refined_map_must_beat_the_winner_by_min_gain_se(min_gain_se):
     held-out KL: with min_gain_se=0 it is applied; with an unreachable margin the validated winner is, unrefined."""
     tokenizer = pruner_tokenizer()
     options = {"candidates": ["random", "frequency", "reap"], "validation_fraction": 0.5, "refine_rounds": 3,
-               "refine_sequences": 4, "refine_candidates": 3, "min_gain_se": min_gain_se}
+               "refine_sequences": 4, "refine_candidates": 3, "min_gain_se": min_gain_se,
+               "probe_width": 1}
     pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
     base = tiny_model("qwen3_moe")
     pruner.prune_model(copy.deepcopy(base), tokenizer)
@@ -542,3 +543,32 @@ def test_uniform_runs_judge_only_their_own_keep_maps():
     result, _ = _choice(model, ids, mode="uniform", candidates=["reap", "frequency"], refine_rounds=0,
                         compare_uniform=True)
     assert list(result.details["candidates"]) == ["reap", "frequency"]
+
+
+def test_by_default_only_the_winners_keep_map_is_refined_with_four_probes_a_layer():
+    """The defaults since benchmarks/CHOICE.md's ninth run: refine_candidates=1 refines only the validated winner's
+    keep map, and probe_width=4 reaches the refinement: it makes the moves of refine_keep_map with width 4 on the
+    winner's map and fit scores, which on this model are not width 1's (so a default that failed to arrive shows)."""
+    from diep_hub.calibration import load_calibration_data
+    from diep_hub.criteria.refinement import refine_keep_map
+
+    tokenizer = pruner_tokenizer()
+    options = {"validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4, "min_gain_se": 0}
+    pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
+    base = tiny_model("mixtral")
+    pruner.prune_model(copy.deepcopy(base), tokenizer)
+
+    details = pruner.report.details
+    judged = {label: c["validation_kl"] for label, c in details["candidates"].items()}
+    winner = min(judged, key=judged.get)
+    assert set(details["refinements"]) == {winner}
+    ids = load_calibration_data(pruner.dataset, tokenizer, num_samples=8, seq_len=16, seed=0)
+    fit = split_calibration(ids, 0.5)[0]
+    layers = get_family(base).moe_layers(base)
+    select = _selection(base, 0.5)
+    scores = get_criterion(winner)().score(scoring_context(base, fit, batch_size=4, sparsity=0.5)).scores
+    keep = select(scores).keep
+    moves = {width: refine_keep_map(base, layers, keep, scores, select, fit[:4], 3, 4, probe_width=width)[1]
+             for width in (4, 1)}
+    assert moves[4] != moves[1], moves
+    assert details["refinements"][winner]["moves"] == moves[4]

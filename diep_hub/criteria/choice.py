@@ -14,8 +14,9 @@ measures that distance instead of guessing it:
    expert: what surgery does to routing, checked against surgery in tests/test_choice_criterion.py) and its mean
    per-token KL(unpruned || pruned) of the next-token distribution is measured on the held-out sequences;
 4. the keep map with the lowest KL wins (ties: the first listed);
-5. the best ``refine_candidates`` keep maps (by default every candidate's, not only the winner's: a runner-up
-   is often a few moves from a better map than the winner's) are refined (``refine_rounds`` > 0, the default) by
+5. the best ``refine_candidates`` keep maps (by default only the winner's: with each layer's four weakest kept
+   and four strongest removed experts probed, ``probe_width``, the winner's map alone reaches what refining every
+   candidate's with narrower probes did, benchmarks/CHOICE.md) are refined (``refine_rounds`` > 0, the default) by
    greedy one-expert moves (swap an expert within a layer, or move one slot from one layer to another; under
    grouped routing a slot between layers is one expert of every group, as the selection's group rule needs) measured by
    the same masked KL on fit sequences (see :func:`refine_keep_map`); the keep map applied is the one with the
@@ -76,12 +77,13 @@ class ChoiceOptions(CriterionOptions):
         2.0, description="a refined keep map replaces the validated winner only if its held-out KL is lower by "
                          "more than this many standard errors of the per-sequence difference (0: any lower KL)")
     probe_width: NonNegativeInt = Field(
-        1, description="experts a layer whose single removal and restoration each refinement round measures: the "
-                       "weakest kept and strongest removed by the candidate's scores (0: every expert)")
+        4, description="experts a layer whose single removal and restoration each refinement round measures: the "
+                       "weakest kept and strongest removed by the candidate's scores (0: every expert; 1: the "
+                       "default before benchmarks/CHOICE.md's ninth run)")
     refine_candidates: Annotated[int, Number(1, integer=True)] = Field(
-        3, description="how many of the best-judged keep maps are refined (3: every default candidate's); the "
-                       "lowest held-out KL among the validated winner and the refined maps is applied (1: only "
-                       "the winner's, about a third of the refinement's cost)")
+        1, description="how many of the best-judged keep maps are refined (1: only the winner's; 3: every default "
+                       "candidate's, the default before the ninth run); the lowest held-out KL among the validated "
+                       "winner and the refined maps is applied")
 
     cache_mb: NonNegativeInt = Field(
         1024, description="memory (MiB) that judging and refining may keep to avoid recomputing: the unpruned "
