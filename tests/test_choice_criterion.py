@@ -146,6 +146,7 @@ def test_the_pruner_applies_the_validated_keep_map_and_reports_the_choice():
         ({"min_gain_se": -1}, r"min_gain_se: -1 -> is out of range; allowed: \[0, inf\)"),
         ({"cache_mb": -1}, r"cache_mb: -1 -> is out of range; allowed: \[0, inf\)"),
         ({"probe_width": -1}, r"probe_width: -1 -> is out of range; allowed: \[0, inf\)"),
+        ({"min_move_gain_se": -1}, r"min_move_gain_se: -1 -> is out of range; allowed: \[0, inf\)"),
     ],
 )
 def test_bad_options_are_refused_by_name_when_the_pruner_is_made(options, words):
@@ -294,22 +295,32 @@ def test_refinement_takes_only_one_expert_moves_that_lower_the_fit_kl(mode):
 
 
 class _LostUtility:
-    """A stand-in for MaskedKL with a known answer: the loss of a keep map is the summed utility of the experts it
-    removes, the same utilities in every layer. Records how many keep maps each measurement asked for."""
+    """A stand-in for MaskedKL with a known answer: a keep map's loss on a sequence is the summed utility of the
+    experts it removes (one utility per expert, or one row of them per sequence), the same in every layer. Records
+    how many keep maps each measurement asked for."""
 
-    def __init__(self, utility: list[float]):
-        self.utility = utility
+    def __init__(self, utility: list[float] | list[list[float]]):
+        rows = utility if isinstance(utility[0], list) else [utility]
+        self.utility = torch.tensor(rows, dtype=torch.float64)  # [sequences, experts]
         self.calls: list[int] = []
 
-    def _loss(self, keep):
-        return float(sum(self.utility[e] for ids in keep.values() for e in range(len(self.utility)) if e not in ids))
+    def _per_sequence(self, keep) -> tuple[float, torch.Tensor]:
+        removed = [e for ids in keep.values() for e in range(self.utility.shape[1]) if e not in ids]
+        per_sequence = self.utility[:, removed].sum(dim=1)
+        return float(per_sequence.mean()), per_sequence
+
+    def _loss(self, keep) -> float:
+        return self._per_sequence(keep)[0]
 
     def set_base(self, keep):
-        return self._loss(keep), None
+        return self._per_sequence(keep)
+
+    def per_sequence(self, keep_maps, progress=False, offer_as_base=False):
+        self.calls.append(len(keep_maps))
+        return [self._per_sequence(keep) for keep in keep_maps]
 
     def means(self, keep_maps, progress=False, offer_as_base=False):
-        self.calls.append(len(keep_maps))
-        return [self._loss(keep) for keep in keep_maps]
+        return [mean for mean, _ in self.per_sequence(keep_maps)]
 
 
 @pytest.mark.parametrize("width", [1, 2, 0])
@@ -421,17 +432,17 @@ def test_every_refined_candidate_competes_on_the_held_out_kl():
 
 
 def test_gain_in_standard_errors_is_the_paired_difference_over_its_standard_error():
-    from diep_hub.criteria.choice import _gain_in_standard_errors
+    from diep_hub.criteria.refinement import gain_in_standard_errors
 
     validated = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     refined = torch.tensor([0.5, 1.5, 2.4, 3.6], dtype=torch.float64)
     # gains 0.5, 0.5, 0.6, 0.4: mean 0.5, sample standard deviation sqrt(0.02 / 3), standard error that / 2
-    assert _gain_in_standard_errors(validated, refined) == pytest.approx(0.5 / (math.sqrt(0.02 / 3) / 2), rel=1e-12)
-    assert _gain_in_standard_errors(refined, validated) == pytest.approx(-0.5 / (math.sqrt(0.02 / 3) / 2),
+    assert gain_in_standard_errors(validated, refined) == pytest.approx(0.5 / (math.sqrt(0.02 / 3) / 2), rel=1e-12)
+    assert gain_in_standard_errors(refined, validated) == pytest.approx(-0.5 / (math.sqrt(0.02 / 3) / 2),
                                                                          rel=1e-12)
-    assert _gain_in_standard_errors(validated, validated - 0.25) == math.inf  # every sequence gains alike
-    assert _gain_in_standard_errors(validated, validated) == 0.0
-    assert _gain_in_standard_errors(validated[:1], refined[:1]) == 0.0  # one sequence: no spread to judge by
+    assert gain_in_standard_errors(validated, validated - 0.25) == math.inf  # every sequence gains alike
+    assert gain_in_standard_errors(validated, validated) == 0.0
+    assert gain_in_standard_errors(validated[:1], refined[:1]) == 0.0  # one sequence: no spread to judge by
 
 
 @pytest.mark.parametrize("min_gain_se", [0.0, 1e9])
@@ -572,3 +583,48 @@ def test_by_default_only_the_winners_keep_map_is_refined_with_four_probes_a_laye
              for width in (4, 1)}
     assert moves[4] != moves[1], moves
     assert details["refinements"][winner]["moves"] == moves[4]
+
+
+@pytest.mark.parametrize("consistent", [False, True])
+@pytest.mark.parametrize("floor", [0.0, 2.0])
+def test_a_move_must_gain_more_than_min_move_gain_se(consistent, floor):
+    """With min_move_gain_se a move is taken only if its gain is larger than that many standard errors of the
+    per-sequence difference: a gain that some sequences see and others reverse (noise-sized) is refused, one every
+    sequence sees is taken, and with 0 any lower mean is taken."""
+    from diep_hub.criteria.refinement import refine_keep_map
+
+    model = tiny_model("mixtral")
+    layers = get_family(model).moe_layers(model)
+    scores = {layer.index: torch.arange(8, dtype=torch.float32) for layer in layers}
+    select = _selection(model, 0.5, "uniform")
+    start = select(scores).keep
+    # swapping the weakest kept expert (4) for the strongest removed one (3) changes a sequence's loss by
+    # u[4] - u[3]: [-2, +2, -2, +1.9] (mean gain 0.025, about 0.025 standard errors) or [-2, -2, -2, -2.1]
+    restored = [3.0, 3.0, 3.0, 3.1] if consistent else [3.0, -1.0, 3.0, -0.9]
+    utility = [[0.0, 0.0, 0.0, gain, 1.0, 10.0, 10.0, 10.0] for gain in restored]
+    measure = _LostUtility(utility)
+    refined, moves, history = refine_keep_map(model, layers, start, scores, select, None, rounds=8, batch_size=1,
+                                              kl=measure, min_move_gain_se=floor)
+
+    if consistent or floor == 0.0:
+        assert len(moves) == len(layers)  # one swap a layer (uniform selection: within layers only)
+        assert all(sorted(ids) == [3, 5, 6, 7] for ids in refined.values()), refined
+        step = 2.025 if consistent else 0.025
+        assert history == pytest.approx([measure._loss(start) - step * k for k in range(len(layers) + 1)])
+    else:
+        assert moves == [] and history == [measure._loss(start)]
+        assert refined == {i: sorted(v) for i, v in start.items()}
+
+
+def test_min_move_gain_se_reaches_the_refinement():
+    """An unreachable floor stops every move of the pruner's refinement (the run of
+    test_by_default_only_the_winners_keep_map_is_refined_with_four_probes_a_layer, which moves without it)."""
+    tokenizer = pruner_tokenizer()
+    options = {"validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4, "min_gain_se": 0}
+    moves = {}
+    for floor in (0.0, 1e9):
+        pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options | {"min_move_gain_se": floor})
+        pruner.prune_model(tiny_model("mixtral"), tokenizer)
+        (report,) = pruner.report.details["refinements"].values()
+        moves[floor] = report["moves"]
+    assert moves[0.0] and moves[1e9] == []

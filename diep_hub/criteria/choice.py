@@ -14,15 +14,16 @@ measures that distance instead of guessing it:
    expert: what surgery does to routing, checked against surgery in tests/test_choice_criterion.py) and its mean
    per-token KL(unpruned || pruned) of the next-token distribution is measured on the held-out sequences;
 4. the keep map with the lowest KL wins (ties: the first listed);
-5. the best ``refine_candidates`` keep maps (by default only the winner's: with each layer's four weakest kept
-   and four strongest removed experts probed, ``probe_width``, the winner's map alone reaches what refining every
-   candidate's with narrower probes did, benchmarks/CHOICE.md) are refined (``refine_rounds`` > 0, the default) by
-   greedy one-expert moves (swap an expert within a layer, or move one slot from one layer to another; under
-   grouped routing a slot between layers is one expert of every group, as the selection's group rule needs) measured by
-   the same masked KL on fit sequences (see :func:`refine_keep_map`); the keep map applied is the one with the
-   lowest held-out KL among the winner and the refined maps whose held-out KL is below the winner's by more than
-   ``min_gain_se`` standard errors of the per-sequence difference (2 by default: a smaller gain is within what
-   another sample of held-out sequences could reverse);
+5. the best ``refine_candidates`` keep maps (by default only the winner's, with each layer's four weakest kept and
+   four strongest removed experts probed, ``probe_width``: benchmarks/CHOICE.md's ninth run measured that against
+   refining every candidate's map with one probe) are refined (``refine_rounds`` > 0, the default) by greedy
+   one-expert moves (swap an expert within a layer, or move one slot from one layer to another; under grouped
+   routing a slot between layers is one expert of every group, as the selection's group rule needs) measured by the
+   same masked KL on fit sequences (see :func:`refine_keep_map`; with ``min_move_gain_se`` > 0 only moves whose
+   gain exceeds that many standard errors); the keep map applied is the one with the lowest held-out KL among the
+   winner and the refined maps whose held-out KL is below the winner's by more than ``min_gain_se`` standard errors
+   of the per-sequence difference (2 by default: a smaller gain is within what another sample of held-out
+   sequences could reverse);
 6. the returned scores rebuild that keep map under the run's selection: the candidate's own fit-sequence scores
    when they do, else scores that encode the map (:func:`keep_map_scores`).
 
@@ -50,7 +51,7 @@ from ..options import CriterionOptions, NonNegativeInt, Number
 from .base import Criterion, ScoreResult, ScoringContext, get_criterion, parse_options, register_criterion
 from .capture import RoutingStatisticCriterion, shared_routing_pass
 from .masked_kl import MaskedKL
-from .refinement import REFINING, keep_map_scores, rebuilds_keep_map, refine_keep_map
+from .refinement import REFINING, gain_in_standard_errors, keep_map_scores, rebuilds_keep_map, refine_keep_map
 from .router_bias import check_router_bias
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ class ChoiceOptions(CriterionOptions):
         4, description="experts a layer whose single removal and restoration each refinement round measures: the "
                        "weakest kept and strongest removed by the candidate's scores (0: every expert; 1: the "
                        "default before benchmarks/CHOICE.md's ninth run)")
+    min_move_gain_se: Annotated[float, Number(0, None)] = Field(
+        0.0, description="a refinement move is taken only if it lowers the fit KL by more than this many standard "
+                         "errors of the per-sequence difference over the refine sequences (0: any lower KL)")
     refine_candidates: Annotated[int, Number(1, integer=True)] = Field(
         1, description="how many of the best-judged keep maps are refined (1: only the winner's; 3: every default "
                        "candidate's, the default before the ninth run); the lowest held-out KL among the validated "
@@ -146,19 +150,6 @@ def masked_kl_per_sequence(model, layers, keep_maps: list[dict[int, list[int]]],
         keep_maps, progress)
 
 
-def _gain_in_standard_errors(validated: torch.Tensor, refined: torch.Tensor) -> float:
-    """How many standard errors the refined map's per-sequence held-out KL lies below the validated winner's (the
-    paired difference's mean over its standard error; inf when every sequence gains alike, 0 when none does)."""
-    gain = validated - refined
-    if gain.numel() < 2:
-        return 0.0
-    error = float(gain.std(unbiased=True)) / math.sqrt(gain.numel())
-    mean = float(gain.mean())
-    if error == 0.0:
-        return math.inf if mean > 0 else 0.0
-    return mean / error
-
-
 @register_criterion
 class ValidatedChoiceCriterion(Criterion):
     """The candidate criterion whose keep map stays closest to the unpruned model on held-out calibration tokens."""
@@ -213,7 +204,8 @@ class ValidatedChoiceCriterion(Criterion):
         ``fit_kl`` measures on the refine sequences, ``judge`` on the held-out ones."""
         refined, moves, fit_kls = refine_keep_map(context.model, context.layers, keep, scores, context.select,
                                                   fit_kl.sequences, opts.refine_rounds, int(context.batch_size),
-                                                  progress=progress, kl=fit_kl, probe_width=opts.probe_width)
+                                                  progress=progress, kl=fit_kl, probe_width=opts.probe_width,
+                                                  min_move_gain_se=opts.min_move_gain_se)
         refined_kl, refined_per_sequence = judge.per_sequence([refined])[0] if moves else (None, None)
         accepted = refined_kl is not None and refined_kl < validation_kl
         logger.info("%s: refinement made %d move(s), held-out KL %s -> %s: %s", NAME, len(moves),
@@ -260,7 +252,7 @@ class ValidatedChoiceCriterion(Criterion):
                 refinements[label] = report
                 if not report["accepted"]:
                     continue
-                gain_se = _gain_in_standard_errors(judged[best][1], per_sequence)
+                gain_se = gain_in_standard_errors(judged[best][1], per_sequence)
                 report["gain_se"] = gain_se if math.isfinite(gain_se) else None  # None: every sequence gained alike
                 sure = opts.min_gain_se == 0 or gain_se > opts.min_gain_se
                 if sure and report["validation_kl"] < final[2]:

@@ -10,6 +10,7 @@ re-derived here.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
@@ -70,6 +71,19 @@ class _Move:
         return {"drop": [self.drop[0], list(self.drop[1])], "add": [self.add[0], list(self.add[1])]}
 
 
+def gain_in_standard_errors(before: torch.Tensor, after: torch.Tensor) -> float:
+    """How many standard errors the per-sequence KL ``after`` lies below ``before`` (the paired difference's mean
+    over its standard error; inf when every sequence gains alike, 0 when none does)."""
+    gain = before - after
+    if gain.numel() < 2:
+        return 0.0
+    error = float(gain.std(unbiased=True)) / math.sqrt(gain.numel())
+    mean = float(gain.mean())
+    if error == 0.0:
+        return math.inf if mean > 0 else 0.0
+    return mean / error
+
+
 def _routing_groups(model, layers) -> dict[int, int]:
     """Layer index -> its number of routing groups (1 without grouped routing), as the selection reads it."""
     return {layer.index: layer_limits(layer, model.config).n_group for layer in layers}
@@ -78,7 +92,7 @@ def _routing_groups(model, layers) -> dict[int, int]:
 def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int, torch.Tensor], select,
                     sequences: torch.Tensor, rounds: int, batch_size: int, candidates_per_round: int = 3,
                     progress: bool = False, kl: MaskedKL | None = None, probe_width: int = 1,
-                    ) -> tuple[dict[int, list[int]], list[dict], list[float]]:
+                    min_move_gain_se: float = 0.0) -> tuple[dict[int, list[int]], list[dict], list[float]]:
     """Greedy small moves on ``keep`` that lower the masked KL on ``sequences``; returns (keep map, the moves taken,
     the KL after each round, starting with the unrefined map's).
 
@@ -100,6 +114,10 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
     strongest removed ones (0: every expert), so that moves the scores' order hides are estimated too; the unit
     probes of grouped layers stay one a layer. Width 1 is the search described above.
 
+    ``min_move_gain_se`` > 0 takes a move only if it lowers the KL by more than that many standard errors of the
+    per-sequence difference on ``sequences``: where experts are alike (random weights) every move's gain is
+    noise-sized, and a search that takes any lower KL keeps wandering. 0 takes any lower KL.
+
     ``kl``: a :class:`MaskedKL` over ``sequences`` to measure with (refinements sharing one share its cache of the
     unpruned log-probabilities); one without a cache is made when None. The current keep map is its base, so a
     probe computes only the decoder layers from its change onwards.
@@ -120,13 +138,14 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
         kl = MaskedKL(model, layers, sequences, batch_size, desc=REFINING)
     groups = _routing_groups(model, layers)
     current = {index: sorted(ids) for index, ids in keep.items()}
-    history = [kl.set_base(current)[0]]
+    base_mean, base_per_sequence = kl.set_base(current)
+    history = [base_mean]
     moves_taken = []
     # (kind, layer, experts) -> KL change, kept for untouched layers
     cost: dict[tuple[str, int, tuple[int, ...]], float] = {}
     for round_number in tqdm(range(rounds), desc=REFINING, disable=not progress):
-        if round_number:
-            kl.set_base(current)  # the last move's map: the probes below resume from its layer outputs
+        if round_number:  # the last move's map: the probes below resume from its layer outputs
+            base_per_sequence = kl.set_base(current)[1]
         weakest, strongest = {}, {}  # layer -> the experts probed singly: [(one expert,), ...]
         unit_drop, unit_add = {}, {}  # grouped layers: layer -> one expert of every group
         for layer in layers:
@@ -178,13 +197,15 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
                 shortlist.append(move)
         if not shortlist:
             break
-        measured = kl.means([move.apply(current) for move in shortlist], offer_as_base=True)
-        best = min(range(len(shortlist)), key=lambda i: (measured[i], i))
-        if measured[best] >= history[-1]:
+        measured = kl.per_sequence([move.apply(current) for move in shortlist], offer_as_base=True)
+        best = min(range(len(shortlist)), key=lambda i: (measured[i][0], i))
+        if measured[best][0] >= history[-1]:
+            break
+        if min_move_gain_se and gain_in_standard_errors(base_per_sequence, measured[best][1]) <= min_move_gain_se:
             break
         current = shortlist[best].apply(current)
         touched = {shortlist[best].drop[0], shortlist[best].add[0]}
         cost = {probe: change for probe, change in cost.items() if probe[1] not in touched}
         moves_taken.append(shortlist[best].to_dict())
-        history.append(measured[best])
+        history.append(measured[best][0])
     return current, moves_taken, history
