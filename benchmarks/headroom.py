@@ -57,7 +57,9 @@ logger = logging.getLogger("benchmarks.headroom")
 
 class ChoiceLoss:
     """The search objective in the shape of :class:`~diep_hub.criteria.masked_kl.MaskedKL` that
-    ``refine_keep_map`` measures with: ``set_base(keep)`` and ``means(keep_maps)``, lower is better.
+    ``refine_keep_map`` measures with: ``set_base(keep)``, ``per_sequence(keep_maps)`` and ``means(keep_maps)``,
+    lower is better. There are no sequences here, so the per-sequence part is None (the climb sets no
+    ``min_move_gain_se``, the one reader of it).
 
     A keep map is applied as the judge applies it, by masking the router (``router_bias``; the refinement's probes
     change one expert of a grouped layer, which surgery would refuse), and scored by the choice cross-entropy on
@@ -84,9 +86,13 @@ class ChoiceLoss:
     def set_base(self, keep: dict[int, list[int]]) -> tuple[float, None]:
         return self.loss(keep), None
 
+    def per_sequence(self, keep_maps: list[dict[int, list[int]]], progress: bool = False,
+                     offer_as_base: bool = False) -> list[tuple[float, None]]:
+        return [(self.loss(keep), None) for keep in keep_maps]
+
     def means(self, keep_maps: list[dict[int, list[int]]], progress: bool = False,
               offer_as_base: bool = False) -> list[float]:
-        return [self.loss(keep) for keep in keep_maps]
+        return [mean for mean, _ in self.per_sequence(keep_maps)]
 
 
 def shared_prompts(first: dict, second: dict) -> list[bool]:

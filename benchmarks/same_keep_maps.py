@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from quality import METHODS, calibration_ids, score, select
+from quality import METHODS, score, select
 from quality_seeds import parse_method
 from report_notes import write_keeping_notes
+from zoo_cost import add_cell_arguments, cells_meta, zoo_cells
 
-from diep_hub.machine import machine_description
-from diep_hub.zoo.train import HELDOUT, ZOO, build_zoo_model
+from diep_hub.zoo.train import HELDOUT
 
 logger = logging.getLogger("benchmarks.same_keep_maps")
 HERE = Path(__file__).resolve().parent
@@ -84,21 +84,13 @@ def render(data: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--options", required=True, help="validated_choice options, KEY=VALUE[,KEY=VALUE...]")
-    parser.add_argument("--models", nargs="+", default=["mixtral-8e", "olmoe-16e", *HELDOUT])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.75])
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_cell_arguments(parser)
     parser.add_argument("--out", required=True, help="results JSON (relative paths: under benchmarks/)")
     parser.add_argument("--report", default=None,
                         help="markdown file to write, keeping its hand notes (default: print)")
     parser.add_argument("--report-only", action="store_true", help="render --out without running")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    unknown = sorted(set(args.models) - set(ZOO) - set(HELDOUT))
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; allowed: {[*ZOO, *HELDOUT]}")
     out = Path(args.out) if Path(args.out).is_absolute() else HERE / args.out
     if args.report_only:
         return report(json.loads(out.read_text(encoding="utf-8")), args.report)
@@ -106,21 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     data = {"cells": {}}
-    for name in args.models:
-        model, tokenizer = build_zoo_model(name, seed=0)
-        for seed in args.seeds:
-            input_ids = calibration_ids(tokenizer, args.num_samples, args.seq_len, seed)
-            for sparsity in args.sparsities:
-                row = compare_cell(model, input_ids, variant, seed=seed, sparsity=sparsity,
-                                   batch_size=args.batch_size)
-                data["cells"][f"{name}|seed{seed}|{sparsity}"] = row
-                logger.info("%s seed %d %.2f: %s", name, seed, sparsity, row)
-    data["meta"] = {
-        "command": "python benchmarks/same_keep_maps.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine_description(), "options": args.options, "models": args.models, "seeds": args.seeds,
-        "sparsities": args.sparsities, "num_samples": args.num_samples, "seq_len": args.seq_len,
-        "batch_size": args.batch_size, "seconds": time.perf_counter() - started,
-    }
+    for name, model, seed, sparsity, input_ids in zoo_cells(args):
+        row = compare_cell(model, input_ids, variant, seed=seed, sparsity=sparsity, batch_size=args.batch_size)
+        data["cells"][f"{name}|seed{seed}|{sparsity}"] = row
+        logger.info("%s seed %d %.2f: %s", name, seed, sparsity, row)
+    command = "python benchmarks/same_keep_maps.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    data["meta"] = {**cells_meta(args, command, time.perf_counter() - started), "options": args.options}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1), encoding="utf-8")
     return report(data, args.report)

@@ -110,41 +110,56 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cell_arguments(parser: argparse.ArgumentParser) -> None:
+    """The cells a run covers: zoo models, calibration seeds, sparsities, and the calibration size."""
     parser.add_argument("--models", nargs="+", default=["mixtral-8e", "olmoe-16e", *HELDOUT])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.75])
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
+
+
+def zoo_cells(args):
+    """(model name, model, calibration seed, sparsity, calibration ids) for every cell of ``args`` (zoo seed 0 of
+    each model, from its cache), models loaded once; refuses unknown models first."""
+    unknown = [m for m in args.models if m not in ZOO and m not in HELDOUT]
+    if unknown:
+        raise SystemExit(f"unknown zoo model(s) {unknown}; choose from {[*ZOO, *HELDOUT]}")
+    for name in args.models:
+        model, tokenizer = build_zoo_model(name, seed=0)
+        for seed in args.seeds:
+            input_ids = calibration_ids(tokenizer, args.num_samples, args.seq_len, seed)
+            for sparsity in args.sparsities:
+                yield name, model, seed, sparsity, input_ids
+
+
+def cells_meta(args, command: str, seconds: float) -> dict:
+    """What a results file records of its run: command, machine, cells and calibration size."""
+    return {"command": command, "machine": machine_description(), "models": args.models, "seeds": args.seeds,
+            "sparsities": args.sparsities, "num_samples": args.num_samples, "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cell_arguments(parser)
     parser.add_argument("--out", default=str(HERE / "results" / "zoo_cost.json"))
     parser.add_argument("--write", action="store_true", help="write benchmarks/ZOO_COST.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("diep_hub").setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    unknown = [m for m in args.models if m not in ZOO and m not in HELDOUT]
-    if unknown:
-        raise SystemExit(f"unknown zoo model(s) {unknown}; choose from {[*ZOO, *HELDOUT]}")
     start = time.perf_counter()
     data = {"meta": {}, "cells": {}}
-    for name in args.models:
-        model, tokenizer = build_zoo_model(name, seed=0)
-        for seed in args.seeds:
-            input_ids = calibration_ids(tokenizer, args.num_samples, args.seq_len, seed)
-            for sparsity in args.sparsities:
-                row = time_cell(model, input_ids, seed=seed, sparsity=sparsity, batch_size=args.batch_size)
-                data["cells"][f"{name}|seed{seed}|{sparsity}"] = row
-                logger.info("%s seed %d %.2f: %s", name, seed, sparsity, row)
-                if not (row["same_keep_map"] and row["same_kls"]):
-                    logger.error("%s seed %d %.2f: the caches changed the result", name, seed, sparsity)
-    data["meta"] = {
-        "command": "python benchmarks/zoo_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine_description(), "models": args.models, "seeds": args.seeds,
-        "sparsities": args.sparsities, "num_samples": args.num_samples, "seq_len": args.seq_len,
-        "batch_size": args.batch_size, "seconds": time.perf_counter() - start,
-    }
+    for name, model, seed, sparsity, input_ids in zoo_cells(args):
+        row = time_cell(model, input_ids, seed=seed, sparsity=sparsity, batch_size=args.batch_size)
+        data["cells"][f"{name}|seed{seed}|{sparsity}"] = row
+        logger.info("%s seed %d %.2f: %s", name, seed, sparsity, row)
+        if not (row["same_keep_map"] and row["same_kls"]):
+            logger.error("%s seed %d %.2f: the caches changed the result", name, seed, sparsity)
+    command = "python benchmarks/zoo_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    data["meta"] = cells_meta(args, command, time.perf_counter() - start)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(data, indent=1), encoding="utf-8")
     table = render(data)
