@@ -158,7 +158,7 @@ def climb(model, tokenizer, input_ids, seed: int, sparsity: float, objective: Ch
     keep = {int(k): v for k, v in start["keep"].items()}
     layers = get_family(model).moe_layers(model)
     evaluations = objective.evaluations
-    climbed, moves, history = refine_keep_map(
+    climbed, moves, history, *_ = refine_keep_map(
         model, layers, keep, start["scores"],
         lambda scores, mode=None: select_experts(scores, model, sparsity=sparsity, mode=mode or "global"),
         input_ids[:1], args.rounds, args.batch_size, candidates_per_round=args.moves_measured, kl=objective,

@@ -43,7 +43,11 @@ def compare_cell(model, input_ids, variant, *, seed: int, sparsity: float, batch
         row[label] = round(seconds, 3)
         if label != "reap":
             keeps[label] = select(result.scores, model, sparsity=sparsity, mode="global")
-            row[f"{label}_moves"] = sum(len(r["moves"]) for r in result.details["refinements"].values())
+            refinements = result.details["refinements"].values()
+            row[f"{label}_moves"] = sum(len(r["moves"]) for r in refinements)
+            # passes over the refine sequences the refinements spent, against refine_budget in those units
+            row[f"{label}_refine_passes"] = sum(r.get("passes", 0.0) for r in refinements)
+            row[f"{label}_refine_budget"] = result.details.get("refine_budget_passes")
     row["same_keep_map"] = keeps["default"] == keeps["variant"]
     return row
 
@@ -57,12 +61,23 @@ def render(data: dict) -> str:
         f"Machine: {meta['machine']}; one thread; each cell's runs in one process, one after the other.",
         f"Calibration: {meta['num_samples']} x {meta['seq_len']} tokens, seeds {meta['seeds']}, sparsities "
         f"{meta['sparsities']}, global selection; zoo seed 0 of each model. Seconds: medians over the cells; "
-        "moves: refinement moves taken, summed over the cells.",
+        "moves: refinement moves taken, summed over the cells; refinement passes: passes over the refine sequences, "
+        "counted as refine_budget counts them (the most in a cell, and the budget in those units where one was set).",
         "",
         "| model | cells | same keep maps | REAP s | default s | with the options s | default / REAP | "
-        "with the options / REAP | moves: default / with the options |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "with the options / REAP | moves: default / with the options | most refinement passes: default / with the "
+        "options |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def most_passes(rows, label):
+        passes = [r[f"{label}_refine_passes"] for r in rows if f"{label}_refine_passes" in r]
+        budgets = {r.get(f"{label}_refine_budget") for r in rows}
+        if not passes:
+            return "-"
+        bound = ", budget " + "/".join(f"{b:g}" for b in sorted(budgets)) if None not in budgets else ""
+        return f"{max(passes):.1f}{bound}"
+
     for model in meta["models"]:
         rows = [row for key, row in data["cells"].items() if key.split("|")[0] == model]
         if not rows:
@@ -75,7 +90,8 @@ def render(data: dict) -> str:
             f"{statistics.median(r['reap'] for r in rows):.2f} | {statistics.median(r['default'] for r in rows):.2f} "
             f"| {statistics.median(r['variant'] for r in rows):.2f} | {statistics.median(ratio):.1f}x | "
             f"{statistics.median(ratio_variant):.1f}x | {sum(r['default_moves'] for r in rows)} / "
-            f"{sum(r['variant_moves'] for r in rows)} |")
+            f"{sum(r['variant_moves'] for r in rows)} | {most_passes(rows, 'default')} / "
+            f"{most_passes(rows, 'variant')} |")
     other = [key for key, row in data["cells"].items() if not row["same_keep_map"]]
     lines += ["", "Cells with other keep maps: " + (", ".join(other) if other else "none") + "."]
     return "\n".join(lines) + "\n"

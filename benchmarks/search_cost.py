@@ -49,7 +49,8 @@ def zoo_ratios() -> str:
     medians = [statistics.median(default_over_reap(model_rows(data, model))) for model in data["meta"]["models"]]
     return f"{min(medians):.1f}-{max(medians):.1f}x"
 
-PREVIOUS_DEFAULT = "validated_choice (probe_width=1, refine_candidates=3)"
+# the default before refine_budget (benchmarks/BUDGET.md): the ninth run of CHOICE.md's, with no bound on passes
+PREVIOUS_DEFAULT = "validated_choice (refine_budget=0)"
 CRITERIA = ["validated_choice", "diep", "diep_removal", "reap", "frequency", "soft_frequency", "naee", "random"]
 
 
@@ -152,7 +153,9 @@ def worker(spec: dict) -> dict:
     out |= {"seconds": time.perf_counter() - started, "extra_bytes": peak.extra}
     if "refinements" in result.details:  # validated_choice: where its time went
         out |= {"forward_passes": result.details["forward_passes"],
-                "refinement_moves": {label: len(r["moves"]) for label, r in result.details["refinements"].items()}}
+                "refinement_moves": {label: len(r["moves"]) for label, r in result.details["refinements"].items()},
+                "refine_passes": sum(r.get("passes", 0.0) for r in result.details["refinements"].values()),
+                "refine_budget_passes": result.details.get("refine_budget_passes")}
     return out
 
 
@@ -194,9 +197,9 @@ def main() -> None:
     for name in CRITERIA:
         options = {"epochs": args.epochs} if name == "diep" else {}
         part1.append(run(base | {"criterion": name, "options": options}))
-    # the default before CHOICE.md's ninth run (every candidate's keep map refined, one probe a layer), and without
+    # the default with no bound on its refinement's passes (the default before refine_budget), and without
     # refinement: what the refinements cost
-    part1.append(run(base | {"criterion": "validated_choice", "options": {"probe_width": 1, "refine_candidates": 3},
+    part1.append(run(base | {"criterion": "validated_choice", "options": {"refine_budget": 0},
                              "label": PREVIOUS_DEFAULT}))
     part1.append(run(base | {"criterion": "validated_choice", "options": {"refine_rounds": 0},
                              "label": "validated_choice (refine_rounds=0)"}))
@@ -215,7 +218,7 @@ def main() -> None:
         # model and tokens
         rows["choice"] = run(spec | {"criterion": "validated_choice"})
         rows["choice_previous"] = run(spec | {"criterion": "validated_choice", "label": PREVIOUS_DEFAULT,
-                                              "options": {"probe_width": 1, "refine_candidates": 3}})
+                                              "options": {"refine_budget": 0}})
         rows["removal"] = run(spec | {"criterion": "diep_removal"})
         rows["reap"] = run(spec | {"criterion": "reap"})
         part2.append(rows)
@@ -305,7 +308,8 @@ def render(part1, activations, part2, epochs, total) -> str:
         "Same models and calibration tokens as section 2. REAP is one calibration pass. validated_choice runs REAP, "
         "frequency and soft frequency on three quarters of the tokens, judges their keep maps (global selection) "
         "by masked forwards on the last quarter and refines the winner's keep map (up to 8 rounds of masked "
-        "forwards over 16 sequences, each layer's 4 weakest kept and 4 strongest removed experts probed). The "
+        "forwards over 16 sequences, each layer's 4 weakest kept and 4 strongest removed experts probed, within "
+        "`refine_budget`: 16 passes over the calibration set, 32 over the refine sequences here). The "
         "removal-aware search is a soft-frequency pass (its start), a "
         "reference pass and its epochs of forward + backward with gates on the routers (top-k experts a token, "
         "like the gated search). Target (issue 12): at most 10x REAP's time, peak within 1.2 W + A.",
@@ -330,11 +334,15 @@ def render(part1, activations, part2, epochs, total) -> str:
             row = rows[key]
             if "forward_passes" in row:
                 moves = sum(row["refinement_moves"].values())
+                budget = row.get("refine_budget_passes")
+                counted = (f" ({row['refine_passes']:g} as the budget counts them, of {budget:g})"
+                           if budget else "")
                 work.append(f"{row.get('label', 'the default')} at N = {rows['N']}: {moves} refinement move(s), "
-                            f"{row['forward_passes']['refining']:g} passes over the refine sequences")
+                            f"{row['forward_passes']['refining']:g} passes over the refine sequences{counted}")
     if work:
         lines += ["", "Refinement work (each pass a masked forward of the whole model; resumed ones count the "
-                  "share of layers they computed): " + "; ".join(work) + "."]
+                  "share of layers they computed; the budget does not count the unpruned reference pass): "
+                  + "; ".join(work) + "."]
     reap1 = next(r for r in part1 if r["criterion"] == "reap")
     choice1 = next(r for r in part1 if r["criterion"] == "validated_choice" and "label" not in r)
     previous1 = next(r for r in part1 if r.get("label") == PREVIOUS_DEFAULT)
@@ -342,12 +350,12 @@ def render(part1, activations, part2, epochs, total) -> str:
     lines += [
         "",
         f"Reading (the default): in section 1 validated_choice takes {choice1['seconds'] / reap1['seconds']:.1f}x "
-        f"REAP's time ({previous1['seconds'] / reap1['seconds']:.1f}x with the refinement of the default before "
-        "the ninth run of CHOICE.md: all three keep maps refined, one probe each way a layer) and "
+        f"REAP's time ({previous1['seconds'] / reap1['seconds']:.1f}x with no bound on the refinement's passes, "
+        "`refine_budget=0`, the default before BUDGET.md) and "
         f"{unrefined1['seconds'] / reap1['seconds']:.1f}x without refinement. A refinement measures its moves on a "
         "fixed 16 sequences whatever the calibration size (2 x probe_width x layers + 5 masked forwards in its "
-        "first round, "
-        "fewer after), so against REAP's one pass over the "
+        "first round, fewer after, all within refine_budget = 16 passes over the calibration set), so against "
+        "REAP's one pass over the "
         f"{reap1['num_samples']} calibration sequences here it weighs most when the calibration set is small and "
         f"the model has many layers; at 128 x 128 calibration tokens on the zoo models it is {zoo_ratios()} "
         "(ZOO_COST.md). Its extra memory is a batch of log-probabilities (unpruned and masked) on top of a "

@@ -175,7 +175,9 @@ def _search_passes(pruner, num_moe_layers: int = 1, experts_per_layer: int = 2) 
     pass a judged keep map (a candidate's, and its uniform one with ``compare_uniform`` under global selection: an
     upper bound) and one unpruned over the held-out share, plus, for each keep map it refines, at most
     (probes a layer x layers + 5) passes a round over its refine sequences and 2 held-out ones; a layer's probes are
-    2 x ``probe_width``, at most its ``experts_per_layer`` (all of them with ``probe_width=0``)."""
+    2 x ``probe_width``, at most its ``experts_per_layer`` (all of them with ``probe_width=0``); the refinements
+    together measure at most ``refine_budget`` calibration passes' worth, plus one unpruned pass over the refine
+    sequences."""
     if pruner.method == "validated_choice":
         from .criteria.base import get_criterion
 
@@ -195,7 +197,10 @@ def _search_passes(pruner, num_moe_layers: int = 1, experts_per_layer: int = 2) 
             share = min(settings.refine_sequences, pruner.num_samples) / pruner.num_samples
             refined = min(settings.refine_candidates, judged)
             probes = min(2 * settings.probe_width, experts_per_layer) if settings.probe_width else experts_per_layer
-            passes += refined * (share * (2 + settings.refine_rounds * (probes * num_moe_layers + 5)) + 2 * held_out)
+            refining = refined * share * (2 + settings.refine_rounds * (probes * num_moe_layers + 5))
+            if settings.refine_budget:  # the budget bounds the refinements' measurements; the reference pass is extra
+                refining = min(refining, settings.refine_budget + share)
+            passes += refining + refined * 2 * held_out
         return math.ceil(passes)
     return _passes(pruner.method, lambda: pruner.epochs if pruner.method == "diep"
                    else pruner.criterion_settings().epochs)

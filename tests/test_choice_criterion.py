@@ -147,6 +147,7 @@ def test_the_pruner_applies_the_validated_keep_map_and_reports_the_choice():
         ({"cache_mb": -1}, r"cache_mb: -1 -> is out of range; allowed: \[0, inf\)"),
         ({"probe_width": -1}, r"probe_width: -1 -> is out of range; allowed: \[0, inf\)"),
         ({"min_move_gain_se": -1}, r"min_move_gain_se: -1 -> is out of range; allowed: \[0, inf\)"),
+        ({"refine_budget": -1}, r"refine_budget: -1 -> is out of range; allowed: \[0, inf\)"),
     ],
 )
 def test_bad_options_are_refused_by_name_when_the_pruner_is_made(options, words):
@@ -200,29 +201,37 @@ def test_dry_run_counts_every_candidate_pass_and_the_judging_passes():
                         options={"candidates": ["reap", "diep_removal"], "validation_fraction": 0.5,
                                  "refine_rounds": 0, "compare_uniform": False})
     assert _search_passes(pruner) == math.ceil((1 + 1 + 3 * epochs) * 0.5 + 3 * 0.5)
-    # refinement: 2 passes, then (2 probes a layer + 5) a round, over 16 of 64 sequences; 2 held-out passes
+    # refinement: 2 passes, then (2 probes a layer + 5) a round, over 16 of 64 sequences; 2 held-out passes (no
+    # budget of passes here: the bounded count is checked below)
     refining = DiEPPruner(method="validated_choice", num_samples=64,
                           options={"candidates": ["reap"], "refine_rounds": 4, "refine_sequences": 16,
-                                   "compare_uniform": False})
+                                   "compare_uniform": False, "refine_budget": 0})
     assert _search_passes(refining, num_moe_layers=6) == math.ceil(
         0.75 + 2 * 0.25 + (16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25)
     # wider probes: 2 x probe_width a layer, at most the layer's experts (all of them with probe_width=0)
     for width, experts, probes in [(4, 16, 8), (0, 16, 16), (4, 6, 6), (1, 16, 2)]:
         wide = DiEPPruner(method="validated_choice", num_samples=64,
                           options={"candidates": ["reap"], "refine_rounds": 4, "refine_sequences": 16,
-                                   "compare_uniform": False, "probe_width": width})
+                                   "compare_uniform": False, "probe_width": width, "refine_budget": 0})
         assert _search_passes(wide, num_moe_layers=6, experts_per_layer=experts) == math.ceil(
             0.75 + 2 * 0.25 + (16 / 64) * (2 + 4 * (probes * 6 + 5)) + 2 * 0.25), (width, experts)
+    # refine_budget bounds all refinements together: 16 x 8 probes a layer x 6 layers of 64 sequences' passes would
+    # be 26.75 calibration passes; a budget of 3 leaves 3 + one unpruned pass over the 16 refine sequences
+    bounded = DiEPPruner(method="validated_choice", num_samples=64,
+                         options={"candidates": ["reap"], "refine_rounds": 4, "refine_sequences": 16,
+                                  "compare_uniform": False, "refine_budget": 3})
+    assert _search_passes(bounded, num_moe_layers=6, experts_per_layer=16) == math.ceil(
+        0.75 + 2 * 0.25 + min((16 / 64) * (2 + 4 * (8 * 6 + 5)), 3 + 16 / 64) + 2 * 0.25)
     # refining the best two of three judged keep maps doubles the refinement's passes
     two = DiEPPruner(method="validated_choice", num_samples=64,
                      options={"refine_rounds": 4, "refine_sequences": 16, "refine_candidates": 2,
-                              "compare_uniform": False})
+                              "compare_uniform": False, "refine_budget": 0})
     assert _search_passes(two, num_moe_layers=6) == math.ceil(
         0.75 + 4 * 0.25 + 2 * ((16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25))
     # more than are judged: each judged keep map is refined once
     many = DiEPPruner(method="validated_choice", num_samples=64,
                       options={"candidates": ["reap"], "refine_rounds": 4, "refine_sequences": 16,
-                               "refine_candidates": 5, "compare_uniform": False})
+                               "refine_candidates": 5, "compare_uniform": False, "refine_budget": 0})
     assert _search_passes(many, num_moe_layers=6) == _search_passes(refining, num_moe_layers=6)
 
 
@@ -274,7 +283,7 @@ def test_refinement_takes_only_one_expert_moves_that_lower_the_fit_kl(mode):
     scores = {layer.index: torch.randn(layer.num_experts, generator=torch.Generator().manual_seed(7 + layer.index))
               for layer in layers}
     start = select(scores).keep
-    refined, moves, history = refine_keep_map(model, layers, start, scores, select, ids, rounds=4, batch_size=3)
+    refined, moves, history, *_ = refine_keep_map(model, layers, start, scores, select, ids, rounds=4, batch_size=3)
 
     assert history[0] == masked_kl(model, layers, [start], ids, batch_size=3)[0]
     assert len(history) == len(moves) + 1 and all(b < a for a, b in zip(history, history[1:]))
@@ -336,8 +345,8 @@ def test_wider_probes_find_the_moves_the_scores_order_hides(width):
     # by the scores, expert 4 is the weakest kept and 3 the strongest removed: swapping them loses 5 - 3; expert 7
     # is worth nothing and expert 0 the most, which only probes past the first in the scores' order can see
     measure = _LostUtility([50.0, 1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 0.0])
-    refined, moves, history = refine_keep_map(model, layers, start, scores, select, None, rounds=8, batch_size=1,
-                                              kl=measure, probe_width=width)
+    refined, moves, history, *_ = refine_keep_map(model, layers, start, scores, select, None, rounds=8,
+                                                  batch_size=1, kl=measure, probe_width=width)
 
     # the first round's probes: each layer's `width` weakest kept and strongest removed experts (0: all 8)
     assert measure.calls[0] == len(layers) * 2 * (width or 4)
@@ -351,6 +360,61 @@ def test_wider_probes_find_the_moves_the_scores_order_hides(width):
     assert all(sorted(ids) == [0, 4, 5, 6] for ids in refined.values()), refined
     assert history == [measure._loss(start) - 50.0 * k for k in range(len(layers) + 1)]
     assert select(scores_for(refined, scores)).keep == refined
+
+
+@pytest.mark.parametrize(("max_passes", "widths", "moves_made", "stopped"), [
+    (None, [4, 4, 4, 4, 4], 4, "no move lowers the KL"),
+    (36.0, [4], 1, "budget of passes spent"),  # the start, 2 x 4 probes x 4 layers, 3 shortlisted: 36
+    (20.0, [2], 0, "no move lowers the KL"),  # 2 x 2 x 4 probes + 3 fit in 19, 2 x 3 x 4 + 3 do not
+    (4.0, [], 0, "budget of passes spent"),  # not even one probe each way a layer (8 + 3)
+])
+def test_a_budget_of_passes_narrows_the_probes_then_stops_the_search(max_passes, widths, moves_made, stopped):
+    """The test above's model and utilities with every expert probed: a round that would not fit in max_passes
+    measures fewer probes a layer, the widest that fits, and the search stops when not even one fits. The stand-in
+    measure counts one pass a keep map (it has no layers to resume from), so the passes are exact."""
+    from diep_hub.criteria.refinement import refine_keep_map
+
+    model = tiny_model("mixtral")
+    layers = get_family(model).moe_layers(model)
+    assert len(layers) == 4
+    scores = {layer.index: torch.arange(8, dtype=torch.float32) for layer in layers}
+    select = _selection(model, 0.5)
+    start = select(scores).keep
+    measure = _LostUtility([50.0, 1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 0.0])
+    result = refine_keep_map(model, layers, start, scores, select, None, rounds=8, batch_size=1, kl=measure,
+                             probe_width=0, max_passes=max_passes)
+
+    assert result.probe_widths == widths
+    assert len(result.moves) == moves_made
+    assert result.stopped == stopped
+    assert result.passes == 1 + sum(measure.calls)  # the start's measurement, then one a keep map measured
+    if max_passes is not None:
+        assert result.passes <= max_passes
+    if widths:
+        assert measure.calls[0] == 2 * widths[0] * len(layers)
+    if moves_made:  # each move is the best one: expert 7 (worth nothing) out, expert 0 (worth 50) in
+        assert result.history == [measure._loss(start) - 50.0 * k for k in range(moves_made + 1)]
+
+
+def test_the_pruner_reports_how_its_budget_of_passes_bounded_the_refinement():
+    """refine_budget reaches the refinement in passes over the calibration set: 1 pass over 8 calibration sequences
+    is 2 over the 4 refine ones, which holds the start's measurement and not one round; 0 leaves it unbounded."""
+    tokenizer = pruner_tokenizer()
+    options = {"validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4, "min_gain_se": 0}
+    reports, details = {}, {}
+    for budget in (0.0, 1.0, 16.0):
+        pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options | {"refine_budget": budget})
+        pruner.prune_model(tiny_model("mixtral"), tokenizer)
+        details[budget] = pruner.report.details
+        (reports[budget],) = pruner.report.details["refinements"].values()
+    assert details[0.0]["refine_budget_passes"] is None
+    assert details[1.0]["refine_budget_passes"] == pytest.approx(2.0)
+    assert details[16.0]["refine_budget_passes"] == pytest.approx(32.0)
+    assert reports[1.0]["moves"] == [] and reports[1.0]["probe_widths"] == []
+    assert reports[1.0]["stopped"] == "budget of passes spent" and reports[1.0]["passes"] == 1.0
+    assert reports[0.0]["moves"] and set(reports[0.0]["probe_widths"]) == {4}
+    assert reports[0.0]["passes"] > reports[16.0]["passes"]  # 16 binds on this small calibration set
+    assert reports[16.0]["passes"] <= 32.0
 
 
 def scores_for(keep, scores):
@@ -495,7 +559,7 @@ def test_refinement_keeps_every_groups_pace_under_grouped_routing():
         scores = {layer.index: torch.randn(layer.num_experts, generator=torch.Generator().manual_seed(seed * 10 + i))
                   for i, layer in enumerate(layers)}
         start = select(scores).keep
-        refined, moves, history = refine_keep_map(model, layers, start, scores, select, ids, rounds=3, batch_size=3)
+        refined, moves, history, *_ = refine_keep_map(model, layers, start, scores, select, ids, rounds=3, batch_size=3)
         assert len(history) == len(moves) + 1 and all(b < a for a, b in zip(history, history[1:]))
         current = {i: sorted(v) for i, v in start.items()}
         for move in moves:
@@ -579,7 +643,9 @@ def test_by_default_only_the_winners_keep_map_is_refined_with_four_probes_a_laye
     select = _selection(base, 0.5)
     scores = get_criterion(winner)().score(scoring_context(base, fit, batch_size=4, sparsity=0.5)).scores
     keep = select(scores).keep
-    moves = {width: refine_keep_map(base, layers, keep, scores, select, fit[:4], 3, 4, probe_width=width)[1]
+    # refine_budget=16 passes over the 8 calibration sequences: 32 over the 4 refine ones
+    moves = {width: refine_keep_map(base, layers, keep, scores, select, fit[:4], 3, 4, probe_width=width,
+                                    max_passes=32)[1]
              for width in (4, 1)}
     assert moves[4] != moves[1], moves
     assert details["refinements"][winner]["moves"] == moves[4]
@@ -603,8 +669,8 @@ def test_a_move_must_gain_more_than_min_move_gain_se(consistent, floor):
     restored = [3.0, 3.0, 3.0, 3.1] if consistent else [3.0, -1.0, 3.0, -0.9]
     utility = [[0.0, 0.0, 0.0, gain, 1.0, 10.0, 10.0, 10.0] for gain in restored]
     measure = _LostUtility(utility)
-    refined, moves, history = refine_keep_map(model, layers, start, scores, select, None, rounds=8, batch_size=1,
-                                              kl=measure, min_move_gain_se=floor)
+    refined, moves, history, *_ = refine_keep_map(model, layers, start, scores, select, None, rounds=8,
+                                                  batch_size=1, kl=measure, min_move_gain_se=floor)
 
     if consistent or floor == 0.0:
         assert len(moves) == len(layers)  # one swap a layer (uniform selection: within layers only)

@@ -128,13 +128,19 @@ def test_resuming_puts_back_an_instance_forward_such_as_accelerates():
     assert calls == [1]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_refinement_with_caches_takes_the_same_moves(family):
+def _refinement_setup(family: str):
+    """(model, layers, ids, global 50% selection, random scores, their keep map): a start random scores leave room to
+    improve."""
     model, layers, ids, _ = _setup(family, seed=5)
     select = lambda scores: select_experts(scores, model, sparsity=0.5, mode="global")  # noqa: E731
     scores = {layer.index: torch.randn(layer.num_experts, generator=torch.Generator().manual_seed(7 + layer.index))
               for layer in layers}
-    start = select(scores).keep
+    return model, layers, ids, select, scores, select(scores).keep
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_refinement_with_caches_takes_the_same_moves(family):
+    model, layers, ids, select, scores, start = _refinement_setup(family)
     plain = refine_keep_map(model, layers, start, scores, select, ids, rounds=4, batch_size=3)
     measure = MaskedKL(model, layers, ids, batch_size=3, cache_bytes=PLENTY)
     cached = refine_keep_map(model, layers, start, scores, select, ids, rounds=4, batch_size=3, kl=measure)
@@ -143,6 +149,35 @@ def test_refinement_with_caches_takes_the_same_moves(family):
     without_cache = MaskedKL(model, layers, ids, batch_size=3)
     refine_keep_map(model, layers, start, scores, select, ids, rounds=4, batch_size=3, kl=without_cache)
     assert measure.forwards < 0.8 * without_cache.forwards
+
+
+def test_nominal_shares_count_the_decoder_layers_from_the_first_change():
+    """deepseek_v3's MoE blocks sit in decoder layers 1, 2 and 3 of 4: a keep map changed at the block in decoder
+    layer p costs 1 - p / 4 of a pass, the base itself nothing, and with no base a full pass, whatever the cache
+    holds."""
+    model, layers, ids, base = _setup("deepseek_v3")
+    for cache_bytes in (0, PLENTY):
+        measure = MaskedKL(model, layers, ids, batch_size=2, cache_bytes=cache_bytes)
+        changed = [_changed_at(base, layer) for layer in layers]
+        assert measure.nominal_shares(changed) == [1.0, 1.0, 1.0]
+        measure.set_base(base)
+        assert measure.nominal_shares([*changed, base]) == [0.75, 0.5, 0.25, 0.0]
+        both = _changed_at(changed[2], layers[1])
+        assert measure.nominal_shares([both]) == [0.5]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_a_bounded_refinement_takes_the_same_moves_with_any_cache(family):
+    """The budget is counted in nominal passes, so where it binds it binds alike with and without the caches."""
+    model, layers, ids, select, scores, start = _refinement_setup(family)
+    unbounded = refine_keep_map(model, layers, start, scores, select, ids, rounds=4, batch_size=3, probe_width=0)
+    bound = unbounded.passes / 2
+    results = [refine_keep_map(model, layers, start, scores, select, ids, rounds=4, batch_size=3, probe_width=0,
+                               kl=MaskedKL(model, layers, ids, batch_size=3, cache_bytes=cache_bytes),
+                               max_passes=bound)
+               for cache_bytes in (0, PLENTY)]
+    assert results[0] == results[1]
+    assert results[0].passes <= bound < unbounded.passes
 
 
 def test_validated_choice_chooses_the_same_with_and_without_caches():

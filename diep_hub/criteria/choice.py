@@ -29,9 +29,12 @@ measures that distance instead of guessing it:
 
 Cost: one routing pass on the fit sequences for the routing-statistic candidates (a scoring pass for any other),
 plus (keep maps judged + 1) forward passes over the held-out sequences, plus one refinement per refined keep map
-(its docstring), plus one held-out pass per refined map that moved. :class:`MaskedKL` keeps the unpruned model's
-log-probabilities of the held-out and refine sequences, and the refinements' decoder-layer outputs, within
-``cache_mb``; beyond it they are computed one batch at a time, never stored for the whole set.
+(its docstring), plus one held-out pass per refined map that moved. The refinements together spend at most
+``refine_budget`` passes over as many sequences as the calibration set has (16 by default; benchmarks/BUDGET.md):
+on a model with many experts or many layers a round then probes fewer experts a layer, or the search stops.
+:class:`MaskedKL` keeps the unpruned model's log-probabilities of the held-out and refine sequences, and the
+refinements' decoder-layer outputs, within ``cache_mb``; beyond it they are computed one batch at a time, never
+stored for the whole set.
 ``details`` records every candidate's KL and per-layer counts and every refinement, so the report shows what was
 compared.
 """
@@ -51,7 +54,14 @@ from ..options import CriterionOptions, NonNegativeInt, Number
 from .base import Criterion, ScoreResult, ScoringContext, get_criterion, parse_options, register_criterion
 from .capture import RoutingStatisticCriterion, shared_routing_pass
 from .masked_kl import MaskedKL
-from .refinement import REFINING, gain_in_standard_errors, keep_map_scores, rebuilds_keep_map, refine_keep_map
+from .refinement import (
+    BUDGET_SPENT,
+    REFINING,
+    gain_in_standard_errors,
+    keep_map_scores,
+    rebuilds_keep_map,
+    refine_keep_map,
+)
 from .router_bias import check_router_bias
 
 logger = logging.getLogger(__name__)
@@ -84,6 +94,11 @@ class ChoiceOptions(CriterionOptions):
     min_move_gain_se: Annotated[float, Number(0, None)] = Field(
         0.0, description="a refinement move is taken only if it lowers the fit KL by more than this many standard "
                          "errors of the per-sequence difference over the refine sequences (0: any lower KL)")
+    refine_budget: Annotated[float, Number(0, None)] = Field(
+        16.0, description="the most passes of the model over as many sequences as the calibration set has that the "
+                          "refinements may spend together (REAP's scoring is one pass): a round that would not fit "
+                          "probes fewer experts a layer, or the search stops; 0: no bound. benchmarks/BUDGET.md: 16 "
+                          "binds on none of the zoo runs and bounds the search on many experts and many layers")
     refine_candidates: Annotated[int, Number(1, integer=True)] = Field(
         1, description="how many of the best-judged keep maps are refined (1: only the winner's; 3: every default "
                        "candidate's, the default before the ninth run); the lowest held-out KL among the validated "
@@ -197,22 +212,29 @@ class ValidatedChoiceCriterion(Criterion):
 
     @staticmethod
     def _refine(context: ScoringContext, opts: ChoiceOptions, scores, keep, validation_kl: float,
-                fit_kl: MaskedKL, judge: MaskedKL, progress: bool,
+                fit_kl: MaskedKL, judge: MaskedKL, progress: bool, max_passes: float | None,
                 ) -> tuple[dict[int, list[int]], dict, torch.Tensor | None]:
         """(the refined keep map, what the refinement did, its per-sequence held-out KL: None without a move); the
         report's ``accepted`` says whether its held-out KL is below the unrefined map's ``validation_kl``.
-        ``fit_kl`` measures on the refine sequences, ``judge`` on the held-out ones."""
-        refined, moves, fit_kls = refine_keep_map(context.model, context.layers, keep, scores, context.select,
-                                                  fit_kl.sequences, opts.refine_rounds, int(context.batch_size),
-                                                  progress=progress, kl=fit_kl, probe_width=opts.probe_width,
-                                                  min_move_gain_se=opts.min_move_gain_se)
+        ``fit_kl`` measures on the refine sequences, ``judge`` on the held-out ones; ``max_passes``: what is left of
+        the run's budget of passes over the refine sequences (``refine_keep_map``'s units)."""
+        refinement = refine_keep_map(context.model, context.layers, keep, scores, context.select, fit_kl.sequences,
+                                     opts.refine_rounds, int(context.batch_size), progress=progress, kl=fit_kl,
+                                     probe_width=opts.probe_width, min_move_gain_se=opts.min_move_gain_se,
+                                     max_passes=max_passes)
+        refined, moves, fit_kls = refinement.keep, refinement.moves, refinement.history
+        if refinement.stopped == BUDGET_SPENT or any(w < max(refinement.probe_widths) for w in refinement.probe_widths):
+            logger.info("%s: the refinement's budget of %g calibration passes (refine_budget) bounded it: probe "
+                        "widths %s, %s", NAME, opts.refine_budget, refinement.probe_widths, refinement.stopped)
         refined_kl, refined_per_sequence = judge.per_sequence([refined])[0] if moves else (None, None)
         accepted = refined_kl is not None and refined_kl < validation_kl
         logger.info("%s: refinement made %d move(s), held-out KL %s -> %s: %s", NAME, len(moves),
                     round(validation_kl, 5), None if refined_kl is None else round(refined_kl, 5),
                     "kept" if accepted else "discarded")
         report = {"moves": moves, "fit_kl": fit_kls, "validation_kl": refined_kl, "accepted": accepted,
-                  "per_layer_kept": {str(k): len(v) for k, v in sorted(refined.items())}}
+                  "per_layer_kept": {str(k): len(v) for k, v in sorted(refined.items())},
+                  "stopped": refinement.stopped, "probe_widths": refinement.probe_widths,
+                  "passes": refinement.passes}
         return refined, report, refined_per_sequence
 
     def score(self, context: ScoringContext) -> ScoreResult:
@@ -245,10 +267,15 @@ class ValidatedChoiceCriterion(Criterion):
         if opts.refine_rounds:  # the refinements share one measure of the refine sequences (and its cache)
             fit_kl = MaskedKL(model, layers, fit[: opts.refine_sequences], int(context.batch_size),
                               refining_bytes, desc=REFINING)
+            # refine_budget is in passes over the calibration set, the refinement counts passes over its sequences
+            budget = (opts.refine_budget * context.input_ids.shape[0] / fit_kl.num_sequences
+                      if opts.refine_budget else None)
             for index in sorted(range(len(kls)), key=lambda i: (kls[i], i))[: opts.refine_candidates]:
                 label, source, keep = entries[index]
+                spent = sum(r["passes"] for r in refinements.values())
                 refined, report, per_sequence = self._refine(context, opts, results[source].scores, keep,
-                                                             kls[index], fit_kl, judge, bool(run["progress"]))
+                                                             kls[index], fit_kl, judge, bool(run["progress"]),
+                                                             None if budget is None else budget - spent)
                 refinements[label] = report
                 if not report["accepted"]:
                     continue
@@ -287,6 +314,8 @@ class ValidatedChoiceCriterion(Criterion):
             # (refining), the unpruned ones included; a resumed forward counts the share of layers it computed
             "forward_passes": {"judging": round(judge.forwards, 2),
                                "refining": round(fit_kl.forwards, 2) if opts.refine_rounds else 0.0},
+            # refine_budget in passes over the refine sequences, counted as each refinement's "passes" (None: none)
+            "refine_budget_passes": budget if opts.refine_rounds else None,
             "fit_sequences": int(fit.shape[0]),
             "validation_sequences": int(held_out.shape[0]),
             "chosen_details": results[source].details,

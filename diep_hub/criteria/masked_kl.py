@@ -153,6 +153,19 @@ class MaskedKL:
         cached = [p for p in self._base_outputs[0] if p < first]
         return max(cached) + 1 if cached else 0
 
+    def nominal_shares(self, keep_maps: list[KeepMap]) -> list[float]:
+        """Each keep map's cost against the base, in passes of the whole model over the sequences, as a forward that
+        resumes at its first change computes it: the share of decoder layers from that change on (1 without a list of
+        decoder layers). It leaves out what the cache budget adds (the unpruned reference, resuming from an earlier
+        layer), so a refinement bounded in these units takes the same moves with any ``cache_bytes``."""
+        if self._base is None or self._decoder_layers is None:
+            return [1.0] * len(keep_maps)
+        shares = []
+        for keep in keep_maps:
+            first = self._first_change(keep)
+            shares.append(0.0 if first is None else 1 - first / len(self._decoder_layers))
+        return shares
+
     def _pruned_logits(self, index: int, ids: torch.Tensor, bias: list[torch.Tensor], start: int):
         with router_logit_bias(self.layers, lambda p: bias[p]):
             share = ids.shape[0] / self.num_sequences

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
@@ -71,6 +72,29 @@ class _Move:
         return {"drop": [self.drop[0], list(self.drop[1])], "add": [self.add[0], list(self.add[1])]}
 
 
+#: why a refinement stopped (``RefinedKeepMap.stopped``)
+NO_BETTER_MOVE = "no move lowers the KL"
+BELOW_GAIN_FLOOR = "best move's gain below min_move_gain_se"
+ROUNDS_DONE = "rounds done"
+BUDGET_SPENT = "budget of passes spent"
+
+
+class RefinedKeepMap(NamedTuple):
+    """What :func:`refine_keep_map` returns."""
+
+    keep: dict[int, list[int]]
+    #: the moves taken, in order (``_Move.to_dict``)
+    moves: list[dict]
+    #: the KL after each round, starting with the unrefined map's
+    history: list[float]
+    #: why the search stopped: one of NO_BETTER_MOVE, BELOW_GAIN_FLOOR, ROUNDS_DONE, BUDGET_SPENT
+    stopped: str
+    #: the probe width each round measured (below ``probe_width`` where the budget of passes narrowed it)
+    probe_widths: list[int]
+    #: passes over the sequences it spent, in ``max_passes``' units
+    passes: float
+
+
 def gain_in_standard_errors(before: torch.Tensor, after: torch.Tensor) -> float:
     """How many standard errors the per-sequence KL ``after`` lies below ``before`` (the paired difference's mean
     over its standard error; inf when every sequence gains alike, 0 when none does)."""
@@ -92,9 +116,9 @@ def _routing_groups(model, layers) -> dict[int, int]:
 def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int, torch.Tensor], select,
                     sequences: torch.Tensor, rounds: int, batch_size: int, candidates_per_round: int = 3,
                     progress: bool = False, kl: MaskedKL | None = None, probe_width: int = 1,
-                    min_move_gain_se: float = 0.0) -> tuple[dict[int, list[int]], list[dict], list[float]]:
-    """Greedy small moves on ``keep`` that lower the masked KL on ``sequences``; returns (keep map, the moves taken,
-    the KL after each round, starting with the unrefined map's).
+                    min_move_gain_se: float = 0.0, max_passes: float | None = None) -> RefinedKeepMap:
+    """Greedy small moves on ``keep`` that lower the masked KL on ``sequences``; returns the refined keep map, the
+    moves taken, the KL after each round (starting with the unrefined map's) and why it stopped.
 
     A round measures, for every layer, the KL with its weakest kept expert removed and with its strongest removed
     expert restored (by ``scores``; with grouped routing, the strongest of the weakest's group, so that the swap of
@@ -117,6 +141,14 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
     ``min_move_gain_se`` > 0 takes a move only if it lowers the KL by more than that many standard errors of the
     per-sequence difference on ``sequences``: where experts are alike (random weights) every move's gain is
     noise-sized, and a search that takes any lower KL keeps wandering. 0 takes any lower KL.
+
+    ``max_passes`` bounds the cost, in passes of the model over ``sequences`` counted as a forward that resumes at
+    each keep map's first change computes them (:meth:`MaskedKL.nominal_shares`: what the cache budget adds is left
+    out, so the moves do not depend on it); the start's measurement counts one pass. A round starts only if its
+    probes and its shortlist (each shortlisted map counted as a full pass, an upper bound) fit in what is left.
+    Where a round at ``probe_width`` would not fit, it measures fewer probes a layer (the weakest and strongest
+    first), the widest that fits; where not even one a layer fits, the search stops with what it has. None: no
+    bound.
 
     ``kl``: a :class:`MaskedKL` over ``sequences`` to measure with (refinements sharing one share its cache of the
     unpruned log-probabilities); one without a cache is made when None. The current keep map is its base, so a
@@ -143,6 +175,7 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
     moves_taken = []
     # (kind, layer, experts) -> KL change, kept for untouched layers
     cost: dict[tuple[str, int, tuple[int, ...]], float] = {}
+    stopped, widths, passes = ROUNDS_DONE, [], 1.0  # passes: the start's measurement, then each probe's share
     for round_number in tqdm(range(rounds), desc=REFINING, disable=not progress):
         if round_number:  # the last move's map: the probes below resume from its layer outputs
             base_per_sequence = kl.set_base(current)[1]
@@ -173,12 +206,20 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
                     unit_drop[layer.index] = tuple(min(ids, key=strength) for ids in kept_by_group)
                 if all(removed_by_group):
                     unit_add[layer.index] = tuple(ids[0] for ids in removed_by_group)
-        probes = ([("drop", i, e) for i, ids in weakest.items() for e in ids]
-                  + [("add", i, e) for i, ids in strongest.items() for e in ids]
-                  + [("drop", i, e) for i, e in unit_drop.items()] + [("add", i, e) for i, e in unit_add.items()])
-        missing = [probe for probe in probes if probe not in cost]
+        width = max(map(len, [*weakest.values(), *strongest.values()]), default=0)
+        if max_passes is not None:
+            width = _affordable_width(kl, current, weakest, strongest, unit_drop, unit_add, cost, width,
+                                      max_passes - passes, candidates_per_round)
+            if width == 0:
+                stopped = BUDGET_SPENT
+                break
+            weakest = {index: ids[:width] for index, ids in weakest.items()}
+            strongest = {index: ids[:width] for index, ids in strongest.items()}
+        widths.append(width)
+        missing = [probe for probe in _probes(weakest, strongest, unit_drop, unit_add) if probe not in cost]
         if missing:
             probe_maps = [_moved(current, **{kind: (index, experts)}) for kind, index, experts in missing]
+            passes += _nominal_passes(kl, probe_maps)
             kls = kl.means(probe_maps)
             cost.update({probe: value - history[-1] for probe, value in zip(missing, kls)})
         estimates = [
@@ -196,16 +237,56 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
             if rebuildable(move.apply(current)):
                 shortlist.append(move)
         if not shortlist:
+            stopped = NO_BETTER_MOVE
             break
-        measured = kl.per_sequence([move.apply(current) for move in shortlist], offer_as_base=True)
+        shortlisted = [move.apply(current) for move in shortlist]
+        passes += _nominal_passes(kl, shortlisted)
+        measured = kl.per_sequence(shortlisted, offer_as_base=True)
         best = min(range(len(shortlist)), key=lambda i: (measured[i][0], i))
         if measured[best][0] >= history[-1]:
+            stopped = NO_BETTER_MOVE
             break
         if min_move_gain_se and gain_in_standard_errors(base_per_sequence, measured[best][1]) <= min_move_gain_se:
+            stopped = BELOW_GAIN_FLOOR
             break
         current = shortlist[best].apply(current)
         touched = {shortlist[best].drop[0], shortlist[best].add[0]}
         cost = {probe: change for probe, change in cost.items() if probe[1] not in touched}
         moves_taken.append(shortlist[best].to_dict())
         history.append(measured[best][0])
-    return current, moves_taken, history
+    return RefinedKeepMap(current, moves_taken, history, stopped, widths, passes)
+
+
+def _probes(weakest: dict, strongest: dict, unit_drop: dict, unit_add: dict) -> list[tuple[str, int, tuple]]:
+    """A round's probes: (kind, layer, experts) for each single expert and each grouped unit."""
+    return ([("drop", i, e) for i, ids in weakest.items() for e in ids]
+            + [("add", i, e) for i, ids in strongest.items() for e in ids]
+            + [("drop", i, e) for i, e in unit_drop.items()] + [("add", i, e) for i, e in unit_add.items()])
+
+
+def _nominal_shares(kl, keep_maps: list[dict[int, list[int]]]) -> list[float]:
+    """:meth:`MaskedKL.nominal_shares`; a stand-in measure without it (a test's, headroom.py's task loss) has no
+    layers to resume from: one pass a keep map."""
+    shares = getattr(kl, "nominal_shares", None)
+    return shares(keep_maps) if shares is not None else [1.0] * len(keep_maps)
+
+
+def _nominal_passes(kl, keep_maps: list[dict[int, list[int]]]) -> float:
+    return sum(_nominal_shares(kl, keep_maps))
+
+
+def _affordable_width(kl: MaskedKL, current: dict[int, list[int]], weakest: dict, strongest: dict, unit_drop: dict,
+                      unit_add: dict, known: dict, width: int, passes_left: float, candidates: int) -> int:
+    """The widest probe width, at most ``width``, whose round fits in ``passes_left``: the probes not in ``known``
+    (each its :meth:`MaskedKL.nominal_shares` share) and the shortlist (``candidates`` full passes at most); 0 when
+    not even width 1 fits."""
+    pending = [probe for probe in _probes(weakest, strongest, unit_drop, unit_add) if probe not in known]
+    maps = [_moved(current, **{kind: (index, experts)}) for kind, index, experts in pending]
+    share = dict(zip(pending, _nominal_shares(kl, maps)))
+    while width > 0:
+        narrowed = _probes({i: ids[:width] for i, ids in weakest.items()},
+                           {i: ids[:width] for i, ids in strongest.items()}, unit_drop, unit_add)
+        if sum(share[probe] for probe in narrowed if probe not in known) + candidates <= passes_left:
+            return width
+        width -= 1
+    return 0
