@@ -320,6 +320,32 @@ def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | No
     return lines
 
 
+def add_fresh_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The arguments of a run scored on the fresh items (this script's and headroom.py's): the items, the
+    calibration, and the results and report files (``out``: the default results file)."""
+    parser.add_argument("--num-mc", type=int, default=400, help="fresh items per domain")
+    parser.add_argument("--item-seed", type=int, default=7000, help="seed of the fresh items (original: 1000)")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default=str(out))
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--results", nargs="+", help="results files the report reads (default: --out)")
+    parser.add_argument("--draws", type=int, default=4000)
+    parser.add_argument("--report", default=None, help="markdown file to write (default: print)")
+
+
+def run_unless_report_only(parser: argparse.ArgumentParser, args: argparse.Namespace, run_models) -> None:
+    """Unless ``--report-only``: refuse unknown ``--models`` by name, make ``--out``'s folder, ``run_models(args)``."""
+    if args.report_only:
+        return
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; allowed: {list(MODELS)}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    run_models(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -331,26 +357,12 @@ def main(argv: list[str] | None = None) -> int:
                              "validated-choice:compare_uniform=true")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES),
                         help="methods it is compared with (both selections; the default's label: global only)")
-    parser.add_argument("--num-mc", type=int, default=400, help="fresh items per domain")
-    parser.add_argument("--item-seed", type=int, default=7000, help="seed of the fresh items (original: 1000)")
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fresh_items" / "all.json"))
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--results", nargs="+", help="results files the report reads (default: --out)")
+    add_fresh_run_arguments(parser, Path(__file__).parent / "results" / "fresh_items" / "all.json")
     parser.add_argument("--stored", nargs="*", default=None,
                         help="quality_seeds.py files to check runs against, oldest first")
-    parser.add_argument("--draws", type=int, default=4000)
-    parser.add_argument("--report", default=None, help="markdown file to write (default: print)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if not args.report_only:
-        unknown = sorted(set(args.models) - set(MODELS))
-        if unknown:
-            parser.error(f"unknown model(s) {unknown}; allowed: {list(MODELS)}")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        run(args)
+    run_unless_report_only(parser, args, run)
     data = load(args.results or [args.out])
     num_original = data["meta"]["original_items"]["num_mc"] * len(data["meta"]["domains"])
     stored = None if args.stored is None else stored_check(data, args.stored, num_original)

@@ -37,7 +37,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fresh_items import BASELINES, DEFAULT, MODELS, SELECTIONS, cell_key, crossed_bootstrap, item_outcomes, pack, unpack
+from fresh_items import (
+    BASELINES,
+    DEFAULT,
+    MODELS,
+    SELECTIONS,
+    add_fresh_run_arguments,
+    cell_key,
+    crossed_bootstrap,
+    item_outcomes,
+    pack,
+    run_unless_report_only,
+    unpack,
+)
 from quality import calibration_ids, score, select
 from quality_seeds import parse_method
 from report_notes import write_keeping_notes
@@ -297,31 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoo-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5])
-    parser.add_argument("--num-mc", type=int, default=400, help="fresh items per domain (as fresh_items.py)")
-    parser.add_argument("--item-seed", type=int, default=7000, help="seed of the fresh items (as fresh_items.py)")
     parser.add_argument("--search-mc", type=int, default=200, help="search items per domain")
     parser.add_argument("--search-seed", type=int, default=9000, help="seed of the search items")
     parser.add_argument("--rounds", type=int, default=16, help="most refinement rounds of the oracle")
     parser.add_argument("--moves-measured", type=int, default=3, help="estimated-best moves measured a round")
     parser.add_argument("--probe-width", type=int, default=1,
                         help="experts a layer probed each round (validated_choice's probe_width; 0: all)")
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "headroom" / "all.json"))
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--results", nargs="+", help="results files the report reads (default: --out)")
+    add_fresh_run_arguments(parser, Path(__file__).parent / "results" / "headroom" / "all.json")
     parser.add_argument("--fresh", nargs="*", default=None, help="fresh_items.py files to check the starts against")
-    parser.add_argument("--draws", type=int, default=4000)
-    parser.add_argument("--report", default=None, help="markdown file to write (default: print)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if not args.report_only:
-        unknown = sorted(set(args.models) - set(MODELS))
-        if unknown:
-            parser.error(f"unknown model(s) {unknown}; allowed: {list(MODELS)}")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        run(args)
+    run_unless_report_only(parser, args, run)
     data = {"meta": None, "base": {}, "runs": {}}
     for path in args.results or [args.out]:
         part = json.loads(Path(path).read_text())
