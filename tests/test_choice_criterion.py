@@ -417,6 +417,22 @@ def test_the_pruner_reports_how_its_budget_of_passes_bounded_the_refinement():
     assert reports[16.0]["passes"] <= 32.0
 
 
+def test_the_refinements_of_one_run_share_its_budget_of_passes():
+    """With three keep maps refined, each refinement gets what the ones before left: 2 passes over the refine
+    sequences hold the first two starts' measurements and nothing for the third, which measures nothing."""
+    tokenizer = pruner_tokenizer()
+    options = {"validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4, "min_gain_se": 0,
+               "refine_candidates": 3, "probe_width": 1}
+    pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options | {"refine_budget": 1.0})
+    pruner.prune_model(tiny_model("mixtral"), tokenizer)
+    judged = pruner.report.details["candidates"]
+    order = sorted(judged, key=lambda label: judged[label]["validation_kl"])
+    reports = [pruner.report.details["refinements"][label] for label in order]
+    assert [r["passes"] for r in reports] == [1.0, 1.0, 0.0]
+    assert [len(r["fit_kl"]) for r in reports] == [1, 1, 0]
+    assert all(r["stopped"] == "budget of passes spent" and r["moves"] == [] for r in reports)
+
+
 def scores_for(keep, scores):
     from diep_hub.criteria.refinement import keep_map_scores
 

@@ -85,7 +85,7 @@ class RefinedKeepMap(NamedTuple):
     keep: dict[int, list[int]]
     #: the moves taken, in order (``_Move.to_dict``)
     moves: list[dict]
-    #: the KL after each round, starting with the unrefined map's
+    #: the KL after each round, starting with the unrefined map's (empty when the budget held no measurement)
     history: list[float]
     #: why the search stopped: one of NO_BETTER_MOVE, BELOW_GAIN_FLOOR, ROUNDS_DONE, BUDGET_SPENT
     stopped: str
@@ -144,7 +144,8 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
 
     ``max_passes`` bounds the cost, in passes of the model over ``sequences`` counted as a forward that resumes at
     each keep map's first change computes them (:meth:`MaskedKL.nominal_shares`: what the cache budget adds is left
-    out, so the moves do not depend on it); the start's measurement counts one pass. A round starts only if its
+    out, so the moves do not depend on it); the start's measurement counts one pass (below one, nothing is
+    measured and the history is empty). A round starts only if its
     probes and its shortlist (each shortlisted map counted as a full pass, an upper bound) fit in what is left.
     Where a round at ``probe_width`` would not fit, it measures fewer probes a layer (the weakest and strongest
     first), the widest that fits; where not even one a layer fits, the search stops with what it has. None: no
@@ -170,6 +171,8 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
         kl = MaskedKL(model, layers, sequences, batch_size, desc=REFINING)
     groups = _routing_groups(model, layers)
     current = {index: sorted(ids) for index, ids in keep.items()}
+    if max_passes is not None and max_passes < 1:  # not even the start's measurement fits: nothing is measured
+        return RefinedKeepMap(current, [], [], BUDGET_SPENT, [], 0.0)
     base_mean, base_per_sequence = kl.set_base(current)
     history = [base_mean]
     moves_taken = []
