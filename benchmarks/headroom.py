@@ -69,8 +69,9 @@ logger = logging.getLogger("benchmarks.headroom")
 
 class ChoiceLoss:
     """The search objective in the shape of :class:`~diep_hub.criteria.masked_kl.MaskedKL` that
-    ``refine_keep_map`` measures with: ``set_base(keep)``, ``per_sequence(keep_maps)`` and ``means(keep_maps)``,
-    lower is better. There are no sequences here, so the per-sequence part is None (the climb sets no
+    ``refine_keep_map`` measures with: ``set_base(keep)``, ``per_sequence(keep_maps)``, ``means(keep_maps)``,
+    lower is better, and ``nominal_shares(keep_maps)``, one pass a keep map (no layers to resume from). There are
+    no sequences here, so the per-sequence part is None (the climb sets no
     ``min_move_gain_se``, the one reader of it).
 
     A keep map is applied as the judge applies it, by masking the router (``router_bias``; the refinement's probes
@@ -105,6 +106,9 @@ class ChoiceLoss:
     def means(self, keep_maps: list[dict[int, list[int]]], progress: bool = False,
               offer_as_base: bool = False) -> list[float]:
         return [mean for mean, _ in self.per_sequence(keep_maps)]
+
+    def nominal_shares(self, keep_maps: list[dict[int, list[int]]]) -> list[float]:
+        return [1.0] * len(keep_maps)
 
 
 def shared_prompts(first: dict, second: dict) -> list[bool]:

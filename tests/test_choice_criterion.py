@@ -331,6 +331,9 @@ class _LostUtility:
     def means(self, keep_maps, progress=False, offer_as_base=False):
         return [mean for mean, _ in self.per_sequence(keep_maps)]
 
+    def nominal_shares(self, keep_maps):
+        return [1.0] * len(keep_maps)  # no layers to resume from: one pass a keep map
+
 
 @pytest.mark.parametrize("width", [1, 2, 0])
 def test_wider_probes_find_the_moves_the_scores_order_hides(width):
@@ -396,15 +399,29 @@ def test_a_budget_of_passes_narrows_the_probes_then_stops_the_search(max_passes,
         assert result.history == [measure._loss(start) - 50.0 * k for k in range(moves_made + 1)]
 
 
+#: a refinement small enough for a tiny model: 8 calibration sequences, half held out, 4 refine sequences
+SMALL_REFINEMENT = {"validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4, "min_gain_se": 0}
+
+
+def _refining_run(model_type: str, options: dict):
+    """A validated_choice prune at 50% of a fresh tiny model: (pruner, the unpruned model, the pruned one)."""
+    base = tiny_model(model_type)
+    pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
+    return pruner, base, pruner.prune_model(copy.deepcopy(base), pruner_tokenizer())
+
+
+def _by_held_out_kl(details: dict) -> list[str]:
+    """The judged keep maps' labels, lowest held-out KL first (ties in the order judged, as validated_choice)."""
+    judged = details["candidates"]
+    return sorted(judged, key=lambda label: judged[label]["validation_kl"])
+
+
 def test_the_pruner_reports_how_its_budget_of_passes_bounded_the_refinement():
     """refine_budget reaches the refinement in passes over the calibration set: 1 pass over 8 calibration sequences
     is 2 over the 4 refine ones, which holds the start's measurement and not one round; 0 leaves it unbounded."""
-    tokenizer = pruner_tokenizer()
-    options = {"validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4, "min_gain_se": 0}
     reports, details = {}, {}
     for budget in (0.0, 1.0, 16.0):
-        pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options | {"refine_budget": budget})
-        pruner.prune_model(tiny_model("mixtral"), tokenizer)
+        pruner, _, _ = _refining_run("mixtral", SMALL_REFINEMENT | {"refine_budget": budget})
         details[budget] = pruner.report.details
         (reports[budget],) = pruner.report.details["refinements"].values()
     assert details[0.0]["refine_budget_passes"] is None
@@ -420,14 +437,9 @@ def test_the_pruner_reports_how_its_budget_of_passes_bounded_the_refinement():
 def test_the_refinements_of_one_run_share_its_budget_of_passes():
     """With three keep maps refined, each refinement gets what the ones before left: 2 passes over the refine
     sequences hold the first two starts' measurements and nothing for the third, which measures nothing."""
-    tokenizer = pruner_tokenizer()
-    options = {"validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4, "min_gain_se": 0,
-               "refine_candidates": 3, "probe_width": 1}
-    pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options | {"refine_budget": 1.0})
-    pruner.prune_model(tiny_model("mixtral"), tokenizer)
-    judged = pruner.report.details["candidates"]
-    order = sorted(judged, key=lambda label: judged[label]["validation_kl"])
-    reports = [pruner.report.details["refinements"][label] for label in order]
+    pruner, _, _ = _refining_run("mixtral", SMALL_REFINEMENT | {"refine_candidates": 3, "probe_width": 1,
+                                                               "refine_budget": 1.0})
+    reports = [pruner.report.details["refinements"][label] for label in _by_held_out_kl(pruner.report.details)]
     assert [r["passes"] for r in reports] == [1.0, 1.0, 0.0]
     assert [len(r["fit_kl"]) for r in reports] == [1, 1, 0]
     assert all(r["stopped"] == "budget of passes spent" and r["moves"] == [] for r in reports)
@@ -441,11 +453,7 @@ def scores_for(keep, scores):
 
 def test_the_pruner_applies_the_refined_keep_map_when_the_held_out_kl_confirms_it():
     tokenizer = pruner_tokenizer()
-    options = {"candidates": ["random"], "validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4,
-               "min_gain_se": 0}
-    pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
-    base = tiny_model("mixtral")
-    model = pruner.prune_model(copy.deepcopy(base), tokenizer)
+    pruner, base, model = _refining_run("mixtral", SMALL_REFINEMENT | {"candidates": ["random"]})
 
     refinement = pruner.report.details["refinement"]
     from diep_hub.calibration import load_calibration_data
@@ -477,11 +485,8 @@ def test_every_refined_candidate_competes_on_the_held_out_kl():
     the validated winner and the refined maps the held-out tokens confirm (recomputed here from the report;
     min_gain_se=0: any lower KL counts; probe_width=1, where a refined runner-up wins on this model)."""
     tokenizer = pruner_tokenizer()
-    options = {"candidates": ["random", "frequency", "reap"], "validation_fraction": 0.5, "refine_rounds": 3,
-               "refine_sequences": 4, "refine_candidates": 3, "min_gain_se": 0, "probe_width": 1}
-    pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
-    base = tiny_model("qwen3_moe")
-    model = pruner.prune_model(copy.deepcopy(base), tokenizer)
+    pruner, base, model = _refining_run("qwen3_moe", SMALL_REFINEMENT | {
+        "candidates": ["random", "frequency", "reap"], "refine_candidates": 3, "probe_width": 1})
 
     details = pruner.report.details
     assert set(details["refinements"]) == {"random", "frequency", "reap"}
@@ -529,13 +534,9 @@ def test_gain_in_standard_errors_is_the_paired_difference_over_its_standard_erro
 def test_a_refined_map_must_beat_the_winner_by_min_gain_se(min_gain_se):
     """The run of test_every_refined_candidate_competes_on_the_held_out_kl, where a refined runner-up has the lowest
     held-out KL: with min_gain_se=0 it is applied; with an unreachable margin the validated winner is, unrefined."""
-    tokenizer = pruner_tokenizer()
-    options = {"candidates": ["random", "frequency", "reap"], "validation_fraction": 0.5, "refine_rounds": 3,
-               "refine_sequences": 4, "refine_candidates": 3, "min_gain_se": min_gain_se,
-               "probe_width": 1}
-    pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
-    base = tiny_model("qwen3_moe")
-    pruner.prune_model(copy.deepcopy(base), tokenizer)
+    pruner, base, _ = _refining_run("qwen3_moe", SMALL_REFINEMENT | {
+        "candidates": ["random", "frequency", "reap"], "refine_candidates": 3, "min_gain_se": min_gain_se,
+        "probe_width": 1})
 
     details = pruner.report.details
     judged = {label: c["validation_kl"] for label, c in details["candidates"].items()}
@@ -545,7 +546,7 @@ def test_a_refined_map_must_beat_the_winner_by_min_gain_se(min_gain_se):
     layers = get_family(base).moe_layers(base)
     from diep_hub.calibration import load_calibration_data
 
-    ids = load_calibration_data(pruner.dataset, tokenizer, num_samples=8, seq_len=16, seed=0)
+    ids = load_calibration_data(pruner.dataset, pruner_tokenizer(), num_samples=8, seq_len=16, seed=0)
     _, held_out = split_calibration(ids, 0.5)
     applied_kl = masked_kl(base, layers, [pruner.report.kept_original_ids], held_out, batch_size=4)[0]
     assert sum(r["applied"] for r in details["refinements"].values()) == (1 if min_gain_se == 0.0 else 0)
@@ -644,14 +645,10 @@ def test_by_default_only_the_winners_keep_map_is_refined_with_four_probes_a_laye
     from diep_hub.criteria.refinement import refine_keep_map
 
     tokenizer = pruner_tokenizer()
-    options = {"validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4, "min_gain_se": 0}
-    pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options)
-    base = tiny_model("mixtral")
-    pruner.prune_model(copy.deepcopy(base), tokenizer)
+    pruner, base, _ = _refining_run("mixtral", SMALL_REFINEMENT)
 
     details = pruner.report.details
-    judged = {label: c["validation_kl"] for label, c in details["candidates"].items()}
-    winner = min(judged, key=judged.get)
+    winner = _by_held_out_kl(details)[0]
     assert set(details["refinements"]) == {winner}
     ids = load_calibration_data(pruner.dataset, tokenizer, num_samples=8, seq_len=16, seed=0)
     fit = split_calibration(ids, 0.5)[0]
@@ -701,12 +698,9 @@ def test_a_move_must_gain_more_than_min_move_gain_se(consistent, floor):
 def test_min_move_gain_se_reaches_the_refinement():
     """An unreachable floor stops every move of the pruner's refinement (the run of
     test_by_default_only_the_winners_keep_map_is_refined_with_four_probes_a_layer, which moves without it)."""
-    tokenizer = pruner_tokenizer()
-    options = {"validation_fraction": 0.5, "refine_rounds": 3, "refine_sequences": 4, "min_gain_se": 0}
     moves = {}
     for floor in (0.0, 1e9):
-        pruner = fast_pruner(sparsity=0.5, method="validated_choice", options=options | {"min_move_gain_se": floor})
-        pruner.prune_model(tiny_model("mixtral"), tokenizer)
+        pruner, _, _ = _refining_run("mixtral", SMALL_REFINEMENT | {"min_move_gain_se": floor})
         (report,) = pruner.report.details["refinements"].values()
         moves[floor] = report["moves"]
     assert moves[0.0] and moves[1e9] == []

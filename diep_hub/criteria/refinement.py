@@ -222,7 +222,7 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
         missing = [probe for probe in _probes(weakest, strongest, unit_drop, unit_add) if probe not in cost]
         if missing:
             probe_maps = [_moved(current, **{kind: (index, experts)}) for kind, index, experts in missing]
-            passes += _nominal_passes(kl, probe_maps)
+            passes += sum(kl.nominal_shares(probe_maps))
             kls = kl.means(probe_maps)
             cost.update({probe: value - history[-1] for probe, value in zip(missing, kls)})
         estimates = [
@@ -243,7 +243,7 @@ def refine_keep_map(model, layers, keep: dict[int, list[int]], scores: dict[int,
             stopped = NO_BETTER_MOVE
             break
         shortlisted = [move.apply(current) for move in shortlist]
-        passes += _nominal_passes(kl, shortlisted)
+        passes += sum(kl.nominal_shares(shortlisted))
         measured = kl.per_sequence(shortlisted, offer_as_base=True)
         best = min(range(len(shortlist)), key=lambda i: (measured[i][0], i))
         if measured[best][0] >= history[-1]:
@@ -267,17 +267,6 @@ def _probes(weakest: dict, strongest: dict, unit_drop: dict, unit_add: dict) -> 
             + [("drop", i, e) for i, e in unit_drop.items()] + [("add", i, e) for i, e in unit_add.items()])
 
 
-def _nominal_shares(kl, keep_maps: list[dict[int, list[int]]]) -> list[float]:
-    """:meth:`MaskedKL.nominal_shares`; a stand-in measure without it (a test's, headroom.py's task loss) has no
-    layers to resume from: one pass a keep map."""
-    shares = getattr(kl, "nominal_shares", None)
-    return shares(keep_maps) if shares is not None else [1.0] * len(keep_maps)
-
-
-def _nominal_passes(kl, keep_maps: list[dict[int, list[int]]]) -> float:
-    return sum(_nominal_shares(kl, keep_maps))
-
-
 def _affordable_width(kl: MaskedKL, current: dict[int, list[int]], weakest: dict, strongest: dict, unit_drop: dict,
                       unit_add: dict, known: dict, width: int, passes_left: float, candidates: int) -> int:
     """The widest probe width, at most ``width``, whose round fits in ``passes_left``: the probes not in ``known``
@@ -285,7 +274,7 @@ def _affordable_width(kl: MaskedKL, current: dict[int, list[int]], weakest: dict
     not even width 1 fits."""
     pending = [probe for probe in _probes(weakest, strongest, unit_drop, unit_add) if probe not in known]
     maps = [_moved(current, **{kind: (index, experts)}) for kind, index, experts in pending]
-    share = dict(zip(pending, _nominal_shares(kl, maps)))
+    share = dict(zip(pending, kl.nominal_shares(maps)))
     while width > 0:
         narrowed = _probes({i: ids[:width] for i, ids in weakest.items()},
                            {i: ids[:width] for i, ids in strongest.items()}, unit_drop, unit_add)
