@@ -32,7 +32,7 @@ import numpy as np
 from default_check import sign_flip_p_value
 from quality import calibration_ids, score, select
 from quality_seeds import EVAL, parse_method, split_key
-from report_notes import write_keeping_notes
+from report_notes import publish
 from scipy.stats import t as student_t
 
 from diep_hub import prune_experts
@@ -390,10 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     stored = None if args.stored is None else stored_check(data, args.stored, num_original)
     rows = comparisons(data, draws=args.draws, default=args.default, baselines=tuple(args.baselines))
     text = "\n".join(report(data, rows, stored, args.draws, args.default)) + "\n"
-    if args.report:
-        write_keeping_notes(args.report, text)
-    else:
-        print(text)
+    publish(args.report, text)
     return 0
 
 

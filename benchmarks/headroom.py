@@ -52,7 +52,7 @@ from fresh_items import (
 )
 from quality import calibration_ids, score, select
 from quality_seeds import parse_method
-from report_notes import write_keeping_notes
+from report_notes import publish
 
 from diep_hub import prune_experts
 from diep_hub.criteria.base import get_criterion
@@ -339,10 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = [("All fresh items", rows(data, args.draws)),
               ("Fresh items whose prompt no search item has", rows(data, args.draws, disjoint=True))]
     text = "\n".join(report(data, tables, check, args.draws)) + "\n"
-    if args.report:
-        write_keeping_notes(args.report, text)
-    else:
-        print(text)
+    publish(args.report, text)
     return 0
 
 

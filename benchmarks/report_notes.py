@@ -14,3 +14,11 @@ def write_keeping_notes(path: str | Path, text: str) -> None:
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
     path.write_text(text + "\n" + notes, encoding="utf-8")
+
+
+def publish(report: str | None, text: str) -> None:
+    """A benchmark's report: into the markdown file ``report`` (its hand notes kept), or to stdout without one."""
+    if report:
+        write_keeping_notes(report, text)
+    else:
+        print(text)
