@@ -14,9 +14,10 @@ the keep map applied as the judge applies it (the router masked). For each run t
 rank correlation with the fresh-item retention over the run's keep maps, and whether it prefers the oracle's map
 to the start the oracle climbed from. A diagnostic: it changes no default.
 
-Usage (2-core CPU, from benchmarks/):
-    python objective_check.py --headroom results/headroom/deepseek-v3-16e-groups-other-builds-wide.json \
-        --out results/objective_check/deepseek-v3-16e-groups-other-builds-wide.json --report OBJECTIVE_CHECK.md
+Usage (2-core CPU, from benchmarks/, under a minute a draw of text):
+    python objective_check.py --headroom results/headroom/olmoe-16e-other-builds-wide.json \
+        results/headroom/deepseek-v3-16e-groups-other-builds-wide.json \
+        --out results/objective_check/other-builds-wide.json --report OBJECTIVE_CHECK.md
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from report_notes import publish
 from scipy.stats import spearmanr
 
 from diep_hub.criteria.choice import masked_kl
-from diep_hub.criteria.masked_kl import log_probabilities
 from diep_hub.criteria.router_bias import removal_bias, router_logit_bias
+from diep_hub.evaluation.perplexity import perplexity_of_ids
 from diep_hub.families import get_family
 from diep_hub.machine import machine_description
 from diep_hub.zoo.train import build_zoo_model
@@ -46,21 +47,15 @@ logger = logging.getLogger("benchmarks.objective_check")
 OBJECTIVES = ("kl", "nll")
 
 
-@torch.no_grad()
 def masked_nll(model, layers, keep_maps: list[dict[int, list[int]]], sequences: torch.Tensor,
                batch_size: int) -> list[float]:
     """Mean next-token negative log-likelihood of ``sequences`` under each keep map (router masked)."""
-    totals = [0.0] * len(keep_maps)
-    for start in range(0, sequences.shape[0], batch_size):
-        ids = sequences[start:start + batch_size]
-        for index, keep in enumerate(keep_maps):
-            bias = removal_bias(layers, keep)
-            with router_logit_bias(layers, bias.__getitem__):
-                logits = model(input_ids=ids).logits[:, :-1]
-            picked = log_probabilities(logits).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            totals[index] -= float(picked.double().sum())
-    tokens = sequences.shape[0] * (sequences.shape[1] - 1)
-    return [total / tokens for total in totals]
+    nlls = []
+    for keep in keep_maps:
+        bias = removal_bias(layers, keep)
+        with router_logit_bias(layers, bias.__getitem__):
+            nlls.append(perplexity_of_ids(model, sequences, batch_size=batch_size)["mean_nll"])
+    return nlls
 
 
 def measure(headroom: dict, args) -> dict:
@@ -74,7 +69,7 @@ def measure(headroom: dict, args) -> dict:
         layers = get_family(model).moe_layers(model)
         text = calibration_ids(tokenizer, args.num_samples, args.seq_len, args.text_seed)
         base = unpack(headroom["base"][f"{name}|{zoo_seed}"]["outcomes"], num_fresh).mean()
-        entries = {label: start for label, start in run["starts"].items()} | {"oracle": run["oracle"]}
+        entries = {**run["starts"], "oracle": run["oracle"]}
         keep_maps = [{int(k): v for k, v in entry["keep"].items()} for entry in entries.values()]
         kls = masked_kl(model, layers, keep_maps, text, args.batch_size)
         nlls = masked_nll(model, layers, keep_maps, text, args.batch_size)
