@@ -148,6 +148,7 @@ def test_the_pruner_applies_the_validated_keep_map_and_reports_the_choice():
         ({"probe_width": -1}, r"probe_width: -1 -> is out of range; allowed: \[0, inf\)"),
         ({"min_move_gain_se": -1}, r"min_move_gain_se: -1 -> is out of range; allowed: \[0, inf\)"),
         ({"refine_budget": -1}, r"refine_budget: -1 -> is out of range; allowed: \[0, inf\)"),
+        ({"refine_objective": "ce"}, "refine_objective: 'ce'"),
     ],
 )
 def test_bad_options_are_refused_by_name_when_the_pruner_is_made(options, words):
@@ -233,6 +234,12 @@ def test_dry_run_counts_every_candidate_pass_and_the_judging_passes():
                       options={"candidates": ["reap"], "refine_rounds": 4, "refine_sequences": 16,
                                "refine_candidates": 5, "compare_uniform": False, "refine_budget": 0})
     assert _search_passes(many, num_moe_layers=6) == _search_passes(refining, num_moe_layers=6)
+    # refine_objective="nll": the judged keep maps are measured again by the held-out NLL (3 of them on 25%)
+    by_nll = DiEPPruner(method="validated_choice", num_samples=64,
+                        options={"refine_rounds": 4, "refine_sequences": 16, "compare_uniform": False,
+                                 "refine_budget": 0, "refine_objective": "nll"})
+    assert _search_passes(by_nll, num_moe_layers=6) == math.ceil(
+        0.75 + 4 * 0.25 + (16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25 + 3 * 0.25)
 
 
 def test_dry_run_counts_the_caches_in_the_peak():
@@ -511,6 +518,42 @@ def test_every_refined_candidate_competes_on_the_held_out_kl():
                                                                                          rel=1e-6)
     assert details["refinement"] == details["refinements"][label]
     assert f"{label} (" in pruner.report.ranking and "refined by" in pruner.report.ranking
+    for k, ids_kept in applied.items():  # surgery kept exactly those experts' weights
+        layer = get_family(model).moe_layers(model)[k].experts
+        assert torch.equal(layer.down_proj, get_family(base).moe_layers(base)[k].experts.down_proj[ids_kept])
+
+
+def test_an_nll_refinement_climbs_and_is_judged_by_the_pruned_models_own_nll():
+    """refine_objective="nll": the candidates are still judged by the held-out KL; the refinement's history is the
+    NLL of the refine sequences, and the refined map replaces the winner only if its held-out NLL is lower (both
+    recomputed here with MaskedKL's NLL, which tests/test_masked_kl.py checks against surgery)."""
+    from diep_hub.calibration import load_calibration_data
+    from diep_hub.criteria.masked_kl import MaskedKL
+
+    pruner, base, model = _refining_run("mixtral", SMALL_REFINEMENT | {"candidates": ["random"],
+                                                                      "refine_objective": "nll"})
+    details = pruner.report.details
+    refinement = details["refinement"]
+    ids = load_calibration_data(pruner.dataset, pruner_tokenizer(), num_samples=8, seq_len=16, seed=0)
+    fit, held_out = split_calibration(ids, 0.5)
+    layers = get_family(base).moe_layers(base)
+    start = _selection(base, 0.5)(get_criterion("random")().score(scoring_context(base, fit, batch_size=4,
+                                                                                  sparsity=0.5)).scores).keep
+    assert details["candidates"]["random"]["validation_kl"] == masked_kl(base, layers, [start], held_out,
+                                                                         batch_size=4)[0]
+    fit_nll = MaskedKL(base, layers, fit[:4], batch_size=4, objective="nll")
+    held_out_nll = MaskedKL(base, layers, held_out, batch_size=4, objective="nll")
+    assert refinement["objective"] == "nll" and refinement["moves"], "a search that never moves tests nothing"
+    assert refinement["fit_kl"][0] == pytest.approx(fit_nll.means([start])[0], rel=1e-6)
+    assert all(a > b for a, b in zip(refinement["fit_kl"], refinement["fit_kl"][1:]))  # each move lowered it
+    start_nll = held_out_nll.means([start])[0]
+    assert refinement["accepted"] == (refinement["validation_kl"] < start_nll)
+    applied = pruner.report.kept_original_ids
+    if refinement["accepted"]:
+        assert applied != start
+        assert held_out_nll.means([applied])[0] == pytest.approx(refinement["validation_kl"], rel=1e-6)
+    else:
+        assert applied == start
     for k, ids_kept in applied.items():  # surgery kept exactly those experts' weights
         layer = get_family(model).moe_layers(model)[k].experts
         assert torch.equal(layer.down_proj, get_family(base).moe_layers(base)[k].experts.down_proj[ids_kept])

@@ -5,10 +5,13 @@ same number with or without them (compared exactly: the same computation on the 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from diep_hub.criteria.masked_kl import MaskedKL, decoder_positions
+import diep_hub
+from diep_hub.criteria.masked_kl import OBJECTIVES, MaskedKL, decoder_positions
 from diep_hub.criteria.refinement import refine_keep_map
 from diep_hub.families import get_family
 from diep_hub.selection import select_experts
@@ -46,18 +49,19 @@ def test_decoder_positions_find_each_moe_block_in_the_decoder_layers():
     assert all(any(m is layer.block for m in decoder_layers[p].modules()) for layer, p in zip(layers, positions))
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_resumed_and_cached_measurements_equal_full_forwards_exactly(family):
+def test_resumed_and_cached_measurements_equal_full_forwards_exactly(family, objective):
     model, layers, ids, base = _setup(family)
     probes = [base] + [_changed_at(base, layer) for layer in layers]
     probes.append({index: sorted(set(ids) | {0, 1, 2}) for index, ids in base.items()})  # changed everywhere
 
-    plain = MaskedKL(model, layers, ids, batch_size=2)
+    plain = MaskedKL(model, layers, ids, batch_size=2, objective=objective)
     expected = plain.per_sequence(probes)
     plain.set_base(base)  # no cache: a base changes nothing
     assert plain.per_sequence(probes)[1][0] == expected[1][0]
 
-    cached = MaskedKL(model, layers, ids, batch_size=2, cache_bytes=PLENTY)
+    cached = MaskedKL(model, layers, ids, batch_size=2, cache_bytes=PLENTY, objective=objective)
     base_kl = cached.set_base(base)
     assert base_kl[0] == expected[0][0] and torch.equal(base_kl[1], expected[0][1])
     forwards_before = cached.forwards
@@ -65,14 +69,53 @@ def test_resumed_and_cached_measurements_equal_full_forwards_exactly(family):
     for (mean, per_sequence), (want_mean, want_per_sequence) in zip(got, expected):
         assert mean == want_mean
         assert torch.equal(per_sequence, want_per_sequence)
-    assert expected[1][0] > 0  # a changed layer moves the model: an equality of zeros would test nothing
+    assert expected[1][0] != expected[0][0]  # a changed layer moves the model: equal numbers would test nothing
     # The reference came from the cache and each probe ran only the layers from its change on (4 decoder layers:
     # a change at the first MoE layer runs all 4, at the last 1; the base itself only its last layer and the head),
-    # so this measure ran at most 0.6 of the passes (1 reference + 1 a keep map) the plain one did.
-    fresh = MaskedKL(model, layers, ids, batch_size=2)
+    # so the probes cost at most 0.65 of a pass each on average; the plain measure ran 1 a keep map (and, for the KL,
+    # 1 of the unpruned reference).
+    fresh = MaskedKL(model, layers, ids, batch_size=2, objective=objective)
     fresh.per_sequence(probes)
-    assert fresh.forwards == pytest.approx(1 + len(probes))
-    assert cached.forwards - forwards_before <= 0.6 * fresh.forwards
+    assert fresh.forwards == pytest.approx((objective == "kl") + len(probes))
+    assert cached.forwards - forwards_before <= 0.65 * len(probes)
+
+
+def _nll_after_surgery(model, keep, ids) -> torch.Tensor:
+    """Each sequence's mean next-token NLL under the surgically pruned model: what ``objective="nll"`` must match."""
+    pruned = diep_hub.prune_experts(copy.deepcopy(model), keep)
+    pruned.config._experts_implementation = model.config._experts_implementation
+    with torch.no_grad():
+        log_probs = torch.log_softmax(pruned(ids).logits[:, :-1], dim=-1)
+    return -log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(dim=-1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_nll_objective_is_the_nll_of_the_surgically_pruned_model(family):
+    # float64, as the KL's check against surgery (tests/test_choice_criterion.py): the two routes to the same
+    # routing agree to far below a relative 1e-9, so that tolerance can only fail on a real difference
+    model = tiny_model(family, **GROUPED.get(family, {})).double()
+    model.config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    layers = get_family(model).moe_layers(model)
+    ids = sample_input_ids(batch=3, length=11)
+    _, _, _, keep = _setup(family)
+    everything = {layer.index: list(range(layer.num_experts)) for layer in layers}
+    nll = MaskedKL(model, layers, ids, batch_size=2, objective="nll")
+    (mean, per_sequence), (unpruned_mean, unpruned_per_sequence) = nll.per_sequence([keep, everything])
+    expected = _nll_after_surgery(model, keep, ids)
+    assert torch.allclose(per_sequence, expected.to(torch.float64), rtol=1e-9, atol=0.0)
+    assert mean == pytest.approx(float(expected.mean()), rel=1e-9)  # equal lengths: the mean of the sequences'
+    assert torch.allclose(unpruned_per_sequence, _nll_after_surgery(model, everything, ids).to(torch.float64),
+                          rtol=1e-9, atol=0.0)
+    assert abs(mean - unpruned_mean) > 1e-6  # removing half the experts moves the NLL: the check can fail
+    assert nll.forwards == pytest.approx(2)  # one pass a keep map: the unpruned model never ran
+
+
+def test_an_unknown_objective_or_too_short_sequences_are_refused_by_name():
+    model, layers, ids, _ = _setup("mixtral")
+    with pytest.raises(ValueError, match=r"objective='ce'; allowed: \['kl', 'nll'\]"):
+        MaskedKL(model, layers, ids, batch_size=2, objective="ce")
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        MaskedKL(model, layers, ids[:, :1], batch_size=2, objective="nll")
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])

@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -103,6 +103,12 @@ class ChoiceOptions(CriterionOptions):
         1, description="how many of the best-judged keep maps are refined (1: only the winner's; 3: every default "
                        "candidate's, the default before the ninth run); the lowest held-out KL among the validated "
                        "winner and the refined maps is applied")
+
+    refine_objective: Literal["kl", "nll"] = Field(
+        "kl", description="what the refinement climbs and what a refined map must beat the validated winner on, "
+                          "held out: kl = the masked KL from the unpruned model (the candidates are always judged "
+                          "by it); nll = the pruned model's own next-token NLL of the text "
+                          "(benchmarks/NLL_REFINEMENT.md)")
 
     cache_mb: NonNegativeInt = Field(
         1024, description="memory (MiB) that judging and refining may keep to avoid recomputing: the unpruned "
@@ -217,7 +223,8 @@ class ValidatedChoiceCriterion(Criterion):
         """(the refined keep map, what the refinement did, its per-sequence held-out KL: None without a move); the
         report's ``accepted`` says whether its held-out KL is below the unrefined map's ``validation_kl``.
         ``fit_kl`` measures on the refine sequences, ``judge`` on the held-out ones; ``max_passes``: what is left of
-        the run's budget of passes over the refine sequences (``refine_keep_map``'s units)."""
+        the run's budget of passes over the refine sequences (``refine_keep_map``'s units). With
+        ``refine_objective="nll"`` both measure the NLL, and every "KL" here is that."""
         refinement = refine_keep_map(context.model, context.layers, keep, scores, context.select, fit_kl.sequences,
                                      opts.refine_rounds, int(context.batch_size), progress=progress, kl=fit_kl,
                                      probe_width=opts.probe_width, min_move_gain_se=opts.min_move_gain_se,
@@ -231,7 +238,9 @@ class ValidatedChoiceCriterion(Criterion):
         logger.info("%s: refinement made %d move(s), held-out KL %s -> %s: %s", NAME, len(moves),
                     round(validation_kl, 5), None if refined_kl is None else round(refined_kl, 5),
                     "kept" if accepted else "discarded")
-        report = {"moves": moves, "fit_kl": fit_kls, "validation_kl": refined_kl, "accepted": accepted,
+        # with refine_objective="nll" the "kl" entries hold the NLL ("objective" says which)
+        report = {"objective": opts.refine_objective, "moves": moves, "fit_kl": fit_kls, "validation_kl": refined_kl,
+                  "accepted": accepted,
                   "per_layer_kept": {str(k): len(v) for k, v in sorted(refined.items())},
                   "stopped": refinement.stopped, "probe_widths": refinement.probe_widths,
                   "passes": refinement.passes}
@@ -262,11 +271,19 @@ class ValidatedChoiceCriterion(Criterion):
         chosen_keep = entries[best][2]
         logger.info("%s: held-out KL per candidate %s; best %s",
                     NAME, {n: round(k, 5) for n, k in zip(labels, kls)}, entries[best][0])
-        final = (best, chosen_keep, kls[best], None)  # (entry, keep map, held-out KL, refinement report)
+        # what a refined map must beat the winner on: the held-out KL, or with refine_objective="nll" the held-out
+        # NLL (the unpruned model is not needed, so nothing is cached)
+        accept_measure, held_out_values = judge, judged
+        if opts.refine_rounds and opts.refine_objective != "kl":
+            accept_measure = MaskedKL(model, layers, held_out, int(context.batch_size), 0,
+                                      desc=f"{NAME}: judging refinements", objective=opts.refine_objective)
+            held_out_values = accept_measure.per_sequence([keep for _, _, keep in entries])
+        # (entry, keep map, held-out value of the refine objective, refinement report)
+        final = (best, chosen_keep, held_out_values[best][0], None)
         refinements = {}
         if opts.refine_rounds:  # the refinements share one measure of the refine sequences (and its cache)
             fit_kl = MaskedKL(model, layers, fit[: opts.refine_sequences], int(context.batch_size),
-                              refining_bytes, desc=REFINING)
+                              refining_bytes, desc=REFINING, objective=opts.refine_objective)
             # refine_budget is in passes over the calibration set, the refinement counts passes over its sequences
             budget = (opts.refine_budget * context.input_ids.shape[0] / fit_kl.num_sequences
                       if opts.refine_budget else None)
@@ -274,12 +291,13 @@ class ValidatedChoiceCriterion(Criterion):
                 label, source, keep = entries[index]
                 spent = sum(r["passes"] for r in refinements.values())
                 refined, report, per_sequence = self._refine(context, opts, results[source].scores, keep,
-                                                             kls[index], fit_kl, judge, bool(run["progress"]),
+                                                             held_out_values[index][0], fit_kl, accept_measure,
+                                                             bool(run["progress"]),
                                                              None if budget is None else budget - spent)
                 refinements[label] = report
                 if not report["accepted"]:
                     continue
-                gain_se = gain_in_standard_errors(judged[best][1], per_sequence)
+                gain_se = gain_in_standard_errors(held_out_values[best][1], per_sequence)
                 report["gain_se"] = gain_se if math.isfinite(gain_se) else None  # None: every sequence gained alike
                 sure = opts.min_gain_se == 0 or gain_se > opts.min_gain_se
                 if sure and report["validation_kl"] < final[2]:

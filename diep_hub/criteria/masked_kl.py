@@ -15,6 +15,10 @@ within a memory budget, instead of computing them again:
 
 Both reuse exactly what a full forward computes, so every KL is the same number, bit for bit, with or without the
 caches (tests/test_masked_kl.py checks it on every family).
+
+``objective="nll"`` measures the pruned model's own next-token negative log-likelihood of the sequences instead
+(how well it models the text, not how close it stays to the unpruned model; no unpruned forward is needed), with the
+same caches and the same interface: ``validated_choice``'s ``refine_objective`` (benchmarks/NLL_REFINEMENT.md).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from .router_bias import removal_bias, router_logit_bias
 logger = logging.getLogger(__name__)
 
 KeepMap = dict[int, list[int]]
+
+#: what :class:`MaskedKL` measures: the KL from the unpruned model, or the pruned model's own next-token NLL
+OBJECTIVES = ("kl", "nll")
 
 
 def log_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -97,6 +104,9 @@ class MaskedKL:
     """Mean per-token KL(unpruned || pruned) of keep maps on fixed ``sequences``, reusing the unpruned
     log-probabilities and a base keep map's decoder-layer outputs while they fit in ``cache_bytes``.
 
+    ``objective="nll"``: the pruned model's mean next-token NLL instead (each sequence's ``L - 1`` predictions),
+    where "KL" below reads "NLL"; the unpruned model is then never run.
+
     The unpruned log-probabilities of a batch are kept when all batches' fit in the budget; the base's outputs are
     kept at as many evenly spaced decoder layers as the rest of the budget holds (all of them on small models;
     a keep map resumes from the nearest kept layer below its first change). ``cache_bytes=0`` recomputes
@@ -104,8 +114,13 @@ class MaskedKL:
     """
 
     def __init__(self, model: nn.Module, layers: list[MoELayer], sequences: torch.Tensor, batch_size: int,
-                 cache_bytes: int = 0, desc: str = "masked KL"):
+                 cache_bytes: int = 0, desc: str = "masked KL", objective: str = "kl"):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}; allowed: {list(OBJECTIVES)}")
+        if objective == "nll" and sequences.shape[1] < 2:
+            raise ValueError(f"objective='nll' needs sequences of at least 2 tokens, got {tuple(sequences.shape)}")
         self.model, self.layers, self.sequences, self.desc = model, layers, sequences, desc
+        self.objective = objective
         self.batches = list(torch.split(sequences, batch_size))
         self.cache_bytes = int(cache_bytes)
         self.num_sequences = int(sequences.shape[0])
@@ -212,7 +227,7 @@ class MaskedKL:
         dtype = next(self.model.parameters()).dtype
         per_layer = self.num_sequences * first.shape[1] * hidden_size * torch.empty((), dtype=dtype).element_size()
         room = self.cache_bytes - self._reference_bytes
-        if self._references is not None and not self._references:  # reference not computed yet: reserve its room
+        if self.objective == "kl" and self._references is not None and not self._references:  # reserve its room
             vocab = self.model.config.get_text_config().vocab_size
             room -= self.num_sequences * first.shape[1] * vocab * 4
         affordable = max(0, room) // max(1, per_layer * copies)
@@ -260,8 +275,8 @@ class MaskedKL:
         with torch.no_grad(), eval_mode(self.model):
             for index, batch in enumerate(tqdm(self.batches, desc=self.desc, disable=not progress)):
                 ids = batch.to(device)
-                reference = self._reference(index, ids)
-                tokens += reference.shape[0] * reference.shape[1]
+                reference = self._reference(index, ids) if self.objective == "kl" else None
+                tokens += ids.shape[0] * (ids.shape[1] - (self.objective == "nll"))
                 for number, (bias, start) in enumerate(zip(biases, starts)):
                     if positions:
                         stored: dict[int, object] = {}
@@ -270,8 +285,16 @@ class MaskedKL:
                         captured[number].append(stored)
                     else:
                         logits = self._pruned_logits(index, ids, bias, start)
-                    kl = reference.exp() * (reference - log_probabilities(logits))
-                    totals[number] += float(kl.sum())
-                    per_sequence[number].append(kl.sum(dim=-1).mean(dim=-1).to(torch.float64).cpu())
+                    terms = self._terms(reference, logits, ids)
+                    totals[number] += float(terms.sum())
+                    per_position = terms.sum(dim=-1) if self.objective == "kl" else terms
+                    per_sequence[number].append(per_position.mean(dim=-1).to(torch.float64).cpu())
         results = [(total / tokens, torch.cat(sequences)) for total, sequences in zip(totals, per_sequence)]
         return results, captured
+
+    def _terms(self, reference: torch.Tensor | None, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """What the objective sums: KL(unpruned || pruned)'s summands [batch, positions, vocab], or the NLL of the
+        next token at every position but the last [batch, positions - 1]."""
+        if self.objective == "kl":
+            return reference.exp() * (reference - log_probabilities(logits))
+        return -log_probabilities(logits[:, :-1]).gather(-1, ids[:, 1:, None]).squeeze(-1)
