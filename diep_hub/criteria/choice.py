@@ -108,7 +108,7 @@ class ChoiceOptions(CriterionOptions):
         "kl", description="what the refinement climbs and what a refined map must beat the validated winner on, "
                           "held out: kl = the masked KL from the unpruned model (the candidates are always judged "
                           "by it); nll = the pruned model's own next-token NLL of the text "
-                          "(benchmarks/NLL_REFINEMENT.md)")
+                          "(benchmarks/NLL_REFINEMENT.md: behind kl on one zoo model, ahead on none)")
 
     cache_mb: NonNegativeInt = Field(
         1024, description="memory (MiB) that judging and refining may keep to avoid recomputing: the unpruned "
