@@ -235,8 +235,9 @@ class ValidatedChoiceCriterion(Criterion):
                         "widths %s, %s", NAME, opts.refine_budget, refinement.probe_widths, refinement.stopped)
         refined_kl, refined_per_sequence = judge.per_sequence([refined])[0] if moves else (None, None)
         accepted = refined_kl is not None and refined_kl < validation_kl
-        logger.info("%s: refinement made %d move(s), held-out KL %s -> %s: %s", NAME, len(moves),
-                    round(validation_kl, 5), None if refined_kl is None else round(refined_kl, 5),
+        logger.info("%s: refinement made %d move(s), held-out %s %s -> %s: %s", NAME, len(moves),
+                    opts.refine_objective.upper(), round(validation_kl, 5),
+                    None if refined_kl is None else round(refined_kl, 5),
                     "kept" if accepted else "discarded")
         # with refine_objective="nll" the "kl" entries hold the NLL ("objective" says which)
         report = {"objective": opts.refine_objective, "moves": moves, "fit_kl": fit_kls, "validation_kl": refined_kl,
