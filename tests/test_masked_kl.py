@@ -1,6 +1,7 @@
-"""MaskedKL (criteria/masked_kl.py): its caches reuse exactly what a full forward computes, so every KL is the
-same number with or without them (compared exactly: the same computation on the same tokens), and they save work
-(counted in forward passes, not timed).
+"""MaskedKL (criteria/masked_kl.py): its caches reuse exactly what a full forward computes, so every KL (and NLL)
+is the same number with or without them (compared exactly: the same computation on the same tokens), and they save
+work (counted in forward passes, not timed). Its NLL is checked against the surgically pruned model's in float64
+to a relative 1e-6 (masking and surgery: two routes to the same maths; the tolerance and why at that test).
 """
 
 from __future__ import annotations
@@ -91,8 +92,10 @@ def _nll_after_surgery(model, keep, ids) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_nll_objective_is_the_nll_of_the_surgically_pruned_model(family):
-    # float64, as the KL's check against surgery (tests/test_choice_criterion.py): the two routes to the same
-    # routing agree to far below a relative 1e-9, so that tolerance can only fail on a real difference
+    # float64 and a relative 1e-6, as the KL's check against surgery (tests/test_choice_criterion.py): masking and
+    # surgery are two routes to the same routing. The DeepSeek routers compute their logits in float32 even in a
+    # float64 model, so those two agree to ~2e-9 only (on NLLs ~4.6), not to float64's 1e-10; the smallest change a
+    # one-expert swap makes to these NLLs is 2.3e-4, 50x above the tolerance.
     model = tiny_model(family, **GROUPED.get(family, {})).double()
     model.config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
     layers = get_family(model).moe_layers(model)
@@ -102,10 +105,10 @@ def test_the_nll_objective_is_the_nll_of_the_surgically_pruned_model(family):
     nll = MaskedKL(model, layers, ids, batch_size=2, objective="nll")
     (mean, per_sequence), (unpruned_mean, unpruned_per_sequence) = nll.per_sequence([keep, everything])
     expected = _nll_after_surgery(model, keep, ids)
-    assert torch.allclose(per_sequence, expected.to(torch.float64), rtol=1e-9, atol=0.0)
-    assert mean == pytest.approx(float(expected.mean()), rel=1e-9)  # equal lengths: the mean of the sequences'
-    assert torch.allclose(unpruned_per_sequence, _nll_after_surgery(model, everything, ids).to(torch.float64),
-                          rtol=1e-9, atol=0.0)
+    assert per_sequence.tolist() == pytest.approx(expected.tolist(), rel=1e-6, abs=0.0)
+    assert mean == pytest.approx(float(expected.mean()), rel=1e-6, abs=0.0)  # equal lengths: the sequences' mean
+    assert unpruned_per_sequence.tolist() == pytest.approx(_nll_after_surgery(model, everything, ids).tolist(),
+                                                           rel=1e-6, abs=0.0)
     assert abs(mean - unpruned_mean) > 1e-6  # removing half the experts moves the NLL: the check can fail
     assert nll.forwards == pytest.approx(2)  # one pass a keep map: the unpruned model never ran
 
