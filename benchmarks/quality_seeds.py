@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import logging
+import re
 import statistics
 import sys
 import time
@@ -48,13 +49,13 @@ VARIANTS = ("plain", "merged", "recalibrated", "merged+recalibrated")
 
 
 def parse_method(label: str) -> Method:
-    """A row of quality.METHODS, or a variant spelled ``LABEL:option=value,...`` (e.g. ``diep-removal:epochs=10``)
-    whose options override that row's."""
+    """A row of quality.METHODS, or a variant spelled ``LABEL:option=value,...`` (e.g. ``diep-removal:epochs=10``,
+    ``validated-choice:candidates=["reap","diep_removal"]``) whose options override that row's."""
     base, _, spec = label.partition(":")
     if base not in METHODS:
         raise SystemExit(f"unknown method {base!r}; choose from {list(METHODS)} (optionally LABEL:opt=value,...)")
     options = dict(METHODS[base].options)
-    for item in filter(None, spec.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", spec)):  # a comma inside [...] belongs to a JSON list
         key, _, value = item.partition("=")
         options[key] = json.loads(value) if value[:1].isdigit() or value[:1] in "-[{" else value
     return Method(label, METHODS[base].criterion, options)
