@@ -74,7 +74,8 @@ class ChoiceOptions(CriterionOptions):
 
     candidates: tuple[str, ...] = Field(
         ("reap", "frequency", "soft_frequency"),
-        description="the criteria compared (each with its default options), the tie-break order")
+        description="the criteria compared (each with its default options), the tie-break order "
+                    "(benchmarks/REMOVAL_CANDIDATE.md: adding diep_removal kept no more)")
     validation_fraction: Annotated[float, Number(0, 1, lo_open=True, hi_open=True)] = Field(
         0.25, description="share of the calibration sequences held out to judge the candidates")
     compare_uniform: bool = Field(
