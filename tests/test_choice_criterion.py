@@ -15,16 +15,15 @@ import pytest
 import torch
 import yaml
 
-import diep_hub
 from diep_hub.criteria.base import get_criterion
 from diep_hub.criteria.choice import masked_kl, split_calibration
 from diep_hub.errors import ConfigError
 from diep_hub.families import get_family
 from diep_hub.pruner import DiEPPruner
 from diep_hub.selection import select_experts
-from tests.helpers.pruning import fast_pruner
+from tests.helpers.pruning import fast_pruner, surgically_pruned
 from tests.helpers.scoring import scoring_context
-from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model
+from tests.helpers.tiny_models import FAMILIES, float64_tiny_model, sample_input_ids, tiny_model
 from tests.helpers.word_tokenizer import pruner_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,8 +33,7 @@ GROUPED = {"deepseek_v3": {"n_group": 2, "topk_group": 1}}
 
 def _kl_after_surgery(model, keep, ids) -> float:
     """Mean per-token KL(unpruned || surgically pruned): the reference the masked KL must match."""
-    pruned = diep_hub.prune_experts(copy.deepcopy(model), keep)
-    pruned.config._experts_implementation = model.config._experts_implementation
+    pruned = surgically_pruned(model, keep)
     with torch.no_grad():
         reference = torch.log_softmax(model(ids).logits, dim=-1)
         after = torch.log_softmax(pruned(ids).logits, dim=-1)
@@ -51,8 +49,7 @@ def _selection(model, sparsity, mode="global"):
 def test_masked_kl_is_the_kl_of_the_surgically_pruned_model(family):
     # float64: the KL of a tiny random model is ~1e-5, and float32 rounding of the logits would blur it; in float64
     # the two routes to the same routing agree to ~1e-12 of it, so a relative 1e-6 can only fail on a real difference.
-    model = tiny_model(family, **GROUPED.get(family, {})).double()
-    model.config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    model = float64_tiny_model(family, **GROUPED.get(family, {}))
     layers = get_family(model).moe_layers(model)
     ids = sample_input_ids(batch=3, length=11)
     scores = {layer.index: torch.randn(layer.num_experts, generator=torch.Generator().manual_seed(layer.index))

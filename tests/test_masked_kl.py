@@ -6,17 +6,15 @@ to a relative 1e-6 (masking and surgery: two routes to the same maths; the toler
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-import diep_hub
 from diep_hub.criteria.masked_kl import OBJECTIVES, MaskedKL, decoder_positions
 from diep_hub.criteria.refinement import refine_keep_map
 from diep_hub.families import get_family
 from diep_hub.selection import select_experts
-from tests.helpers.tiny_models import FAMILIES, sample_input_ids, tiny_model
+from tests.helpers.pruning import surgically_pruned
+from tests.helpers.tiny_models import FAMILIES, float64_tiny_model, sample_input_ids, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -83,10 +81,8 @@ def test_resumed_and_cached_measurements_equal_full_forwards_exactly(family, obj
 
 def _nll_after_surgery(model, keep, ids) -> torch.Tensor:
     """Each sequence's mean next-token NLL under the surgically pruned model: what ``objective="nll"`` must match."""
-    pruned = diep_hub.prune_experts(copy.deepcopy(model), keep)
-    pruned.config._experts_implementation = model.config._experts_implementation
     with torch.no_grad():
-        log_probs = torch.log_softmax(pruned(ids).logits[:, :-1], dim=-1)
+        log_probs = torch.log_softmax(surgically_pruned(model, keep)(ids).logits[:, :-1], dim=-1)
     return -log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(dim=-1)
 
 
@@ -96,8 +92,7 @@ def test_the_nll_objective_is_the_nll_of_the_surgically_pruned_model(family):
     # surgery are two routes to the same routing. The DeepSeek routers compute their logits in float32 even in a
     # float64 model, so those two agree to ~2e-9 only (on NLLs ~4.6), not to float64's 1e-10; the smallest change a
     # one-expert swap makes to these NLLs is 2.3e-4, 50x above the tolerance.
-    model = tiny_model(family, **GROUPED.get(family, {})).double()
-    model.config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    model = float64_tiny_model(family, **GROUPED.get(family, {}))
     layers = get_family(model).moe_layers(model)
     ids = sample_input_ids(batch=3, length=11)
     _, _, _, keep = _setup(family)

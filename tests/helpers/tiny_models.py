@@ -78,6 +78,14 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     return model
 
 
+def float64_tiny_model(model_type: str, **overrides):
+    """``tiny_model`` in float64 with the eager experts (grouped_mm has no float64 kernel): for checks of two
+    routes to the same maths where float32 rounding would blur the small differences pruning makes."""
+    model = tiny_model(model_type, **overrides).double()
+    model.config._experts_implementation = "eager"
+    return model
+
+
 def dense_model():
     """A dense Llama of the tiny models' common size: no experts, what every MoE-only entry point refuses."""
     return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **COMMON)).eval()
