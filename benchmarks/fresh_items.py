@@ -32,7 +32,7 @@ import numpy as np
 from default_check import sign_flip_p_value
 from quality import calibration_ids, score, select
 from quality_seeds import EVAL, parse_method, split_key
-from report_notes import publish
+from report_notes import header, publish
 from scipy.stats import t as student_t
 
 from diep_hub import prune_experts
@@ -280,11 +280,8 @@ def compare(data: dict, model: str, sparsity: float, method: str, selection: str
 def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | None, draws: int,
            default: str = DEFAULT) -> list[str]:
     meta = data["meta"]
-    lines = [
-        "# The default against every baseline on fresh evaluation items",
-        "",
-        "Commands: " + ", ".join(f"`{c}`" for c in meta["all_commands"]) + "  ",
-        f"Machine: {meta['machine']}.  ",
+    title = "The default against every baseline on fresh evaluation items"
+    lines = header(title, meta["all_commands"], meta["machine"]) + [
         f"Runs: the cached zoo instances (zoo seeds) x calibration seeds ({meta['num_samples']} x {meta['seq_len']} "
         f"tokens, as quality_seeds.py); the default ({default}, global) and each baseline on the same run.  ",
         f"Items: fresh = {meta['num_mc']} 4-way items per domain x {len(meta['domains'])} domains (item seed "

@@ -52,7 +52,7 @@ from fresh_items import (
 )
 from quality import calibration_ids, score, select
 from quality_seeds import parse_method
-from report_notes import publish
+from report_notes import header, publish
 
 from diep_hub import prune_experts
 from diep_hub.criteria.base import get_criterion
@@ -268,11 +268,8 @@ def rows(data: dict, draws: int, level: float = 0.05, disjoint: bool = False) ->
 def report(data: dict, tables: list[tuple[str, list[dict]]], check: tuple[int, int] | None, draws: int) -> list[str]:
     meta = data["meta"]
     num = meta["num_mc"] * len(meta["domains"])
-    lines = [
-        "# Headroom: what a search that sees the task keeps, against the best baseline",
-        "",
-        "Commands: " + ", ".join(f"`{c}`" for c in meta["commands"]) + "  ",
-        f"Machine: {meta['machine']}.  ",
+    title = "Headroom: what a search that sees the task keeps, against the best baseline"
+    lines = header(title, meta["commands"], meta["machine"]) + [
         f"Runs: cached zoo instances x calibration seeds ({meta['num_samples']} x {meta['seq_len']} tokens); the "
         f"starting keep maps are the default's ({DEFAULT}, global) and every baseline's (global and uniform), as in "
         "fresh_items.py.  ",

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from fresh_items import unpack
 from quality import calibration_ids
-from report_notes import publish
+from report_notes import header, publish
 from scipy.stats import spearmanr
 
 from diep_hub.criteria.choice import masked_kl
@@ -92,11 +92,8 @@ def rank_correlation(run: dict, objective: str) -> float:
 
 def report(data: dict) -> list[str]:
     meta = data["meta"]
-    lines = [
-        "# Objective check: would a calibration-text objective have found the task oracle's keep maps?",
-        "",
-        "Commands: " + ", ".join(f"`{c}`" for c in meta["commands"]) + "  ",
-        f"Machine: {meta['machine']}.  ",
+    title = "Objective check: would a calibration-text objective have found the task oracle's keep maps?"
+    lines = header(title, meta["commands"], meta["machine"]) + [
         f"Keep maps: each headroom run's starts (the default's and every baseline's) and its oracle "
         f"({meta['headroom']}). Objectives measured on {meta['num_samples']} x {meta['seq_len']} tokens of another "
         f"draw of the calibration generator (seed {meta['text_seed']}, text no criterion saw in the run), router "

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from quality import METHODS, Method, calibration_ids, evaluate_pruned, score, select, uniform_counts
-from report_notes import write_keeping_notes
+from report_notes import header, write_keeping_notes
 
 from diep_hub import prune_experts
 from diep_hub.criteria.base import get_criterion
@@ -259,11 +259,8 @@ def report(data: dict, path: Path) -> None:
     sparsities = sorted({float(k[4]) for k in cells})
     seeds = sorted({int(k[1]) for k in cells})
     meta = data["meta"]
-    lines = [
-        "# Quality over calibration seeds: mean and spread of multiple-choice retention",
-        "",
-        "Commands: " + ", ".join(f"`{c}`" for c in meta["commands"]) + "  ",
-        f"Machine: {meta['machine']}.  ",
+    title = "Quality over calibration seeds: mean and spread of multiple-choice retention"
+    lines = header(title, meta["commands"], meta["machine"]) + [
         f"Calibration: {meta['num_samples']} zoo documents x {meta['seq_len']} tokens per seed, drawn with the seed "
         f"(seeds {seeds}); the seed also seeds the search. Evaluation: {EVAL['num_mc']} held-out 4-way "
         "multiple-choice items per domain (chance 0.25), macro over the 7 domains; retention = pruned / unpruned.",

@@ -1,4 +1,6 @@
-"""Generated reports with hand notes: a re-run rewrites the tables and keeps what people wrote below the marker."""
+"""Generated reports with hand notes: a re-run rewrites the tables and keeps what people wrote below the marker.
+
+Every report opens alike (:func:`header`): its title, the commands that made its results, the machine."""
 
 from __future__ import annotations
 
@@ -22,3 +24,8 @@ def publish(report: str | None, text: str) -> None:
         write_keeping_notes(report, text)
     else:
         print(text)
+
+
+def header(title: str, commands: list[str], machine: str) -> list[str]:
+    """A report's first lines: the title, the commands that made its results files and the machine they ran on."""
+    return [f"# {title}", "", "Commands: " + ", ".join(f"`{c}`" for c in commands) + "  ", f"Machine: {machine}.  "]
