@@ -352,6 +352,8 @@ def bar(group: list[dict]) -> str:
     names (other settings of validated_choice, compared on some pages, are not among them): "met", "out of reach"
     (every baseline not beaten is one no faithful pruning beats either) or "missed: <the beatable ones>"."""
     baselines = [r for r in group if not r["method"].startswith("validated-choice")]
+    if not baselines:  # only other settings of the default were compared: the bar has nothing to be met against
+        return "-"
     missed = [f"{r['method']} ({r['selection']})" for r in baselines
               if r["verdict"] != "ahead" and r["faithful_low"] > 0]
     if not missed:
