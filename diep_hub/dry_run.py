@@ -177,7 +177,8 @@ def _search_passes(pruner, num_moe_layers: int = 1, experts_per_layer: int = 2) 
     (probes a layer x layers + 5) passes a round over its refine sequences and 2 held-out ones; a layer's probes are
     2 x ``probe_width``, at most its ``experts_per_layer`` (all of them with ``probe_width=0``); the refinements
     together measure at most ``refine_budget`` calibration passes' worth, plus one unpruned pass over the refine
-    sequences; with ``refine_objective="nll"`` each judged keep map is measured once more over the held-out share."""
+    sequences; with ``refine_objective="nll"`` each keep map it refines is measured once more over the held-out
+    share."""
     if pruner.method == "validated_choice":
         from .criteria.base import get_criterion
 
@@ -201,8 +202,8 @@ def _search_passes(pruner, num_moe_layers: int = 1, experts_per_layer: int = 2) 
             if settings.refine_budget:  # the budget bounds the refinements' measurements; the reference pass is extra
                 refining = min(refining, settings.refine_budget + share)
             passes += refining + refined * 2 * held_out
-            if settings.refine_objective != "kl":  # the refined maps must beat the judged ones on it: judged again
-                passes += judged * held_out
+            if settings.refine_objective != "kl":  # the maps refined are measured again on it, the winner first
+                passes += refined * held_out
         return math.ceil(passes)
     return _passes(pruner.method, lambda: pruner.epochs if pruner.method == "diep"
                    else pruner.criterion_settings().epochs)

@@ -231,12 +231,18 @@ def test_dry_run_counts_every_candidate_pass_and_the_judging_passes():
                       options={"candidates": ["reap"], "refine_rounds": 4, "refine_sequences": 16,
                                "refine_candidates": 5, "compare_uniform": False, "refine_budget": 0})
     assert _search_passes(many, num_moe_layers=6) == _search_passes(refining, num_moe_layers=6)
-    # refine_objective="nll": the judged keep maps are measured again by the held-out NLL (3 of them on 25%)
+    # refine_objective="nll": the keep maps refined are measured again by the held-out NLL (the winner's: one pass
+    # on 25%; the best two of three judged with refine_candidates=2: two)
     by_nll = DiEPPruner(method="validated_choice", num_samples=64,
                         options={"refine_rounds": 4, "refine_sequences": 16, "compare_uniform": False,
                                  "refine_budget": 0, "refine_objective": "nll"})
     assert _search_passes(by_nll, num_moe_layers=6) == math.ceil(
-        0.75 + 4 * 0.25 + (16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25 + 3 * 0.25)
+        0.75 + 4 * 0.25 + (16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25 + 1 * 0.25)
+    two_by_nll = DiEPPruner(method="validated_choice", num_samples=64,
+                            options={"refine_rounds": 4, "refine_sequences": 16, "compare_uniform": False,
+                                     "refine_budget": 0, "refine_objective": "nll", "refine_candidates": 2})
+    assert _search_passes(two_by_nll, num_moe_layers=6) == math.ceil(
+        0.75 + 4 * 0.25 + 2 * ((16 / 64) * (2 + 4 * (2 * 6 + 5)) + 2 * 0.25) + 2 * 0.25)
 
 
 def test_dry_run_counts_the_caches_in_the_peak():
@@ -554,6 +560,44 @@ def test_an_nll_refinement_climbs_and_is_judged_by_the_pruned_models_own_nll():
     for k, ids_kept in applied.items():  # surgery kept exactly those experts' weights
         layer = get_family(model).moe_layers(model)[k].experts
         assert torch.equal(layer.down_proj, get_family(base).moe_layers(base)[k].experts.down_proj[ids_kept])
+
+
+def test_an_nll_refinement_measures_only_the_maps_it_refines_on_the_held_out_nll(monkeypatch):
+    """With refine_objective="nll" and refine_candidates=2 of three judged maps, the held-out NLL is measured for the
+    two maps refined (the winner first) and nothing else; the map applied is the lowest held-out NLL among the winner
+    and the refined maps that beat it."""
+    from diep_hub.calibration import load_calibration_data
+    from diep_hub.criteria.masked_kl import MaskedKL
+
+    measured: list[list[dict]] = []
+    per_sequence = MaskedKL.per_sequence
+
+    def spy(self, keep_maps, *args, **kwargs):
+        if self.objective == "nll" and self.desc.endswith("judging refinements"):
+            measured.append([dict(k) for k in keep_maps])
+        return per_sequence(self, keep_maps, *args, **kwargs)
+
+    monkeypatch.setattr(MaskedKL, "per_sequence", spy)
+    pruner, base, _ = _refining_run("mixtral", SMALL_REFINEMENT | {
+        "candidates": ["random", "frequency", "reap"], "refine_candidates": 2, "refine_objective": "nll"})
+    details = pruner.report.details
+    order = _by_held_out_kl(details)
+    assert sorted(details["refinements"]) == sorted(order[:2])
+    ids = load_calibration_data(pruner.dataset, pruner_tokenizer(), num_samples=8, seq_len=16, seed=0)
+    fit, held_out = split_calibration(ids, 0.5)
+    layers = get_family(base).moe_layers(base)
+    context = scoring_context(base, fit, batch_size=4, sparsity=0.5)
+    starts = {name: _selection(base, 0.5)(get_criterion(name)().score(context).scores).keep for name in order[:2]}
+    # one pass over the held-out share with the two maps refined; then each refinement that moved, its own map
+    assert measured[0] == [starts[order[0]], starts[order[1]]]
+    moved = [r for r in details["refinements"].values() if r["moves"]]
+    assert moved and len(measured) == 1 + len(moved) and all(len(maps) == 1 for maps in measured[1:])
+    held_out_nll = MaskedKL(base, layers, held_out, batch_size=4, objective="nll")
+    winner = held_out_nll.means([starts[order[0]]])[0]
+    beaten = [r["validation_kl"] for r in details["refinements"].values() if r["accepted"] and
+              r["validation_kl"] < winner]
+    assert held_out_nll.means([pruner.report.kept_original_ids])[0] == pytest.approx(min([winner, *beaten]),
+                                                                                     rel=1e-6)
 
 
 def test_gain_in_standard_errors_is_the_paired_difference_over_its_standard_error():

@@ -273,13 +273,16 @@ class ValidatedChoiceCriterion(Criterion):
         chosen_keep = entries[best][2]
         logger.info("%s: held-out KL per candidate %s; best %s",
                     NAME, {n: round(k, 5) for n, k in zip(labels, kls)}, entries[best][0])
+        # the keep maps refined: the best refine_candidates judged (the winner first)
+        refined_indices = sorted(range(len(kls)), key=lambda i: (kls[i], i))[: opts.refine_candidates]
         # what a refined map must beat the winner on: the held-out KL, or with refine_objective="nll" the held-out
-        # NLL (the unpruned model is not needed, so nothing is cached)
-        accept_measure, held_out_values = judge, judged
+        # NLL, measured only for the maps refined (the winner among them; nothing cached: no unpruned pass needed)
+        accept_measure, held_out_values = judge, dict(enumerate(judged))
         if opts.refine_rounds and opts.refine_objective != "kl":
             accept_measure = MaskedKL(model, layers, held_out, int(context.batch_size), 0,
                                       desc=f"{NAME}: judging refinements", objective=opts.refine_objective)
-            held_out_values = accept_measure.per_sequence([keep for _, _, keep in entries])
+            measured = accept_measure.per_sequence([entries[i][2] for i in refined_indices])
+            held_out_values = dict(zip(refined_indices, measured))
         # (entry, keep map, held-out value of the refine objective, refinement report)
         final = (best, chosen_keep, held_out_values[best][0], None)
         refinements = {}
@@ -289,7 +292,7 @@ class ValidatedChoiceCriterion(Criterion):
             # refine_budget is in passes over the calibration set, the refinement counts passes over its sequences
             budget = (opts.refine_budget * context.input_ids.shape[0] / fit_kl.num_sequences
                       if opts.refine_budget else None)
-            for index in sorted(range(len(kls)), key=lambda i: (kls[i], i))[: opts.refine_candidates]:
+            for index in refined_indices:
                 label, source, keep = entries[index]
                 spent = sum(r["passes"] for r in refinements.values())
                 refined, report, per_sequence = self._refine(context, opts, results[source].scores, keep,
