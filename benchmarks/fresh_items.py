@@ -277,10 +277,12 @@ def compare(data: dict, model: str, sparsity: float, method: str, selection: str
     }
 
 
+TITLE = "The default against every baseline on fresh evaluation items"
+
+
 def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | None, draws: int,
-           default: str = DEFAULT) -> list[str]:
+           default: str = DEFAULT, title: str = TITLE) -> list[str]:
     meta = data["meta"]
-    title = "The default against every baseline on fresh evaluation items"
     lines = header(title, meta["all_commands"], meta["machine"]) + [
         f"Runs: the cached zoo instances (zoo seeds) x calibration seeds ({meta['num_samples']} x {meta['seq_len']} "
         f"tokens, as quality_seeds.py); the default ({default}, global) and each baseline on the same run.  ",
@@ -403,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     add_fresh_run_arguments(parser, Path(__file__).parent / "results" / "fresh_items" / "all.json")
     parser.add_argument("--stored", nargs="*", default=None,
                         help="quality_seeds.py files to check runs against, oldest first")
+    parser.add_argument("--title", default=TITLE,
+                        help="the report's title (a page that compares a variant with the default says so)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     run_unless_report_only(parser, args, run)
@@ -410,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     num_original = data["meta"]["original_items"]["num_mc"] * len(data["meta"]["domains"])
     stored = None if args.stored is None else stored_check(data, args.stored, num_original)
     rows = comparisons(data, draws=args.draws, default=args.default, baselines=tuple(args.baselines))
-    text = "\n".join(report(data, rows, stored, args.draws, args.default)) + "\n"
+    text = "\n".join(report(data, rows, stored, args.draws, args.default, args.title)) + "\n"
     publish(args.report, text)
     return 0
 
