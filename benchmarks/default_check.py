@@ -3,6 +3,7 @@
 For each model and sparsity it compares the default method (global selection, the pruner's default; plain, and with
 router recalibration) with the best baseline cell of the same variant over both selections, and says whether the
 default is ahead by more than the seed spread (the larger of the two standard deviations), within it, or behind.
+``--baseline-variant plain`` compares each variant of the default with the baselines as published instead.
 Reads the JSON files of ``quality_seeds.py``.
 
 With ``--instance`` (given once per instance of the zoo: the same model recipes trained again, with another seed or
@@ -58,7 +59,10 @@ def verdict(default: tuple, best: tuple) -> str:
     return f"within the spread ({margin:+.3f}, spread {spread:.3f})"
 
 
-def table(data: dict, default: str, baselines: list[str], variants: list[str]) -> list[str]:
+def table(data: dict, default: str, baselines: list[str], variants: list[str],
+          baseline_variant: str | None = None) -> list[str]:
+    """One row per model, sparsity and variant: the default (global) against the best baseline cell of the same
+    variant, or of ``baseline_variant`` (e.g. the default recalibrated against the baselines as published, plain)."""
     cells = {split_key(k): v for k, v in data["cells"].items() if "retention" in v}
     models = [*data["meta"]["tuning"], *data["meta"]["heldout"]]
     lines = [f"| model | sparsity | variant | {default} (global) | best baseline (method, selection) | verdict |",
@@ -68,14 +72,15 @@ def table(data: dict, default: str, baselines: list[str], variants: list[str]) -
         for sparsity in sparsities:
             for variant in variants:
                 mine = cell_stats(cells, model, default, "global", sparsity, variant)
-                rivals = {(m, s): cell_stats(cells, model, m, s, sparsity, variant)
+                rivals = {(m, s): cell_stats(cells, model, m, s, sparsity, baseline_variant or variant)
                           for m in baselines for s in ("global", "uniform")}
                 rivals = {k: v for k, v in rivals.items() if v is not None}
                 if mine is None or not rivals:
                     continue
                 (method, selection), best = max(rivals.items(), key=lambda kv: kv[1][0])
+                against = f" (baselines {baseline_variant})" if baseline_variant not in (None, variant) else ""
                 lines.append(
-                    f"| {model} | {float(sparsity):.0%} | {variant} | {mine[0]:.3f} +- {mine[1]:.3f} | "
+                    f"| {model} | {float(sparsity):.0%} | {variant}{against} | {mine[0]:.3f} +- {mine[1]:.3f} | "
                     f"{best[0]:.3f} +- {best[1]:.3f} ({method}, {selection}) | {verdict(mine, best)} |")
     return lines
 
@@ -187,9 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--level", type=float, default=0.05, help="with --instance: the test's two-sided level")
     parser.add_argument("--baselines", nargs="+", default=["reap", "frequency", "soft_frequency"])
     parser.add_argument("--variants", nargs="+", default=["plain", "recalibrated"])
+    parser.add_argument("--baseline-variant", default=None,
+                        help="compare every variant of the default with this variant of the baselines (e.g. plain: "
+                             "the baselines as published); default: the same variant")
     parser.add_argument("--cost", action="store_true", help="print the scoring time against REAP's instead")
     args = parser.parse_args(argv)
     if args.instance:
+        if args.baseline_variant:
+            parser.error("--baseline-variant works with --results (the spread verdict), not with --instance")
         bad = [entry for entry in args.instance if len(entry) < 2]
         if bad or args.results:
             parser.error("--instance takes a name and at least one file each, and replaces --results")
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             merged["meta"][key] += [m for m in part["meta"].get(key, []) if m not in merged["meta"][key]]
         merged["cells"].update(part["cells"])
     lines = scoring_cost(merged, args.default) if args.cost else table(merged, args.default, args.baselines,
-                                                                         args.variants)
+                                                                         args.variants, args.baseline_variant)
     print("\n".join(lines))
     return 0
 

@@ -1,0 +1,104 @@
+"""What merging and router recalibration add to each criterion, paired run by run, from quality_seeds.py's files.
+
+For every model, sparsity and method it pairs each merged or recalibrated cell with the plain cell of the same
+calibration seed and selection (the same keep map: the variant only changes what follows selection) and prints the
+mean retention gain, its range and how many of the pairs gained, lost or stayed equal. The recalibration row also
+counts the runs whose recalibration was undone (`applied: false`: the calibration KL did not go down, so the plain
+model was kept), and a last table gives the calibration KL recalibration started from and what it left of it. The
+figures VARIANTS_GRID.md quotes besides quality_seeds.py's tables.
+
+Usage (from benchmarks/):
+    python variant_gains.py --results results/variants_default/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from quality_seeds import merge, split_key
+
+VARIANTS = ("merged", "recalibrated")
+
+
+def gains(data: dict, variant: str) -> dict[tuple[str, str, str], list[tuple[float, dict]]]:
+    """{(model, sparsity, method): [(variant retention - plain retention, the variant's cell), ...]} over every
+    (seed, selection) that ran both."""
+    cells = {split_key(k): v for k, v in data["cells"].items() if "retention" in v}
+    paired: dict[tuple[str, str, str], list[tuple[float, dict]]] = {}
+    for (model, seed, method, selection, sparsity, kind), cell in cells.items():
+        plain = cells.get((model, seed, method, selection, sparsity, "plain"))
+        if kind != variant or plain is None:
+            continue
+        paired.setdefault((model, sparsity, method), []).append((cell["retention"] - plain["retention"], cell))
+    return paired
+
+
+def table(data: dict, variant: str) -> list[str]:
+    lines = [f"### {variant} minus plain (pairs: calibration seeds x selections)", "",
+             "| model | sparsity | method | pairs | mean gain | min, max | gained / lost / equal |"
+             + (" recalibration undone |" if variant == "recalibrated" else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if variant == "recalibrated" else "")]
+    models = [*data["meta"]["tuning"], *data["meta"]["heldout"]]
+    paired = gains(data, variant)
+    for model in models:
+        for key in sorted((k for k in paired if k[0] == model), key=lambda k: (float(k[1]), k[2])):
+            values = [g for g, _ in paired[key]]
+            row = (f"| {model} | {float(key[1]):.0%} | {key[2]} | {len(values)} | {statistics.fmean(values):+.3f} | "
+                   f"{min(values):+.3f}, {max(values):+.3f} | {sum(g > 0 for g in values)} / "
+                   f"{sum(g < 0 for g in values)} / {sum(g == 0 for g in values)} |")
+            if variant == "recalibrated":
+                undone = sum(not c.get("recalibration", {}).get("applied", True) for _, c in paired[key])
+                row += f" {undone} |"
+            lines.append(row)
+    lines.append("")
+    overall = [(k, g) for k, pairs in paired.items() for g, _ in pairs]
+    for model in models:
+        for sparsity in sorted({k[1] for k, _ in overall if k[0] == model}, key=float):
+            values = [g for k, g in overall if k[0] == model and k[1] == sparsity]
+            lines.append(f"- {model} {float(sparsity):.0%}: mean {statistics.fmean(values):+.3f} over {len(values)} "
+                         f"pairs, {sum(g > 0 for g in values)} gained, {sum(g < 0 for g in values)} lost")
+    return lines
+
+
+def recalibration_kl(data: dict) -> list[str]:
+    """Per model and sparsity, over every recalibrated run (all methods and selections): the pruned model's
+    calibration KL before recalibration (median), what recalibration left of it (median of after / before; 1 where
+    it was undone), how many runs undid it, and its wall time beside REAP's scoring time on the same model (both
+    from the same runs: read the ratio, not the seconds)."""
+    cells = {split_key(k): v for k, v in data["cells"].items() if "recalibration" in v}
+    lines = ["### Recalibration's calibration KL (token-mean KL of the unpruned model's next-token distribution)", "",
+             "| model | sparsity | runs | KL before (median) | after / before (median) | undone | seconds (median) | "
+             "REAP's scoring seconds (median) |",
+             "|---|---|---|---|---|---|---|---|"]
+    scoring = {split_key(k): v["score_seconds"] for k, v in data["cells"].items() if "score_seconds" in v}
+    for model in [*data["meta"]["tuning"], *data["meta"]["heldout"]]:
+        for sparsity in sorted({k[4] for k in cells if k[0] == model}, key=float):
+            runs = [v["recalibration"] for k, v in cells.items() if k[0] == model and k[4] == sparsity]
+            lines.append(
+                f"| {model} | {float(sparsity):.0%} | {len(runs)} | "
+                f"{statistics.median(r['kl_before'] for r in runs):.4f} | "
+                f"{statistics.median(r['kl_after'] / r['kl_before'] for r in runs):.2f} | "
+                f"{sum(not r['applied'] for r in runs)} | {statistics.median(r['seconds'] for r in runs):.1f} | "
+                f"{statistics.median(v for k, v in scoring.items() if k[0] == model and k[2] == 'reap'):.2f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", nargs="+", required=True, help="quality_seeds.py JSON files")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    args = parser.parse_args(argv)
+    data = merge([json.loads(Path(f).read_text(encoding="utf-8")) for f in args.results])
+    for variant in args.variants:
+        print("\n".join(table(data, variant)))
+        print()
+    if "recalibrated" in args.variants:
+        print("\n".join(recalibration_kl(data)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
