@@ -73,7 +73,11 @@ def recalibration_kl(data: dict) -> list[str]:
              "| model | sparsity | runs | KL before (median) | after / before (median) | undone | seconds (median) | "
              "REAP's scoring seconds (median) |",
              "|---|---|---|---|---|---|---|---|"]
-    scoring = {split_key(k): v["score_seconds"] for k, v in data["cells"].items() if "score_seconds" in v}
+    reap_seconds: dict[str, list[float]] = {}  # REAP's plain runs, as default_check.py --cost reads them
+    for key, cell in data["cells"].items():
+        model, _, method, _, _, variant = split_key(key)
+        if method == "reap" and variant == "plain" and "score_seconds" in cell:
+            reap_seconds.setdefault(model, []).append(cell["score_seconds"])
     for model in [*data["meta"]["tuning"], *data["meta"]["heldout"]]:
         for sparsity in sorted({k[4] for k in cells if k[0] == model}, key=float):
             runs = [v["recalibration"] for k, v in cells.items() if k[0] == model and k[4] == sparsity]
@@ -82,7 +86,7 @@ def recalibration_kl(data: dict) -> list[str]:
                 f"{statistics.median(r['kl_before'] for r in runs):.4f} | "
                 f"{statistics.median(r['kl_after'] / r['kl_before'] for r in runs):.2f} | "
                 f"{sum(not r['applied'] for r in runs)} | {statistics.median(r['seconds'] for r in runs):.1f} | "
-                f"{statistics.median(v for k, v in scoring.items() if k[0] == model and k[2] == 'reap'):.2f} |")
+                f"{statistics.median(reap_seconds[model]):.2f} |")
     return lines
 
 
