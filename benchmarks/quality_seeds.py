@@ -8,7 +8,8 @@ skips the cells already in the JSON file, so a long run can be resumed.
 Variants (``--variants``): what is done with a keep map besides surgery. ``plain`` is surgery alone;
 ``merged`` folds each removed expert into its most similar kept one first (``diep_hub.merging``); ``recalibrated``
 distils the pruned layers' routers towards the unpruned model afterwards (``diep_hub.recalibration``);
-``merged+recalibrated`` does both. A plain cell keeps the key it always had; the others add ``|<variant>``.
+``merged+recalibrated`` does both; ``recalibrated+scales`` also trains one output scale per kept expert
+(``output_scales=True``). A plain cell keeps the key it always had; the others add ``|<variant>``.
 
 Usage (2-core CPU):
     nice -n 10 python benchmarks/quality_seeds.py --models mixtral-8e olmoe-16e qwen2moe-8e-shared \
@@ -45,7 +46,7 @@ from diep_hub.zoo.train import build_zoo_model
 logger = logging.getLogger("benchmarks.quality_seeds")
 HERE = Path(__file__).resolve().parent
 EVAL = dict(num_mc=100, num_em=0, num_loss=50, seed=1000)
-VARIANTS = ("plain", "merged", "recalibrated", "merged+recalibrated")
+VARIANTS = ("plain", "merged", "recalibrated", "merged+recalibrated", "recalibrated+scales")
 
 
 def parse_method(label: str) -> Method:
@@ -87,7 +88,7 @@ def prune_variant(model, keep, variant: str, input_ids, teacher, args) -> tuple[
     if "recalibrated" in variant:
         record = recalibrate_routers(
             pruned, teacher, input_ids, batch_size=args.batch_size, steps=args.recal_steps, lr=args.recal_lr,
-            seed=args.recal_seed,
+            seed=args.recal_seed, output_scales="scales" in variant, output_scale_lr=args.recal_scale_lr,
         )
         info["recalibration"] = {
             "kl_before": round(record.loss_before, 6),
@@ -95,6 +96,9 @@ def prune_variant(model, keep, variant: str, input_ids, teacher, args) -> tuple[
             "applied": record.applied,
             "seconds": round(record.seconds, 1),
         }
+        if record.output_scales:
+            scales = [v for layer in record.output_scales.values() for v in layer]
+            info["recalibration"]["output_scales"] = [round(min(scales), 4), round(max(scales), 4)]
     return pruned, info
 
 
@@ -112,6 +116,7 @@ def run(args) -> None:
             "recal_steps": args.recal_steps,
             "recal_lr": args.recal_lr,
             "recal_seed": args.recal_seed,
+            "recal_scale_lr": args.recal_scale_lr,
             "batch_size": args.batch_size,
         }
     data["meta"]["tuning"] = sorted(set(data["meta"].get("tuning", [])) | set(args.models))
@@ -329,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recal-steps", type=int, default=32, help="recalibrated variants: optimiser steps")
     parser.add_argument("--recal-lr", type=float, default=1e-3, help="recalibrated variants: Adam learning rate")
     parser.add_argument("--recal-seed", type=int, default=0, help="recalibrated variants: batch order")
+    parser.add_argument("--recal-scale-lr", type=float, default=3e-2,
+                        help="recalibrated+scales: Adam learning rate of the output scales")
     parser.add_argument("--out", default=None, help="results JSON (default: results/seeds/<first model>.json)")
     parser.add_argument("--report", default=str(HERE / "QUALITY_SEEDS.md"))
     parser.add_argument("--report-only", action="store_true")

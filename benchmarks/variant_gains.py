@@ -20,36 +20,38 @@ from pathlib import Path
 
 from quality_seeds import merge, split_key
 
-VARIANTS = ("merged", "recalibrated")
+VARIANTS = ("merged", "recalibrated")  # what is shown unless --variants says otherwise
+CHOICES = (*VARIANTS, "recalibrated+scales")
 
 
-def gains(data: dict, variant: str) -> dict[tuple[str, str, str], list[tuple[float, dict]]]:
-    """{(model, sparsity, method): [(variant retention - plain retention, the variant's cell), ...]} over every
-    (seed, selection) that ran both."""
+def gains(data: dict, variant: str, baseline: str = "plain") -> dict[tuple[str, str, str], list[tuple[float, dict]]]:
+    """{(model, sparsity, method): [(variant retention - baseline variant's retention, the variant's cell), ...]}
+    over every (seed, selection) that ran both."""
     cells = {split_key(k): v for k, v in data["cells"].items() if "retention" in v}
     paired: dict[tuple[str, str, str], list[tuple[float, dict]]] = {}
     for (model, seed, method, selection, sparsity, kind), cell in cells.items():
-        plain = cells.get((model, seed, method, selection, sparsity, "plain"))
-        if kind != variant or plain is None:
+        other = cells.get((model, seed, method, selection, sparsity, baseline))
+        if kind != variant or other is None:
             continue
-        paired.setdefault((model, sparsity, method), []).append((cell["retention"] - plain["retention"], cell))
+        paired.setdefault((model, sparsity, method), []).append((cell["retention"] - other["retention"], cell))
     return paired
 
 
-def table(data: dict, variant: str) -> list[str]:
-    lines = [f"### {variant} minus plain (pairs: calibration seeds x selections)", "",
+def table(data: dict, variant: str, baseline: str = "plain") -> list[str]:
+    recalibrated = "recalibrated" in variant
+    lines = [f"### {variant} minus {baseline} (pairs: calibration seeds x selections)", "",
              "| model | sparsity | method | pairs | mean gain | min, max | gained / lost / equal |"
-             + (" recalibration undone |" if variant == "recalibrated" else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if variant == "recalibrated" else "")]
+             + (" recalibration undone |" if recalibrated else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if recalibrated else "")]
     models = [*data["meta"]["tuning"], *data["meta"]["heldout"]]
-    paired = gains(data, variant)
+    paired = gains(data, variant, baseline)
     for model in models:
         for key in sorted((k for k in paired if k[0] == model), key=lambda k: (float(k[1]), k[2])):
             values = [g for g, _ in paired[key]]
             row = (f"| {model} | {float(key[1]):.0%} | {key[2]} | {len(values)} | {statistics.fmean(values):+.3f} | "
                    f"{min(values):+.3f}, {max(values):+.3f} | {sum(g > 0 for g in values)} / "
                    f"{sum(g < 0 for g in values)} / {sum(g == 0 for g in values)} |")
-            if variant == "recalibrated":
+            if recalibrated:
                 undone = sum(not c.get("recalibration", {}).get("applied", True) for _, c in paired[key])
                 row += f" {undone} |"
             lines.append(row)
@@ -63,13 +65,14 @@ def table(data: dict, variant: str) -> list[str]:
     return lines
 
 
-def recalibration_kl(data: dict) -> list[str]:
+def recalibration_kl(data: dict, variant: str = "recalibrated") -> list[str]:
     """Per model and sparsity, over every recalibrated run (all methods and selections): the pruned model's
     calibration KL before recalibration (median), what recalibration left of it (median of after / before; 1 where
     it was undone), how many runs undid it, and its wall time beside REAP's scoring time on the same model (both
     from the same runs: read the ratio, not the seconds)."""
-    cells = {split_key(k): v for k, v in data["cells"].items() if "recalibration" in v}
-    lines = ["### Recalibration's calibration KL (token-mean KL of the unpruned model's next-token distribution)", "",
+    cells = {split_key(k): v for k, v in data["cells"].items() if "recalibration" in v and split_key(k)[5] == variant}
+    title = "Recalibration's" if variant == "recalibrated" else f"{variant}:"
+    lines = [f"### {title} calibration KL (token-mean KL of the unpruned model's next-token distribution)", "",
              "| model | sparsity | runs | KL before (median) | after / before (median) | undone | seconds (median) | "
              "REAP's scoring seconds (median) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -93,14 +96,17 @@ def recalibration_kl(data: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", nargs="+", required=True, help="quality_seeds.py JSON files")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=CHOICES)
+    parser.add_argument("--baseline", default="plain", choices=("plain", "recalibrated"),
+                        help="what each variant is paired with (the same keep map)")
     args = parser.parse_args(argv)
     data = merge([json.loads(Path(f).read_text(encoding="utf-8")) for f in args.results])
     for variant in args.variants:
-        print("\n".join(table(data, variant)))
+        print("\n".join(table(data, variant, args.baseline)))
         print()
-    if "recalibrated" in args.variants:
-        print("\n".join(recalibration_kl(data)))
+    kl_tables = ["\n".join(recalibration_kl(data, v)) for v in args.variants if "recalibrated" in v]
+    if kl_tables:
+        print("\n\n".join(kl_tables))
     return 0
 
 

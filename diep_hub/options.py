@@ -195,6 +195,36 @@ class FloorsOptions(OptionsModel):
     regroup: Regroup = False
 
 
+Merge = Annotated[
+    Literal["none", "output_cosine", "output_cka"],
+    Field(description="fold each removed expert into its most similar kept expert before surgery "
+                      "(diep_hub.merging: output cosine or CKA, frequency-weighted, neuron-aligned)"),
+]
+
+
+class RecalibrationOptions(OptionsModel):
+    """Router recalibration after surgery (``diep_hub.recalibration``): the recipe's ``pruning.recalibration``;
+    ``DiEPPruner`` takes the same fields as ``recalibrate_router`` and ``recalibration_*``."""
+
+    enabled: Flag = Field(False, description="distil the pruned layers' router rows towards the unpruned model")
+    steps: Count = Field(32, description="router recalibration: optimiser steps")
+    lr: Fraction = Field(1e-3, description="router recalibration: Adam learning rate (cosine decay)")
+    output_scales: Flag = Field(False, description="router recalibration: also train one output scale per kept "
+                                                   "expert, folded into its down_proj")
+    output_scale_lr: Fraction = Field(3e-2, description="router recalibration: Adam learning rate of the output "
+                                                        "scales (cosine decay)")
+
+    @_field_validator("output_scales")
+    @classmethod
+    def _scales_need_recalibration(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("enabled", False):
+            raise ValueError("needs enabled: true (the scales are trained with the routers)")
+        return value
+
+
+_RECALIBRATION = RecalibrationOptions.model_fields
+
+
 class PrunerSettings(TargetOptions, FloorsOptions):
     """Every ``DiEPPruner`` keyword that is not a criterion's option, flat as the Python API takes them."""
 
@@ -206,14 +236,15 @@ class PrunerSettings(TargetOptions, FloorsOptions):
     seq_len: SeqLength = 2048
     batch_size: BatchSize = 16
     skipping: Flag = Field(False, description="calibrate adaptive expert skipping after pruning")
-    merge: Literal["none", "output_cosine", "output_cka"] = Field(
-        "none", description="fold each removed expert into its most similar kept expert before surgery "
-                            "(diep_hub.merging: output cosine or CKA, frequency-weighted, neuron-aligned)")
+    merge: Merge = "none"
     recalibrate_router: Flag = Field(False, description="distil the pruned layers' router rows towards the unpruned "
                                                         "model after surgery (diep_hub.recalibration)")
-    recalibration_steps: Count = Field(32, description="router recalibration: optimiser steps")
-    recalibration_lr: Annotated[float, Number(0, 1, lo_open=True, hi_open=True)] = Field(
-        1e-3, description="router recalibration: Adam learning rate (cosine decay)")
+    recalibration_steps: Count = Field(_RECALIBRATION["steps"].default, description=_RECALIBRATION["steps"].description)
+    recalibration_lr: Fraction = Field(_RECALIBRATION["lr"].default, description=_RECALIBRATION["lr"].description)
+    recalibration_output_scales: Flag = Field(
+        _RECALIBRATION["output_scales"].default, description=_RECALIBRATION["output_scales"].description)
+    recalibration_output_scale_lr: Fraction = Field(
+        _RECALIBRATION["output_scale_lr"].default, description=_RECALIBRATION["output_scale_lr"].description)
     progress: Flag = Field(True, description="show progress bars")
 
     @_field_validator("dataset")
@@ -253,6 +284,9 @@ def check_pruner_keywords(values: Mapping[str, Any]) -> str:
             model.model_validate({name: values[kw] for kw, name in keywords.items()})
         except ValidationError as exc:
             lines += problems(exc, model, names=shown)
+    if values.get("recalibration_output_scales") and not values.get("recalibrate_router"):
+        lines.append("recalibration_output_scales: True -> needs recalibrate_router: True (the scales are trained "
+                     "with the routers)")
     if not lines and values.get("options") is not None:
         lines += criterion_options_problems(values["method"], values["options"])
     if lines:

@@ -80,6 +80,9 @@ class DiEPPruner:
         recalibrate_router: after surgery, distil the pruned layers' router rows towards the unpruned model's
             next-token distribution on the calibration tokens for ``recalibration_steps`` Adam steps at
             ``recalibration_lr`` (``diep_hub.recalibration``); recorded in the report's ``recalibration``.
+        recalibration_output_scales: with ``recalibrate_router``, also train one output scale per kept expert
+            (Adam at ``recalibration_output_scale_lr``) and fold it into the expert's ``down_proj`` (the report
+            records the scales).
         progress: show tqdm progress bars.
         options: the options of a criterion that has no keyword here (a dict of its options model's fields, e.g.
             a newly registered criterion); diep and naee take theirs as the keywords above.
@@ -114,6 +117,8 @@ class DiEPPruner:
     recalibrate_router: bool = False
     recalibration_steps: int = _SETTINGS["recalibration_steps"].default
     recalibration_lr: float = _SETTINGS["recalibration_lr"].default
+    recalibration_output_scales: bool = False
+    recalibration_output_scale_lr: float = _SETTINGS["recalibration_output_scale_lr"].default
     progress: bool = True
     options: dict[str, Any] | None = None
     report: PruningReport | None = field(default=None, init=False, repr=False, compare=False)
@@ -336,7 +341,8 @@ class DiEPPruner:
 
                 recalibration = recalibrate_routers(
                     model, teacher, input_ids, batch_size=self.batch_size, steps=self.recalibration_steps,
-                    lr=self.recalibration_lr, seed=self.seed, progress=self.progress,
+                    lr=self.recalibration_lr, seed=self.seed, output_scales=self.recalibration_output_scales,
+                    output_scale_lr=self.recalibration_output_scale_lr, progress=self.progress,
                 ).to_dict()
                 del teacher
             memory.measure()

@@ -17,6 +17,14 @@ model need not stay in memory; the LM head is the same in both models (surgery n
 hidden states give the teacher's logits. Every other weight is frozen and stays a bit-identical slice of the
 unpruned model; router biases and DeepSeek-V3's selection bias are left as surgery sliced them.
 
+With ``output_scales=True`` each kept expert of those layers also gets a trained output scale s_e (the issue's
+"per-expert output scales"): a kept expert that now serves a removed one's tokens may need to speak louder or
+softer. It is trained as log s_e (from 0) by scaling the routing weight that enters the experts module, which is
+the same as scaling the expert's output, and when kept it is folded into the expert's output tensors
+(``MoEFamily.expert_output_tensors``: ``down_proj``, and GPT-OSS's ``down_proj_bias``), so the checkpoint has no new
+tensor and every runtime serves it unchanged. Those tensors are then the unpruned model's rows times a recorded
+scale; every other tensor stays a bit-identical slice.
+
 The loss on all calibration tokens is measured before and after; if training did not lower it, the routers are
 restored and the record says ``applied: false`` (the option then costs time, never quality on calibration data).
 """
@@ -61,6 +69,9 @@ class RecalibrationRecord:
         tokens: calibration tokens the loss is taken over.
         seconds: wall time.
         loss_curve: the training loss of each step (on its batch).
+        output_scales: with ``output_scales=True``, {MoE layer: the scale folded into each kept expert's output
+            tensors, in kept order} (all 1.0 when training was undone); None otherwise.
+        output_scale_lr: the scales' learning rate (None without output scales).
     """
 
     layers: list[int]
@@ -75,10 +86,12 @@ class RecalibrationRecord:
     tokens: int
     seconds: float
     loss_curve: list[float] = field(default_factory=list)
+    output_scales: dict[int, list[float]] | None = None
+    output_scale_lr: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (the loss curve rounded to 6 digits)."""
-        return {
+        record = {
             "layers": list(self.layers),
             "steps": self.steps,
             "lr": self.lr,
@@ -92,6 +105,12 @@ class RecalibrationRecord:
             "seconds": round(self.seconds, 3),
             "loss_curve": [round(v, 6) for v in self.loss_curve],
         }
+        if self.output_scales is not None:
+            record["output_scale_lr"] = self.output_scale_lr
+            record["output_scales"] = {
+                str(layer): [round(v, 6) for v in scales] for layer, scales in self.output_scales.items()
+            }
+        return record
 
 
 @contextmanager
@@ -178,11 +197,54 @@ def _check_teacher(teacher, input_ids: torch.Tensor, hidden_size: int) -> None:
         )
 
 
-def _check_numbers(steps: int, lr: float) -> None:
+@contextmanager
+def _scaled_outputs(layers: list[MoELayer], log_scales: list[torch.Tensor]) -> Iterator[None]:
+    """While open, each layer's experts see routing weights times exp(log scale) of the expert they route to: the
+    same sum as scaling every expert's output, for every experts implementation (the hook sits on the call)."""
+
+    def hook_for(layer: MoELayer, log_scale: torch.Tensor):
+        def hook(_module, args):
+            if len(args) < 3:
+                raise ConfigError(
+                    f"output scales: layer {layer.index}'s experts were called with {len(args)} positional "
+                    "arguments; expected (hidden_states, expert indices, routing weights)"
+                )
+            hidden, index, weights = args[:3]
+            scale = log_scale.exp().to(weights.dtype)[index]
+            return (hidden, index, weights * scale, *args[3:])
+
+        return hook
+
+    handles = [layer.experts.register_forward_pre_hook(hook_for(layer, s)) for layer, s in zip(layers, log_scales)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _fold_output_scales(layer: MoELayer, scale: torch.Tensor) -> None:
+    """Multiply each kept expert's output tensors (``down_proj``, GPT-OSS's ``down_proj_bias``) by its scale."""
+    with torch.no_grad():
+        for name in layer.family.expert_output_tensors:
+            tensor = getattr(layer.experts, name, None)
+            if tensor is None:
+                continue
+            shaped = scale.to(tensor.device, tensor.dtype).reshape(-1, *([1] * (tensor.dim() - 1)))
+            tensor.mul_(shaped)
+
+
+def _scale_range(output_scales: dict[int, list[float]] | None) -> str:
+    values = [v for scales in (output_scales or {}).values() for v in scales]
+    return f", output scales {min(values):.4f}-{max(values):.4f}" if values else ""
+
+
+def _check_numbers(steps: int, **rates: float) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps={steps!r} must be an integer >= 1")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
-        raise ConfigError(f"lr={lr!r} must be a number in (0, 1)")
+    for name, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < 1:
+            raise ConfigError(f"{name}={rate!r} must be a number in (0, 1)")
 
 
 def recalibrate_routers(
@@ -195,6 +257,8 @@ def recalibrate_routers(
     lr: float = 1e-3,
     layers: str | Iterable[int] = "pruned",
     seed: int = 0,
+    output_scales: bool = False,
+    output_scale_lr: float = 3e-2,
     progress: bool = False,
 ) -> RecalibrationRecord:
     """Distil the pruned layers' router weights towards the unpruned model's next-token distribution, in place.
@@ -209,6 +273,10 @@ def recalibrate_routers(
         lr: Adam's learning rate at step 0 (cosine decay to 0).
         layers: "pruned" (layers that lost experts: their routers alone changed meaning), "all", or indices.
         seed: seeds the batch order; same seed, same routers.
+        output_scales: also train one output scale per kept expert of those layers, folded into its output
+            tensors when the result is kept (see the module docstring).
+        output_scale_lr: Adam's learning rate for the log scales at step 0 (cosine decay to 0). Their own rate:
+            at the routers' rate (3e-3) 32 steps move a scale by 5% at most, and the calibration KL barely moves.
 
     Returns:
         a ``RecalibrationRecord`` (steps, loss before and after, whether the result was kept).
@@ -218,12 +286,16 @@ def recalibrate_routers(
     """
     started = time.perf_counter()
     check_input_ids(input_ids, batch_size)
-    _check_numbers(steps, lr)
+    _check_numbers(steps, lr=lr, output_scale_lr=output_scale_lr)
     chosen = _select_layers(pruned_model, layers)
     hidden_size = pruned_model.config.get_text_config().hidden_size
     _check_teacher(teacher, input_ids, hidden_size)
     routers = [layer.router.weight for layer in chosen]
     saved = [w.detach().clone() for w in routers]
+    log_scales = [
+        torch.zeros(layer.num_experts, device=layer.router.weight.device, requires_grad=True)
+        for layer in (chosen if output_scales else [])
+    ]
     device = input_device(pruned_model)
     batches = _batches(input_ids.shape[0], batch_size)
     generator = torch.Generator().manual_seed(int(seed))
@@ -241,7 +313,7 @@ def recalibrate_routers(
 
     def loss_on(rows: torch.Tensor) -> torch.Tensor:
         store: list[torch.Tensor] = []
-        with _head_inputs(pruned_model, store) as head:
+        with _head_inputs(pruned_model, store) as head, _scaled_outputs(chosen if output_scales else [], log_scales):
             pruned_model(input_ids=input_ids[rows].to(device), use_cache=False)
             student = head(store[-1])
             return _kl(student, teacher_logits(rows, head).to(student.device))
@@ -260,14 +332,17 @@ def recalibrate_routers(
             before = full_loss()
             for w in routers:
                 w.requires_grad_(True)
-            optimiser = torch.optim.Adam(routers, lr=lr)
+            groups = [{"params": routers, "base_lr": lr}]
+            if log_scales:
+                groups.append({"params": log_scales, "base_lr": output_scale_lr})
+            optimiser = torch.optim.Adam(groups, lr=lr)
             order: list[torch.Tensor] = []
             for step in tqdm(range(steps), desc="router recalibration", disable=not progress):
                 if not order:
                     order = list(torch.split(torch.randperm(input_ids.shape[0], generator=generator), batch_size))
                 rows = order.pop(0)
                 for group in optimiser.param_groups:
-                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+                    group["lr"] = group["base_lr"] * 0.5 * (1.0 + math.cos(math.pi * step / steps))
                 optimiser.zero_grad(set_to_none=True)
                 loss = loss_on(rows)
                 loss.backward()
@@ -295,6 +370,10 @@ def recalibrate_routers(
         finally:
             for p, flag in saved_flags:
                 p.requires_grad_(flag)
+    scales = {layer.index: log_scale.detach().exp() for layer, log_scale in zip(chosen, log_scales)}
+    if applied:  # the scales full_loss measured become part of the weights
+        for layer in chosen if output_scales else []:
+            _fold_output_scales(layer, scales[layer.index])
     record = RecalibrationRecord(
         layers=[layer.index for layer in chosen],
         steps=steps,
@@ -308,14 +387,21 @@ def recalibrate_routers(
         tokens=int(input_ids.numel()),
         seconds=time.perf_counter() - started,
         loss_curve=curve,
+        output_scales=(
+            {index: [float(v) if applied else 1.0 for v in scale] for index, scale in scales.items()}
+            if output_scales
+            else None
+        ),
+        output_scale_lr=float(output_scale_lr) if output_scales else None,
     )
     logger.info(
-        "router recalibration of layers %s: %d steps, KL %.6f -> %.6f%s",
+        "router recalibration of layers %s: %d steps, KL %.6f -> %.6f%s%s",
         record.layers,
         steps,
         before,
         record.loss_after,
         "" if applied else " (not applied)",
+        _scale_range(record.output_scales),
     )
     return record
 

@@ -16,7 +16,9 @@ The schema, with defaults (``diep-hub run --help`` shows an example)::
                                 path: null, num_samples: 128, seq_len: 2048},
                   search: {mode: auto, lr: 0.005, epochs: 10, batch_size: 16, lambda: 0.01, alternation: "3:1",
                            ranking: softmax},
-                  floors: {min_experts_per_layer: null, max_layer_sparsity: null, regroup: false}}
+                  floors: {min_experts_per_layer: null, max_layer_sparsity: null, regroup: false},
+                  merge: none, recalibration: {enabled: false, steps: 32, lr: 0.001, output_scales: false,
+                                                 output_scale_lr: 0.03}}
     skipping:    {enabled: false, kernel: linear, num_samples: 32}
     evaluation:  {enabled: true, base: true, tasks: [], include_path: null, limit: null, batch_size: 8,
                   num_fewshot: 0, perplexity: null, speed: false, memory: false}
@@ -49,9 +51,11 @@ from .options import (
     Count,
     DiEPOptions,
     FloorsOptions,
+    Merge,
     NonNegativeInt,
     NumSamples,
     OptionsModel,
+    RecalibrationOptions,
     SeqLength,
     TargetOptions,
     problems,
@@ -132,6 +136,8 @@ class PruningSection(TargetOptions):
     calibration: CalibrationSection = CalibrationSection()
     search: SearchSection = SearchSection()
     floors: FloorsOptions = FloorsOptions()
+    merge: Merge = "none"
+    recalibration: RecalibrationOptions = RecalibrationOptions()
     options: dict[str, Any] | None = Field(
         None, description="options of a method without keys of its own here (e.g. diep_removal: {lr: 0.3})")
 
@@ -350,6 +356,12 @@ class Recipe(OptionsModel):
             "seq_len": cal.seq_len,
             "batch_size": p.search.batch_size,
             "options": p.options,
+            "merge": p.merge,
+            "recalibrate_router": p.recalibration.enabled,
+            "recalibration_steps": p.recalibration.steps,
+            "recalibration_lr": p.recalibration.lr,
+            "recalibration_output_scales": p.recalibration.output_scales,
+            "recalibration_output_scale_lr": p.recalibration.output_scale_lr,
             # Skipping is calibrated by the runner, which honours skipping.kernel and skipping.num_samples.
             "skipping": False,
         }

@@ -290,3 +290,39 @@ def test_run_ends_with_a_summary_of_the_saved_values(tmp_path, monkeypatch):
     assert lines[5:] == ["next:", f"  diep-hub inspect {out}", f"  diep-hub push REPO_ID {out}"]
     inspected = run_cli(["inspect", str(out), "--json"], monkeypatch)
     assert inspected.code == 0 and [r["kept"] for r in json.loads(inspected.stdout)["layers"]] == kept
+
+
+@pytest.mark.slow
+def test_a_merged_and_recalibrated_recipe_run_reproduces(tmp_path):
+    """pruning.merge and pruning.recalibration (with output scales) in a recipe: recorded in config.json, the report
+    and the card, and `reproduce` re-runs them and finds the same merges, scales and weights."""
+    from diep_hub.checkpoint.reproduce import reproduce
+
+    recipe = json.loads(json.dumps(SUMMARY_RECIPE))
+    recipe["pruning"]["merge"] = "output_cosine"
+    recipe["pruning"]["recalibration"] = {"enabled": True, "steps": 4, "lr": 0.01, "output_scales": True}
+    recipe["evaluation"] = {"enabled": False}
+    recipe_file, out = tmp_path / "recipe.yaml", tmp_path / "out"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    proc = run_console("run", str(recipe_file), "--output", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    config = json.loads((out / "config.json").read_text())
+    record = config["diep_pruning"]
+    assert (record["merge"], record["recalibrate_router"], record["recalibration_output_scales"]) == (
+        "output_cosine", True, True)
+    report = json.loads((out / "pruning_report.json").read_text())
+    recalibration = report["recalibration"]
+    assert recalibration["steps"] == 4 and recalibration["loss_after"] <= recalibration["loss_before"]
+    kept = dict(zip(map(str, range(4)), config["num_experts_per_layer"]))
+    assert {layer: len(scales) for layer, scales in recalibration["output_scales"].items()} == kept
+    assert report["merging"]["num_merged"] == 16
+    card = (out / "README.md").read_text()
+    assert "### Merged experts" in card and "### Router recalibration" in card
+
+    result = reproduce(out, evaluate_scores=False)
+    checks = result["checks"]
+    assert checks["merging"]["match"] and checks["recalibration"]["match"], checks
+    assert checks["weights"] == {"match": True, "tensors": checks["weights"]["tensors"], "differences": [],
+                                 "num_differences": 0}
+    assert result["match"]

@@ -36,6 +36,9 @@ FULL_RECIPE = {
         "calibration": {"path": "data/calib.jsonl", "text_field": "body", "num_samples": 16, "seq_len": 32},
         "search": {"mode": "gated", "lr": 0.01, "epochs": 3, "batch_size": 4, "lambda": 0.02, "alternation": "2:1"},
         "floors": {"min_experts_per_layer": 2, "max_layer_sparsity": 0.5},
+        "merge": "output_cka",
+        "recalibration": {"enabled": True, "steps": 5, "lr": 0.002, "output_scales": True,
+                          "output_scale_lr": 0.05},
     },
     "skipping": {"enabled": True, "kernel": "rbf", "num_samples": 12},
     "evaluation": {
@@ -101,7 +104,9 @@ def test_resolve_plan_gives_every_stage_its_exact_config_and_writes_nothing(tmp_
         "min_experts_per_layer": 2, "max_layer_sparsity": 0.5, "regroup": False,
         "search_mode": "gated", "lr": 0.01, "epochs": 3, "lambda_": 0.02, "alternation": (2, 1),
         "ranking": "softmax", "text_field": "body", "num_samples": 16, "seq_len": 32, "batch_size": 4,
-        "skipping": False, "options": None,
+        "skipping": False, "options": None, "merge": "output_cka", "recalibrate_router": True,
+        "recalibration_steps": 5, "recalibration_lr": 0.002, "recalibration_output_scales": True,
+        "recalibration_output_scale_lr": 0.05,
     }
     recipe_kwargs = recipe.to_pruner_kwargs()
     assert {k: v for k, v in recipe_kwargs.items() if k not in ("dataset", "dataset_config", "split")} == \

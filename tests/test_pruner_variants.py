@@ -44,3 +44,29 @@ def test_merge_and_recalibrate_through_the_pruner(tmp_path):
 def test_bad_merge_is_refused():
     with pytest.raises(ConfigError, match="merge"):
         DiEPPruner(merge="mean")
+
+
+def test_output_scales_through_the_pruner(tmp_path):
+    pruner = DiEPPruner(dataset=pruner_texts(), recalibrate_router=True, recalibration_output_scales=True,
+                        recalibration_steps=4, recalibration_lr=1e-2, **FAST)
+    model = pruner.prune_model(tiny_model("mixtral"), pruner_tokenizer())
+    scales = pruner.report.recalibration["output_scales"]
+    assert pruner.report.recalibration["applied"]
+    kept = pruner.report.per_layer_kept
+    assert sorted(scales) == ["0", "1", "2", "3"] and {int(i): len(v) for i, v in scales.items()} == {
+        int(i): n for i, n in kept.items()}
+    assert model.config.diep_pruning["recalibration_output_scales"] is True
+    folder = pruner.save(model, tmp_path / "out", tokenizer=pruner_tokenizer())
+    card = str(build_model_card(folder))
+    values = [v for layer in scales.values() for v in layer]
+    assert f"folded into its output weights\n(`down_proj`): {min(values):.3f} to {max(values):.3f} (per layer" in card
+    again = DiEPPruner(dataset=pruner_texts(), recalibrate_router=True, recalibration_output_scales=True,
+                       recalibration_steps=4, recalibration_lr=1e-2, **FAST)
+    second = again.prune_model(tiny_model("mixtral"), pruner_tokenizer())
+    a, b = model.state_dict(), second.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_output_scales_need_recalibration():
+    with pytest.raises(ConfigError, match=r"recalibration_output_scales: True -> needs recalibrate_router: True"):
+        DiEPPruner(recalibration_output_scales=True)

@@ -138,6 +138,7 @@ def test_refusals_change_nothing():
     cases = [
         (dict(steps=0), "steps=0 must be an integer >= 1"),
         (dict(lr=2.0), r"lr=2.0 must be a number in \(0, 1\)"),
+        (dict(output_scales=True, output_scale_lr=0.0), r"output_scale_lr=0.0 must be a number in \(0, 1\)"),
         (dict(layers=[0, 9]), r"layers=\[0, 9\]: \[9\] not MoE layer\(s\); MoE layers are \[0, 1, 2, 3\]"),
         (dict(layers="some"), r"layers='some': choose one of \['pruned', 'all'\]"),
     ]
@@ -148,5 +149,56 @@ def test_refusals_change_nothing():
         recalibrate_routers(pruned, teacher[:, :15], CALIBRATION)
     with pytest.raises(ConfigError, match="no MoE layer of this model has lost experts"):
         recalibrate_routers(tiny_model("mixtral"), teacher, CALIBRATION)
+    after = weights_fingerprint(pruned)
+    assert [n for n in before if not torch.equal(before[n], after[n])] == []
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_output_scales_are_trained_and_folded_into_the_output_tensors(family):
+    base = sharp_model(family)
+    with torch.no_grad():  # GPT-OSS's output bias starts at zero, which any scale leaves as it is
+        for layer in get_family(base).moe_layers(base):
+            bias = getattr(layer.experts, "down_proj_bias", None)
+            if bias is not None:
+                bias.copy_(0.05 * torch.randn(bias.shape, generator=torch.Generator().manual_seed(layer.index)))
+    keep = keep_map(base)
+    teacher = teacher_hidden_states(base, CALIBRATION, batch_size=4)
+    pruned = diep_hub.prune_experts(copy.deepcopy(base), keep)
+    sliced = weights_fingerprint(pruned)
+
+    record = recalibrate_routers(pruned, teacher, CALIBRATION, batch_size=4, steps=24, lr=1e-2, output_scales=True)
+
+    assert record.applied and record.loss_after < record.loss_before
+    assert sorted(record.output_scales) == sorted(keep)
+    assert all(len(record.output_scales[i]) == len(keep[i]) for i in keep)
+    assert max(abs(v - 1.0) for scales in record.output_scales.values() for v in scales) > 1e-3
+    # training measured the scales through the routing weights; the folded weights give that loss again
+    assert record.loss_after == pytest.approx(kl_to_unpruned(base, pruned), rel=1e-4)
+    family_ = get_family(pruned)
+    after = weights_fingerprint(pruned)
+    prefix = f"{family_.block_attr}.{family_.experts_attr}"
+    scaled = {f"model.layers.{i}.{prefix}.{name}" for i in keep for name in family_.expert_output_tensors}
+    assert scaled <= set(after)
+    routers = {router_key(pruned, i) for i in keep}
+    assert {n for n in after if not torch.equal(after[n], sliced[n])} == routers | scaled
+    for name in scaled:
+        layer = int(name.split(".")[2])
+        scale = torch.tensor(record.output_scales[layer])  # the recorded float32 values, exactly
+        expected = sliced[name] * scale.reshape(-1, *([1] * (sliced[name].dim() - 1)))
+        assert torch.equal(after[name], expected), name
+    saved = record.to_dict()
+    assert set(saved["output_scales"]) == {str(i) for i in keep} and saved["output_scale_lr"] == 3e-2
+
+
+def test_undone_training_leaves_output_tensors_as_sliced():
+    base = sharp_model("mixtral")
+    pruned = diep_hub.prune_experts(base, keep_map(base))
+    own = teacher_hidden_states(pruned, CALIBRATION, batch_size=4)
+    before = weights_fingerprint(pruned)
+
+    record = recalibrate_routers(pruned, own, CALIBRATION, batch_size=4, steps=4, lr=1e-2, output_scales=True)
+
+    assert not record.applied
+    assert all(v == 1.0 for scales in record.output_scales.values() for v in scales)
     after = weights_fingerprint(pruned)
     assert [n for n in before if not torch.equal(before[n], after[n])] == []

@@ -112,6 +112,9 @@ class MoEFamily:
         experts_attr: attribute of the block that holds the fused experts.
         router_expert_tensors: router parameters/buffers indexed by expert on dim 0.
         expert_tensors: experts parameters indexed by expert on dim 0.
+        expert_output_tensors: those of ``expert_tensors`` that form the expert's last linear map (its weight,
+            and its bias where it has one): scaling them by s scales the expert's output by s (router
+            recalibration's output scales).
         count_attrs: attributes (on block, router or experts) that store the expert count and must follow it.
         top_k_attrs: attributes that store top-k and must be clamped to the kept count.
         min_experts: the smallest number of experts a layer may keep beyond top-k (PhiMoE's sparsemixer needs 2).
@@ -132,6 +135,7 @@ class MoEFamily:
     experts_attr: str = "experts"
     router_expert_tensors: tuple[str, ...] = ("weight",)
     expert_tensors: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    expert_output_tensors: tuple[str, ...] = ("down_proj",)
     count_attrs: tuple[str, ...] = ("router.num_experts", "experts.num_experts")
     top_k_attrs: tuple[str, ...] = ("router.top_k",)
     min_experts: int = 1

@@ -10,6 +10,7 @@ GPT_OSS = register_family(
         router_attr="router",
         router_expert_tensors=("weight", "bias"),
         expert_tensors=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+        expert_output_tensors=("down_proj", "down_proj_bias"),
         renormalizes_top_k=True,
         notes="The softmax runs over the k chosen logits, so kept experts keep their weight ratios.",
     )
