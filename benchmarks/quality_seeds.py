@@ -277,8 +277,10 @@ def report(data: dict, path: Path) -> None:
     ]
     if meta.get("variant_settings"):
         settings = ", ".join(f"{k} {v}" for k, v in meta["variant_settings"].items())
+        scales = ("; recalibrated+scales = the same, with one trained output scale per kept expert"
+                  if any("scales" in r[2] for r in rows) else "")
         lines[-1:-1] = [f"Variants: plain = surgery alone; merged = diep_hub.merging before surgery; recalibrated = "
-                        f"diep_hub.recalibration after it ({settings}).", ""]
+                        f"diep_hub.recalibration after it{scales} ({settings}).", ""]
     if meta.get("note"):
         lines[-1:-1] = [f"Note: {meta['note']}.", ""]
 

@@ -93,20 +93,54 @@ def recalibration_kl(data: dict, variant: str = "recalibrated") -> list[str]:
     return lines
 
 
+def selection_by_kl(data: dict, variant: str, method: str = "validated-choice") -> list[str]:
+    """Per model and sparsity: ``method``'s global run against picking, seed by seed, whichever of its global and
+    uniform runs ``variant`` left with the lower calibration KL (a judge that needs no evaluation item; the KL is
+    the one recalibration trained on, so it is in-sample)."""
+    cells = {split_key(k): v for k, v in data["cells"].items() if "retention" in v}
+    lines = [f"### {method}: global, or whichever selection {variant} left with the lower calibration KL", "",
+             "| model | sparsity | runs | global | picked by the KL | picks (G = global, U = uniform) |",
+             "|---|---|---|---|---|---|"]
+    for model in [*data["meta"]["tuning"], *data["meta"]["heldout"]]:
+        for sparsity in sorted({k[4] for k in cells if k[0] == model}, key=float):
+            pairs = []
+            for seed in sorted({k[1] for k in cells if k[0] == model}):
+                both = [cells.get((model, seed, method, selection, sparsity, variant))
+                        for selection in ("global", "uniform")]
+                if None in both:
+                    continue
+                chosen = min(both, key=lambda c: c["recalibration"]["kl_after"])  # a tie keeps global
+                pairs.append((both[0]["retention"], chosen["retention"], "G" if chosen is both[0] else "U"))
+            if pairs:
+                lines.append(f"| {model} | {float(sparsity):.0%} | {len(pairs)} | "
+                             f"{statistics.fmean(p[0] for p in pairs):.4f} | "
+                             f"{statistics.fmean(p[1] for p in pairs):.4f} | {''.join(p[2] for p in pairs)} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", nargs="+", required=True, help="quality_seeds.py JSON files")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=CHOICES)
     parser.add_argument("--baseline", default="plain", choices=("plain", "recalibrated"),
                         help="what each variant is paired with (the same keep map)")
+    parser.add_argument("--judge-selection", action="store_true",
+                        help="also: the default's global or uniform run, picked by recalibration's calibration KL")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only these methods' runs (default: every method in the files)")
     args = parser.parse_args(argv)
     data = merge([json.loads(Path(f).read_text(encoding="utf-8")) for f in args.results])
+    if args.methods:
+        data["cells"] = {k: v for k, v in data["cells"].items() if split_key(k)[2] in args.methods}
     for variant in args.variants:
         print("\n".join(table(data, variant, args.baseline)))
         print()
     kl_tables = ["\n".join(recalibration_kl(data, v)) for v in args.variants if "recalibrated" in v]
     if kl_tables:
         print("\n\n".join(kl_tables))
+    for variant in (v for v in args.variants if "recalibrated" in v and args.judge_selection):
+        print()
+        print("\n".join(selection_by_kl(data, variant)))
     return 0
 
 
