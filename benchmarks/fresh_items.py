@@ -8,6 +8,11 @@ scores every keep map on a fresh item sample (another item seed, ``--num-mc`` it
 item's outcome. The default's advantage over a baseline is then tested over both sources of chance: a crossed
 bootstrap draws the runs (instance, calibration seed) and the items (within each domain) independently.
 
+``--variant`` applies router recalibration (quality_seeds.py's variants) to every keep map of a run; its cells carry
+the label ``METHOD+VARIANT``. ``--judge-selection`` adds, for the default, the keep map of whichever selection (global
+or uniform) recalibration left with the lower calibration KL, labelled ``METHOD+VARIANT+judged`` (a judge that sees
+no evaluation item; give that label as ``--default`` to report it).
+
 Every keep map is also scored on the original 700 items, so each run can be checked against the stored run of
 quality_seeds.py (``--stored``: the same keep map gives the same accuracy) and the two item samples compared run
 by run.
@@ -31,13 +36,14 @@ from pathlib import Path
 import numpy as np
 from default_check import sign_flip_p_value
 from quality import calibration_ids, score, select
-from quality_seeds import EVAL, parse_method, split_key
+from quality_seeds import EVAL, parse_method, prune_variant, split_key
 from report_notes import header, publish
 from scipy.stats import t as student_t
 
 from diep_hub import prune_experts
 from diep_hub.criteria.base import get_criterion
 from diep_hub.machine import machine_description
+from diep_hub.recalibration import teacher_hidden_states
 from diep_hub.zoo.tasks import ModelScorer, eval_items, multiple_choice_outcomes
 from diep_hub.zoo.train import build_zoo_model
 
@@ -46,6 +52,12 @@ MODELS = ("mixtral-8e", "olmoe-16e", "deepseek-v3-16e-groups", "mixtral-32e-top4
 DEFAULT = "validated-choice"
 BASELINES = ("reap", "frequency", "soft_frequency")
 SELECTIONS = ("global", "uniform")
+VARIANTS = ("plain", "recalibrated", "recalibrated+scales")
+
+
+def variant_label(label: str, variant: str, judged: bool = False) -> str:
+    """The label a run's cells carry: the method's, plus ``+VARIANT`` unless plain, plus ``+judged``."""
+    return label + ("" if variant == "plain" else f"+{variant}") + ("+judged" if judged else "")
 
 
 def pack(outcomes: list[bool]) -> str:
@@ -93,22 +105,32 @@ def run(args) -> None:
                                           "original": pack(item_outcomes(model, tokenizer, original))}
             for seed in args.seeds:
                 input_ids = calibration_ids(tokenizer, args.num_samples, args.seq_len, seed)
+                teacher = None if args.variant == "plain" else teacher_hidden_states(model, input_ids,
+                                                                                     batch_size=args.batch_size)
                 for method in dict.fromkeys([args.default, *args.baselines]):
                     _run_method(model, tokenizer, name, zoo_seed, seed, method, input_ids, fresh, original, data,
-                                args)
+                                args, teacher)
                     out.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
-def _run_method(model, tokenizer, name, zoo_seed, seed, label, input_ids, fresh, original, data, args) -> None:
+def _run_method(model, tokenizer, name, zoo_seed, seed, label, input_ids, fresh, original, data, args,
+                teacher=None) -> None:
     method = parse_method(label)
     criterion = get_criterion(method.criterion)
-    selections = ("global",) if label == args.default else SELECTIONS
+    is_default = label == args.default
+    judged = is_default and args.judge_selection
+    # the judge needs the default's uniform keep map too; it is pruned and recalibrated but not stored
+    selections = SELECTIONS if judged or not is_default else ("global",)
+    stored = variant_label(label, args.variant)
     shared = None
     for sparsity in args.sparsities:
+        keys = {s: cell_key(name, zoo_seed, seed, stored, s, sparsity) for s in selections}
+        judged_key = cell_key(name, zoo_seed, seed, variant_label(label, args.variant, True), "global", sparsity)
+        wanted = [s for s in selections if keys[s] not in data["cells"] and (s == "global" or not is_default)]
+        if not wanted and (not judged or judged_key in data["cells"]):
+            continue
+        pruned_by_selection = {}
         for selection in selections:
-            key = cell_key(name, zoo_seed, seed, label, selection, sparsity)
-            if key in data["cells"]:
-                continue
             if criterion.needs_sparsity:
                 result, secs = score(model, method, input_ids, seed=seed, batch_size=args.batch_size,
                                      sparsity=sparsity, selection=selection)
@@ -116,14 +138,29 @@ def _run_method(model, tokenizer, name, zoo_seed, seed, label, input_ids, fresh,
                 shared = shared or score(model, method, input_ids, seed=seed, batch_size=args.batch_size)
                 result, secs = shared
             keep = select(result.scores, model, sparsity=sparsity, mode=selection)
-            pruned = prune_experts(copy.deepcopy(model), keep)
-            data["cells"][key] = {
-                "kept": [len(keep[k]) for k in sorted(keep)],
-                "outcomes": pack(item_outcomes(pruned, tokenizer, fresh)),
-                "original": pack(item_outcomes(pruned, tokenizer, original)),
-                "score_seconds": round(secs, 2),
-            }
-            logger.info("%s kept %s (%.1fs)", key, data["cells"][key]["kept"], secs)
+            if args.variant == "plain":
+                pruned, info = prune_experts(copy.deepcopy(model), keep), {}
+            else:
+                pruned, info = prune_variant(model, keep, args.variant, input_ids, teacher, args)
+            cell = {"kept": [len(keep[k]) for k in sorted(keep)], "score_seconds": round(secs, 2), **info}
+            pruned_by_selection[selection] = (pruned, cell)
+            if selection in wanted:
+                data["cells"][keys[selection]] = _scored(cell, pruned, tokenizer, fresh, original)
+                logger.info("%s kept %s (%.1fs)", keys[selection], cell["kept"], secs)
+        if judged and judged_key not in data["cells"]:
+            kls = {s: cell["recalibration"]["kl_after"] for s, (_, cell) in pruned_by_selection.items()}
+            picked = min(SELECTIONS, key=lambda s: kls[s])  # a tie keeps global
+            pruned, cell = pruned_by_selection[picked]
+            scored = data["cells"].get(keys[picked]) if picked in wanted else None  # scored a moment ago
+            data["cells"][judged_key] = {**(scored or _scored(cell, pruned, tokenizer, fresh, original)),
+                                         "picked": picked, "kl_after": kls}
+            logger.info("%s picked %s (calibration KL %s)", judged_key, picked, kls)
+
+
+def _scored(cell: dict, pruned, tokenizer, fresh: dict, original: dict) -> dict:
+    """``cell`` plus the pruned model's outcomes on the fresh and the original items."""
+    return {**cell, "outcomes": pack(item_outcomes(pruned, tokenizer, fresh)),
+            "original": pack(item_outcomes(pruned, tokenizer, original))}
 
 
 # ----------------------------------------------------------------------------------------------- analysis
@@ -403,11 +440,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES),
                         help="methods it is compared with (both selections; the default's label: global only)")
     add_fresh_run_arguments(parser, Path(__file__).parent / "results" / "fresh_items" / "all.json")
+    parser.add_argument("--variant", default="plain", choices=VARIANTS,
+                        help="what follows selection for every method of the run (cells labelled METHOD+VARIANT)")
+    parser.add_argument("--judge-selection", action="store_true",
+                        help="with a recalibrated --variant: also the default's global or uniform keep map, "
+                             "whichever recalibration left with the lower calibration KL (METHOD+VARIANT+judged)")
+    parser.add_argument("--recal-steps", type=int, default=32, help="recalibrated variants: optimiser steps")
+    parser.add_argument("--recal-lr", type=float, default=3e-3, help="recalibrated variants: Adam learning rate")
+    parser.add_argument("--recal-seed", type=int, default=0, help="recalibrated variants: batch order")
+    parser.add_argument("--recal-scale-lr", type=float, default=3e-2,
+                        help="recalibrated+scales: Adam learning rate of the output scales")
     parser.add_argument("--stored", nargs="*", default=None,
                         help="quality_seeds.py files to check runs against, oldest first")
     parser.add_argument("--title", default=TITLE,
                         help="the report's title (a page that compares a variant with the default says so)")
     args = parser.parse_args(argv)
+    if args.judge_selection and "recalibrated" not in args.variant:
+        parser.error("--judge-selection judges by recalibration's calibration KL: give a recalibrated --variant")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     run_unless_report_only(parser, args, run)
     data = load(args.results or [args.out])
