@@ -59,7 +59,8 @@ def test_output_scales_through_the_pruner(tmp_path):
     folder = pruner.save(model, tmp_path / "out", tokenizer=pruner_tokenizer())
     card = str(build_model_card(folder))
     values = [v for layer in scales.values() for v in layer]
-    assert f"folded into its output weights\n(`down_proj`): {min(values):.3f} to {max(values):.3f} (per layer" in card
+    scale_range = f"{min(values):.3f} to {max(values):.3f}"
+    assert f"folded into its output projection\n(`down_proj`): {scale_range} (per layer" in card
     again = DiEPPruner(dataset=pruner_texts(), recalibrate_router=True, recalibration_output_scales=True,
                        recalibration_steps=4, recalibration_lr=1e-2, **FAST)
     second = again.prune_model(tiny_model("mixtral"), pruner_tokenizer())
