@@ -218,7 +218,8 @@ class RecalibrationOptions(OptionsModel):
     @classmethod
     def _scales_need_recalibration(cls, value: bool, info: ValidationInfo) -> bool:
         if value and not info.data.get("enabled", False):
-            raise ValueError("needs enabled: true (the scales are trained with the routers)")
+            raise ValueError("needs router recalibration on (enabled: true; diep-hub prune: --recalibrate): the "
+                             "scales are trained with the routers")
         return value
 
 

@@ -71,3 +71,32 @@ def test_output_scales_through_the_pruner(tmp_path):
 def test_output_scales_need_recalibration():
     with pytest.raises(ConfigError, match=r"recalibration_output_scales: True -> needs recalibrate_router: True"):
         DiEPPruner(recalibration_output_scales=True)
+
+
+def test_prune_command_flags_set_merging_recalibration_and_scales(tmp_path, monkeypatch):
+    """`diep-hub prune --merge ... --recalibrate --output-scales`: the recipe fields behind the flags reach the
+    pruner (config.json and the report record them); --output-scales alone is refused, naming the flag."""
+    import diep_hub.tiny
+    from diep_hub.tiny import build_tiny_model
+    from tests.helpers.fault_catalogue import run_cli
+
+    monkeypatch.setattr(diep_hub.tiny, "build_offline_model",  # untrained: the flags, not the pruning, are tested
+                        lambda model_id, *, dtype=torch.float32: build_tiny_model(seed=0, train_steps=0, dtype=dtype))
+    common = ["prune", "diep-hub/tiny-mixtral", "--method", "frequency", "--dataset", "diep-hub/tiny-text",
+              "--dataset-config", "", "--num-samples", "4", "--seq-len", "32", "--batch-size", "4"]
+    refused = run_cli([*common, "--output", str(tmp_path / "refused"), "--output-scales"], monkeypatch)
+    assert refused.code == 2 and "--output-scales: True -> needs router recalibration on" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "out"
+    result = run_cli([*common, "--output", str(out), "--merge", "output_cka", "--recalibrate", "--recalibration-steps",
+                      "3", "--recalibration-lr", "0.01", "--output-scales", "--output-scale-lr", "0.05"], monkeypatch)
+    assert result.code == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    record = config["diep_pruning"]
+    assert (record["merge"], record["recalibrate_router"], record["recalibration_output_scales"]) == (
+        "output_cka", True, True)
+    recalibration = json.loads((out / REPORT_FILE).read_text())["recalibration"]
+    assert (recalibration["steps"], recalibration["lr"], recalibration["output_scale_lr"]) == (3, 0.01, 0.05)
+    kept = dict(zip(map(str, range(4)), config["num_experts_per_layer"]))
+    assert {layer: len(scales) for layer, scales in recalibration["output_scales"].items()} == kept

@@ -255,6 +255,12 @@ PRUNE_FLAGS = {
     "--min-experts-per-layer": "pruning.floors.min_experts_per_layer",
     "--max-layer-sparsity": "pruning.floors.max_layer_sparsity",
     "--regroup": "pruning.floors.regroup",
+    "--merge": "pruning.merge",
+    "--recalibrate": "pruning.recalibration.enabled",
+    "--recalibration-steps": "pruning.recalibration.steps",
+    "--recalibration-lr": "pruning.recalibration.lr",
+    "--output-scales": "pruning.recalibration.output_scales",
+    "--output-scale-lr": "pruning.recalibration.output_scale_lr",
 }
 #: flags left unset by default, so that the recipe's own default applies (the search's hyper-parameters)
 UNSET_BY_DEFAULT = ("--search-mode", "--lr", "--epochs")
