@@ -210,7 +210,7 @@ def _scaled_outputs(layers: list[MoELayer], log_scales: list[torch.Tensor]) -> I
                     "arguments; expected (hidden_states, expert indices, routing weights)"
                 )
             hidden, index, weights = args[:3]
-            scale = log_scale.exp().to(weights.dtype)[index]
+            scale = log_scale.exp().to(weights.device, weights.dtype)[index.to(weights.device)]
             return (hidden, index, weights * scale, *args[3:])
 
         return hook
