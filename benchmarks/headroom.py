@@ -44,12 +44,12 @@ from fresh_items import (
     SELECTIONS,
     add_fresh_run_arguments,
     cell_key,
-    crossed_bootstrap,
     item_outcomes,
     pack,
     run_unless_report_only,
     unpack,
 )
+from item_intervals import crossed_bootstrap
 from quality import calibration_ids, score, select
 from quality_seeds import parse_method
 from report_notes import header, publish
