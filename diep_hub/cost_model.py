@@ -87,6 +87,11 @@ class CostInputs:
     search_parameters: int  # the search's own trainable parameters (DiEP's alpha and beta)
     builds_model: bool = False  # the load stage trains the model (diep-hub/tiny-mixtral) rather than reading it
     cache_bytes: int = 0  # what the criterion keeps to avoid recomputing (validated_choice's MaskedKL caches)
+    # the edits between selection and surgery's end (merging, router recalibration); 0 when the run has none
+    edit_passes: float = 0.0  # passes of the active parameters over the calibration tokens
+    merge_tokens: int = 0  # tokens per MoE layer on which merging runs every expert (its similarity)
+    params_experts: int = 0  # every routed expert's parameters: what merging runs on merge_tokens
+    teacher_bytes: int = 0  # recalibration's copy of the unpruned model's final hidden states
 
 
 #: activation values a decoder layer keeps per token for the backward pass, in units of hidden_size (norms,
@@ -98,7 +103,8 @@ def cost_model(x: CostInputs, c: DeviceCosts) -> dict[str, float]:
     """Time (seconds) and peak memory (bytes) of a run, by the formula in :mod:`diep_hub.dry_run`'s docstring."""
     search_flops = 2.0 * x.params_search * x.search_tokens * x.search_passes
     other_flops = 2.0 * x.params_active * (x.eval_tokens * x.evaluations + x.skipping_tokens)
-    compute = (search_flops + other_flops) / c.flops_per_second
+    edit_flops = 2.0 * (x.params_active * x.search_tokens * x.edit_passes + x.params_experts * x.merge_tokens)
+    compute = (search_flops + other_flops + edit_flops) / c.flops_per_second
     build = c.build_seconds if x.builds_model else 0.0
     seconds = c.fixed_seconds + build + c.seconds_per_evaluation * x.evaluations + compute
     weights = x.params_total * x.bytes_per_param
@@ -106,29 +112,36 @@ def cost_model(x: CostInputs, c: DeviceCosts) -> dict[str, float]:
         x.num_layers * (ACT_HIDDEN_UNITS * x.hidden_size + 3 * x.expert_width) + 2 * x.vocab_size) * 4
     eval_act = x.eval_batch_size * x.eval_seq_len * 2 * x.vocab_size * 4  # logits and their log-softmax
     optimizer = 4 * 4 * x.search_parameters  # value, gradient, Adam's two moments, fp32
-    peak = c.baseline_bytes + c.weight_copies * weights + max(search_act, eval_act) + optimizer + x.cache_bytes
+    peak = (c.baseline_bytes + c.weight_copies * weights + max(search_act, eval_act) + optimizer + x.cache_bytes
+            + x.teacher_bytes)
     return {
         "seconds": seconds,
         "search_seconds": search_flops / c.flops_per_second,
-        "flops": search_flops + other_flops,
+        "edit_seconds": edit_flops / c.flops_per_second,
+        "flops": search_flops + other_flops + edit_flops,
         "peak_bytes": peak,
         "weight_bytes": weights,
         "activation_bytes": max(search_act, eval_act),
         "optimizer_bytes": optimizer,
         "cache_bytes": x.cache_bytes,
+        "teacher_bytes": x.teacher_bytes,
     }
 
 
 def describe_cost_model(c: DeviceCosts, x: CostInputs) -> str:
     """The formula with this run's numbers, for the dry run's output."""
     build = f" + Tb {c.build_seconds:g} s" if x.builds_model else ""
+    edits = (f" + N_active x {x.search_tokens:,} calibration tokens x {x.edit_passes:g} merging/recalibration passes "
+             f"+ N_experts {x.params_experts:,} x {x.merge_tokens:,} merging tokens"
+             if x.edit_passes or x.merge_tokens else "")
+    teacher = " + recalibration's teacher states" if x.teacher_bytes else ""
     return (
         f"time = T0 {c.fixed_seconds:g} s{build} + Te {c.seconds_per_evaluation:g} s x {x.evaluations} evaluations + "
         f"2 x (N_search {x.params_search:,} x {x.search_tokens:,} calibration tokens x {x.search_passes} passes + "
         f"N_active {x.params_active:,} x {x.eval_tokens * x.evaluations + x.skipping_tokens:,} evaluation/skipping "
-        f"tokens) / R {c.flops_per_second / 1e9:g} GFLOP/s; peak = M0 {c.baseline_bytes / 2**20:.0f} MiB + "
+        f"tokens{edits}) / R {c.flops_per_second / 1e9:g} GFLOP/s; peak = M0 {c.baseline_bytes / 2**20:.0f} MiB + "
         f"{c.weight_copies:g} x weights + max(search activations, evaluation logits) + search optimizer state + "
-        f"criterion caches; "
+        f"criterion caches{teacher}; "
         f"{c.kind} constants {c.measured}; lm-eval compute on large tasks is not counted"
     )
 

@@ -12,15 +12,19 @@ No weight is loaded or allocated, so even the largest MoE is estimated in second
    measured on real runs; how close it came is in docs/dry-run.md)::
 
        seconds = T0 [+ Tb] + Te x evaluations + 2 x (N_search x tokens_cal x passes
-                                             + N_active x (tokens_eval x evaluations + tokens_skip)) / R
+                                             + N_active x (tokens_eval x evaluations + tokens_skip)
+                                             + N_active x tokens_cal x edit passes + N_experts x merging tokens) / R
        peak    = M0 + k x weight_bytes + max(search activations, evaluation logits) + 4 x 4 B x search parameters
+                 + criterion caches + teacher states
 
    ``N_active`` is the parameters a token passes through (top-k experts), ``N_search`` the same in the search
    (every expert in dense mode); ``passes`` is 1 reference pass plus 3 a search step (forward and backward) x
-   epochs for the searching criteria, 1 for the others; ``R`` the effective FLOP/s of the device kind, ``T0`` the
-   fixed time (imports, lm-eval set-up, card, save), ``Tb`` the training of diep-hub/tiny-mixtral at load time
-   (that model only), ``Te`` one evaluation's lm-eval overhead; ``M0`` the process's
-   resident memory with torch, transformers and lm-eval loaded, ``k`` the copies of the weights alive at the peak.
+   epochs for the searching criteria, 1 for the others; ``edit passes``, ``merging tokens`` and the teacher
+   states are what merging and router recalibration add (:func:`_edit_costs`); ``R`` the effective FLOP/s of the
+   device kind, ``T0`` the fixed time (imports, lm-eval set-up, card, save), ``Tb`` the training of
+   diep-hub/tiny-mixtral at load time (that model only), ``Te`` one evaluation's lm-eval overhead; ``M0`` the
+   process's resident memory with torch, transformers and lm-eval loaded, ``k`` the copies of the weights alive at
+   the peak.
 3. **The config it read**: a Hub id while the Hub cannot be reached fails at once (:mod:`diep_hub.preflight`), or
    uses the copy of the config shipped beside the recipes (``recipes/configs/<org>--<name>.json``, with its source
    in ``<org>--<name>.source.json``) and says so.
@@ -228,6 +232,27 @@ def _cache_bytes(pruner, text_config, num_decoder_layers: int, weight_bytes_per:
     return judging + refining
 
 
+def _edit_costs(pruner, hidden_size: int, weight_bytes_per: int) -> dict[str, int | float]:
+    """What merging and router recalibration add (the pruner's ``merge`` and ``recalibrate_router``): merging runs
+    one pass over the calibration tokens (frequencies and each layer's inputs) and every expert of a layer on
+    ``max_tokens`` of them; recalibration one unpruned pass (the teacher's hidden states, kept in the model's
+    dtype), the pruned model's loss before and after, and ``steps`` forward + backward passes (~3 forward passes)
+    over ``batch_size`` sequences each."""
+    import inspect
+
+    from .merging import merge_removed_experts
+
+    passes, merge_tokens, teacher_bytes = 0.0, 0, 0
+    if pruner.merge != "none":
+        passes += 1
+        max_tokens = inspect.signature(merge_removed_experts).parameters["max_tokens"].default
+        merge_tokens = min(max_tokens, pruner.num_samples * pruner.seq_len)
+    if pruner.recalibrate_router:
+        passes += 3 + 3 * pruner.recalibration_steps * min(pruner.batch_size, pruner.num_samples) / pruner.num_samples
+        teacher_bytes = pruner.num_samples * pruner.seq_len * hidden_size * weight_bytes_per
+    return {"edit_passes": passes, "merge_tokens": merge_tokens, "teacher_bytes": teacher_bytes}
+
+
 def _passes(method: str, epochs) -> int:
     """1 for a one-pass criterion; 1 + 3 x ``epochs()`` for a searching one (read only then)."""
     return 1 + 3 * int(epochs()) if method in _SEARCHING else 1
@@ -292,6 +317,8 @@ def estimate(plan: RunPlan, config=None) -> dict[str, Any]:
         search_parameters=2 * num_experts if pruner.method in _SEARCHING else 0,
         builds_model=load.model_id == TINY_MODEL_ID and not tiny_cache_file().is_file(),  # trained once, then read
         cache_bytes=_cache_bytes(pruner, text, int(text.num_hidden_layers), bytes_per),
+        params_experts=expert_params,
+        **_edit_costs(pruner, int(text.hidden_size), bytes_per),
     )
     costs = DEVICE_COSTS[_device_kind(plan)]
     cost = cost_model(inputs, costs)
@@ -315,6 +342,7 @@ def estimate(plan: RunPlan, config=None) -> dict[str, Any]:
         "device": costs.kind,
         "search_flops": 2 * inputs.params_search * inputs.search_tokens * inputs.search_passes,
         "search_seconds_estimate": cost["search_seconds"],
+        "edit_seconds_estimate": cost["edit_seconds"],
         "run_seconds_estimate": cost["seconds"],
         # the run's peak (kept under its old name, which the CLI prints)
         "search_peak_bytes_estimate": int(cost["peak_bytes"]),

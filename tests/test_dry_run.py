@@ -117,6 +117,52 @@ def test_cost_model_is_the_stated_formula_for_fixed_inputs():
     assert cost_model(FIXED.__class__(**{**FIXED.__dict__, "search_passes": 26}), c)["seconds"] > out["seconds"]
 
 
+def test_cost_model_counts_merging_and_recalibration_as_stated():
+    """The edit terms: 2 x (N_active x calibration tokens x edit passes + every expert's parameters x merging
+    tokens) FLOPs at R, and the teacher's hidden states on top of the peak; zero edits leave the estimate as it was."""
+    c = DEVICE_COSTS["cpu"]
+    plain = cost_model(FIXED, c)
+    edited = cost_model(CostInputs(**{**FIXED.__dict__, "edit_passes": 7.5, "merge_tokens": 1024,
+                                      "params_experts": 3_000_000, "teacher_bytes": 5_000_000}), c)
+    edit_flops = 2 * (400_000 * 2048 * 7.5 + 3_000_000 * 1024)
+    assert edited["flops"] - plain["flops"] == edit_flops
+    assert edited["edit_seconds"] == pytest.approx(edit_flops / c.flops_per_second)
+    assert edited["seconds"] - plain["seconds"] == pytest.approx(edit_flops / c.flops_per_second)
+    assert edited["peak_bytes"] - plain["peak_bytes"] == 5_000_000
+    assert plain["edit_seconds"] == 0 and plain["teacher_bytes"] == 0
+
+
+def test_dry_run_counts_the_recipes_merging_and_recalibration(tmp_path):
+    """A recipe that merges and recalibrates: one merging pass plus every expert on min(1024, calibration tokens),
+    and recalibration's teacher pass, loss before and after, and 3 passes a step over batch_size of num_samples
+    sequences; the teacher's float32 hidden states are added to the peak. Without them the terms are zero."""
+    from diep_hub.cli.output import run_text
+
+    plain_recipe = load_recipe(_tiny_recipe(tmp_path))
+    plain = dry_run.estimate(resolve_plan(plain_recipe))
+    (tmp_path / "edited").mkdir()
+    recipe = load_recipe(_tiny_recipe(tmp_path / "edited", merge="output_cosine",
+                                      recalibration={"enabled": True, "steps": 20}))
+    est = dry_run.estimate(resolve_plan(recipe))
+    x, p = CostInputs(**est["cost_inputs"]), recipe.pruning
+    num_samples, seq_len, batch = p.calibration.num_samples, p.calibration.seq_len, p.search.batch_size
+    assert (num_samples, seq_len, batch) == (32, 64, 8)
+    assert x.edit_passes == pytest.approx(1 + 3 + 3 * 20 * 8 / 32)  # 19
+    assert x.merge_tokens == 1024 and x.params_experts == est["params_experts"] == 4 * 8 * 3 * 64 * 96
+    assert x.teacher_bytes == 32 * 64 * 64 * 4
+    c = DEVICE_COSTS["cpu"]
+    flops = 2 * (x.params_active * 32 * 64 * 19 + x.params_experts * 1024)
+    assert est["edit_seconds_estimate"] == pytest.approx(flops / c.flops_per_second)
+    assert est["run_seconds_estimate"] - plain["run_seconds_estimate"] == pytest.approx(flops / c.flops_per_second)
+    assert est["peak_bytes_estimate"] - plain["peak_bytes_estimate"] == 32 * 64 * 64 * 4
+    assert "19 merging/recalibration passes" in est["assumptions"] and "teacher states" in est["assumptions"]
+    assert "merging and recalibration ~" in run_text({"dry_run": True, "estimate": est, "output_dir": "o",
+                                                      "push": False})
+    px = CostInputs(**plain["cost_inputs"])
+    assert (px.edit_passes, px.merge_tokens, px.teacher_bytes, plain["edit_seconds_estimate"]) == (0, 0, 0, 0)
+    assert "merging/recalibration" not in plain["assumptions"]
+
+
 def test_tiny_recipe_estimate_uses_the_recipes_numbers_and_lands_in_the_measured_band():
     """The tiny recipe's inputs come from its config and settings; with the CPU constants the estimate reproduces
     the calibration runs recorded in dry_run.CALIBRATION within the stated tolerances (no timing here)."""

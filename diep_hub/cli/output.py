@@ -42,7 +42,10 @@ def run_text(summary: dict) -> str:
             f"  experts removed {e['experts_removed']} of {e['experts_total']}",
             f"  weights {_size(e['weight_bytes'])} -> ~{_size(e['weight_bytes_after_pruning'])}",
             f"  run ~{_duration(e['run_seconds_estimate'])} on {e['device']} "
-            f"(search ~{_duration(e['search_seconds_estimate'])}), peak ~{_size(e['peak_bytes_estimate'])}",
+            f"(search ~{_duration(e['search_seconds_estimate'])}"
+            + (f", merging and recalibration ~{_duration(e['edit_seconds_estimate'])}"
+               if e.get("edit_seconds_estimate") else "")
+            + f"), peak ~{_size(e['peak_bytes_estimate'])}",
             f"  cost model: {e['assumptions']}",
             *([f"  config: {e['config_source']}"] if e.get("config_source") else []),
             *(f"  note: {note}" for note in e.get("notes", [])),
