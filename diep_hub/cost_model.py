@@ -32,7 +32,8 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
         kind="cpu", flops_per_second=39e9, fixed_seconds=16.3, seconds_per_evaluation=3.3,
         baseline_bytes=568 * 2**20, weight_copies=2.0, build_seconds=41.0,
-        measured="measured on 1 CPU thread, CPU time (user + sys), 3 recipe sizes (docs/dry-run.md)",
+        measured="measured on 1 CPU thread, CPU time (user + sys), 3 recipe sizes, on a loaded shared machine: "
+                 "an idle 2-core AMD EPYC ran the mid recipe in about half the estimate (docs/dry-run.md, section 4)",
     ),
     "cuda": DeviceCosts(
         kind="cuda", flops_per_second=100e12, fixed_seconds=30.0, seconds_per_evaluation=10.0,
