@@ -8,8 +8,11 @@ and without ``pruning.merge`` and ``pruning.recalibration``, each ``--repeats`` 
 same recipe. The extra time of the edited runs is compared with the estimate's extra in the same process pairs,
 so the ratio does not depend on the machine's speed.
 
-Run: ``python benchmarks/dry_run_check.py --write`` (about 6 minutes on 2 CPU cores; ``--write`` adds the table
-to docs/dry-run.md between its markers).
+A second table measures merging's neuron alignment (one Hungarian assignment a merged expert, after a float64
+affinity matmul), the term that dominates merging on wide experts, against its estimate.
+
+Run: ``python benchmarks/dry_run_check.py --write`` (about 8 minutes on 2 CPU cores; ``--write`` puts the tables
+into docs/dry-run.md between its markers).
 """
 
 from __future__ import annotations
@@ -141,6 +144,50 @@ def run(args) -> str:
     return "\n".join(lines)
 
 
+def alignment_table(widths: tuple[int, ...], hidden: int) -> str:
+    """Merging's neuron alignment, measured against the cost model's term: one random-weight Mixtral-type layer
+    (8 experts, 4 removed and merged) per expert width, merged with ``align="weights"`` and with ``align="none"``
+    on the same tokens; the difference of CPU time is the alignment of the 4 merges."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from diep_hub.cost_model import DEVICE_COSTS, CostInputs, cost_model
+    from diep_hub.merging import merge_removed_experts
+
+    torch.set_num_threads(1)
+    rows = []
+    for width in widths:
+        config = MixtralConfig(vocab_size=64, hidden_size=hidden, intermediate_size=width, num_hidden_layers=1,
+                               num_attention_heads=8, num_key_value_heads=8, num_local_experts=8,
+                               num_experts_per_tok=2, max_position_embeddings=128)
+        seconds = {}
+        for align in ("none", "weights"):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config)
+            input_ids = torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(0))
+            start = time.process_time()
+            merge_removed_experts(model, {0: [0, 1, 2, 3]}, input_ids, batch_size=4, align=align)
+            seconds[align] = time.process_time() - start
+            del model
+        measured = seconds["weights"] - seconds["none"]
+        inputs = CostInputs(**{**dict.fromkeys(CostInputs.__dataclass_fields__, 0),
+                               "aligned_merges": 4, "align_width": width, "align_features": 3 * hidden})
+        estimated = cost_model(inputs, DEVICE_COSTS["cpu"])["alignment_seconds"]
+        rows.append(f"| {width} | {seconds['none']:.2f} | {seconds['weights']:.2f} | {measured:.2f} | "
+                    f"{estimated:.2f} | {measured / estimated:.2f} |")
+    return "\n".join([
+        f"Alignment: one random-weight Mixtral-type layer, hidden {hidden}, 8 experts, 4 merged into the other 4; "
+        "CPU seconds of `merge_removed_experts` in this process (one thread).",
+        "",
+        "| expert width I | align none, s | align weights, s | alignment (the difference), s | estimated, s | "
+        "measured / estimated |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ])
+
+
 def write(table: str) -> None:
     text = DOC.read_text(encoding="utf-8")
     if BEGIN not in text:
@@ -156,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intermediate", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--align-widths", nargs="+", type=int, default=[1024, 2048, 4096],
+                        help="expert widths of the alignment table")
+    parser.add_argument("--align-hidden", type=int, default=1024, help="hidden size of the alignment table")
     parser.add_argument("--write", action="store_true", help=f"put the table into {DOC.relative_to(ROOT)}")
     args = parser.parse_args(argv)
-    table = run(args)
+    table = run(args) + "\n\n" + alignment_table(tuple(args.align_widths), args.align_hidden)
     print(table)
     if args.write:
         write(table)

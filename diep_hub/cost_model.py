@@ -22,6 +22,10 @@ class DeviceCosts:
     weight_copies: float  # k: copies of the weights alive at the peak
     measured: str  # where the constants come from
     build_seconds: float = 0.0  # Tb: building diep-hub/tiny-mixtral (trained at load time) instead of reading it
+    # merging's neuron alignment (diep_hub.merge_alignment), per merged expert: a float64 affinity matmul and one
+    # Hungarian assignment on the host CPU (scipy), whatever the device
+    float64_flops_per_second: float = 20e9  # R64
+    assignment_seconds_per_n2: float = 1.7e-7  # a: seconds of one I x I assignment per I^2
 
 
 #: Constants per device kind. CPU: fitted on `diep-hub run` of three recipe sizes (:data:`CALIBRATION`: 0.65 M,
@@ -32,12 +36,15 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
         kind="cpu", flops_per_second=39e9, fixed_seconds=16.3, seconds_per_evaluation=3.3,
         baseline_bytes=568 * 2**20, weight_copies=2.0, build_seconds=41.0,
+        # R64 = R x 0.53 and a = 2 x 8.5e-8 s: float64 against float32 matmul and the assignment measured on an idle
+        # AMD EPYC, scaled to R's machine, which ran the mid recipe twice as slowly (docs/dry-run.md, section 4)
+        float64_flops_per_second=20e9, assignment_seconds_per_n2=1.7e-7,
         measured="measured on 1 CPU thread, CPU time (user + sys), 3 recipe sizes, on a loaded shared machine: "
                  "an idle 2-core AMD EPYC ran the mid recipe in about half the estimate (docs/dry-run.md, section 4)",
     ),
     "cuda": DeviceCosts(
         kind="cuda", flops_per_second=100e12, fixed_seconds=30.0, seconds_per_evaluation=10.0,
-        baseline_bytes=0, weight_copies=1.2,
+        baseline_bytes=0, weight_copies=1.2, float64_flops_per_second=10e12, assignment_seconds_per_n2=8.5e-8,
         measured="NOT measured: assumed 100 TFLOP/s effective; the peak is GPU memory without the process",
     ),
 }
@@ -93,6 +100,9 @@ class CostInputs:
     merge_tokens: int = 0  # tokens per MoE layer on which merging runs every expert (its similarity)
     params_experts: int = 0  # every routed expert's parameters: what merging runs on merge_tokens
     teacher_bytes: int = 0  # recalibration's copy of the unpruned model's final hidden states
+    aligned_merges: int = 0  # merged experts whose neurons merging aligns first (align="weights", gated layout)
+    align_width: int = 0  # I: an aligned expert's intermediate neurons
+    align_features: int = 0  # a neuron's features: its gate row, up row and down column (3 x hidden)
 
 
 #: activation values a decoder layer keeps per token for the backward pass, in units of hidden_size (norms,
@@ -106,19 +116,22 @@ def cost_model(x: CostInputs, c: DeviceCosts) -> dict[str, float]:
     other_flops = 2.0 * x.params_active * (x.eval_tokens * x.evaluations + x.skipping_tokens)
     edit_flops = 2.0 * (x.params_active * x.search_tokens * x.edit_passes + x.params_experts * x.merge_tokens)
     compute = (search_flops + other_flops + edit_flops) / c.flops_per_second
+    alignment = x.aligned_merges * (2.0 * x.align_width**2 * x.align_features / c.float64_flops_per_second
+                                    + c.assignment_seconds_per_n2 * x.align_width**2)
     build = c.build_seconds if x.builds_model else 0.0
-    seconds = c.fixed_seconds + build + c.seconds_per_evaluation * x.evaluations + compute
+    seconds = c.fixed_seconds + build + c.seconds_per_evaluation * x.evaluations + compute + alignment
     weights = x.params_total * x.bytes_per_param
     search_act = x.batch_size * x.seq_len * (
         x.num_layers * (ACT_HIDDEN_UNITS * x.hidden_size + 3 * x.expert_width) + 2 * x.vocab_size) * 4
     eval_act = x.eval_batch_size * x.eval_seq_len * 2 * x.vocab_size * 4  # logits and their log-softmax
     optimizer = 4 * 4 * x.search_parameters  # value, gradient, Adam's two moments, fp32
     peak = (c.baseline_bytes + c.weight_copies * weights + max(search_act, eval_act) + optimizer + x.cache_bytes
-            + x.teacher_bytes)
+            + x.teacher_bytes + _alignment_bytes(x))
     return {
         "seconds": seconds,
         "search_seconds": search_flops / c.flops_per_second,
-        "edit_seconds": edit_flops / c.flops_per_second,
+        "edit_seconds": edit_flops / c.flops_per_second + alignment,
+        "alignment_seconds": alignment,
         "flops": search_flops + other_flops + edit_flops,
         "peak_bytes": peak,
         "weight_bytes": weights,
@@ -129,20 +142,32 @@ def cost_model(x: CostInputs, c: DeviceCosts) -> dict[str, float]:
     }
 
 
+def _alignment_bytes(x: CostInputs) -> int:
+    """One alignment's float64 buffers: both experts' neuron features, the I x I affinity and the negated copy the
+    assignment maximises on (0 without alignment)."""
+    if not x.aligned_merges:
+        return 0
+    return 8 * (2 * x.align_width * x.align_features + 2 * x.align_width**2)
+
+
 def describe_cost_model(c: DeviceCosts, x: CostInputs) -> str:
     """The formula with this run's numbers, for the dry run's output."""
     build = f" + Tb {c.build_seconds:g} s" if x.builds_model else ""
     edits = (f" + N_active x {x.search_tokens:,} calibration tokens x {x.edit_passes:g} merging/recalibration passes "
              f"+ N_experts {x.params_experts:,} x {x.merge_tokens:,} merging tokens"
              if x.edit_passes or x.merge_tokens else "")
-    teacher = " + recalibration's teacher states" if x.teacher_bytes else ""
+    alignment = (f" + {x.aligned_merges} aligned merges x (2 x I {x.align_width:,}^2 x {x.align_features:,} / R64 "
+                 f"{c.float64_flops_per_second / 1e9:g} GFLOP/s + a {c.assignment_seconds_per_n2:g} s x I^2)"
+                 if x.aligned_merges else "")
+    memory_extras = ((" + recalibration's teacher states" if x.teacher_bytes else "")
+                     + (" + one alignment's float64 buffers" if x.aligned_merges else ""))
     return (
         f"time = T0 {c.fixed_seconds:g} s{build} + Te {c.seconds_per_evaluation:g} s x {x.evaluations} evaluations + "
         f"2 x (N_search {x.params_search:,} x {x.search_tokens:,} calibration tokens x {x.search_passes} passes + "
         f"N_active {x.params_active:,} x {x.eval_tokens * x.evaluations + x.skipping_tokens:,} evaluation/skipping "
-        f"tokens{edits}) / R {c.flops_per_second / 1e9:g} GFLOP/s; peak = M0 {c.baseline_bytes / 2**20:.0f} MiB + "
-        f"{c.weight_copies:g} x weights + max(search activations, evaluation logits) + search optimizer state + "
-        f"criterion caches{teacher}; "
+        f"tokens{edits}) / R {c.flops_per_second / 1e9:g} GFLOP/s{alignment}; "
+        f"peak = M0 {c.baseline_bytes / 2**20:.0f} MiB + {c.weight_copies:g} x weights + max(search activations, "
+        f"evaluation logits) + search optimizer state + criterion caches{memory_extras}; "
         f"{c.kind} constants {c.measured}; lm-eval compute on large tasks is not counted"
     )
 

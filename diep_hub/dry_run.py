@@ -232,25 +232,45 @@ def _cache_bytes(pruner, text_config, num_decoder_layers: int, weight_bytes_per:
     return judging + refining
 
 
-def _edit_costs(pruner, hidden_size: int, weight_bytes_per: int) -> dict[str, int | float]:
+def _edit_costs(pruner, hidden_size: int, weight_bytes_per: int, layers=(),
+                removed: dict[int, int] | None = None) -> dict[str, int | float]:
     """What merging and router recalibration add (the pruner's ``merge`` and ``recalibrate_router``): merging runs
     one pass over the calibration tokens (frequencies and each layer's inputs) and every expert of a layer on
     ``max_tokens`` of them; recalibration one unpruned pass (the teacher's hidden states, kept in the model's
     dtype), the pruned model's loss before and after, and ``steps`` forward + backward passes (~3 forward passes)
-    over ``batch_size`` sequences each."""
+    over ``batch_size`` sequences each. Merging also aligns each removed expert's neurons (:func:`_alignment`)."""
+    removed = removed or {}
     import inspect
 
     from .merging import merge_removed_experts
 
     passes, merge_tokens, teacher_bytes = 0.0, 0, 0
+    alignment = {"aligned_merges": 0, "align_width": 0, "align_features": 0}
     if pruner.merge != "none":
         passes += 1
-        max_tokens = inspect.signature(merge_removed_experts).parameters["max_tokens"].default
-        merge_tokens = min(max_tokens, pruner.num_samples * pruner.seq_len)
+        defaults = inspect.signature(merge_removed_experts).parameters
+        merge_tokens = min(defaults["max_tokens"].default, pruner.num_samples * pruner.seq_len)
+        if pruner.merge_alignment == "weights":
+            alignment = _alignment(layers, removed)
     if pruner.recalibrate_router:
         passes += 3 + 3 * pruner.recalibration_steps * min(pruner.batch_size, pruner.num_samples) / pruner.num_samples
         teacher_bytes = pruner.num_samples * pruner.seq_len * hidden_size * weight_bytes_per
-    return {"edit_passes": passes, "merge_tokens": merge_tokens, "teacher_bytes": teacher_bytes}
+    return {"edit_passes": passes, "merge_tokens": merge_tokens, "teacher_bytes": teacher_bytes, **alignment}
+
+
+def _alignment(layers, removed: dict[int, int]) -> dict[str, int]:
+    """Merging aligns every removed expert of a layer stored in the gated layout (``supports_alignment``) to its
+    kept partner: one alignment each, at the widest such layer's width."""
+    from .merge_alignment import supports_alignment
+
+    aligned = [layer for layer in layers if supports_alignment(layer)]
+    if not aligned:
+        return {"aligned_merges": 0, "align_width": 0, "align_features": 0}
+    return {
+        "aligned_merges": sum(removed.get(layer.index, 0) for layer in aligned),
+        "align_width": max(int(layer.experts.down_proj.shape[2]) for layer in aligned),
+        "align_features": max(3 * int(layer.experts.down_proj.shape[1]) for layer in aligned),
+    }
 
 
 def _passes(method: str, epochs) -> int:
@@ -318,7 +338,8 @@ def estimate(plan: RunPlan, config=None) -> dict[str, Any]:
         builds_model=load.model_id == TINY_MODEL_ID and not tiny_cache_file().is_file(),  # trained once, then read
         cache_bytes=_cache_bytes(pruner, text, int(text.num_hidden_layers), bytes_per),
         params_experts=expert_params,
-        **_edit_costs(pruner, int(text.hidden_size), bytes_per),
+        **_edit_costs(pruner, int(text.hidden_size), bytes_per, layers,
+                      {layer.index: layer.num_experts - selection.per_layer_kept[layer.index] for layer in layers}),
     )
     costs = DEVICE_COSTS[_device_kind(plan)]
     cost = cost_model(inputs, costs)

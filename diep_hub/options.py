@@ -200,6 +200,12 @@ Merge = Annotated[
     Field(description="fold each removed expert into its most similar kept expert before surgery "
                       "(diep_hub.merging: output cosine or CKA, frequency-weighted, neuron-aligned)"),
 ]
+MergeAlignment = Annotated[
+    Literal["weights", "none"],
+    Field(description="merging: permute each merged expert's neurons to match the kept expert's first (weights: "
+                      "one float64 I x I affinity and Hungarian assignment a merged expert, hours on wide experts "
+                      "such as Mixtral-8x7B's; the dry run counts it) or average them as stored (none)"),
+]
 
 
 class RecalibrationOptions(OptionsModel):
@@ -238,6 +244,7 @@ class PrunerSettings(TargetOptions, FloorsOptions):
     batch_size: BatchSize = 16
     skipping: Flag = Field(False, description="calibrate adaptive expert skipping after pruning")
     merge: Merge = "none"
+    merge_alignment: MergeAlignment = "weights"
     recalibrate_router: Flag = Field(False, description="distil the pruned layers' router rows towards the unpruned "
                                                         "model after surgery (diep_hub.recalibration)")
     recalibration_steps: Count = Field(_RECALIBRATION["steps"].default, description=_RECALIBRATION["steps"].description)

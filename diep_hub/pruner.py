@@ -77,6 +77,9 @@ class DiEPPruner:
         skipping: calibrate and enable adaptive expert skipping after pruning (``diep_hub.skipping``).
         merge: "none" (default), or fold each removed expert into its most similar kept expert before surgery,
             by "output_cosine" or "output_cka" (``diep_hub.merging``); recorded in the report's ``merging``.
+        merge_alignment: "weights" (default: each merged expert's neurons are matched to the kept expert's first,
+            one Hungarian assignment a merged expert) or "none" (averaged as stored: for wide experts, where the
+            assignment takes minutes each).
         recalibrate_router: after surgery, distil the pruned layers' router rows towards the unpruned model's
             next-token distribution on the calibration tokens for ``recalibration_steps`` Adam steps at
             ``recalibration_lr`` (``diep_hub.recalibration``); recorded in the report's ``recalibration``.
@@ -114,6 +117,7 @@ class DiEPPruner:
     naee_max_combinations: int = NAEEOptions.model_fields["max_combinations"].default
     skipping: bool = False
     merge: str = _SETTINGS["merge"].default
+    merge_alignment: str = _SETTINGS["merge_alignment"].default
     recalibrate_router: bool = False
     recalibration_steps: int = _SETTINGS["recalibration_steps"].default
     recalibration_lr: float = _SETTINGS["recalibration_lr"].default
@@ -332,6 +336,7 @@ class DiEPPruner:
 
                 merging = merge_removed_experts(
                     model, selection.keep, input_ids, batch_size=self.batch_size, similarity=self.merge,
+                    align=self.merge_alignment,
                     regroup=bool(selection.regroup), progress=self.progress,
                 ).to_dict()
             model = prune_experts(model, selection.keep, regroup=bool(selection.regroup))

@@ -66,6 +66,7 @@ def record_pruning(
         },
         "criterion_options": pruner.criterion_options(),
         "merge": pruner.merge,
+        "merge_alignment": pruner.merge_alignment,
         "recalibrate_router": pruner.recalibrate_router,
         "recalibration_output_scales": pruner.recalibration_output_scales,
         "diep_hub_version": versions["diep_hub"],

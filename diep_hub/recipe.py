@@ -17,8 +17,8 @@ The schema, with defaults (``diep-hub run --help`` shows an example)::
                   search: {mode: auto, lr: 0.005, epochs: 10, batch_size: 16, lambda: 0.01, alternation: "3:1",
                            ranking: softmax},
                   floors: {min_experts_per_layer: null, max_layer_sparsity: null, regroup: false},
-                  merge: none, recalibration: {enabled: false, steps: 32, lr: 0.001, output_scales: false,
-                                                 output_scale_lr: 0.03}}
+                  merge: none, merge_alignment: weights,
+                  recalibration: {enabled: false, steps: 32, lr: 0.001, output_scales: false, output_scale_lr: 0.03}}
     skipping:    {enabled: false, kernel: linear, num_samples: 32}
     evaluation:  {enabled: true, base: true, tasks: [], include_path: null, limit: null, batch_size: 8,
                   num_fewshot: 0, perplexity: null, speed: false, memory: false}
@@ -52,6 +52,7 @@ from .options import (
     DiEPOptions,
     FloorsOptions,
     Merge,
+    MergeAlignment,
     NonNegativeInt,
     NumSamples,
     OptionsModel,
@@ -137,6 +138,7 @@ class PruningSection(TargetOptions):
     search: SearchSection = SearchSection()
     floors: FloorsOptions = FloorsOptions()
     merge: Merge = "none"
+    merge_alignment: MergeAlignment = "weights"
     recalibration: RecalibrationOptions = RecalibrationOptions()
     options: dict[str, Any] | None = Field(
         None, description="options of a method without keys of its own here (e.g. diep_removal: {lr: 0.3})")
@@ -357,6 +359,7 @@ class Recipe(OptionsModel):
             "batch_size": p.search.batch_size,
             "options": p.options,
             "merge": p.merge,
+            "merge_alignment": p.merge_alignment,
             "recalibrate_router": p.recalibration.enabled,
             "recalibration_steps": p.recalibration.steps,
             "recalibration_lr": p.recalibration.lr,

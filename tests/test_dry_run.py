@@ -130,6 +130,15 @@ def test_cost_model_counts_merging_and_recalibration_as_stated():
     assert edited["seconds"] - plain["seconds"] == pytest.approx(edit_flops / c.flops_per_second)
     assert edited["peak_bytes"] - plain["peak_bytes"] == 5_000_000
     assert plain["edit_seconds"] == 0 and plain["teacher_bytes"] == 0
+    # merging's neuron alignment: per merged expert a float64 I x I x features matmul at R64 and an I x I assignment
+    # (a x I^2 seconds), and one alignment's float64 buffers on the peak
+    aligned = cost_model(CostInputs(**{**FIXED.__dict__, "aligned_merges": 3, "align_width": 1000,
+                                       "align_features": 300}), c)
+    per_merge = 2 * 1000**2 * 300 / c.float64_flops_per_second + c.assignment_seconds_per_n2 * 1000**2
+    assert aligned["alignment_seconds"] == pytest.approx(3 * per_merge)
+    assert aligned["seconds"] - plain["seconds"] == pytest.approx(3 * per_merge)
+    assert aligned["flops"] == plain["flops"]  # the assignment is not a FLOP count: it has its own constant
+    assert aligned["peak_bytes"] - plain["peak_bytes"] == 8 * (2 * 1000 * 300 + 2 * 1000**2)
 
 
 def test_dry_run_counts_the_recipes_merging_and_recalibration(tmp_path):
@@ -150,17 +159,32 @@ def test_dry_run_counts_the_recipes_merging_and_recalibration(tmp_path):
     assert x.edit_passes == pytest.approx(1 + 3 + 3 * 20 * 8 / 32)  # 19
     assert x.merge_tokens == 1024 and x.params_experts == est["params_experts"] == 4 * 8 * 3 * 64 * 96
     assert x.teacher_bytes == 32 * 64 * 64 * 4
+    # merging aligns each of the 16 removed experts (the tiny Mixtral's gated layout): width 96, 3 x 64 features
+    assert (x.aligned_merges, x.align_width, x.align_features) == (16, 96, 192)
     c = DEVICE_COSTS["cpu"]
     flops = 2 * (x.params_active * 32 * 64 * 19 + x.params_experts * 1024)
-    assert est["edit_seconds_estimate"] == pytest.approx(flops / c.flops_per_second)
-    assert est["run_seconds_estimate"] - plain["run_seconds_estimate"] == pytest.approx(flops / c.flops_per_second)
-    assert est["peak_bytes_estimate"] - plain["peak_bytes_estimate"] == 32 * 64 * 64 * 4
+    alignment = 16 * (2 * 96**2 * 192 / c.float64_flops_per_second + c.assignment_seconds_per_n2 * 96**2)
+    assert est["edit_seconds_estimate"] == pytest.approx(flops / c.flops_per_second + alignment)
+    assert est["run_seconds_estimate"] - plain["run_seconds_estimate"] == pytest.approx(
+        flops / c.flops_per_second + alignment)
+    alignment_bytes = 8 * (2 * 96 * 192 + 2 * 96**2)
+    assert est["peak_bytes_estimate"] - plain["peak_bytes_estimate"] == 32 * 64 * 64 * 4 + alignment_bytes
     assert "19 merging/recalibration passes" in est["assumptions"] and "teacher states" in est["assumptions"]
+    assert "16 aligned merges" in est["assumptions"]
     assert "merging and recalibration ~" in run_text({"dry_run": True, "estimate": est, "output_dir": "o",
                                                       "push": False})
     px = CostInputs(**plain["cost_inputs"])
-    assert (px.edit_passes, px.merge_tokens, px.teacher_bytes, plain["edit_seconds_estimate"]) == (0, 0, 0, 0)
-    assert "merging/recalibration" not in plain["assumptions"]
+    assert (px.edit_passes, px.merge_tokens, px.teacher_bytes, px.aligned_merges) == (0, 0, 0, 0)
+    assert plain["edit_seconds_estimate"] == 0
+    assert "merging/recalibration" not in plain["assumptions"] and "aligned" not in plain["assumptions"]
+    # merging without alignment: the same passes, no alignment term
+    (tmp_path / "unaligned").mkdir()
+    unaligned = dry_run.estimate(resolve_plan(load_recipe(_tiny_recipe(
+        tmp_path / "unaligned", merge="output_cosine", merge_alignment="none",
+        recalibration={"enabled": True, "steps": 20}))))
+    ux = CostInputs(**unaligned["cost_inputs"])
+    assert (ux.aligned_merges, ux.edit_passes, ux.merge_tokens) == (0, x.edit_passes, 1024)
+    assert est["run_seconds_estimate"] - unaligned["run_seconds_estimate"] == pytest.approx(alignment)
 
 
 def test_tiny_recipe_estimate_uses_the_recipes_numbers_and_lands_in_the_measured_band():

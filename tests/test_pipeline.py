@@ -36,7 +36,7 @@ FULL_RECIPE = {
         "calibration": {"path": "data/calib.jsonl", "text_field": "body", "num_samples": 16, "seq_len": 32},
         "search": {"mode": "gated", "lr": 0.01, "epochs": 3, "batch_size": 4, "lambda": 0.02, "alternation": "2:1"},
         "floors": {"min_experts_per_layer": 2, "max_layer_sparsity": 0.5},
-        "merge": "output_cka",
+        "merge": "output_cka", "merge_alignment": "none",
         "recalibration": {"enabled": True, "steps": 5, "lr": 0.002, "output_scales": True,
                           "output_scale_lr": 0.05},
     },
@@ -104,7 +104,8 @@ def test_resolve_plan_gives_every_stage_its_exact_config_and_writes_nothing(tmp_
         "min_experts_per_layer": 2, "max_layer_sparsity": 0.5, "regroup": False,
         "search_mode": "gated", "lr": 0.01, "epochs": 3, "lambda_": 0.02, "alternation": (2, 1),
         "ranking": "softmax", "text_field": "body", "num_samples": 16, "seq_len": 32, "batch_size": 4,
-        "skipping": False, "options": None, "merge": "output_cka", "recalibrate_router": True,
+        "skipping": False, "options": None, "merge": "output_cka", "merge_alignment": "none",
+        "recalibrate_router": True,
         "recalibration_steps": 5, "recalibration_lr": 0.002, "recalibration_output_scales": True,
         "recalibration_output_scale_lr": 0.05,
     }

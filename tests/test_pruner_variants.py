@@ -41,6 +41,34 @@ def test_merge_and_recalibrate_through_the_pruner(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_merge_alignment_none_averages_the_neurons_as_stored():
+    """``merge_alignment="none"`` reaches merging: the pruned weights equal merge_removed_experts(align="none") and
+    surgery on the same keep map, bit for bit, and differ from the aligned default's; the record says which."""
+    from diep_hub import prune_experts
+    from diep_hub.calibration import load_calibration_data
+    from diep_hub.merging import merge_removed_experts
+
+    pruner = DiEPPruner(dataset=pruner_texts(), merge="output_cosine", merge_alignment="none", **FAST)
+    model = pruner.prune_model(tiny_model("mixtral"), pruner_tokenizer())
+    assert model.config.diep_pruning["merge_alignment"] == "none"
+    assert pruner.report.merging["align"] == "none" and pruner.report.merging["aligned_layers"] == []
+    keep = {int(layer): ids for layer, ids in pruner.report.kept_ids.items()}
+    source, config_name, split = pruner.calibration_source()  # the pruner's own calibration tokens
+    input_ids = load_calibration_data(source, pruner_tokenizer(), num_samples=FAST["num_samples"],
+                                      seq_len=FAST["seq_len"], seed=pruner.seed, config_name=config_name,
+                                      split=split, text_field=pruner.text_field)
+    expected = tiny_model("mixtral")
+    merge_removed_experts(expected, keep, input_ids, batch_size=FAST["batch_size"], align="none")
+    expected = prune_experts(expected, keep)
+    a, b = model.state_dict(), expected.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    aligned = DiEPPruner(dataset=pruner_texts(), merge="output_cosine", **FAST)
+    aligned_model = aligned.prune_model(tiny_model("mixtral"), pruner_tokenizer())
+    assert aligned.report.merging["aligned_layers"] == [0, 1, 2, 3]
+    c = aligned_model.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a if "experts" in k)
+
+
 def test_bad_merge_is_refused():
     with pytest.raises(ConfigError, match="merge"):
         DiEPPruner(merge="mean")
@@ -89,13 +117,14 @@ def test_prune_command_flags_set_merging_recalibration_and_scales(tmp_path, monk
     assert not (tmp_path / "refused").exists()
 
     out = tmp_path / "out"
-    result = run_cli([*common, "--output", str(out), "--merge", "output_cka", "--recalibrate", "--recalibration-steps",
-                      "3", "--recalibration-lr", "0.01", "--output-scales", "--output-scale-lr", "0.05"], monkeypatch)
+    result = run_cli([*common, "--output", str(out), "--merge", "output_cka", "--merge-alignment", "none",
+                      "--recalibrate", "--recalibration-steps", "3", "--recalibration-lr", "0.01", "--output-scales",
+                      "--output-scale-lr", "0.05"], monkeypatch)
     assert result.code == 0, result.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     record = config["diep_pruning"]
-    assert (record["merge"], record["recalibrate_router"], record["recalibration_output_scales"]) == (
-        "output_cka", True, True)
+    assert (record["merge"], record["merge_alignment"], record["recalibrate_router"],
+            record["recalibration_output_scales"]) == ("output_cka", "none", True, True)
     recalibration = json.loads((out / REPORT_FILE).read_text())["recalibration"]
     assert (recalibration["steps"], recalibration["lr"], recalibration["output_scale_lr"]) == (3, 0.01, 0.05)
     kept = dict(zip(map(str, range(4)), config["num_experts_per_layer"]))

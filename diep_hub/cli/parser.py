@@ -256,6 +256,7 @@ PRUNE_FLAGS = {
     "--max-layer-sparsity": "pruning.floors.max_layer_sparsity",
     "--regroup": "pruning.floors.regroup",
     "--merge": "pruning.merge",
+    "--merge-alignment": "pruning.merge_alignment",
     "--recalibrate": "pruning.recalibration.enabled",
     "--recalibration-steps": "pruning.recalibration.steps",
     "--recalibration-lr": "pruning.recalibration.lr",
