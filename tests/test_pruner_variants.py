@@ -41,7 +41,7 @@ def test_merge_and_recalibrate_through_the_pruner(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_merge_alignment_none_averages_the_neurons_as_stored():
+def test_merge_alignment_none_averages_the_neurons_as_stored(tmp_path):
     """``merge_alignment="none"`` reaches merging: the pruned weights equal merge_removed_experts(align="none") and
     surgery on the same keep map, bit for bit, and differ from the aligned default's; the record says which."""
     from diep_hub import prune_experts
@@ -67,6 +67,10 @@ def test_merge_alignment_none_averages_the_neurons_as_stored():
     assert aligned.report.merging["aligned_layers"] == [0, 1, 2, 3]
     c = aligned_model.state_dict()
     assert any(not torch.equal(a[k], c[k]) for k in a if "experts" in k)
+    cards = {name: str(build_model_card(p.save(m, tmp_path / name, tokenizer=pruner_tokenizer())))
+             for name, p, m in (("none", pruner, model), ("weights", aligned, aligned_model))}
+    assert "neurons averaged as stored, not aligned" in cards["none"] and "weight matching" not in cards["none"]
+    assert "neurons aligned by weight matching" in cards["weights"] and "as stored" not in cards["weights"]
 
 
 def test_bad_merge_is_refused():
