@@ -232,14 +232,14 @@ def _cache_bytes(pruner, text_config, num_decoder_layers: int, weight_bytes_per:
     return judging + refining
 
 
-def _edit_costs(pruner, hidden_size: int, weight_bytes_per: int, layers=(),
-                removed: dict[int, int] | None = None) -> dict[str, int | float]:
+def _edit_costs(pruner, hidden_size: int, weight_bytes_per: int, layers, removed: dict[int, int]
+                ) -> dict[str, int | float]:
     """What merging and router recalibration add (the pruner's ``merge`` and ``recalibrate_router``): merging runs
     one pass over the calibration tokens (frequencies and each layer's inputs) and every expert of a layer on
     ``max_tokens`` of them; recalibration one unpruned pass (the teacher's hidden states, kept in the model's
     dtype), the pruned model's loss before and after, and ``steps`` forward + backward passes (~3 forward passes)
-    over ``batch_size`` sequences each. Merging also aligns each removed expert's neurons (:func:`_alignment`)."""
-    removed = removed or {}
+    over ``batch_size`` sequences each. Merging also aligns each removed expert's neurons (:func:`_alignment`);
+    ``removed``: experts each layer gives up."""
     import inspect
 
     from .merging import merge_removed_experts

@@ -203,8 +203,9 @@ Merge = Annotated[
 MergeAlignment = Annotated[
     Literal["weights", "none"],
     Field(description="merging: permute each merged expert's neurons to match the kept expert's first (weights: "
-                      "one float64 I x I affinity and Hungarian assignment a merged expert, hours on wide experts "
-                      "such as Mixtral-8x7B's; the dry run counts it) or average them as stored (none)"),
+                      "one float64 I x I affinity and Hungarian assignment a merged expert: minutes each on experts as "
+                      "wide as Mixtral-8x7B's, hours for a whole model; the dry run counts it) or average them as "
+                      "stored (none)"),
 ]
 
 

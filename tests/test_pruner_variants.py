@@ -76,6 +76,8 @@ def test_merge_alignment_none_averages_the_neurons_as_stored(tmp_path):
 def test_bad_merge_is_refused():
     with pytest.raises(ConfigError, match="merge"):
         DiEPPruner(merge="mean")
+    with pytest.raises(ConfigError, match=r"merge_alignment.*'weights'.*'none'"):
+        DiEPPruner(merge_alignment="permute")
 
 
 def test_output_scales_through_the_pruner(tmp_path):
