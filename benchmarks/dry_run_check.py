@@ -11,7 +11,10 @@ so the ratio does not depend on the machine's speed.
 A second table measures merging's neuron alignment (one Hungarian assignment a merged expert, after a float64
 affinity matmul), the term that dominates merging on wide experts, against its estimate.
 
-Run: ``python benchmarks/dry_run_check.py --write`` (about 8 minutes on 2 CPU cores; ``--write`` puts the tables
+A third table runs the plain recipe on the three sizes the constants were fitted on, against the estimate and the
+figures recorded when fitting: how far the constants carry to this machine.
+
+Run: ``python benchmarks/dry_run_check.py --write`` (about 12 minutes on 2 CPU cores; ``--write`` puts the tables
 into docs/dry-run.md between its markers).
 """
 
@@ -144,6 +147,50 @@ def run(args) -> str:
     return "\n".join(lines)
 
 
+#: the recipe sizes the CPU constants were fitted on (cost_model.CALIBRATION): (label, hidden, intermediate, layers);
+#: None = recipes/tiny.yaml's own model, diep-hub/tiny-mixtral
+SIZES = (("tiny", None), ("mid", (256, 512, 4)), ("large", (512, 1024, 8)))
+
+
+def sizes_table(repeats: int) -> str:
+    """The plain recipe on the three sizes the constants were fitted on, against the estimate and against what the
+    fitting machine recorded (``CALIBRATION``): how far the constants carry to this machine."""
+    from diep_hub.cost_model import CALIBRATION
+
+    recorded = {run["name"].split(" ")[0]: run for run in CALIBRATION}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for label, shape in SIZES:
+            if shape is None:
+                recipe = ROOT / "recipes" / "tiny.yaml"
+                measure(recipe, work / "out")  # builds and caches the tiny model once: the rows compare cached runs
+            else:
+                hidden, intermediate, layers = shape
+                model = save_checkpoint(work / label, hidden=hidden, intermediate=intermediate, layers=layers)
+                recipe = write_recipe(work / f"{label}.yaml", model, {})
+            est = estimate(recipe)
+            runs = [measure(recipe, work / "out") for _ in range(repeats)]
+            cpu, rss = statistics.mean(r[0] for r in runs), statistics.mean(r[1] for r in runs)
+            peak = est["peak_bytes_estimate"] / 2**20
+            fitted = recorded[label]
+            seconds = est["run_seconds_estimate"]
+            rows.append(f"| {label} | {est['params_total'] / 1e6:.2f} M | {', '.join(f'{r[0]:.1f}' for r in runs)} | "
+                        f"{seconds:.1f} s ({100 * (seconds / cpu - 1):+.0f} %) | "
+                        f"{fitted['cpu_seconds']:.1f} s{' (cold, training included)' if label == 'tiny' else ''} | "
+                        f"{', '.join(f'{r[1]:.0f}' for r in runs)} | {peak:.0f} MiB ({100 * (peak / rss - 1):+.0f} %) "
+                        f"| {fitted['max_rss_bytes'] / 2**20:.0f} MiB |")
+    return "\n".join([
+        "The fitted sizes: the plain recipe (tiny: recipes/tiny.yaml with its model cached; mid and large: "
+        "random-weight Mixtral-type checkpoints of section 2), one thread.",
+        "",
+        "| size | parameters | CPU s (runs) | estimate (vs mean) | recorded when fitting | max RSS MiB (runs) | "
+        "peak estimate (vs mean) | recorded when fitting |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+
+
 def alignment_table(widths: tuple[int, ...], hidden: int) -> str:
     """Merging's neuron alignment, measured against the cost model's term: one random-weight Mixtral-type layer
     (8 experts, 4 removed and merged) per expert width, merged with ``align="weights"`` and with ``align="none"``
@@ -208,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--align-hidden", type=int, default=1024, help="hidden size of the alignment table")
     parser.add_argument("--write", action="store_true", help=f"put the table into {DOC.relative_to(ROOT)}")
     args = parser.parse_args(argv)
-    table = run(args) + "\n\n" + alignment_table(tuple(args.align_widths), args.align_hidden)
+    table = "\n\n".join([run(args), alignment_table(tuple(args.align_widths), args.align_hidden),
+                           sizes_table(args.repeats)])
     print(table)
     if args.write:
         write(table)

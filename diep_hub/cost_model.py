@@ -37,10 +37,11 @@ DEVICE_COSTS: dict[str, DeviceCosts] = {
         kind="cpu", flops_per_second=39e9, fixed_seconds=16.3, seconds_per_evaluation=3.3,
         baseline_bytes=568 * 2**20, weight_copies=2.0, build_seconds=41.0,
         # R64 = R x 0.53 and a = 2 x 8.5e-8 s: float64 against float32 matmul and the assignment measured on an idle
-        # AMD EPYC, scaled to R's machine, which ran the mid recipe twice as slowly (docs/dry-run.md, section 4)
+        # AMD EPYC, scaled to R's machine by 2, the factor between them on the counted passes (docs/dry-run.md, 4)
         float64_flops_per_second=20e9, assignment_seconds_per_n2=1.7e-7,
         measured="measured on 1 CPU thread, CPU time (user + sys), 3 recipe sizes, on a loaded shared machine: "
-                 "an idle 2-core AMD EPYC ran the mid recipe in about half the estimate (docs/dry-run.md, section 4)",
+                 "an idle 2-core AMD EPYC ran the fitted recipes in 0.5-0.7 of the estimate (docs/dry-run.md, "
+                 "section 4)",
     ),
     "cuda": DeviceCosts(
         kind="cuda", flops_per_second=100e12, fixed_seconds=30.0, seconds_per_evaluation=10.0,
