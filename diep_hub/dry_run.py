@@ -240,16 +240,13 @@ def _edit_costs(pruner, hidden_size: int, weight_bytes_per: int, layers, removed
     dtype), the pruned model's loss before and after, and ``steps`` forward + backward passes (~3 forward passes)
     over ``batch_size`` sequences each. Merging also aligns each removed expert's neurons (:func:`_alignment`);
     ``removed``: experts each layer gives up."""
-    import inspect
-
-    from .merging import merge_removed_experts
+    from .merging import MAX_TOKENS
 
     passes, merge_tokens, teacher_bytes = 0.0, 0, 0
     alignment = {"aligned_merges": 0, "align_width": 0, "align_features": 0}
     if pruner.merge != "none":
         passes += 1
-        defaults = inspect.signature(merge_removed_experts).parameters
-        merge_tokens = min(defaults["max_tokens"].default, pruner.num_samples * pruner.seq_len)
+        merge_tokens = min(MAX_TOKENS, pruner.num_samples * pruner.seq_len)
         if pruner.merge_alignment == "weights":
             alignment = _alignment(layers, removed)
     if pruner.recalibrate_router:

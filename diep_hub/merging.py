@@ -292,6 +292,10 @@ def apply_merges(layer: MoELayer, groups: Mapping[int, MergeGroup], *, align: st
     return aligned
 
 
+#: tokens per layer on which every expert runs for the similarity, by default (the dry run counts them)
+MAX_TOKENS = 1024
+
+
 def merge_removed_experts(
     model: nn.Module,
     keep: Mapping[int, Iterable[int]],
@@ -300,7 +304,7 @@ def merge_removed_experts(
     batch_size: int = 8,
     similarity: str = "output_cosine",
     weighting: str = "frequency",
-    max_tokens: int = 1024,
+    max_tokens: int = MAX_TOKENS,
     align: str = "weights",
     regroup: bool | Iterable[int] = False,
     allow_below_top_k: bool = False,
