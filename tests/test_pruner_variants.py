@@ -135,3 +135,14 @@ def test_prune_command_flags_set_merging_recalibration_and_scales(tmp_path, monk
     assert (recalibration["steps"], recalibration["lr"], recalibration["output_scale_lr"]) == (3, 0.01, 0.05)
     kept = dict(zip(map(str, range(4)), config["num_experts_per_layer"]))
     assert {layer: len(scales) for layer, scales in recalibration["output_scales"].items()} == kept
+
+
+def test_merge_choices_are_mergings_own():
+    """The pruner's, the recipe's and the flags' choices for merging are those merge_removed_experts accepts."""
+    from typing import get_args
+
+    from diep_hub.merging import ALIGNMENTS, SIMILARITIES
+    from diep_hub.options import Merge, MergeAlignment
+
+    assert get_args(get_args(Merge)[0]) == ("none", *SIMILARITIES)
+    assert get_args(get_args(MergeAlignment)[0]) == ALIGNMENTS
