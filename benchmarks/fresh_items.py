@@ -3,7 +3,8 @@
 quality_seeds.py scores every run on the same 700 items (100 per domain, item seed 1000), and default_check.py's
 paired test treats those items as fixed: a difference of two or three items at 25% sparsity can be "significant" over
 calibration seeds and still say nothing about the next sample of items. This script re-runs the default (global
-selection) and the baselines (REAP, frequency, soft frequency; global and uniform) on the cached zoo instances,
+selection) and the baselines (REAP, frequency, soft frequency; global and uniform; NAEE, uniform only, where its
+exhaustive search is within its limit) on the cached zoo instances,
 scores every keep map on a fresh item sample (another item seed, ``--num-mc`` items per domain) and stores every
 item's outcome. The default's advantage over a baseline is then tested over both sources of chance: a crossed
 bootstrap draws the runs (instance, calibration seed) and the items (within each domain) independently.
@@ -35,12 +36,13 @@ from pathlib import Path
 import numpy as np
 from default_check import sign_flip_p_value
 from item_intervals import crossed_bootstrap, interval
-from quality import calibration_ids, score, select
+from quality import calibration_ids, score, select, uniform_counts
 from quality_seeds import EVAL, parse_method, prune_variant, split_key
 from report_notes import header, publish
 
 from diep_hub import prune_experts
 from diep_hub.criteria.base import get_criterion
+from diep_hub.errors import DiEPError
 from diep_hub.machine import machine_description
 from diep_hub.recalibration import teacher_hidden_states
 from diep_hub.zoo.tasks import ModelScorer, eval_items, multiple_choice_outcomes
@@ -120,6 +122,7 @@ def _run_method(model, tokenizer, name, zoo_seed, seed, label, input_ids, fresh,
     judged = is_default and args.judge_selection
     # the judge needs the default's uniform keep map too; it is pruned and recalibrated but not stored
     selections = SELECTIONS if judged or not is_default else ("global",)
+    selections = tuple(s for s in selections if s in criterion.selections)  # naee: uniform only
     stored = variant_label(label, args.variant)
     shared = None
     for sparsity in args.sparsities:
@@ -130,9 +133,15 @@ def _run_method(model, tokenizer, name, zoo_seed, seed, label, input_ids, fresh,
             continue
         pruned_by_selection = {}
         for selection in selections:
-            if criterion.needs_sparsity:
-                result, secs = score(model, method, input_ids, seed=seed, batch_size=args.batch_size,
-                                     sparsity=sparsity, selection=selection)
+            if criterion.needs_target_counts or criterion.needs_sparsity:
+                counts = uniform_counts(model, sparsity) if selection == "uniform" else None
+                try:
+                    result, secs = score(model, method, input_ids, seed=seed, batch_size=args.batch_size,
+                                         num_to_keep=counts, sparsity=sparsity, selection=selection)
+                except DiEPError as exc:  # refused before any work (e.g. NAEE's subset count): say so, go on
+                    data.setdefault("skipped", {})[keys[selection]] = str(exc)
+                    logger.warning("%s: %s", keys[selection], exc)
+                    continue
             else:
                 shared = shared or score(model, method, input_ids, seed=seed, batch_size=args.batch_size)
                 result, secs = shared
@@ -167,7 +176,7 @@ def _scored(cell: dict, pruned, tokenizer, fresh: dict, original: dict) -> dict:
 
 def load(paths: list[str]) -> dict:
     """The cells and unpruned outcomes of several results files (one item sample)."""
-    merged = {"meta": None, "base": {}, "cells": {}}
+    merged = {"meta": None, "base": {}, "cells": {}, "skipped": {}}
     for path in paths:
         part = json.loads(Path(path).read_text())
         if merged["meta"] and any(merged["meta"][k] != part["meta"][k] for k in ("num_mc", "item_seed", "domains")):
@@ -176,6 +185,7 @@ def load(paths: list[str]) -> dict:
         merged["meta"].setdefault("all_commands", []).extend(part["meta"]["commands"])
         merged["base"].update(part["base"])
         merged["cells"].update(part["cells"])
+        merged["skipped"].update(part.get("skipped", {}))
     return merged
 
 
@@ -312,17 +322,18 @@ def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | No
             f"| {r['model']} | {r['sparsity']:.0%} | {r['method']}, {r['selection']} | {r['pairs']} "
             f"| {r['original_mean']:+.4f} ({r['original_p']:.3f}) | {r['fresh_mean']:+.4f} ({r['fresh_p_runs']:.3f}) "
             f"| {r['instances_up']} / {r['instances_down']} | [{r['low']:+.4f}, {r['high']:+.4f}] | {r['verdict']} |")
+    lines += not_run(data)
     lines += ["", "## Per model and sparsity", "",
               "Retention on the fresh items, mean over the runs: the default's and the best baseline's. The column "
               "on a faithful pruning asks whether the benchmark can tell at all: it compares a *faithful* pruning, "
               "one that keeps every answer of the unpruned model (retention 1 on every run), with each baseline by "
               "the same interval. Against a baseline it is not shown ahead of, no criterion can be shown ahead "
               "either, short of pruning that corrects the unpruned model (the highest retention of any run of the "
-              "default or a baseline is in brackets). The bar (issue 12's, against REAP, frequency and soft "
-              "frequency with either selection; other settings of validated-choice do not count): met = ahead of "
-              "every one; out of reach = every one the default is not shown ahead of is one a faithful pruning is "
-              "not shown ahead of either; missed = those a faithful pruning is shown ahead of and the default is "
-              "not; at other sparsities the bar is not asked.", "",
+              "default or a baseline is in brackets). The bar (issue 12's, against every baseline compared here, "
+              f"each with the selections it supports: {bar_baselines(rows)}; other settings of validated-choice do "
+              "not count): met = ahead of every one; out of reach = every one the default is not shown ahead of "
+              "is one a faithful pruning is not shown ahead of either; missed = those a faithful pruning is shown "
+              "ahead of and the default is not; at other sparsities the bar is not asked.", "",
               "| model | sparsity | default | best baseline | ahead of | behind | no difference shown "
               "| a faithful pruning is not shown ahead of | the bar |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -341,6 +352,30 @@ def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | No
                      + " | ".join(", ".join(n) or "-" for n in names.values())
                      + f" | {', '.join(unreachable) or '-'} ({highest:.3f}) | {bar(group)} |")
     return lines
+
+
+def bar_baselines(rows: list[dict]) -> str:
+    """The baselines the rows compare the default with, each with the selections it ran with."""
+    selections: dict[str, list[str]] = {}
+    for r in rows:
+        if not r["method"].startswith("validated-choice"):
+            selections.setdefault(r["method"], [])
+            if r["selection"] not in selections[r["method"]]:
+                selections[r["method"]].append(r["selection"])
+    return ", ".join(f"{m} ({' and '.join(s)})" for m, s in selections.items()) or "none"
+
+
+def not_run(data: dict) -> list[str]:
+    """One line per method, selection, model and sparsity that was refused before any work, with the reason."""
+    reasons: dict[tuple, str] = {}
+    for key, reason in data.get("skipped", {}).items():
+        model, _, _, method, selection, sparsity = key.split("|")
+        reasons.setdefault((model, method, selection, float(sparsity)), reason)
+    if not reasons:
+        return []
+    return ["", "Not run (refused before any work):"] + [
+        f"- {method} ({selection}) on {model} at {sparsity:.0%}: {reason}"
+        for (model, method, selection, sparsity), reason in reasons.items()]
 
 
 #: the sparsities issue 12's bar is set at (others are reported only)
