@@ -19,7 +19,7 @@ from . import commands
 
 MAIN_EPILOG = """\
 examples:
-  diep-hub run recipes/tiny.yaml --output out/tiny          # the whole flow, offline (~75 s the first time)
+  diep-hub run recipes/tiny.yaml --output out/tiny          # the whole flow, offline (~30 s the first time)
   diep-hub run recipes/mixtral-8x7b-diep-50.yaml --dry-run  # memory and time estimate, no weights loaded
   diep-hub inspect out/tiny                                  # experts per layer, method, results
   diep-hub reproduce out/tiny                                # re-run the recorded recipe and compare
