@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from default_check import sign_flip_p_value
+from issue_bar import bar, bar_baselines
 from item_intervals import crossed_bootstrap, interval
 from quality import calibration_ids, score, select, uniform_counts
 from quality_seeds import EVAL, parse_method, prune_variant, split_key
@@ -354,17 +355,6 @@ def report(data: dict, rows: list[dict], stored: tuple[int, int, list[str]] | No
     return lines
 
 
-def bar_baselines(rows: list[dict]) -> str:
-    """The baselines the rows compare the default with, each with the selections it ran with."""
-    selections: dict[str, list[str]] = {}
-    for r in rows:
-        if not r["method"].startswith("validated-choice"):
-            selections.setdefault(r["method"], [])
-            if r["selection"] not in selections[r["method"]]:
-                selections[r["method"]].append(r["selection"])
-    return ", ".join(f"{m} ({' and '.join(s)})" for m, s in selections.items()) or "none"
-
-
 def not_run(data: dict) -> list[str]:
     """One line per method, selection, model and sparsity that was refused before any work, with the reason."""
     reasons: dict[tuple, str] = {}
@@ -376,26 +366,6 @@ def not_run(data: dict) -> list[str]:
     return ["", "Not run (refused before any work):"] + [
         f"- {method} ({selection}) on {model} at {sparsity:.0%}: {reason}"
         for (model, method, selection, sparsity), reason in reasons.items()]
-
-
-#: the sparsities issue 12's bar is set at (others are reported only)
-BAR_SPARSITIES = (0.25, 0.5)
-
-
-def bar(group: list[dict]) -> str:
-    """Whether one cell's rows (the default against each baseline) meet the issue's bar against the baselines it
-    names (other settings of validated_choice, compared on some pages, are not among them): "met", "out of reach"
-    (every baseline not beaten is one no faithful pruning beats either) or "missed: <the beatable ones>"."""
-    baselines = [r for r in group if not r["method"].startswith("validated-choice")]
-    if not baselines:  # only other settings of the default were compared: the bar has nothing to be met against
-        return "-"
-    missed = [f"{r['method']} ({r['selection']})" for r in baselines
-              if r["verdict"] != "ahead" and r["faithful_low"] > 0]
-    if not missed:
-        status = "met" if all(r["verdict"] == "ahead" for r in baselines) else "out of reach"
-    else:
-        status = "missed: " + ", ".join(missed)
-    return status if group[0]["sparsity"] in BAR_SPARSITIES else f"not asked ({status})"
 
 
 def add_fresh_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
