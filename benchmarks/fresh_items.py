@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ from issue_bar import bar, bar_baselines
 from item_intervals import crossed_bootstrap, interval
 from quality import calibration_ids, score, select, uniform_counts
 from quality_seeds import EVAL, parse_method, prune_variant, split_key
-from report_notes import header, publish
+from report_notes import header, publish, with_this_command
 
 from diep_hub import prune_experts
 from diep_hub.criteria.base import get_criterion
@@ -95,9 +94,7 @@ def run(args) -> None:
     if data["meta"] and any(data["meta"].get(k) != meta[k] for k in ("num_mc", "item_seed", "domains")):
         raise SystemExit(f"{out} was made with other items ({data['meta'].get('num_mc')} per domain, item seed "
                          f"{data['meta'].get('item_seed')}); use another --out")
-    commands = data["meta"].get("commands", [])
-    command = "python benchmarks/fresh_items.py " + " ".join(sys.argv[1:])
-    data["meta"] = {**meta, "commands": commands + ([command] if command not in commands else [])}
+    data["meta"] = with_this_command(data["meta"], meta)
     for name in args.models:
         for zoo_seed in args.zoo_seeds:
             model, tokenizer = build_zoo_model(name, seed=zoo_seed)

@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,7 @@ from fresh_items import (
 from item_intervals import crossed_bootstrap
 from quality import calibration_ids, score, select
 from quality_seeds import parse_method
-from report_notes import header, publish
+from report_notes import header, publish, with_this_command
 
 from diep_hub import prune_experts
 from diep_hub.criteria.base import get_criterion
@@ -130,9 +129,7 @@ def run(args) -> None:
                             ("num_mc", "item_seed", "search_mc", "search_seed", "rounds", "moves_measured",
                              "probe_width")):
         raise SystemExit(f"{out} was made with other settings; use another --out")
-    commands = data["meta"].get("commands", [])
-    command = "python benchmarks/headroom.py " + " ".join(sys.argv[1:])
-    data["meta"] = {**meta, "commands": commands + ([command] if command not in commands else [])}
+    data["meta"] = with_this_command(data["meta"], meta)
     for name in args.models:
         for zoo_seed in args.zoo_seeds:
             model, tokenizer = build_zoo_model(name, seed=zoo_seed)

@@ -4,6 +4,7 @@ Every report opens alike (:func:`header`): its title, the commands that made its
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 NOTES_MARKER = "<!-- notes: hand-written below this line, kept when the tables are regenerated -->"
@@ -29,3 +30,11 @@ def publish(report: str | None, text: str) -> None:
 def header(title: str, commands: list[str], machine: str) -> list[str]:
     """A report's first lines: the title, the commands that made its results files and the machine they ran on."""
     return [f"# {title}", "", "Commands: " + ", ".join(f"`{c}`" for c in commands) + "  ", f"Machine: {machine}.  "]
+
+
+def with_this_command(old_meta: dict, meta: dict) -> dict:
+    """A results file's new ``meta``: ``meta`` plus the commands recorded in ``old_meta`` and, once, the command
+    running now (``python benchmarks/SCRIPT ARGS``), so the report can say which commands made its results."""
+    commands = old_meta.get("commands", [])
+    command = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    return {**meta, "commands": commands + ([command] if command not in commands else [])}
