@@ -258,15 +258,16 @@ def _edit_costs(pruner, hidden_size: int, weight_bytes_per: int, layers, removed
 def _alignment(layers, removed: dict[int, int]) -> dict[str, int]:
     """Merging aligns every removed expert of a layer stored in the gated layout (``supports_alignment``) to its
     kept partner: one alignment each, at the widest such layer's width."""
-    from .merge_alignment import supports_alignment
+    from .merge_alignment import alignment_shape, supports_alignment
 
     aligned = [layer for layer in layers if supports_alignment(layer)]
     if not aligned:
         return {"aligned_merges": 0, "align_width": 0, "align_features": 0}
+    shapes = [alignment_shape(layer) for layer in aligned]
     return {
         "aligned_merges": sum(removed.get(layer.index, 0) for layer in aligned),
-        "align_width": max(int(layer.experts.down_proj.shape[2]) for layer in aligned),
-        "align_features": max(3 * int(layer.experts.down_proj.shape[1]) for layer in aligned),
+        "align_width": max(width for width, _ in shapes),
+        "align_features": max(features for _, features in shapes),
     }
 
 

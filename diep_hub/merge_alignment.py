@@ -30,6 +30,13 @@ def supports_alignment(layer: MoELayer) -> bool:
     )
 
 
+def alignment_shape(layer: MoELayer) -> tuple[int, int]:
+    """(I, F) of one alignment in a layer that :func:`supports_alignment`: the intermediate neurons permuted and each
+    neuron's features, its gate row, up row and down column (3 x hidden); the dry run sizes the work from them."""
+    down = layer.experts.down_proj
+    return int(down.shape[2]), 3 * int(down.shape[1])
+
+
 def neuron_permutation(layer: MoELayer, kept: int, other: int) -> torch.Tensor:
     """The order of ``other``'s intermediate neurons that best matches ``kept``'s (weight matching): position a
     holds the neuron of ``other`` assigned to ``kept``'s neuron a, maximising the summed dot products of the
@@ -39,7 +46,7 @@ def neuron_permutation(layer: MoELayer, kept: int, other: int) -> torch.Tensor:
     except ImportError:  # pragma: no cover - scipy comes with the project's dependencies
         raise ConfigError("align='weights' needs scipy (pip install scipy), or pass align='none'") from None
     gate_up, down = layer.experts.gate_up_proj, layer.experts.down_proj
-    width = down.shape[2]
+    width, _ = alignment_shape(layer)
 
     def features(e: int) -> torch.Tensor:
         g = gate_up[e].detach().to(torch.float64)
