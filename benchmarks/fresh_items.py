@@ -49,7 +49,8 @@ from diep_hub.zoo.tasks import ModelScorer, eval_items, multiple_choice_outcomes
 from diep_hub.zoo.train import build_zoo_model
 
 logger = logging.getLogger("benchmarks.fresh_items")
-MODELS = ("mixtral-8e", "olmoe-16e", "deepseek-v3-16e-groups", "mixtral-32e-top4-8l")
+#: the zoo models the comparison runs on, in the order reports list them
+MODELS = ("mixtral-8e", "olmoe-16e", "qwen2moe-8e-shared", "deepseek-v3-16e-groups", "mixtral-32e-top4-8l")
 DEFAULT = "validated-choice"
 BASELINES = ("reap", "frequency", "soft_frequency")
 SELECTIONS = ("global", "uniform")
