@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report_notes import header, publish
+from report_notes import header, publish, this_command
 
 from diep_hub.machine import machine_description
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
     result = measure(args.runs)
-    publish(args.report, report(result, "python benchmarks/main_job.py " + " ".join(sys.argv[1:])))
+    publish(args.report, report(result, this_command()))
     return 0
 
 

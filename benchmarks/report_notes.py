@@ -32,9 +32,13 @@ def header(title: str, commands: list[str], machine: str) -> list[str]:
     return [f"# {title}", "", "Commands: " + ", ".join(f"`{c}`" for c in commands) + "  ", f"Machine: {machine}.  "]
 
 
+def this_command() -> str:
+    """The command running now, as a report quotes it: ``python benchmarks/SCRIPT ARGS``."""
+    return f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+
+
 def with_this_command(old_meta: dict, meta: dict) -> dict:
     """A results file's new ``meta``: ``meta`` plus the commands recorded in ``old_meta`` and, once, the command
-    running now (``python benchmarks/SCRIPT ARGS``), so the report can say which commands made its results."""
-    commands = old_meta.get("commands", [])
-    command = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    running now (:func:`this_command`), so the report can say which commands made its results."""
+    commands, command = old_meta.get("commands", []), this_command()
     return {**meta, "commands": commands + ([command] if command not in commands else [])}
