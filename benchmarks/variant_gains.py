@@ -4,8 +4,9 @@ For every model, sparsity and method it pairs each merged or recalibrated cell w
 calibration seed and selection (the same keep map: the variant only changes what follows selection) and prints the
 mean retention gain, its range and how many of the pairs gained, lost or stayed equal. The recalibration row also
 counts the runs whose recalibration was undone (`applied: false`: the calibration KL did not go down, so the plain
-model was kept), and a last table gives the calibration KL recalibration started from and what it left of it. The
-figures VARIANTS_GRID.md quotes besides quality_seeds.py's tables.
+model was kept), and a last table gives the calibration KL recalibration started from and what it left of it.
+``--judge-by-text-loss`` asks whether a judge by text loss would pick each variant where it helps. The figures
+VARIANTS_GRID.md quotes besides quality_seeds.py's tables.
 
 Usage (from benchmarks/):
     python variant_gains.py --results results/variants_default/*.json
@@ -118,6 +119,37 @@ def selection_by_kl(data: dict, variant: str, method: str = "validated-choice") 
     return lines
 
 
+def judged_by_text_loss(data: dict, variant: str, baseline: str = "plain") -> list[str]:
+    """Per model and sparsity, over every method and selection: would a judge that keeps, run by run, whichever of
+    the plain and the ``variant`` model has the lower text loss pick the variant where it helps? The loss is each
+    cell's own evaluation NLL on held-out zoo text (quality.py's ``num_loss`` lines, not the multiple-choice items):
+    text of the evaluation's format, so an optimistic stand-in for a judge on calibration text."""
+    cells = {split_key(k): v for k, v in data["cells"].items() if "retention" in v and "loss" in v}
+    title = f"### {baseline} or {variant}, whichever has the lower text loss (pairs: methods x seeds x selections)"
+    lines = [title, "",
+             f"| model | sparsity | pairs | {baseline} | {variant} | the lower text loss | pairs where it picks "
+             f"{variant} | of those, retention gained / lost | text loss {variant} minus {baseline} (mean) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model in [*data["meta"]["tuning"], *data["meta"]["heldout"]]:
+        for sparsity in sorted({k[4] for k in cells if k[0] == model}, key=float):
+            pairs = [(cells[(m, seed, method, selection, s, baseline)], cell)
+                     for (m, seed, method, selection, s, kind), cell in cells.items()
+                     if m == model and s == sparsity and kind == variant
+                     and (m, seed, method, selection, s, baseline) in cells]
+            if not pairs:
+                continue
+            picked = [(plain, other) for plain, other in pairs if other["loss"] < plain["loss"]]
+            judged = [(other if other["loss"] < plain["loss"] else plain)["retention"] for plain, other in pairs]
+            plain_mean = statistics.fmean(p["retention"] for p, _ in pairs)
+            lines.append(
+                f"| {model} | {float(sparsity):.0%} | {len(pairs)} | {plain_mean:.3f} | "
+                f"{statistics.fmean(o['retention'] for _, o in pairs):.3f} | {statistics.fmean(judged):.3f} | "
+                f"{len(picked)} | {sum(o['retention'] > p['retention'] for p, o in picked)} / "
+                f"{sum(o['retention'] < p['retention'] for p, o in picked)} | "
+                f"{statistics.fmean(o['loss'] - p['loss'] for p, o in pairs):+.3f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", nargs="+", required=True, help="quality_seeds.py JSON files")
@@ -126,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="what each variant is paired with (the same keep map)")
     parser.add_argument("--judge-selection", action="store_true",
                         help="also: the default's global or uniform run, picked by recalibration's calibration KL")
+    parser.add_argument("--judge-by-text-loss", action="store_true",
+                        help="also: each variant or plain, whichever has the lower evaluation text loss, run by run")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="only these methods' runs (default: every method in the files)")
     args = parser.parse_args(argv)
@@ -141,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     for variant in (v for v in args.variants if "recalibrated" in v and args.judge_selection):
         print()
         print("\n".join(selection_by_kl(data, variant)))
+    for variant in (v for v in args.variants if args.judge_by_text_loss):
+        print()
+        print("\n".join(judged_by_text_loss(data, variant, args.baseline)))
     return 0
 
 
