@@ -25,17 +25,27 @@ VARIANTS = ("merged", "recalibrated")  # what is shown unless --variants says ot
 CHOICES = (*VARIANTS, "recalibrated+scales")
 
 
-def gains(data: dict, variant: str, baseline: str = "plain") -> dict[tuple[str, str, str], list[tuple[float, dict]]]:
-    """{(model, sparsity, method): [(variant retention - baseline variant's retention, the variant's cell), ...]}
-    over every (seed, selection) that ran both."""
+Pairs = dict[tuple[str, str, str], list[tuple[dict, dict]]]  # (model, sparsity, method) -> [(baseline, variant)]
+
+
+def paired_cells(data: dict, variant: str, baseline: str = "plain") -> Pairs:
+    """{(model, sparsity, method): [(the baseline variant's cell, the variant's cell), ...]} over every (seed,
+    selection) that ran both: the same keep map, so the pair differs only in what follows selection."""
     cells = {split_key(k): v for k, v in data["cells"].items() if "retention" in v}
-    paired: dict[tuple[str, str, str], list[tuple[float, dict]]] = {}
+    paired: dict[tuple[str, str, str], list[tuple[dict, dict]]] = {}
     for (model, seed, method, selection, sparsity, kind), cell in cells.items():
         other = cells.get((model, seed, method, selection, sparsity, baseline))
         if kind != variant or other is None:
             continue
-        paired.setdefault((model, sparsity, method), []).append((cell["retention"] - other["retention"], cell))
+        paired.setdefault((model, sparsity, method), []).append((other, cell))
     return paired
+
+
+def gains(data: dict, variant: str, baseline: str = "plain") -> dict[tuple[str, str, str], list[tuple[float, dict]]]:
+    """{(model, sparsity, method): [(variant retention - baseline variant's retention, the variant's cell), ...]}
+    over every (seed, selection) that ran both."""
+    return {key: [(cell["retention"] - other["retention"], cell) for other, cell in pairs]
+            for key, pairs in paired_cells(data, variant, baseline).items()}
 
 
 def table(data: dict, variant: str, baseline: str = "plain") -> list[str]:
@@ -121,28 +131,26 @@ def selection_by_kl(data: dict, variant: str, method: str = "validated-choice") 
 
 def judged_by_text_loss(data: dict, variant: str, baseline: str = "plain") -> list[str]:
     """Per model and sparsity, over every method and selection: would a judge that keeps, run by run, whichever of
-    the plain and the ``variant`` model has the lower text loss pick the variant where it helps? The loss is each
-    cell's own evaluation NLL on held-out zoo text (quality.py's ``num_loss`` lines, not the multiple-choice items):
-    text of the evaluation's format, so an optimistic stand-in for a judge on calibration text."""
-    cells = {split_key(k): v for k, v in data["cells"].items() if "retention" in v and "loss" in v}
+    the ``baseline`` and the ``variant`` model has the lower text loss pick the variant where it helps? The loss is
+    each cell's own evaluation NLL on held-out zoo text (quality.py's ``num_loss`` lines, not the multiple-choice
+    items): text of the evaluation's format, so an optimistic stand-in for a judge on calibration text."""
+    paired = paired_cells(data, variant, baseline)
     title = f"### {baseline} or {variant}, whichever has the lower text loss (pairs: methods x seeds x selections)"
     lines = [title, "",
              f"| model | sparsity | pairs | {baseline} | {variant} | the lower text loss | pairs where it picks "
              f"{variant} | of those, retention gained / lost | text loss {variant} minus {baseline} (mean) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model in [*data["meta"]["tuning"], *data["meta"]["heldout"]]:
-        for sparsity in sorted({k[4] for k in cells if k[0] == model}, key=float):
-            pairs = [(cells[(m, seed, method, selection, s, baseline)], cell)
-                     for (m, seed, method, selection, s, kind), cell in cells.items()
-                     if m == model and s == sparsity and kind == variant
-                     and (m, seed, method, selection, s, baseline) in cells]
+        for sparsity in sorted({k[1] for k in paired if k[0] == model}, key=float):
+            pairs = [(base, other) for key, both in paired.items() if key[:2] == (model, sparsity)
+                     for base, other in both if "loss" in base and "loss" in other]
             if not pairs:
                 continue
-            picked = [(plain, other) for plain, other in pairs if other["loss"] < plain["loss"]]
-            judged = [(other if other["loss"] < plain["loss"] else plain)["retention"] for plain, other in pairs]
-            plain_mean = statistics.fmean(p["retention"] for p, _ in pairs)
+            picked = [(base, other) for base, other in pairs if other["loss"] < base["loss"]]
+            judged = [(other if other["loss"] < base["loss"] else base)["retention"] for base, other in pairs]
+            base_mean = statistics.fmean(p["retention"] for p, _ in pairs)
             lines.append(
-                f"| {model} | {float(sparsity):.0%} | {len(pairs)} | {plain_mean:.3f} | "
+                f"| {model} | {float(sparsity):.0%} | {len(pairs)} | {base_mean:.3f} | "
                 f"{statistics.fmean(o['retention'] for _, o in pairs):.3f} | {statistics.fmean(judged):.3f} | "
                 f"{len(picked)} | {sum(o['retention'] > p['retention'] for p, o in picked)} / "
                 f"{sum(o['retention'] < p['retention'] for p, o in picked)} | "
@@ -175,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     for variant in (v for v in args.variants if "recalibrated" in v and args.judge_selection):
         print()
         print("\n".join(selection_by_kl(data, variant)))
-    for variant in (v for v in args.variants if args.judge_by_text_loss):
-        print()
-        print("\n".join(judged_by_text_loss(data, variant, args.baseline)))
+    if args.judge_by_text_loss:
+        for variant in args.variants:
+            print()
+            print("\n".join(judged_by_text_loss(data, variant, args.baseline)))
     return 0
 
 
